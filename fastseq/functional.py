@@ -1,0 +1,4 @@
+"""Functional fastseq ops (re-exports)."""
+from .layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+
+__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]

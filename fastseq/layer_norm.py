@@ -1,0 +1,358 @@
+"""Layer normalization family: LayerNorm, RMSNorm, and the fused residual-add + norm.
+
+Read top to bottom: the pure-torch references (the oracle and the "torch" backend), the
+dispatch facts, the per-backend kernel calls, the autograd Function, the functional ops, the
+nn modules.
+
+Every op normalizes over the last k dims (`normalized_shape`); the input is viewed as
+(M, N) with N = prod(normalized_shape).  Forward saves only per-row mean and rstd.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from . import _dispatch
+
+ShapeLike = Union[int, Sequence[int], torch.Size]
+
+
+# ============================================================================ references
+
+def layer_norm_ref(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last len(normalized_shape) dims."""
+    dims = tuple(range(-len(_as_shape(normalized_shape)), 0))
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xa = x.to(acc)
+    mu = xa.mean(dims, keepdim=True)
+    var = (xa - mu).square().mean(dims, keepdim=True)
+    y = (xa - mu) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype)
+
+
+def rms_norm_ref(x, normalized_shape, weight=None, eps=None):
+    """y = x / sqrt(mean(x^2) + eps) * weight; eps=None means torch.finfo(x.dtype).eps."""
+    dims = tuple(range(-len(_as_shape(normalized_shape)), 0))
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xa = x.to(acc)
+    y = xa * torch.rsqrt(xa.square().mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(acc)
+    return y.to(x.dtype)
+
+
+def add_layer_norm_ref(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5,
+                       return_sum=False, rms=False):
+    """norm(x + residual); with return_sum, also x + residual (the pre-norm residual stream)."""
+    s = x + residual
+    y = rms_norm_ref(s, normalized_shape, weight, eps) if rms else \
+        layer_norm_ref(s, normalized_shape, weight, bias, eps)
+    return (y, s) if return_sum else y
+
+
+# ============================================================================ input checks
+
+def _as_shape(normalized_shape: ShapeLike) -> Tuple[int, ...]:
+    if isinstance(normalized_shape, numbers.Integral):
+        return (int(normalized_shape),)
+    return tuple(int(d) for d in normalized_shape)
+
+
+def _check(op, x, normalized_shape, weight, bias, residual=None) -> Tuple[int, int, Tuple[int, ...]]:
+    """Validate at the boundary; return (M, N, normalized_shape)."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{op}: expected input to be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{op}: expected a floating-point input, got {x.dtype}")
+    shape = _as_shape(normalized_shape)
+    k = len(shape)
+    if k == 0 or x.dim() < k or tuple(x.shape[x.dim() - k:]) != shape:
+        raise ValueError(f"{op}: normalized_shape {list(shape)} must match the trailing dims of the "
+                         f"input, got input of shape {list(x.shape)}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if not isinstance(p, torch.Tensor):
+            raise ValueError(f"{op}: expected {name} to be a torch.Tensor or None, got {type(p).__name__}")
+        if tuple(p.shape) != shape:
+            raise ValueError(f"{op}: expected {name} of shape {list(shape)}, got {list(p.shape)}")
+        if p.dtype != x.dtype:
+            raise ValueError(f"{op}: expected {name} dtype {x.dtype} (the input's), got {p.dtype}")
+        if p.device != x.device:
+            raise ValueError(f"{op}: expected {name} on {x.device} (the input's), got {p.device}")
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise ValueError(f"{op}: expected residual to be a torch.Tensor, got {type(residual).__name__}")
+        if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(f"{op}: expected residual like the input ({list(x.shape)}, {x.dtype}, "
+                             f"{x.device}), got ({list(residual.shape)}, {residual.dtype}, {residual.device})")
+    n = math.prod(shape)
+    m = x.numel() // n if n else 0
+    return m, n, shape
+
+
+# ============================================================================ dispatch
+
+def _facts(x, normalized_shape=None, *args, **kwargs) -> dict:
+    n = math.prod(_as_shape(normalized_shape)) if normalized_shape is not None else x.shape[-1]
+    return {"device": x.device.type, "dtype": str(x.dtype).replace("torch.", ""), "N": n,
+            "M": x.numel() // n if n else 0}
+
+
+def _cpu_reasons(f: dict) -> List[str]:
+    if f["dtype"] not in ("float32", "float64"):
+        return [f"cpu kernels take float32 or float64, got {f['dtype']}"]
+    return []
+
+
+def _cuda_reasons(f: dict) -> List[str]:
+    if f["dtype"] not in ("float16", "float32", "float64"):
+        return [f"cuda kernels take float16, float32 or float64, got {f['dtype']}"]
+    return []
+
+
+def _torch_reasons(f: dict) -> List[str]:
+    return []
+
+
+for _op in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"):
+    _dispatch.register_op(_op, _facts, cpu=_cpu_reasons, cuda=_cuda_reasons, torch=_torch_reasons)
+
+
+# ============================================================================ kernel calls
+
+_EMPTY = {}
+_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _np(t: Optional[torch.Tensor], dtype) -> np.ndarray:
+    """Flat zero-copy numpy view of a contiguous CPU tensor; an empty array for None."""
+    if t is None:
+        if dtype not in _EMPTY:
+            _EMPTY[dtype] = np.empty(0, dtype=dtype)
+        return _EMPTY[dtype]
+    return t.detach().view(-1).numpy()
+
+
+def _affine(weight, bias, n, like):
+    w = weight.contiguous() if weight is not None else torch.ones(n, dtype=like.dtype, device=like.device)
+    b = bias.contiguous() if bias is not None else torch.zeros(n, dtype=like.dtype, device=like.device)
+    return w, b
+
+
+def _stat_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _forward(backend, x, r, w, b, m, n, eps, center, want_sum):
+    """Run the forward kernel; returns y, s (or None), mean, rstd.  x, r, w, b contiguous."""
+    y = torch.empty_like(x)
+    s = torch.empty_like(x) if want_sum else None
+    mean = torch.empty(m, dtype=_stat_dtype(x), device=x.device)
+    rstd = torch.empty(m, dtype=_stat_dtype(x), device=x.device)
+    if backend == "cpu":
+        npd = _NP_DTYPE[x.dtype]
+        _dispatch.cpu_kernels("layer_norm").forward(
+            _np(x, npd), _np(r, npd), _np(w, npd), _np(b, npd), _np(y, npd), _np(s, npd),
+            _np(mean, npd), _np(rstd, npd), m, n, float(eps), center, _dispatch.num_threads())
+    else:
+        k = _dispatch.cuda_kernels("layer_norm")
+        from fastseq._cuda._common import as_array, torch_stream
+        dummy = as_array(x.view(-1)[:1]) if x.numel() else None
+        k.forward(as_array(x.view(-1)), as_array(r.view(-1)) if r is not None else dummy,
+                  as_array(w), as_array(b), as_array(y.view(-1)),
+                  as_array(s.view(-1)) if s is not None else dummy,
+                  as_array(mean), as_array(rstd), m, n, float(eps), center, r is not None, want_sum,
+                  stream=torch_stream())
+    return y, s, mean, rstd
+
+
+def _backward(backend, x, r, dy, ds, w, mean, rstd, m, n, center, want_dw, want_db):
+    """Run the backward kernel; returns dx, dw (or None), db (or None)."""
+    dx = torch.empty_like(x)
+    dw = torch.empty(n, dtype=x.dtype, device=x.device) if want_dw else None
+    db = torch.empty(n, dtype=x.dtype, device=x.device) if want_db else None
+    if backend == "cpu":
+        nt = _dispatch.num_threads()
+        npd = _NP_DTYPE[x.dtype]
+        part_w = torch.empty(nt * n, dtype=x.dtype) if want_dw else None
+        part_b = torch.empty(nt * n, dtype=x.dtype) if want_db else None
+        _dispatch.cpu_kernels("layer_norm").backward(
+            _np(x, npd), _np(r, npd), _np(dy, npd), _np(ds, npd), _np(w, npd), _np(mean, npd),
+            _np(rstd, npd), _np(dx, npd), _np(part_w, npd), _np(part_b, npd), _np(dw, npd),
+            _np(db, npd), m, n, center, nt)
+    else:
+        k = _dispatch.cuda_kernels("layer_norm")
+        from fastseq._cuda._common import as_array, torch_stream
+        dummy = as_array(x.view(-1)[:1]) if x.numel() else as_array(w)
+        k.backward(as_array(x.view(-1)), as_array(r.view(-1)) if r is not None else dummy,
+                   as_array(dy.view(-1)), as_array(ds.view(-1)) if ds is not None else dummy,
+                   as_array(w), as_array(mean), as_array(rstd), as_array(dx.view(-1)),
+                   as_array(dw) if dw is not None else as_array(w),
+                   as_array(db) if db is not None else as_array(w),
+                   m, n, center, r is not None, ds is not None, want_dw, want_db, stream=torch_stream())
+    return dx, dw, db
+
+
+# ============================================================================ autograd
+
+class LayerNormFunction(torch.autograd.Function):
+    """norm(x [+ residual]) * weight + bias, LayerNorm (center=True) or RMSNorm (center=False).
+
+    Returns y, or (y, x + residual) when return_sum.  Saves per-row mean/rstd and the normalized
+    input: x (or x and residual, rebuilding the sum in backward, when the sum is not returned;
+    the returned sum itself when it is).  Backward runs on the backend that ran forward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, normalized_shape, eps, center, return_sum, backend):
+        m, n = x.numel() // max(1, math.prod(normalized_shape)), math.prod(normalized_shape)
+        xc = x.contiguous()
+        rc = residual.contiguous() if residual is not None else None
+        w, b = _affine(weight, bias, n, x)
+        y, s, mean, rstd = _forward(backend, xc, rc, w, b, m, n, eps, center, return_sum)
+        if return_sum:
+            ctx.save_for_backward(s, None, w, mean, rstd)
+        else:
+            ctx.save_for_backward(xc, rc, w, mean, rstd)
+        ctx.meta = (backend, m, n, center, weight is not None, bias is not None, residual is not None)
+        ctx.set_materialize_grads(False)
+        return (y, s) if return_sum else y
+
+    @staticmethod
+    def backward(ctx, dy, ds=None):
+        backend, m, n, center, has_w, has_b, has_r = ctx.meta
+        v, r, w, mean, rstd = ctx.saved_tensors
+        if dy is None and ds is None:
+            return (None,) * 9
+        if dy is None:                              # only the returned sum was used downstream
+            dx = ds
+            dw = torch.zeros_like(w) if has_w else None
+            db = torch.zeros_like(w) if has_b else None
+        else:
+            dy = dy.contiguous()
+            ds = ds.contiguous() if ds is not None else None
+            dx, dw, db = _backward(backend, v, r, dy, ds, w, mean, rstd, m, n, center,
+                                   has_w and ctx.needs_input_grad[2], has_b and ctx.needs_input_grad[3])
+        return dx, (dx if has_r else None), dw, db, None, None, None, None, None
+
+
+# ============================================================================ functional
+
+def _run(op, x, residual, normalized_shape, weight, bias, eps, center, return_sum):
+    m, n, shape = _check(op, x, normalized_shape, weight, bias, residual)
+    backend = _dispatch.choose(op, _facts(x, shape))
+    if backend == "torch":
+        if residual is not None:
+            return add_layer_norm_ref(x, residual, shape, weight, bias, eps, return_sum, rms=not center)
+        return layer_norm_ref(x, shape, weight, bias, eps) if center else rms_norm_ref(x, shape, weight, eps)
+    return LayerNormFunction.apply(x, residual, weight, bias, shape, eps, center, return_sum, backend)
+
+
+def layer_norm(input: torch.Tensor, normalized_shape: ShapeLike, weight: Optional[torch.Tensor] = None,
+               bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
+    """Layer normalization over the last dims, as torch.nn.functional.layer_norm.
+
+    Args:
+        input: (*, *normalized_shape) floating-point tensor.
+        normalized_shape: the trailing dims to normalize over (int or sequence of ints).
+        weight, bias: optional (*normalized_shape) affine parameters, the input's dtype and device.
+        eps: added to the variance for numerical stability.
+    Returns:
+        A tensor of the input's shape and dtype:  (x - mean) / sqrt(var + eps) * weight + bias,
+        mean and (biased) var taken over normalized_shape.
+    """
+    return _run("layer_norm", input, None, normalized_shape, weight, bias, eps, True, False)
+
+
+def rms_norm(input: torch.Tensor, normalized_shape: ShapeLike, weight: Optional[torch.Tensor] = None,
+             eps: Optional[float] = None) -> torch.Tensor:
+    """Root-mean-square normalization, as torch.nn.functional.rms_norm.
+
+    Args:
+        input: (*, *normalized_shape) floating-point tensor.
+        normalized_shape: the trailing dims to normalize over.
+        weight: optional (*normalized_shape) scale.
+        eps: added to mean(x^2); None means torch.finfo(input.dtype).eps (torch's default).
+    Returns:
+        x / sqrt(mean(x^2) + eps) * weight, the input's shape and dtype.
+    """
+    if eps is None and isinstance(input, torch.Tensor) and input.dtype.is_floating_point:
+        eps = torch.finfo(input.dtype).eps
+    return _run("rms_norm", input, None, normalized_shape, weight, None, eps, False, False)
+
+
+def add_layer_norm(input: torch.Tensor, residual: torch.Tensor, normalized_shape: ShapeLike,
+                   weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                   eps: float = 1e-5, return_sum: bool = False):
+    """Fused residual add + layer norm: layer_norm(input + residual) in one pass over memory.
+
+    The sum is never written unless return_sum (backward rebuilds it from input and residual).
+    Args:
+        input, residual: (*, *normalized_shape) tensors of one shape, dtype and device.
+        normalized_shape, weight, bias, eps: as layer_norm.
+        return_sum: also return input + residual, for pre-norm residual streams.
+    Returns:
+        y, or (y, input + residual) when return_sum; both of the input's shape.
+    """
+    return _run("add_layer_norm", input, residual, normalized_shape, weight, bias, eps, True, return_sum)
+
+
+def add_rms_norm(input: torch.Tensor, residual: torch.Tensor, normalized_shape: ShapeLike,
+                 weight: Optional[torch.Tensor] = None, eps: Optional[float] = None,
+                 return_sum: bool = False):
+    """Fused residual add + RMSNorm: rms_norm(input + residual); see add_layer_norm."""
+    if eps is None and isinstance(input, torch.Tensor) and input.dtype.is_floating_point:
+        eps = torch.finfo(input.dtype).eps
+    return _run("add_rms_norm", input, residual, normalized_shape, weight, None, eps, False, return_sum)
+
+
+# ============================================================================ modules
+
+class LayerNorm(torch.nn.LayerNorm):
+    """torch.nn.LayerNorm on fastseq kernels: same constructor, parameters and state_dict."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch.nn.RMSNorm on fastseq kernels: same constructor, parameters and state_dict."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return rms_norm(input, self.normalized_shape, self.weight, self.eps)
+
+
+class AddLayerNorm(LayerNorm):
+    """LayerNorm(input + residual) fused; forward(input, residual) -> y, or (y, sum) when the
+    module was built with return_sum=True.  Parameters and state_dict as torch.nn.LayerNorm."""
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
+                 device=None, dtype=None, return_sum=False):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        self.return_sum = return_sum
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor):
+        return add_layer_norm(input, residual, self.normalized_shape, self.weight, self.bias,
+                              self.eps, self.return_sum)
+
+
+class AddRMSNorm(RMSNorm):
+    """RMSNorm(input + residual) fused; see AddLayerNorm."""
+
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None,
+                 return_sum=False):
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
+        self.return_sum = return_sum
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor):
+        return add_rms_norm(input, residual, self.normalized_shape, self.weight, self.eps, self.return_sum)

@@ -1,0 +1,167 @@
+"""LayerNorm / RMSNorm / fused residual-add + norm in Numba CUDA: forward and backward.
+
+Same math as kernels/cpu/layer_norm.pyx (see its comments for the backward derivation).
+One block per row for the forward and the input gradient; the weight/bias gradients are column
+sums, computed as per-chunk partials (grid over column blocks x row chunks) that a last kernel
+adds in a fixed order, so the result is deterministic.
+
+Arrays are flat 1-D device arrays (anything with __cuda_array_interface__ or a Numba device
+array); fp16, fp32 and fp64 data, accumulation in fp32 (fp64 for fp64).  Missing affine
+parameters are passed as w = 1, b = 0; missing r / s / ds as any 1-element array with the flag off.
+The launchers never allocate except the small (chunks, N) partial buffer of the backward.
+"""
+import math
+
+import numpy as np
+from numba import cuda
+
+from ._common import MAX_THREADS, accumulator, block_size, make_block_sum
+
+_cache = {}
+
+
+def _kernels(dtype):
+    """Kernels specialized for the accumulator of `dtype` (built once per accumulator type)."""
+    acc = accumulator(dtype)
+    if acc in _cache:
+        return _cache[acc]
+    block_sum = make_block_sum(acc)
+
+    @cuda.jit
+    def _ln_fwd_kernel(x, r, w, b, y, s, mean, rstd, n, eps, center, has_r, write_s):
+        row = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        red = cuda.shared.array(MAX_THREADS, acc)
+        base = row * n
+        if has_r and write_s:                   # s = x + r, rounded to storage, then normalize s
+            for j in range(tid, n, nt):
+                s[base + j] = x[base + j] + r[base + j]
+            cuda.syncthreads()
+        src = s if write_s else x
+        add_r = has_r and not write_s
+        part = acc(0)
+        if center:
+            for j in range(tid, n, nt):
+                v = acc(src[base + j])
+                if add_r:
+                    v += acc(r[base + j])
+                part += v
+        mu = block_sum(red, part) / n
+        part = acc(0)
+        for j in range(tid, n, nt):
+            v = acc(src[base + j])
+            if add_r:
+                v += acc(r[base + j])
+            d = v - mu
+            part += d * d
+        rs = acc(1.0) / math.sqrt(block_sum(red, part) / n + acc(eps))
+        if tid == 0:
+            mean[row] = mu
+            rstd[row] = rs
+        for j in range(tid, n, nt):
+            v = acc(src[base + j])
+            if add_r:
+                v += acc(r[base + j])
+            y[base + j] = (v - mu) * rs * acc(w[j]) + acc(b[j])
+
+    @cuda.jit
+    def _ln_bwd_dx_kernel(x, r, dy, ds, w, mean, rstd, dx, n, center, has_r, has_ds):
+        row = cuda.blockIdx.x
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        red = cuda.shared.array(MAX_THREADS, acc)
+        base = row * n
+        mu = acc(mean[row])
+        rs = acc(rstd[row])
+        sg = acc(0)
+        sgx = acc(0)
+        for j in range(tid, n, nt):
+            v = acc(x[base + j])
+            if has_r:
+                v += acc(r[base + j])
+            g = acc(dy[base + j]) * acc(w[j])
+            sg += g
+            sgx += g * ((v - mu) * rs)
+        c1 = block_sum(red, sg) / n if center else acc(0)
+        c2 = block_sum(red, sgx) / n
+        for j in range(tid, n, nt):
+            v = acc(x[base + j])
+            if has_r:
+                v += acc(r[base + j])
+            d = rs * (acc(dy[base + j]) * acc(w[j]) - c1 - (v - mu) * rs * c2)
+            if has_ds:
+                d += acc(ds[base + j])
+            dx[base + j] = d
+
+    @cuda.jit
+    def _ln_bwd_wb_partial_kernel(x, r, dy, mean, rstd, dw_part, db_part, m, n, rows_per_chunk,
+                                  has_r, want_dw, want_db):
+        j = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        chunk = cuda.blockIdx.y
+        if j >= n:
+            return
+        lo = chunk * rows_per_chunk
+        hi = min(m, lo + rows_per_chunk)
+        aw = acc(0)
+        ab = acc(0)
+        for i in range(lo, hi):
+            g = acc(dy[i * n + j])
+            if want_dw:
+                v = acc(x[i * n + j])
+                if has_r:
+                    v += acc(r[i * n + j])
+                aw += g * ((v - acc(mean[i])) * acc(rstd[i]))
+            ab += g
+        if want_dw:
+            dw_part[chunk * n + j] = aw
+        if want_db:
+            db_part[chunk * n + j] = ab
+
+    @cuda.jit
+    def _col_sum_kernel(part, chunks, n, out):
+        j = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        if j >= n:
+            return
+        a = acc(0)
+        for k in range(chunks):                 # fixed order: deterministic
+            a += part[k * n + j]
+        out[j] = a
+
+    _cache[acc] = (_ln_fwd_kernel, _ln_bwd_dx_kernel, _ln_bwd_wb_partial_kernel, _col_sum_kernel)
+    return _cache[acc]
+
+
+def forward(x, r, w, b, y, s, mean, rstd, m, n, eps, center, has_r, write_s, stream=0, threads=None):
+    """y = norm(x [+ r]) * w + b over m rows of n; mean/rstd (m,) in the accumulator type."""
+    if m == 0 or n == 0:
+        return
+    fwd = _kernels(x.dtype)[0]
+    t = threads or block_size(n // 4)
+    fwd[m, t, stream](x, r, w, b, y, s, mean, rstd, n, eps, bool(center), bool(has_r), bool(write_s))
+
+
+def backward(x, r, dy, ds, w, mean, rstd, dx, dw, db, m, n, center, has_r, has_ds, want_dw, want_db,
+             stream=0, threads=None, rows_per_chunk=None):
+    """Gradients of forward(): dx (m*n,), and dw / db (n,) when want_dw / want_db."""
+    if n == 0:
+        return
+    _, bwd_dx, bwd_wb, col_sum = _kernels(x.dtype)
+    if m > 0:
+        t = threads or block_size(n // 4)
+        bwd_dx[m, t, stream](x, r, dy, ds, w, mean, rstd, dx, n, bool(center), bool(has_r), bool(has_ds))
+    if not (want_dw or want_db):
+        return
+    acc_np = np.float64 if str(x.dtype) == "float64" else np.float32
+    rows = rows_per_chunk or max(1, min(256, -(-m // 64)))       # ~64 chunks keep the GPU busy
+    chunks = max(1, -(-m // rows))
+    dw_part = cuda.device_array(chunks * n, dtype=acc_np, stream=stream)
+    db_part = cuda.device_array(chunks * n, dtype=acc_np, stream=stream)
+    tc = threads or 128
+    grid = (-(-n // tc), chunks)
+    bwd_wb[grid, tc, stream](x, r, dy, mean, rstd, dw_part, db_part, m, n, rows, bool(has_r),
+                             bool(want_dw), bool(want_db))
+    if want_dw:
+        col_sum[-(-n // tc), tc, stream](dw_part, chunks, n, dw)
+    if want_db:
+        col_sum[-(-n // tc), tc, stream](db_part, chunks, n, db)
