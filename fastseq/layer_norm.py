@@ -161,9 +161,11 @@ def _forward(backend, x, r, w, b, m, n, eps, center, want_sum):
     rstd = torch.empty(m, dtype=_stat_dtype(x), device=x.device)
     if backend == "cpu":
         npd = _NP_DTYPE[x.dtype]
+        nt = _dispatch.num_threads()
+        scratch = torch.empty(nt * n, dtype=x.dtype) if r is not None and not want_sum else None
         _dispatch.cpu_kernels("layer_norm").forward(
             _np(x, npd), _np(r, npd), _np(w, npd), _np(b, npd), _np(y, npd), _np(s, npd),
-            _np(mean, npd), _np(rstd, npd), m, n, float(eps), center, _dispatch.num_threads())
+            _np(scratch, npd), _np(mean, npd), _np(rstd, npd), m, n, float(eps), center, nt)
     else:
         k = _dispatch.cuda_kernels("layer_norm")
         from fastseq._cuda._common import as_array, torch_stream
@@ -184,11 +186,11 @@ def _backward(backend, x, r, dy, ds, w, mean, rstd, m, n, center, want_dw, want_
     if backend == "cpu":
         nt = _dispatch.num_threads()
         npd = _NP_DTYPE[x.dtype]
-        part_w = torch.empty(nt * n, dtype=x.dtype) if want_dw else None
-        part_b = torch.empty(nt * n, dtype=x.dtype) if want_db else None
+        partial = torch.empty(2 * nt * n, dtype=x.dtype) if want_dw or want_db else None
+        scratch = torch.empty(nt * n, dtype=x.dtype) if r is not None else None
         _dispatch.cpu_kernels("layer_norm").backward(
             _np(x, npd), _np(r, npd), _np(dy, npd), _np(ds, npd), _np(w, npd), _np(mean, npd),
-            _np(rstd, npd), _np(dx, npd), _np(part_w, npd), _np(part_b, npd), _np(dw, npd),
+            _np(rstd, npd), _np(dx, npd), _np(partial, npd), _np(scratch, npd), _np(dw, npd),
             _np(db, npd), m, n, center, nt)
     else:
         k = _dispatch.cuda_kernels("layer_norm")

@@ -7,6 +7,11 @@ ctypedef fused real:
     double
 
 
+# Independent partial sums a row reduction keeps (see layer_norm.pyx; loops step by it literally).
+cdef enum:
+    LANES = 32
+
+
 cdef extern from "<math.h>" nogil:
     float sqrtf(float)
     double sqrt(double)

@@ -7,7 +7,8 @@ are the pages it first touches, and its weight/bias partial sums land in its own
 (threads, N) buffer that is reduced in a fixed order: no atomics, the same bits for the same
 thread count.
 
-Per row, forward (v = x, or v = x + r for the fused residual):
+Per row, forward (v = x, or v = x + r for the fused residual, built in a per-thread scratch row
+that stays in L1 unless the caller asks for the sum s):
     mu   = mean(v)                          (0 for RMSNorm)
     rstd = 1 / sqrt(mean((v - mu)^2) + eps)
     y    = (v - mu) * rstd * w + b
@@ -20,7 +21,7 @@ The kernels never allocate, never validate: fastseq/layer_norm.py does both.
 """
 from cython.parallel cimport prange
 
-from _common cimport real, rsqrt_, chunk_
+from _common cimport real, rsqrt_, chunk_, LANES
 
 
 cdef inline real* ptr_(real[::1] a) noexcept nogil:
@@ -28,71 +29,112 @@ cdef inline real* ptr_(real[::1] a) noexcept nogil:
 
 
 # ---------------------------------------------------------------------------------------------
-# row helpers: v is a, or a + b when b is not NULL
+# row reductions.  A single running sum is one long chain of dependent adds (latency-bound);
+# these keep LANES independent partial sums, which gcc turns into several vector accumulators.
 # ---------------------------------------------------------------------------------------------
 
-cdef inline real row_sum_(const real* a, const real* b, Py_ssize_t n) noexcept nogil:
+cdef inline real row_sum_(const real* a, Py_ssize_t n) noexcept nogil:
+    cdef real part[LANES]
     cdef real acc = 0
-    cdef Py_ssize_t j
-    if b == NULL:
-        for j in range(n):
-            acc = acc + a[j]
-    else:
-        for j in range(n):
-            acc = acc + (a[j] + b[j])
+    cdef Py_ssize_t j, k, nb = n - n % LANES
+    for k in range(LANES):
+        part[k] = 0
+    for j in range(0, nb, 32):                  # step LANES (a literal for a C loop)
+        for k in range(LANES):
+            part[k] = part[k] + a[j + k]
+    for j in range(nb, n):
+        acc = acc + a[j]
+    for k in range(LANES):
+        acc = acc + part[k]
     return acc
 
 
-cdef inline real row_sq_dev_(const real* a, const real* b, real mu, Py_ssize_t n) noexcept nogil:
+cdef inline real row_sq_dev_(const real* a, real mu, Py_ssize_t n) noexcept nogil:
+    cdef real part[LANES]
     cdef real acc = 0, d
-    cdef Py_ssize_t j
-    if b == NULL:
-        for j in range(n):
-            d = a[j] - mu
-            acc = acc + d * d
-    else:
-        for j in range(n):
-            d = (a[j] + b[j]) - mu
-            acc = acc + d * d
+    cdef Py_ssize_t j, k, nb = n - n % LANES
+    for k in range(LANES):
+        part[k] = 0
+    for j in range(0, nb, 32):                  # step LANES (a literal for a C loop)
+        for k in range(LANES):
+            d = a[j + k] - mu
+            part[k] = part[k] + d * d
+    for j in range(nb, n):
+        d = a[j] - mu
+        acc = acc + d * d
+    for k in range(LANES):
+        acc = acc + part[k]
     return acc
 
+
+cdef inline void row_grad_sums_(const real* v, const real* dy, const real* w, real rs, real nmr,
+                                Py_ssize_t n, real* sg, real* sgx) noexcept nogil:
+    """sg = sum(g), sgx = sum(g * xhat) with g = dy * w, xhat = v * rs + nmr."""
+    cdef real pg[LANES]
+    cdef real pgx[LANES]
+    cdef real ag = 0, agx = 0, g
+    cdef Py_ssize_t j, k, nb = n - n % LANES
+    for k in range(LANES):
+        pg[k] = 0
+        pgx[k] = 0
+    for j in range(0, nb, 32):                  # step LANES (a literal for a C loop)
+        for k in range(LANES):
+            g = dy[j + k] * w[j + k]
+            pg[k] = pg[k] + g
+            pgx[k] = pgx[k] + g * (v[j + k] * rs + nmr)
+    for j in range(nb, n):
+        g = dy[j] * w[j]
+        ag = ag + g
+        agx = agx + g * (v[j] * rs + nmr)
+    for k in range(LANES):
+        ag = ag + pg[k]
+        agx = agx + pgx[k]
+    sg[0] = ag
+    sgx[0] = agx
+
+
+cdef inline const real* row_input_(const real* x, const real* r, real* dst, Py_ssize_t n) noexcept nogil:
+    """The row to normalize: x itself, or x + r written to dst."""
+    cdef Py_ssize_t j
+    if r == NULL:
+        return x
+    for j in range(n):
+        dst[j] = x[j] + r[j]
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------------------------
 
 cdef void fwd_rows_(const real* x, const real* r, const real* w, const real* b,
-                    real* y, real* s, real* mean, real* rstd,
+                    real* y, real* s, real* scratch, real* mean, real* rstd,
                     Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t n, real eps, bint center) noexcept nogil:
     cdef Py_ssize_t i, j
     cdef const real* v
-    cdef const real* vr
-    cdef real* si
     cdef real* yi
-    cdef real mu, rs
+    cdef real mu, rs, nmr
     for i in range(lo, hi):
-        v = x + i * n
-        vr = NULL if r == NULL else r + i * n
-        if vr != NULL and s != NULL:            # materialize s = x + r, then normalize s
-            si = s + i * n
-            for j in range(n):
-                si[j] = v[j] + vr[j]
-            v = si
-            vr = NULL
-        mu = row_sum_(v, vr, n) / n if center else 0
-        rs = rsqrt_(row_sq_dev_(v, vr, mu, n) / n + eps)
+        v = row_input_(x + i * n, NULL if r == NULL else r + i * n,
+                       scratch if s == NULL else s + i * n, n)
+        mu = row_sum_(v, n) / n if center else 0
+        rs = rsqrt_(row_sq_dev_(v, mu, n) / n + eps)
         mean[i] = mu
         rstd[i] = rs
+        nmr = -mu * rs                          # y = (v * rs + nmr) * w + b: two FMAs
         yi = y + i * n
-        if vr == NULL:
-            for j in range(n):
-                yi[j] = (v[j] - mu) * rs * w[j] + b[j]
-        else:
-            for j in range(n):
-                yi[j] = ((v[j] + vr[j]) - mu) * rs * w[j] + b[j]
+        for j in range(n):
+            yi[j] = (v[j] * rs + nmr) * w[j] + b[j]
 
 
 def forward(real[::1] x, real[::1] r, real[::1] w, real[::1] b,
-            real[::1] y, real[::1] s, real[::1] mean, real[::1] rstd,
+            real[::1] y, real[::1] s, real[::1] scratch, real[::1] mean, real[::1] rstd,
             Py_ssize_t m, Py_ssize_t n, double eps, bint center, int num_threads):
-    """y = norm(x [+ r]) * w + b over rows of n.  x, y: (m*n,); r, s: (m*n,) or empty;
-    w, b: (n,); mean, rstd: (m,) outputs.  s, when given, receives x + r."""
+    """y = norm(x [+ r]) * w + b over rows of n.
+
+    x, y: (m*n,).  r: (m*n,) or empty.  w, b: (n,).  mean, rstd: (m,) outputs.
+    s: (m*n,) receives x + r, or empty.  scratch: (num_threads*n,) when r is given without s.
+    """
     cdef Py_ssize_t t, lo, hi, nt = max(1, min(num_threads, m))
     cdef real* px = ptr_(x)
     cdef real* pr = ptr_(r)
@@ -100,6 +142,7 @@ def forward(real[::1] x, real[::1] r, real[::1] w, real[::1] b,
     cdef real* pb = ptr_(b)
     cdef real* py = ptr_(y)
     cdef real* ps = ptr_(s)
+    cdef real* pscr = ptr_(scratch)
     cdef real* pmean = ptr_(mean)
     cdef real* prstd = ptr_(rstd)
     cdef real e = <real> eps
@@ -107,85 +150,64 @@ def forward(real[::1] x, real[::1] r, real[::1] w, real[::1] b,
         return
     for t in prange(nt, nogil=True, num_threads=nt, schedule="static", chunksize=1):
         lo, hi = chunk_(m, nt, t)
-        fwd_rows_(px, pr, pw, pb, py, ps, pmean, prstd, lo, hi, n, e, center)
+        fwd_rows_(px, pr, pw, pb, py, ps, (pscr + t * n) if pscr != NULL else NULL,
+                  pmean, prstd, lo, hi, n, e, center)
 
 
 # ---------------------------------------------------------------------------------------------
 # backward
 #
 # With xhat = (v - mu) * rstd and g = dy * w, the normalized output is y = xhat * w + b, and
-#     dxhat   = g
 #     dv      = rstd * (g - mean(g) - xhat * mean(g * xhat))          (LayerNorm)
 #     dv      = rstd * (g - xhat * mean(g * xhat))                     (RMSNorm: mu = 0, no mean(g))
 # because d mu / dv = 1/N and d rstd / dv = -rstd^3 (v - mu) / N.  For the fused residual the
 # same dv is the gradient of both x and r; a gradient ds arriving at the returned sum adds to it.
 #     dw = sum_rows dy * xhat,   db = sum_rows dy
-# Traffic per element: read v (or x, r), dy (and ds), write dv; the partials stay in cache.
+# Traffic per element: read v (or x and r), dy (and ds), write dv; the partials stay in cache.
 # ---------------------------------------------------------------------------------------------
 
 cdef void bwd_rows_(const real* x, const real* r, const real* dy, const real* ds, const real* w,
-                    const real* mean, const real* rstd, real* dx, real* dwp, real* dbp,
+                    const real* mean, const real* rstd, real* dx, real* dwp, real* dbp, real* scratch,
                     Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t n, bint center) noexcept nogil:
     cdef Py_ssize_t i, j
     cdef const real* v
-    cdef const real* vr
     cdef const real* dyi
     cdef const real* dsi
     cdef real* dxi
-    cdef real mu, rs, xh, g, sg, sgx, c1, c2
+    cdef real rs, nmr, sg, sgx, c1, c2
     for i in range(lo, hi):
-        v = x + i * n
-        vr = NULL if r == NULL else r + i * n
+        v = row_input_(x + i * n, NULL if r == NULL else r + i * n, scratch, n)
         dyi = dy + i * n
         dxi = dx + i * n
-        mu = mean[i]
         rs = rstd[i]
-        sg = 0
-        sgx = 0
-        if vr == NULL:
-            for j in range(n):
-                g = dyi[j] * w[j]
-                sg = sg + g
-                sgx = sgx + g * ((v[j] - mu) * rs)
-        else:
-            for j in range(n):
-                g = dyi[j] * w[j]
-                sg = sg + g
-                sgx = sgx + g * (((v[j] + vr[j]) - mu) * rs)
+        nmr = -mean[i] * rs
+        row_grad_sums_(v, dyi, w, rs, nmr, n, &sg, &sgx)
         c1 = sg / n if center else 0
         c2 = sgx / n
-        if vr == NULL:
+        # separate loops: each has one store stream, so gcc vectorizes with cheap alias checks
+        for j in range(n):
+            dxi[j] = rs * (dyi[j] * w[j] - c1 - (v[j] * rs + nmr) * c2)
+        if dwp != NULL:
             for j in range(n):
-                xh = (v[j] - mu) * rs
-                dxi[j] = rs * (dyi[j] * w[j] - c1 - xh * c2)
-        else:
+                dwp[j] = dwp[j] + dyi[j] * (v[j] * rs + nmr)
             for j in range(n):
-                xh = ((v[j] + vr[j]) - mu) * rs
-                dxi[j] = rs * (dyi[j] * w[j] - c1 - xh * c2)
+                dbp[j] = dbp[j] + dyi[j]
         if ds != NULL:
             dsi = ds + i * n
             for j in range(n):
                 dxi[j] = dxi[j] + dsi[j]
-        if dwp != NULL:
-            if vr == NULL:
-                for j in range(n):
-                    dwp[j] = dwp[j] + dyi[j] * ((v[j] - mu) * rs)
-            else:
-                for j in range(n):
-                    dwp[j] = dwp[j] + dyi[j] * (((v[j] + vr[j]) - mu) * rs)
-        if dbp != NULL:
-            for j in range(n):
-                dbp[j] = dbp[j] + dyi[j]
 
 
 def backward(real[::1] x, real[::1] r, real[::1] dy, real[::1] ds, real[::1] w,
-             real[::1] mean, real[::1] rstd, real[::1] dx,
-             real[::1] dw_partial, real[::1] db_partial, real[::1] dw, real[::1] db,
-             Py_ssize_t m, Py_ssize_t n, bint center, int num_threads):
-    """Gradients of forward().  x: the normalized input, or x and r of the fused residual (the
-    sum is rebuilt on the fly); ds: gradient at the returned sum, or empty.  dx: (m*n,) output.
-    dw/db: (n,) outputs, or empty when not wanted; dw_partial/db_partial: (num_threads*n,)
-    scratch when dw/db are wanted (the caller passes the thread count it sized them for)."""
+             real[::1] mean, real[::1] rstd, real[::1] dx, real[::1] partial, real[::1] scratch,
+             real[::1] dw, real[::1] db, Py_ssize_t m, Py_ssize_t n, bint center, int num_threads):
+    """Gradients of forward().
+
+    x: the normalized input, or with r (m*n,) the two summands (the sum is rebuilt per row in
+    scratch, (num_threads*n,)).  ds: gradient at the returned sum, or empty.  dx: (m*n,) output.
+    dw, db: (n,) outputs, or empty when not wanted; partial: (2*num_threads*n,) scratch when
+    either is wanted.
+    """
     cdef Py_ssize_t t, lo, hi, j, k, nt = max(1, min(num_threads, m))
     cdef bint want_dw = dw.shape[0] > 0, want_db = db.shape[0] > 0
     cdef real* px = ptr_(x)
@@ -196,22 +218,22 @@ def backward(real[::1] x, real[::1] r, real[::1] dy, real[::1] ds, real[::1] w,
     cdef real* pmean = ptr_(mean)
     cdef real* prstd = ptr_(rstd)
     cdef real* pdx = ptr_(dx)
-    cdef real* pdwp = ptr_(dw_partial) if want_dw else NULL
-    cdef real* pdbp = ptr_(db_partial) if want_db else NULL
+    cdef real* pscr = ptr_(scratch)
+    cdef real* pdwp = ptr_(partial) if (want_dw or want_db) else NULL
+    cdef real* pdbp = (pdwp + nt * n) if pdwp != NULL else NULL
     cdef real acc
     if n == 0:
         return
-    for j in range(nt * n):
-        if want_dw:
+    if pdwp != NULL:
+        for j in range(2 * nt * n):
             pdwp[j] = 0
-        if want_db:
-            pdbp[j] = 0
     if m > 0:
         for t in prange(nt, nogil=True, num_threads=nt, schedule="static", chunksize=1):
             lo, hi = chunk_(m, nt, t)
             bwd_rows_(px, pr, pdy, pds, pw, pmean, prstd, pdx,
-                      (pdwp + t * n) if want_dw else NULL,
-                      (pdbp + t * n) if want_db else NULL,
+                      (pdwp + t * n) if pdwp != NULL else NULL,
+                      (pdbp + t * n) if pdbp != NULL else NULL,
+                      (pscr + t * n) if pscr != NULL else NULL,
                       lo, hi, n, center)
     # fixed-order reduction of the per-thread partial sums
     if want_dw:
