@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from . import _dispatch
+from . import _alloc, _dispatch
 
 ShapeLike = Union[int, Sequence[int], torch.Size]
 
@@ -140,7 +140,7 @@ def _np(t: Optional[torch.Tensor], dtype) -> np.ndarray:
         if dtype not in _EMPTY:
             _EMPTY[dtype] = np.empty(0, dtype=dtype)
         return _EMPTY[dtype]
-    return t.detach().view(-1).numpy()
+    return t.detach().numpy().reshape(-1)
 
 
 def _affine(weight, bias, n, like):
@@ -155,8 +155,8 @@ def _stat_dtype(x):
 
 def _forward(backend, x, r, w, b, m, n, eps, center, want_sum):
     """Run the forward kernel; returns y, s (or None), mean, rstd.  x, r, w, b contiguous."""
-    y = torch.empty_like(x)
-    s = torch.empty_like(x) if want_sum else None
+    y = _alloc.empty_like(x)
+    s = _alloc.empty_like(x) if want_sum else None
     mean = torch.empty(m, dtype=_stat_dtype(x), device=x.device)
     rstd = torch.empty(m, dtype=_stat_dtype(x), device=x.device)
     if backend == "cpu":
@@ -180,7 +180,7 @@ def _forward(backend, x, r, w, b, m, n, eps, center, want_sum):
 
 def _backward(backend, x, r, dy, ds, w, mean, rstd, m, n, center, want_dw, want_db):
     """Run the backward kernel; returns dx, dw (or None), db (or None)."""
-    dx = torch.empty_like(x)
+    dx = _alloc.empty_like(x)
     dw = torch.empty(n, dtype=x.dtype, device=x.device) if want_dw else None
     db = torch.empty(n, dtype=x.dtype, device=x.device) if want_db else None
     if backend == "cpu":
@@ -257,7 +257,13 @@ def _run(op, x, residual, normalized_shape, weight, bias, eps, center, return_su
         if residual is not None:
             return add_layer_norm_ref(x, residual, shape, weight, bias, eps, return_sum, rms=not center)
         return layer_norm_ref(x, shape, weight, bias, eps) if center else rms_norm_ref(x, shape, weight, eps)
-    return LayerNormFunction.apply(x, residual, weight, bias, shape, eps, center, return_sum, backend)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
+        return LayerNormFunction.apply(x, residual, weight, bias, shape, eps, center, return_sum, backend)
+    n = math.prod(shape)                        # inference: no autograd node, nothing saved
+    w, b = _affine(weight, bias, n, x)
+    y, s, _, _ = _forward(backend, x.contiguous(), residual.contiguous() if residual is not None else None,
+                          w, b, m, n, eps, center, return_sum)
+    return (y, s) if return_sum else y
 
 
 def layer_norm(input: torch.Tensor, normalized_shape: ShapeLike, weight: Optional[torch.Tensor] = None,
