@@ -157,8 +157,8 @@ def _forward(backend, x, r, w, b, m, n, eps, center, want_sum):
     """Run the forward kernel; returns y, s (or None), mean, rstd.  x, r, w, b contiguous."""
     y = _alloc.empty_like(x)
     s = _alloc.empty_like(x) if want_sum else None
-    mean = torch.empty(m, dtype=_stat_dtype(x), device=x.device)
-    rstd = torch.empty(m, dtype=_stat_dtype(x), device=x.device)
+    mean = _alloc.empty((m,), _stat_dtype(x), x.device)
+    rstd = _alloc.empty((m,), _stat_dtype(x), x.device)
     if backend == "cpu":
         npd = _NP_DTYPE[x.dtype]
         nt = _dispatch.num_threads()
@@ -181,8 +181,8 @@ def _forward(backend, x, r, w, b, m, n, eps, center, want_sum):
 def _backward(backend, x, r, dy, ds, w, mean, rstd, m, n, center, want_dw, want_db):
     """Run the backward kernel; returns dx, dw (or None), db (or None)."""
     dx = _alloc.empty_like(x)
-    dw = torch.empty(n, dtype=x.dtype, device=x.device) if want_dw else None
-    db = torch.empty(n, dtype=x.dtype, device=x.device) if want_db else None
+    dw = _alloc.empty((n,), x.dtype, x.device) if want_dw else None
+    db = _alloc.empty((n,), x.dtype, x.device) if want_db else None
     if backend == "cpu":
         nt = _dispatch.num_threads()
         npd = _NP_DTYPE[x.dtype]
@@ -226,25 +226,28 @@ class LayerNormFunction(torch.autograd.Function):
             ctx.save_for_backward(s, None, w, mean, rstd)
         else:
             ctx.save_for_backward(xc, rc, w, mean, rstd)
-        ctx.meta = (backend, m, n, center, weight is not None, bias is not None, residual is not None)
+        ctx.meta = (backend, m, n, tuple(normalized_shape), center, weight is not None, bias is not None,
+                    residual is not None)
         ctx.set_materialize_grads(False)
         return (y, s) if return_sum else y
 
     @staticmethod
     def backward(ctx, dy, ds=None):
-        backend, m, n, center, has_w, has_b, has_r = ctx.meta
+        backend, m, n, shape, center, has_w, has_b, has_r = ctx.meta
         v, r, w, mean, rstd = ctx.saved_tensors
         if dy is None and ds is None:
             return (None,) * 9
         if dy is None:                              # only the returned sum was used downstream
             dx = ds
-            dw = torch.zeros_like(w) if has_w else None
-            db = torch.zeros_like(w) if has_b else None
+            dw = torch.zeros(shape, dtype=w.dtype, device=w.device) if has_w else None
+            db = torch.zeros(shape, dtype=w.dtype, device=w.device) if has_b else None
         else:
             dy = dy.contiguous()
             ds = ds.contiguous() if ds is not None else None
             dx, dw, db = _backward(backend, v, r, dy, ds, w, mean, rstd, m, n, center,
                                    has_w and ctx.needs_input_grad[2], has_b and ctx.needs_input_grad[3])
+            dw = dw.view(shape) if dw is not None else None
+            db = db.view(shape) if db is not None else None
         return dx, (dx if has_r else None), dw, db, None, None, None, None, None
 
 
