@@ -1,0 +1,88 @@
+"""fastseq-bench: run the registered benchmark cases, print a table, write JSON/CSV/PNG.
+
+    fastseq-bench --quick                 # CPU, every family, under 2 minutes on 2 cores
+    fastseq-bench --device cuda --only layer_norm --out results/
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from . import layer_norm as _layer_norm  # noqa: F401  (registers its cases)
+from .machine import describe
+from .registry import cases, families
+from .report import table, write
+from .timing import interleaved_medians
+
+
+def run_case(case, reps: int, max_seconds: float, device: str) -> list:
+    s = case.setup()
+    fns = {"fastseq": s.fastseq, **{f"peer:{k}": v for k, v in s.peers.items()}}
+    if s.kernel is not None:
+        fns["kernel"] = s.kernel
+    med = interleaved_medians(fns, device, warmup=2, reps=reps, max_seconds=max_seconds)
+    rows = []
+    for peer in s.peers:
+        row = {"family": case.family, "case": case.name, "peer": peer,
+               "peer_ms": med[f"peer:{peer}"] * 1e3, "fastseq_ms": med["fastseq"] * 1e3,
+               "ratio": med[f"peer:{peer}"] / med["fastseq"]}
+        if s.bytes:
+            row["gbs"] = s.bytes / med["fastseq"] / 1e9
+        if s.flops:
+            row["gflops"] = s.flops / med["fastseq"] / 1e9
+        if "kernel" in med:
+            row["kernel_ms"] = med["kernel"] * 1e3
+            row["kernel_gbs"] = s.bytes / med["kernel"] / 1e9 if s.bytes else None
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="fastseq-bench", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer repetitions and cases (< 2 min on 2 cores)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--only", action="append", choices=families(), metavar="FAMILY",
+                   help=f"run only this family (repeatable): {', '.join(families())}")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--reps", type=int, default=None, help="timed rounds per case (default 7 quick, 21 full)")
+    p.add_argument("--out", default="fastseq-bench-results", help="folder for results.json/.csv and plots")
+    args = p.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reps = args.reps or (7 if args.quick else 21)
+    todo = cases(args.device, args.only, args.quick)
+
+    t0 = time.perf_counter()
+    machine = describe(args.device)
+    print(f"fastseq-bench on {args.device}: {machine.get('gpu', machine['cpu'])}, torch {machine['torch']}, "
+          f"{machine['threads']} threads")
+    print(f"allocator: {machine['allocator']}; transparent huge pages: {machine['transparent_hugepages']}; "
+          f"torch THP_MEM_ALLOC_ENABLE: {'on' if machine['torch_THP_MEM_ALLOC_ENABLE'] else 'off'}; "
+          f"fastseq huge-page outputs: {'on' if machine['fastseq_hugepage_outputs'] else 'off'}")
+    print(f"ceilings: sgemm {machine['sgemm_gflops']:.0f} GFLOP/s, copy {machine['copy_gbs']:.1f} GB/s "
+          f"(read + write)")
+    try:
+        from tqdm import tqdm
+        it = tqdm(todo, desc="cases", unit="case", file=sys.stderr)
+    except ImportError:
+        it = todo
+    rows = []
+    for case in it:
+        if hasattr(it, "set_postfix_str"):
+            it.set_postfix_str(case.name)
+        rows += run_case(case, reps, 3.0 if args.quick else 20.0, args.device)
+    print(table(rows, machine))
+    for path in write(rows, machine, args.out):
+        print("wrote", path)
+    print(f"{len(todo)} cases in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
