@@ -69,6 +69,7 @@ def plot(rows: List[dict], machine: dict, out_dir: str):
             vals = [next((r["ratio"] for r in fam if r["case"] == c and r["peer"] == peer), 0) for c in cases]
             ax1.barh([k + i * h for k in range(len(cases))], vals, height=h, label=f"vs {peer}")
         ax1.axvline(1.0, color="k", lw=1)
+        ax1.set_xscale("log")
         ax1.set_yticks([k + 0.4 - h / 2 for k in range(len(cases))])
         ax1.set_yticklabels(cases, fontsize=8)
         ax1.invert_yaxis()
