@@ -30,14 +30,26 @@ def convert(module: torch.nn.Module) -> torch.nn.Module:
     """Replace every supported torch.nn layer inside `module` by its fastseq twin.
 
     The model is changed in place (children are swapped in their parents) and returned; the
-    twins share the original parameters, so optimizers built before the call still apply.
-    Only exact torch classes are converted: subclasses may override forward.
+    twins share the original parameters, so optimizers built before the call still apply.  A
+    layer used in several places gets one twin.  Only exact torch classes are converted:
+    subclasses may override forward.
     """
+    return _convert(module, {})
+
+
+def _convert(module: torch.nn.Module, done: Dict[int, torch.nn.Module]) -> torch.nn.Module:
+    if id(module) in done:
+        return done[id(module)]
     fn = _CONVERTERS.get(type(module))
     if fn is not None:
-        return fn(module)
-    for name, child in list(module.named_children()):
-        new = convert(child)
-        if new is not child:
-            setattr(module, name, new)
-    return module
+        new = fn(module)
+    else:
+        new = module
+        for name, child in list(module._modules.items()):   # every name, shared children too
+            if child is None:
+                continue
+            twin = _convert(child, done)
+            if twin is not child:
+                setattr(module, name, twin)
+    done[id(module)] = new
+    return new

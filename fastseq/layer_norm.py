@@ -1,8 +1,10 @@
 """Layer normalization family: LayerNorm, RMSNorm, and the fused residual-add + norm.
 
-Read top to bottom: the pure-torch references (the oracle and the "torch" backend), the
-dispatch facts, the per-backend kernel calls, the autograd Function, the functional ops, the
-nn modules.
+Read top to bottom: the pure-torch references (the test oracle), the dispatch facts, the
+per-backend kernel calls, the autograd Function, the functional ops, the nn modules.  The
+"torch" backend runs torch's native ops (F.layer_norm, F.rms_norm), not the references: they
+are faster than a composite and handle autocast and mixed weight dtypes, which is what a user
+who falls back expects.
 
 Every op normalizes over the last k dims (`normalized_shape`); the input is viewed as
 (M, N) with N = prod(normalized_shape).  Forward saves only per-row mean and rstd.
@@ -15,6 +17,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import _alloc, _dispatch
 
@@ -85,8 +88,6 @@ def _check(op, x, normalized_shape, weight, bias, residual=None) -> Tuple[int, i
             raise ValueError(f"{op}: expected {name} to be a torch.Tensor or None, got {type(p).__name__}")
         if tuple(p.shape) != shape:
             raise ValueError(f"{op}: expected {name} of shape {list(shape)}, got {list(p.shape)}")
-        if p.dtype != x.dtype:
-            raise ValueError(f"{op}: expected {name} dtype {x.dtype} (the input's), got {p.dtype}")
         if p.device != x.device:
             raise ValueError(f"{op}: expected {name} on {x.device} (the input's), got {p.device}")
     if residual is not None:
@@ -102,22 +103,36 @@ def _check(op, x, normalized_shape, weight, bias, residual=None) -> Tuple[int, i
 
 # ============================================================================ dispatch
 
+def _dtype_name(t):
+    return str(t.dtype).replace("torch.", "")
+
+
 def _facts(x, normalized_shape=None, *args, **kwargs) -> dict:
+    """Facts of a call: layer_norm(x, shape, weight, bias) / add_layer_norm(x, r, shape, ...)."""
+    if isinstance(normalized_shape, torch.Tensor):          # add_*: (x, residual, shape, ...)
+        normalized_shape, args = (args[0] if args else kwargs.get("normalized_shape")), args[1:]
     n = math.prod(_as_shape(normalized_shape)) if normalized_shape is not None else x.shape[-1]
-    return {"device": x.device.type, "dtype": str(x.dtype).replace("torch.", ""), "N": n,
-            "M": x.numel() // n if n else 0}
+    params = [p for p in list(args[:2]) + [kwargs.get("weight"), kwargs.get("bias")] if isinstance(p, torch.Tensor)]
+    return {"device": x.device.type, "dtype": _dtype_name(x), "N": n, "M": x.numel() // n if n else 0,
+            "param_dtypes": sorted({_dtype_name(p) for p in params} - {_dtype_name(x)})}
+
+
+def _kernel_reasons(f: dict, backend: str, dtypes) -> List[str]:
+    out = []
+    if f["dtype"] not in dtypes:
+        out.append(f"{backend} kernels take {', '.join(dtypes)}, got {f['dtype']}")
+    if f.get("param_dtypes"):
+        out.append(f"{backend} kernels need weight/bias in the input's dtype {f['dtype']}, got "
+                   f"{', '.join(f['param_dtypes'])} (mixed precision runs on torch's native op)")
+    return out
 
 
 def _cpu_reasons(f: dict) -> List[str]:
-    if f["dtype"] not in ("float32", "float64"):
-        return [f"cpu kernels take float32 or float64, got {f['dtype']}"]
-    return []
+    return _kernel_reasons(f, "cpu", ("float32", "float64"))
 
 
 def _cuda_reasons(f: dict) -> List[str]:
-    if f["dtype"] not in ("float16", "float32", "float64"):
-        return [f"cuda kernels take float16, float32 or float64, got {f['dtype']}"]
-    return []
+    return _kernel_reasons(f, "cuda", ("float16", "float32", "float64"))
 
 
 def _torch_reasons(f: dict) -> List[str]:
@@ -168,13 +183,14 @@ def _forward(backend, x, r, w, b, m, n, eps, center, want_sum):
             _np(scratch, npd), _np(mean, npd), _np(rstd, npd), m, n, float(eps), center, nt)
     else:
         k = _dispatch.cuda_kernels("layer_norm")
-        from fastseq._cuda._common import as_array, torch_stream
-        dummy = as_array(x.view(-1)[:1]) if x.numel() else None
-        k.forward(as_array(x.view(-1)), as_array(r.view(-1)) if r is not None else dummy,
-                  as_array(w), as_array(b), as_array(y.view(-1)),
-                  as_array(s.view(-1)) if s is not None else dummy,
-                  as_array(mean), as_array(rstd), m, n, float(eps), center, r is not None, want_sum,
-                  stream=torch_stream())
+        from fastseq._cuda._common import as_array, on_device, torch_stream
+        with on_device(x.device):
+            dummy = as_array(w)                     # stands in for absent r / s (flags off)
+            k.forward(as_array(x.view(-1)), as_array(r.view(-1)) if r is not None else dummy,
+                      as_array(w), as_array(b), as_array(y.view(-1)),
+                      as_array(s.view(-1)) if s is not None else dummy,
+                      as_array(mean), as_array(rstd), m, n, float(eps), center, r is not None, want_sum,
+                      stream=torch_stream())
     return y, s, mean, rstd
 
 
@@ -194,14 +210,17 @@ def _backward(backend, x, r, dy, ds, w, mean, rstd, m, n, center, want_dw, want_
             _np(db, npd), m, n, center, nt)
     else:
         k = _dispatch.cuda_kernels("layer_norm")
-        from fastseq._cuda._common import as_array, torch_stream
-        dummy = as_array(x.view(-1)[:1]) if x.numel() else as_array(w)
-        k.backward(as_array(x.view(-1)), as_array(r.view(-1)) if r is not None else dummy,
-                   as_array(dy.view(-1)), as_array(ds.view(-1)) if ds is not None else dummy,
-                   as_array(w), as_array(mean), as_array(rstd), as_array(dx.view(-1)),
-                   as_array(dw) if dw is not None else as_array(w),
-                   as_array(db) if db is not None else as_array(w),
-                   m, n, center, r is not None, ds is not None, want_dw, want_db, stream=torch_stream())
+        from fastseq._cuda._common import as_array, on_device, torch_stream
+        chunks = k.partial_chunks(m)[1]
+        part = torch.empty(2, chunks * n, dtype=_stat_dtype(x), device=x.device)
+        with on_device(x.device):
+            dummy = as_array(w)                     # stands in for absent r / ds / dw / db (flags off)
+            k.backward(as_array(x.view(-1)), as_array(r.view(-1)) if r is not None else dummy,
+                       as_array(dy.view(-1)), as_array(ds.view(-1)) if ds is not None else dummy,
+                       as_array(w), as_array(mean), as_array(rstd), as_array(dx.view(-1)),
+                       as_array(dw) if dw is not None else dummy, as_array(db) if db is not None else dummy,
+                       as_array(part[0]), as_array(part[1]), m, n, center, r is not None, ds is not None,
+                       want_dw, want_db, stream=torch_stream())
     return dx, dw, db
 
 
@@ -213,6 +232,8 @@ class LayerNormFunction(torch.autograd.Function):
     Returns y, or (y, x + residual) when return_sum.  Saves per-row mean/rstd and the normalized
     input: x (or x and residual, rebuilding the sum in backward, when the sum is not returned;
     the returned sum itself when it is).  Backward runs on the backend that ran forward.
+    A backward under create_graph (double backward) differentiates the reference instead, so
+    higher-order gradients are right rather than fast.
     """
 
     @staticmethod
@@ -222,44 +243,67 @@ class LayerNormFunction(torch.autograd.Function):
         rc = residual.contiguous() if residual is not None else None
         w, b = _affine(weight, bias, n, x)
         y, s, mean, rstd = _forward(backend, xc, rc, w, b, m, n, eps, center, return_sum)
+        # the inputs themselves (not contiguous copies), so a double backward stays connected
         if return_sum:
-            ctx.save_for_backward(s, None, w, mean, rstd)
+            ctx.save_for_backward(s, None, weight, bias, mean, rstd)
         else:
-            ctx.save_for_backward(xc, rc, w, mean, rstd)
-        ctx.meta = (backend, m, n, tuple(normalized_shape), center, weight is not None, bias is not None,
-                    residual is not None)
+            ctx.save_for_backward(x, residual, weight, bias, mean, rstd)
+        ctx.meta = (backend, m, n, tuple(normalized_shape), eps, center, residual is not None)
         ctx.set_materialize_grads(False)
         return (y, s) if return_sum else y
 
     @staticmethod
     def backward(ctx, dy, ds=None):
-        backend, m, n, shape, center, has_w, has_b, has_r = ctx.meta
-        v, r, w, mean, rstd = ctx.saved_tensors
+        backend, m, n, shape, eps, center, has_r = ctx.meta
+        v, r, weight, bias, mean, rstd = ctx.saved_tensors
         if dy is None and ds is None:
             return (None,) * 9
+        if torch.is_grad_enabled():                 # create_graph=True
+            return _double_differentiable_backward(ctx, v, r, weight, bias, dy, ds, shape, eps, center, has_r)
         if dy is None:                              # only the returned sum was used downstream
             dx = ds
-            dw = torch.zeros(shape, dtype=w.dtype, device=w.device) if has_w else None
-            db = torch.zeros(shape, dtype=w.dtype, device=w.device) if has_b else None
+            dw = torch.zeros(shape, dtype=v.dtype, device=v.device) if weight is not None else None
+            db = torch.zeros(shape, dtype=v.dtype, device=v.device) if bias is not None else None
         else:
-            dy = dy.contiguous()
-            ds = ds.contiguous() if ds is not None else None
-            dx, dw, db = _backward(backend, v, r, dy, ds, w, mean, rstd, m, n, center,
-                                   has_w and ctx.needs_input_grad[2], has_b and ctx.needs_input_grad[3])
+            w, _ = _affine(weight, None, n, v)
+            dx, dw, db = _backward(backend, v.contiguous(), r.contiguous() if r is not None else None,
+                                   dy.contiguous(), ds.contiguous() if ds is not None else None, w, mean,
+                                   rstd, m, n, center, weight is not None and ctx.needs_input_grad[2],
+                                   bias is not None and ctx.needs_input_grad[3])
+            dx = dx.view(v.shape)
             dw = dw.view(shape) if dw is not None else None
             db = db.view(shape) if db is not None else None
         return dx, (dx if has_r else None), dw, db, None, None, None, None, None
 
 
+def _double_differentiable_backward(ctx, v, r, weight, bias, dy, ds, shape, eps, center, has_r):
+    """First-order gradients as a differentiable graph of torch ops (the reference recomputed)."""
+    s = v if r is None else v + r
+    y = layer_norm_ref(s, shape, weight, bias, eps) if center else rms_norm_ref(s, shape, weight, eps)
+    wants = [(s, True), (weight, weight is not None), (bias, bias is not None)]
+    live = [t for t, ok in wants if ok and t.requires_grad]
+    got = iter(torch.autograd.grad(y, live, dy, create_graph=True, allow_unused=True) if dy is not None
+               else [None] * len(live))
+    ds_total, dw, db = [next(got) if ok and t.requires_grad else None for t, ok in wants]
+    if ds is not None:
+        ds_total = ds if ds_total is None else ds_total + ds
+    return ds_total, (ds_total if has_r else None), dw, db, None, None, None, None, None
+
+
 # ============================================================================ functional
+
+def _torch_native(x, residual, shape, weight, bias, eps, center, return_sum):
+    """The "torch" backend: torch's own ops (they handle autocast and mixed dtypes)."""
+    v = x if residual is None else x + residual
+    y = F.layer_norm(v, shape, weight, bias, eps) if center else F.rms_norm(v, shape, weight, eps)
+    return (y, v) if return_sum else y
+
 
 def _run(op, x, residual, normalized_shape, weight, bias, eps, center, return_sum):
     m, n, shape = _check(op, x, normalized_shape, weight, bias, residual)
-    backend = _dispatch.choose(op, _facts(x, shape))
+    backend = _dispatch.choose(op, _facts(x, shape, weight, bias))
     if backend == "torch":
-        if residual is not None:
-            return add_layer_norm_ref(x, residual, shape, weight, bias, eps, return_sum, rms=not center)
-        return layer_norm_ref(x, shape, weight, bias, eps) if center else rms_norm_ref(x, shape, weight, eps)
+        return _torch_native(x, residual, shape, weight, bias, eps, center, return_sum)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
         return LayerNormFunction.apply(x, residual, weight, bias, shape, eps, center, return_sum, backend)
     n = math.prod(shape)                        # inference: no autograd node, nothing saved
@@ -276,11 +320,15 @@ def layer_norm(input: torch.Tensor, normalized_shape: ShapeLike, weight: Optiona
     Args:
         input: (*, *normalized_shape) floating-point tensor.
         normalized_shape: the trailing dims to normalize over (int or sequence of ints).
-        weight, bias: optional (*normalized_shape) affine parameters, the input's dtype and device.
+        weight, bias: optional (*normalized_shape) affine parameters on the input's device; a dtype
+            other than the input's (mixed precision) runs on torch's native op.
         eps: added to the variance for numerical stability.
     Returns:
         A tensor of the input's shape and dtype:  (x - mean) / sqrt(var + eps) * weight + bias,
         mean and (biased) var taken over normalized_shape.
+    Shapes:
+        input (*, *normalized_shape) -> output (*, *normalized_shape); the input is viewed as
+        (M, N), M = prod(*), N = prod(normalized_shape); weight, bias (*normalized_shape).
     """
     return _run("layer_norm", input, None, normalized_shape, weight, bias, eps, True, False)
 
@@ -296,6 +344,8 @@ def rms_norm(input: torch.Tensor, normalized_shape: ShapeLike, weight: Optional[
         eps: added to mean(x^2); None means torch.finfo(input.dtype).eps (torch's default).
     Returns:
         x / sqrt(mean(x^2) + eps) * weight, the input's shape and dtype.
+    Shapes:
+        input (*, *normalized_shape) -> output of the same shape; weight (*normalized_shape).
     """
     if eps is None and isinstance(input, torch.Tensor) and input.dtype.is_floating_point:
         eps = torch.finfo(input.dtype).eps
@@ -314,6 +364,9 @@ def add_layer_norm(input: torch.Tensor, residual: torch.Tensor, normalized_shape
         return_sum: also return input + residual, for pre-norm residual streams.
     Returns:
         y, or (y, input + residual) when return_sum; both of the input's shape.
+    Shapes:
+        input, residual (*, *normalized_shape) (no broadcasting) -> y (and the sum) of that shape;
+        weight, bias (*normalized_shape).
     """
     return _run("add_layer_norm", input, residual, normalized_shape, weight, bias, eps, True, return_sum)
 

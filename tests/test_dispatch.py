@@ -19,7 +19,7 @@ def test_cpu_tensors_pick_the_cpu_backend():
     assert _dispatch.select("layer_norm", x, (8,)) == "cpu"
     # float16 has no CPU kernel: falls back to the torch reference, and says why
     assert _dispatch.select("layer_norm", x.half(), (8,)) == "torch"
-    assert "cpu kernels take float32 or float64, got float16" in fastseq.explain("layer_norm", x.half(), (8,))
+    assert "cpu kernels take float32, float64, got float16" in fastseq.explain("layer_norm", x.half(), (8,))
 
 
 def test_use_backend_nests_and_restores_on_exception():

@@ -10,9 +10,9 @@ thread count.
 Per row, forward (v = x, or v = x + r for the fused residual, built in a per-thread scratch row
 that stays in L1 unless the caller asks for the sum s):
     mu   = mean(v)                          (0 for RMSNorm)
-    rstd = 1 / sqrt(mean((v - mu)^2) + eps)  (one pass of shifted moments, see row_shifted_moments_)
+    rstd = 1 / sqrt(mean((v - mu)^2) + eps)
     y    = (v - mu) * rstd * w + b
-The row is read from memory once; the second pass over it runs from L1/L2.
+The row is read from memory once; the later passes over it run from L1/L2.
 Memory traffic per element: forward reads x (and r), writes y (and s = x + r if asked);
 backward reads v (or x and r), dy (and ds), writes dx.
 
@@ -33,33 +33,20 @@ cdef inline real* ptr_(real[::1] a) noexcept nogil:
 # these keep LANES independent partial sums, which gcc turns into several vector accumulators.
 # ---------------------------------------------------------------------------------------------
 
-cdef inline void row_shifted_moments_(const real* a, real k, Py_ssize_t n, real* s1, real* s2) noexcept nogil:
-    """s1 = sum(a - k), s2 = sum((a - k)^2) in one pass.
-
-    With k = a[0], var = s2/n - (s1/n)^2 loses little: k is one of the samples, so
-    (mean - k)^2 <= n * var, and the cancellation costs at most ~n ulps of var, never the
-    catastrophic loss of the unshifted sum-of-squares formula when |mean| >> std."""
-    cdef real p1[LANES]
-    cdef real p2[LANES]
-    cdef real a1 = 0, a2 = 0, d
-    cdef Py_ssize_t j, q, nb = n - n % LANES
-    for q in range(LANES):
-        p1[q] = 0
-        p2[q] = 0
-    for j in range(0, nb, 32):
-        for q in range(LANES):
-            d = a[j + q] - k
-            p1[q] = p1[q] + d
-            p2[q] = p2[q] + d * d
+cdef inline real row_sum_(const real* a, Py_ssize_t n) noexcept nogil:
+    cdef real part[LANES]
+    cdef real acc = 0
+    cdef Py_ssize_t j, k, nb = n - n % LANES
+    for k in range(LANES):
+        part[k] = 0
+    for j in range(0, nb, 32):                  # step LANES (a literal for a C loop)
+        for k in range(LANES):
+            part[k] = part[k] + a[j + k]
     for j in range(nb, n):
-        d = a[j] - k
-        a1 = a1 + d
-        a2 = a2 + d * d
-    for q in range(LANES):
-        a1 = a1 + p1[q]
-        a2 = a2 + p2[q]
-    s1[0] = a1
-    s2[0] = a2
+        acc = acc + a[j]
+    for k in range(LANES):
+        acc = acc + part[k]
+    return acc
 
 
 cdef inline real row_sq_dev_(const real* a, real mu, Py_ssize_t n) noexcept nogil:
@@ -126,19 +113,14 @@ cdef void fwd_rows_(const real* x, const real* r, const real* w, const real* b,
     cdef Py_ssize_t i, j
     cdef const real* v
     cdef real* yi
-    cdef real mu, rs, nmr, s1, s2, d1, var
+    cdef real mu, rs, nmr
     for i in range(lo, hi):
         v = row_input_(x + i * n, NULL if r == NULL else r + i * n,
                        scratch if s == NULL else s + i * n, n)
-        if center:
-            row_shifted_moments_(v, v[0], n, &s1, &s2)
-            d1 = s1 / n
-            mu = v[0] + d1
-            var = s2 / n - d1 * d1
-            rs = rsqrt_((var if var > 0 else 0) + eps)
-        else:
-            mu = 0
-            rs = rsqrt_(row_sq_dev_(v, 0, n) / n + eps)
+        # two passes (exact mean, then centered squares): a one-pass shifted formula loses
+        # ~n ulps of the variance when the shift is an outlier channel, which real models have
+        mu = row_sum_(v, n) / n if center else 0
+        rs = rsqrt_(row_sq_dev_(v, mu, n) / n + eps)
         mean[i] = mu
         rstd[i] = rs
         nmr = -mu * rs                          # y = (v * rs + nmr) * w + b: two FMAs

@@ -16,6 +16,18 @@ def torch_stream():
     return cuda.external_stream(torch.cuda.current_stream().cuda_stream)
 
 
+def on_device(device):
+    """Make `device` current for torch (streams) and for Numba (context) while launching."""
+    import contextlib
+
+    import torch
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.cuda.device(device))
+    stack.enter_context(cuda.gpus[torch.device(device).index or 0])
+    return stack
+
+
 def as_array(t):
     """Zero-copy Numba view of a CUDA torch tensor (through __cuda_array_interface__)."""
     return cuda.as_cuda_array(t.detach(), sync=False)

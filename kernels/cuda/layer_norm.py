@@ -8,11 +8,11 @@ adds in a fixed order, so the result is deterministic.
 Arrays are flat 1-D device arrays (anything with __cuda_array_interface__ or a Numba device
 array); fp16, fp32 and fp64 data, accumulation in fp32 (fp64 for fp64).  Missing affine
 parameters are passed as w = 1, b = 0; missing r / s / ds as any 1-element array with the flag off.
-The launchers never allocate except the small (chunks, N) partial buffer of the backward.
+The launchers never allocate: the caller passes every buffer, the backward's (chunks * N,)
+partial sums included (partial_chunks gives their size).
 """
 import math
 
-import numpy as np
 from numba import cuda
 
 from ._common import MAX_THREADS, accumulator, block_size, make_block_sum
@@ -34,6 +34,7 @@ def _kernels(dtype):
         nt = cuda.blockDim.x
         red = cuda.shared.array(MAX_THREADS, acc)
         base = row * n
+        nf = acc(n)                             # (float32 / int64 would promote to float64)
         if has_r and write_s:                   # s = x + r, rounded to storage, then normalize s
             for j in range(tid, n, nt):
                 s[base + j] = x[base + j] + r[base + j]
@@ -47,7 +48,7 @@ def _kernels(dtype):
                 if add_r:
                     v += acc(r[base + j])
                 part += v
-        mu = block_sum(red, part) / n
+        mu = block_sum(red, part) / nf
         part = acc(0)
         for j in range(tid, n, nt):
             v = acc(src[base + j])
@@ -55,7 +56,7 @@ def _kernels(dtype):
                 v += acc(r[base + j])
             d = v - mu
             part += d * d
-        rs = acc(1.0) / math.sqrt(block_sum(red, part) / n + acc(eps))
+        rs = acc(1.0) / math.sqrt(block_sum(red, part) / nf + acc(eps))
         if tid == 0:
             mean[row] = mu
             rstd[row] = rs
@@ -72,6 +73,7 @@ def _kernels(dtype):
         nt = cuda.blockDim.x
         red = cuda.shared.array(MAX_THREADS, acc)
         base = row * n
+        nf = acc(n)
         mu = acc(mean[row])
         rs = acc(rstd[row])
         sg = acc(0)
@@ -83,8 +85,8 @@ def _kernels(dtype):
             g = acc(dy[base + j]) * acc(w[j])
             sg += g
             sgx += g * ((v - mu) * rs)
-        c1 = block_sum(red, sg) / n if center else acc(0)
-        c2 = block_sum(red, sgx) / n
+        c1 = block_sum(red, sg) / nf if center else acc(0)
+        c2 = block_sum(red, sgx) / nf
         for j in range(tid, n, nt):
             v = acc(x[base + j])
             if has_r:
@@ -132,32 +134,43 @@ def _kernels(dtype):
     return _cache[acc]
 
 
+def _threads(n, threads):
+    t = threads or block_size(n // 4)
+    if t > MAX_THREADS or t & (t - 1):
+        raise ValueError(f"layer_norm cuda: threads must be a power of two <= {MAX_THREADS}, got {t}")
+    return t
+
+
 def forward(x, r, w, b, y, s, mean, rstd, m, n, eps, center, has_r, write_s, stream=0, threads=None):
     """y = norm(x [+ r]) * w + b over m rows of n; mean/rstd (m,) in the accumulator type."""
     if m == 0 or n == 0:
         return
     fwd = _kernels(x.dtype)[0]
-    t = threads or block_size(n // 4)
-    fwd[m, t, stream](x, r, w, b, y, s, mean, rstd, n, eps, bool(center), bool(has_r), bool(write_s))
+    fwd[m, _threads(n, threads), stream](x, r, w, b, y, s, mean, rstd, n, eps, bool(center), bool(has_r),
+                                         bool(write_s))
 
 
-def backward(x, r, dy, ds, w, mean, rstd, dx, dw, db, m, n, center, has_r, has_ds, want_dw, want_db,
-             stream=0, threads=None, rows_per_chunk=None):
-    """Gradients of forward(): dx (m*n,), and dw / db (n,) when want_dw / want_db."""
+def partial_chunks(m):
+    """(rows per chunk, chunks) of the weight-gradient partial sums: ~64 chunks keep a GPU busy.
+    The caller allocates the (chunks * n,) partial buffers in the accumulator type."""
+    rows = max(1, min(256, -(-m // 64)))
+    return rows, max(1, -(-m // rows))
+
+
+def backward(x, r, dy, ds, w, mean, rstd, dx, dw, db, dw_part, db_part, m, n, center, has_r, has_ds,
+             want_dw, want_db, stream=0, threads=None):
+    """Gradients of forward(): dx (m*n,), and dw / db (n,) when want_dw / want_db, through the
+    (chunks * n,) partial buffers sized by partial_chunks(m)."""
     if n == 0:
         return
     _, bwd_dx, bwd_wb, col_sum = _kernels(x.dtype)
     if m > 0:
-        t = threads or block_size(n // 4)
-        bwd_dx[m, t, stream](x, r, dy, ds, w, mean, rstd, dx, n, bool(center), bool(has_r), bool(has_ds))
+        bwd_dx[m, _threads(n, threads), stream](x, r, dy, ds, w, mean, rstd, dx, n, bool(center), bool(has_r),
+                                                bool(has_ds))
     if not (want_dw or want_db):
         return
-    acc_np = np.float64 if str(x.dtype) == "float64" else np.float32
-    rows = rows_per_chunk or max(1, min(256, -(-m // 64)))       # ~64 chunks keep the GPU busy
-    chunks = max(1, -(-m // rows))
-    dw_part = cuda.device_array(chunks * n, dtype=acc_np, stream=stream)
-    db_part = cuda.device_array(chunks * n, dtype=acc_np, stream=stream)
-    tc = threads or 128
+    rows, chunks = partial_chunks(m)
+    tc = 128
     grid = (-(-n // tc), chunks)
     bwd_wb[grid, tc, stream](x, r, dy, mean, rstd, dw_part, db_part, m, n, rows, bool(has_r),
                              bool(want_dw), bool(want_db))

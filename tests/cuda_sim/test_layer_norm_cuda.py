@@ -60,8 +60,10 @@ def test_forward_and_backward_match_reference(dtype, center, residual, write_sum
     d_dy = dev(dy)
     d_dx = nan_dev(m * n, NP[dtype])
     d_dw, d_db = nan_dev(n, NP[dtype]), nan_dev(n, NP[dtype])
-    K.backward(src, src_r, d_dy, d_dy, d_w, d_mean, d_rstd, d_dx, d_dw, d_db, m, n, center,
-               residual and not write_sum, False, True, center, threads=32, rows_per_chunk=2)
+    chunks = K.partial_chunks(m)[1]
+    parts = [nan_dev(chunks * n, NP[acc]) for _ in range(2)]
+    K.backward(src, src_r, d_dy, d_dy, d_w, d_mean, d_rstd, d_dx, d_dw, d_db, *parts, m, n, center,
+               residual and not write_sum, False, True, center, threads=32)
     torch.testing.assert_close(host(d_dx, (m, n)).to(acc), gx, **TOL[dtype])
     torch.testing.assert_close(host(d_dw, (n,)).to(acc), gw, **TOL[dtype])
     if center:
@@ -76,8 +78,8 @@ def test_gradient_at_the_returned_sum_adds_to_dx():
     d_y, d_mean, d_rstd = nan_dev(m * n, np.float32), nan_dev(m, np.float32), nan_dev(m, np.float32)
     K.forward(d_x, d_x, d_w, d_b, d_y, d_x, d_mean, d_rstd, m, n, 1e-5, True, False, False, threads=32)
     d_dx = nan_dev(m * n, np.float32)
-    K.backward(d_x, d_x, dev(dy), dev(ds), d_w, d_mean, d_rstd, d_dx, d_w, d_w, m, n, True, False, True,
-               False, False, threads=32)
+    K.backward(d_x, d_x, dev(dy), dev(ds), d_w, d_mean, d_rstd, d_dx, d_w, d_w, d_w, d_w, m, n, True, False,
+               True, False, False, threads=32)
     xr = x.clone().requires_grad_()
     (gx,) = torch.autograd.grad(torch.nn.functional.layer_norm(xr, (n,), w), xr, dy)
     torch.testing.assert_close(host(d_dx, (m, n)), gx + ds, rtol=1e-4, atol=1e-4)
