@@ -47,6 +47,7 @@ extensions = [
     Extension(
         "fastseq._cpu." + os.path.splitext(os.path.basename(p))[0],
         [p],
+        include_dirs=["kernels/cpu"],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
     )

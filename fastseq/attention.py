@@ -1,0 +1,367 @@
+"""Softmax attention: softmax(Q K^T * scale + mask) V, flash-style.
+
+Read top to bottom: the pure-torch reference (the test oracle), input checks, dispatch facts,
+the kernel calls, the autograd Function, the functional op.  The "torch" backend is torch's own
+F.scaled_dot_product_attention (given an equivalent mask for the keyword extras).
+
+Layout: q (B, Hq, T, D), k (B, Hk, S, D), v (B, Hk, S, Dv) -> o (B, Hq, T, Dv); 3-D inputs
+(B, T, D) are one head; more leading dims fold into B.  Hq = Hk, or Hk divides Hq with
+enable_gqa (grouped-query attention, K and V never repeated).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import _alloc, _blas, _dispatch
+
+Window = Optional[Tuple[int, int]]
+
+
+# ============================================================================ reference
+
+def visible_keys(T: int, S: int, is_causal=False, window: Window = None, key_lengths=None, device=None):
+    """(B or 1, 1, T, S) boolean: which keys each query may see under the structural masks.
+    Causal is top-left aligned (query i sees keys j <= i), as torch; window=(left, right) lets
+    query i see keys i - left <= j <= i + right; key_lengths (B,) hides keys j >= length."""
+    i = torch.arange(T, device=device).view(T, 1)
+    j = torch.arange(S, device=device).view(1, S)
+    keep = torch.ones(T, S, dtype=torch.bool, device=device)
+    if is_causal:
+        keep &= j <= i
+    if window is not None:
+        left, right = window
+        if left is not None and left >= 0:
+            keep &= j >= i - left
+        if right is not None and right >= 0:
+            keep &= j <= i + right
+    keep = keep.view(1, 1, T, S)
+    if key_lengths is not None:
+        keep = keep & (j.view(1, 1, 1, S) < key_lengths.to(device).view(-1, 1, 1, 1))
+    return keep
+
+
+def attention_ref(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
+                  window: Window = None, key_lengths=None):
+    """The math, in the accumulator precision: rows that see no key output 0 (torch's rule)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
+    if enable_gqa and q.shape[-3] != k.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        ka, va = ka.repeat_interleave(rep, -3), va.repeat_interleave(rep, -3)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = qa @ ka.transpose(-2, -1) * scale
+    T, S = q.shape[-2], k.shape[-2]
+    keep = visible_keys(T, S, is_causal, window, key_lengths, q.device)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            keep = keep & attn_mask
+        else:
+            s = s + attn_mask.to(acc)
+    s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, -1)
+    p = torch.where(torch.isnan(p) & ~torch.isnan(s), torch.zeros_like(p), p)   # all -inf rows -> 0
+    return (p @ va).to(q.dtype)
+
+
+# ============================================================================ input checks
+
+def _fold(t: torch.Tensor) -> torch.Tensor:
+    """(..., H, L, E) -> (B, H, L, E); (L, E) -> (1, 1, L, E); (B, L, E) -> (B, 1, L, E)."""
+    if t.dim() == 2:
+        return t.view(1, 1, *t.shape)
+    if t.dim() == 3:
+        return t.unsqueeze(1)
+    return t.reshape(-1, *t.shape[-3:]) if t.dim() > 4 else t
+
+
+def _check(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, key_lengths):
+    op = "scaled_dot_product_attention"
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{op}: expected floating-point {name}, got {t.dtype}")
+        if t.dim() < 2:
+            raise ValueError(f"{op}: expected {name} with at least 2 dims (..., L, E), got {t.dim()}D")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"{op}: expected query, key and value of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{op}: expected query, key and value on one device, got {q.device}, {k.device}, {v.device}")
+    if not (q.dim() == k.dim() == v.dim()):
+        raise ValueError(f"{op}: expected query, key and value of one rank, got {q.dim()}D, {k.dim()}D, {v.dim()}D")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{op}: query and key head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"{op}: key and value lengths differ: {k.shape[-2]} vs {v.shape[-2]}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"{op}: key {list(k.shape)} and value {list(v.shape)} differ before the last dim")
+    if q.shape[:-3] != k.shape[:-3]:
+        raise ValueError(f"{op}: batch dims of query {list(q.shape[:-3])} and key {list(k.shape[:-3])} differ")
+    if q.dim() >= 3:
+        hq, hk = (q.shape[-3], k.shape[-3]) if q.dim() >= 4 else (1, 1)
+        if q.dim() == 3 and q.shape[0] != k.shape[0]:
+            raise ValueError(f"{op}: batch of query ({q.shape[0]}) and key ({k.shape[0]}) differ")
+        if hq != hk:
+            if not enable_gqa:
+                raise ValueError(f"{op}: query has {hq} heads and key {hk}; pass enable_gqa=True for "
+                                 "grouped-query attention")
+            if hq % hk:
+                raise ValueError(f"{op}: enable_gqa needs key heads ({hk}) to divide query heads ({hq})")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise ValueError(f"{op}: expected attn_mask to be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+            raise ValueError(f"{op}: expected attn_mask of dtype torch.bool or {q.dtype} (the query's), "
+                             f"got {attn_mask.dtype}")
+        target = q.shape[:-1] + (k.shape[-2],)
+        try:
+            torch.broadcast_shapes(attn_mask.shape, target)
+        except RuntimeError:
+            raise ValueError(f"{op}: attn_mask of shape {list(attn_mask.shape)} does not broadcast to "
+                             f"{list(target)} (query's (..., L) and key length S)") from None
+        if torch.broadcast_shapes(attn_mask.shape, target) != target:
+            raise ValueError(f"{op}: attn_mask of shape {list(attn_mask.shape)} would broadcast the output "
+                             f"beyond {list(target)}")
+        if is_causal:
+            raise ValueError(f"{op}: pass either attn_mask or is_causal=True, not both (torch's rule)")
+    if window is not None:
+        if not (isinstance(window, (tuple, list)) and len(window) == 2):
+            raise ValueError(f"{op}: window must be (left, right) (None or -1: unbounded), got {window!r}")
+    if key_lengths is not None:
+        if not isinstance(key_lengths, torch.Tensor) or key_lengths.dtype.is_floating_point or key_lengths.dim() != 1:
+            raise ValueError(f"{op}: key_lengths must be a 1-D integer tensor (B,), got "
+                             f"{getattr(key_lengths, 'dtype', type(key_lengths).__name__)} "
+                             f"of shape {list(getattr(key_lengths, 'shape', []))}")
+        b = _fold(q).shape[0]
+        if key_lengths.shape[0] != b:
+            raise ValueError(f"{op}: key_lengths has {key_lengths.shape[0]} entries for a batch of {b}")
+        if key_lengths.numel() and (key_lengths.min() < 0 or key_lengths.max() > k.shape[-2]):
+            raise ValueError(f"{op}: key_lengths must lie in [0, {k.shape[-2]}], got "
+                             f"[{int(key_lengths.min())}, {int(key_lengths.max())}]")
+
+
+def _bounds(is_causal: bool, window: Window, S: int) -> Tuple[int, int]:
+    """(left, right) visible-key bounds per query; S + 1 means unbounded."""
+    left = right = S + 1
+    if window is not None:
+        if window[0] is not None and window[0] >= 0:
+            left = min(left, int(window[0]))
+        if window[1] is not None and window[1] >= 0:
+            right = min(right, int(window[1]))
+    if is_causal:
+        right = 0
+    return left, right
+
+
+# ============================================================================ dispatch
+
+def _facts(q, k=None, v=None, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+           enable_gqa=False, window=None, key_lengths=None) -> dict:
+    return {"device": q.device.type, "dtype": str(q.dtype).replace("torch.", ""),
+            "dropout": float(dropout_p) > 0,
+            "mask_needs_grad": bool(attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()),
+            "T": q.shape[-2], "S": k.shape[-2] if k is not None else None}
+
+
+def _cpu_reasons(f: dict) -> List[str]:
+    out = []
+    if f["dtype"] not in ("float32", "float64"):
+        out.append(f"cpu attention takes float32 or float64, got {f['dtype']}")
+    if f["dropout"]:
+        out.append("cpu attention has no dropout yet (torch's SDPA applies it)")
+    if f["mask_needs_grad"]:
+        out.append("a flash kernel never forms the T x S scores, so it gives no gradient for a float "
+                   "attn_mask that requires grad")
+    return out
+
+
+def _torch_reasons(f: dict) -> List[str]:
+    return []
+
+
+_dispatch.register_op("scaled_dot_product_attention", _facts, cpu=_cpu_reasons, torch=_torch_reasons)
+
+
+# ============================================================================ kernel calls
+
+_NP = {torch.float32: np.float32, torch.float64: np.float64}
+_EMPTY_U8 = np.empty(0, np.uint8)
+_EMPTY_I64 = np.empty(0, np.int64)
+
+
+def _np(t, dtype):
+    if t is None:
+        return np.empty(0, dtype)
+    return t.detach().numpy().reshape(-1)
+
+
+def _cpu():
+    k = _dispatch.cpu_kernels("attention")
+    if not getattr(k, "_fastseq_blas", False):
+        _blas.install(k)
+        k._fastseq_blas = True
+    return k
+
+
+def _mask_view(mask, shape4):
+    """The mask broadcast to (B, H, T, S) without copying: a flat view of its storage span and the
+    four element strides (0 along broadcast dims)."""
+    m = torch.broadcast_to(mask, shape4)
+    strides = m.stride()
+    span = 1 + sum((n - 1) * st for n, st in zip(m.shape, strides) if n > 0)
+    flat = torch.as_strided(m, (span,), (1,), m.storage_offset())
+    return flat, strides
+
+
+class _Call:
+    """Everything the kernels need, from the folded 4-D inputs."""
+
+    def __init__(self, q, k, v, attn_mask, is_causal, scale, window, key_lengths):
+        self.B, self.Hq, self.T, self.D = q.shape
+        self.Hk, self.S, self.Dv = k.shape[1], k.shape[2], v.shape[3]
+        self.scale = 1 / math.sqrt(self.D) if scale is None else float(scale)
+        self.left, self.right = _bounds(is_causal, window, self.S)
+        self.add = self.keep = None
+        self.strides = (0, 0, 0, 0)
+        if attn_mask is not None:
+            flat, self.strides = _mask_view(attn_mask.detach(), (self.B, self.Hq, self.T, self.S))
+            if flat.dtype == torch.bool:
+                self.keep = flat.view(torch.uint8)
+            else:
+                self.add = flat
+        self.key_lengths = key_lengths.to(torch.int64).contiguous() if key_lengths is not None else None
+
+    def common(self, npd):
+        return ((_np(self.add, npd), self.keep.numpy() if self.keep is not None else _EMPTY_U8,
+                 self.key_lengths.numpy() if self.key_lengths is not None else _EMPTY_I64,
+                 self.B, self.Hq, self.Hk, self.T, self.S, self.D, self.Dv, self.scale, self.left, self.right)
+                + tuple(self.strides))
+
+
+def _forward(c: _Call, q, k, v):
+    kern = _cpu()
+    npd = _NP[q.dtype]
+    nt = _dispatch.num_threads()
+    o = _alloc.empty((c.B, c.Hq, c.T, c.Dv), q.dtype, q.device)
+    lse = _alloc.empty((c.B, c.Hq, c.T), q.dtype, q.device)
+    work = torch.empty(nt * kern.work_size(c.D, c.Dv, False), dtype=q.dtype)
+    kern.forward(_np(q, npd), _np(k, npd), _np(v, npd), _np(o, npd), _np(lse, npd), *c.common(npd),
+                 _np(work, npd), nt)
+    return o, lse
+
+
+def _backward(c: _Call, q, k, v, o, do, lse):
+    kern = _cpu()
+    npd = _NP[q.dtype]
+    nt = _dispatch.num_threads()
+    dq, dk, dv = _alloc.empty_like(q), _alloc.empty_like(k), _alloc.empty_like(v)
+    delta = torch.empty(c.B * c.Hq * c.T, dtype=q.dtype)
+    dq_part = torch.empty(nt * q.numel(), dtype=q.dtype)
+    work = torch.empty(nt * kern.work_size(c.D, c.Dv, True), dtype=q.dtype)
+    args = [_np(t, npd) for t in (q, k, v, o, do, lse, delta, dq, dk, dv, dq_part)]
+    kern.backward(*args, *c.common(npd), _np(work, npd), nt)
+    return dq, dk, dv
+
+
+# ============================================================================ autograd
+
+class AttentionFunction(torch.autograd.Function):
+    """o = softmax(q k^T scale + mask) v on 4-D contiguous inputs.  Saves q, k, v, o and the
+    per-row logsumexp; backward recomputes probabilities tile by tile from them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn_mask, key_lengths, is_causal, scale, window, backend):
+        c = _Call(q, k, v, attn_mask, is_causal, scale, window, key_lengths)
+        o, lse = _forward(c, q, k, v)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.call = c
+        ctx.backend = backend
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        if torch.is_grad_enabled():
+            raise RuntimeError("scaled_dot_product_attention: double backward through the fused kernel is "
+                               "not supported; use fastseq.use_backend('torch') for higher-order gradients")
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(ctx.call, q, k, v, o, do.contiguous(), lse)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+# ============================================================================ functional
+
+def _fold_mask(attn_mask, query, key):
+    """attn_mask as a (B, Hq, T, S)-broadcastable 4-D view matching _fold(query) (a copy only
+    when more than two leading dims must merge)."""
+    if attn_mask is None:
+        return None
+    return _fold(torch.broadcast_to(attn_mask, query.shape[:-1] + (key.shape[-2],)))
+
+
+def _torch_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, key_lengths):
+    """The "torch" backend: torch's SDPA, with window / key_lengths turned into a mask."""
+    if window is None and key_lengths is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale=scale,
+                                              enable_gqa=enable_gqa)
+    qf, kf, vf = _fold(q), _fold(k), _fold(v)
+    keep = visible_keys(q.shape[-2], k.shape[-2], is_causal, window, key_lengths, q.device)
+    mask = _fold_mask(attn_mask, q, k)
+    if mask is None:
+        mask = keep
+    elif mask.dtype == torch.bool:
+        mask = mask & keep
+    else:
+        mask = mask.masked_fill(~keep, float("-inf"))
+    out = F.scaled_dot_product_attention(qf, kf, vf, mask, dropout_p, False, scale=scale, enable_gqa=enable_gqa)
+    # a row with no visible key: torch's flash kernel gives 0, its math path NaN; fastseq gives 0
+    if mask.dtype == torch.bool:
+        out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    return out.reshape(q.shape[:-1] + (v.shape[-1],))
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False, *, window: Window = None,
+                                 key_lengths: Optional[torch.Tensor] = None):
+    """softmax(query key^T * scale + mask) value, as torch.nn.functional.scaled_dot_product_attention.
+
+    Flash-style on the CPU: memory grows linearly with the sequence length (the T x S scores are
+    never formed), and key tiles a mask hides are skipped, so causal costs about half and a
+    sliding window is linear in T.
+
+    Args:
+        query: (..., Hq, T, D); key: (..., Hk, S, D); value: (..., Hk, S, Dv).
+        attn_mask: bool (True = attend) or float (added to the scores), broadcastable to
+            (..., Hq, T, S); read in place, never expanded.
+        dropout_p: dropout on the attention probabilities (runs on torch's SDPA for now).
+        is_causal: query i sees keys j <= i (top-left aligned, as torch); not with attn_mask.
+        scale: defaults to 1 / sqrt(D).
+        enable_gqa: allow Hk to divide Hq (grouped / multi-query attention).
+        window: keyword extra, (left, right): query i sees keys i - left <= j <= i + right
+            (None or -1 for an unbounded side); with is_causal, right is 0.
+        key_lengths: keyword extra, (B,) integer tensor: keys j >= key_lengths[b] are padding.
+    Returns:
+        (..., Hq, T, Dv), the query's dtype.  A query that sees no key gets 0 (and zero gradient).
+    Shapes:
+        3-D inputs (B, T, D) are one head; leading dims beyond (B, H) fold into the batch.
+    """
+    _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, key_lengths)
+    backend = _dispatch.choose("scaled_dot_product_attention",
+                               _facts(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                      window, key_lengths))
+    if backend == "torch":
+        return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, key_lengths)
+    q, k, v = (_fold(t).contiguous() for t in (query, key, value))
+    mask = _fold_mask(attn_mask, query, key)
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        o = AttentionFunction.apply(q, k, v, mask, key_lengths, is_causal, scale, window, backend)
+    else:
+        c = _Call(q, k, v, mask, is_causal, scale, window, key_lengths)
+        o, _ = _forward(c, q, k, v)
+    return o.view(query.shape[:-1] + (value.shape[-1],))

@@ -1,0 +1,382 @@
+# cython: language_level=3
+"""Flash-style softmax attention on the CPU: forward and backward.
+
+Shapes (all contiguous, flat):  q (B, Hq, T, D), k (B, Hk, S, D), v (B, Hk, S, Dv),
+o (B, Hq, T, Dv), lse (B, Hq, T).  Query head h reads key/value head h // (Hq / Hk) (grouped /
+multi-query attention without repeating K and V).
+
+Forward, per (batch, head, tile of BQ queries), one OpenMP work unit each:
+    for each tile of BK keys that some query of the tile may see:
+        Sc  = scale * Q_t K_t^T                          (BLAS, BQ x BK, stays in L2)
+        Sc += mask;  Sc = -inf outside each row's key range (causal, window, key length)
+        online softmax: m' = max(m, rowmax Sc); P = exp(Sc - m'); l = l e^(m - m') + rowsum P
+        acc = acc e^(m - m') + P V_t                     (BLAS)
+    o = acc / l;  lse = m + log l                        (+inf for a row with no visible key)
+The T x S score matrix never exists: memory is O(T) plus a per-thread tile.  Key tiles no query
+of the tile can see (above the causal diagonal, outside the window, past the key length) are
+never computed, so causal attention costs half and windowed attention is linear in T.
+
+Backward recomputes P = exp(scale Q K^T + mask - lse) tile by tile, parallel over
+(batch, key/value head, tile of BK keys), so each thread owns its dK, dV rows (race-free):
+    dV  += P^T dO
+    dP   = dO V^T
+    dS   = P o (dP - Delta),   Delta = rowsum(dO o O)     (d softmax, since sum_j P_ij dP_ij = Delta_i)
+    dQ  += scale dS K          (into the thread's own dQ partial; partials summed in thread order)
+    dK  += scale dS^T Q
+Five GEMMs per tile pair, as flash-attention 2.  A row with no visible key has lse = +inf,
+P = 0 and zero gradients, and outputs 0 (torch's convention).
+
+The kernels never allocate: per-thread workspaces come from the caller (work_size()).
+"""
+from cython.parallel cimport prange
+from libc.stdint cimport int64_t
+from libc.math cimport INFINITY, log, exp
+
+from _common cimport real, chunk_
+
+include "_blas.pxi"
+
+cdef extern from "_fastmath.h" nogil:
+    float fs_expf(float x)
+
+cdef enum:
+    BQ = 64       # queries per tile
+    BK = 256      # keys per tile
+
+
+cdef extern from "omp.h" nogil:
+    int omp_get_thread_num()
+
+
+cdef inline real exp_(real x) noexcept nogil:
+    if real is float:
+        return fs_expf(x)
+    else:
+        return exp(x)
+
+
+cdef inline real* ptr_(real[::1] a) noexcept nogil:
+    return &a[0] if a.shape[0] > 0 else NULL
+
+
+def tile_sizes():
+    return BQ, BK
+
+
+def work_size(Py_ssize_t d, Py_ssize_t dv, bint backward):
+    """Elements of per-thread workspace forward / backward need."""
+    if backward:
+        return 2 * BQ * BK + BK * d + BK * dv + BQ
+    return BQ * BK + BQ * dv + 2 * BQ
+
+
+# ---------------------------------------------------------------------------------------------
+# masks
+# ---------------------------------------------------------------------------------------------
+
+cdef struct Mask:
+    Py_ssize_t left, right          # row i sees keys [i - left, i + right]  (>= S: unbounded)
+    const int64_t* key_len          # (B,) valid keys per batch, or NULL
+    const void* add                 # additive mask (the data's type), or NULL
+    const unsigned char* keep       # boolean mask (1 = attend), or NULL
+    Py_ssize_t s0, s1, s2, s3       # element strides of the mask over (B, H, T, S); 0 = broadcast
+
+
+cdef inline Py_ssize_t row_lo_(Mask* mk, Py_ssize_t i) noexcept nogil:
+    return 0 if i - mk.left < 0 else i - mk.left
+
+
+cdef inline Py_ssize_t row_hi_(Mask* mk, Py_ssize_t i, Py_ssize_t klen) noexcept nogil:
+    cdef Py_ssize_t h = i + mk.right + 1
+    return klen if h > klen else h
+
+
+cdef inline Py_ssize_t key_len_(Mask* mk, Py_ssize_t b, Py_ssize_t s) noexcept nogil:
+    cdef Py_ssize_t n
+    if mk.key_len == NULL:
+        return s
+    n = mk.key_len[b]
+    return s if n > s else (0 if n < 0 else n)
+
+
+cdef void apply_mask_(Mask* mk, real* sc, Py_ssize_t ldsc, Py_ssize_t b, Py_ssize_t h,
+                      Py_ssize_t i0, Py_ssize_t nq, Py_ssize_t j0, Py_ssize_t nk, Py_ssize_t klen) noexcept nogil:
+    """Add / apply the mask tensor, then -inf outside each row's visible key range."""
+    cdef Py_ssize_t r, j, lo, hi, i
+    cdef real* row
+    cdef const real* ma
+    cdef const unsigned char* mb
+    for r in range(nq):
+        i = i0 + r
+        row = sc + r * ldsc
+        if mk.add != NULL:
+            ma = (<const real*> mk.add) + b * mk.s0 + h * mk.s1 + i * mk.s2 + j0 * mk.s3
+            if mk.s3 == 1:
+                for j in range(nk):
+                    row[j] = row[j] + ma[j]
+            else:
+                for j in range(nk):
+                    row[j] = row[j] + ma[j * mk.s3]
+        if mk.keep != NULL:
+            mb = mk.keep + b * mk.s0 + h * mk.s1 + i * mk.s2 + j0 * mk.s3
+            for j in range(nk):
+                if not mb[j * mk.s3]:
+                    row[j] = -INFINITY
+        lo = row_lo_(mk, i) - j0
+        hi = row_hi_(mk, i, klen) - j0
+        for j in range(0 if lo < 0 else (nk if lo > nk else lo)):
+            row[j] = -INFINITY
+        for j in range(0 if hi < 0 else hi, nk):
+            row[j] = -INFINITY
+
+
+cdef inline bint tile_is_plain_(Mask* mk, Py_ssize_t i0, Py_ssize_t i1, Py_ssize_t j0, Py_ssize_t j1,
+                                Py_ssize_t klen) noexcept nogil:
+    """True when every query of [i0, i1) sees every key of [j0, j1) and no mask tensor applies."""
+    if mk.add != NULL or mk.keep != NULL:
+        return False
+    return j0 >= row_lo_(mk, i1 - 1) and j1 <= row_hi_(mk, i0, klen)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------------------------
+
+cdef void fwd_unit_(const real* q, const real* k, const real* v, real* o, real* lse, Mask* mk,
+                    Py_ssize_t b, Py_ssize_t h, Py_ssize_t i0, Py_ssize_t Hq, Py_ssize_t Hk,
+                    Py_ssize_t T, Py_ssize_t S, Py_ssize_t D, Py_ssize_t Dv, real scale,
+                    real* work) noexcept nogil:
+    cdef Py_ssize_t i1 = T if i0 + BQ > T else i0 + BQ
+    cdef Py_ssize_t nq = i1 - i0, hk = h // (Hq // Hk), klen = key_len_(mk, b, S)
+    cdef const real* qt = q + ((b * Hq + h) * T + i0) * D
+    cdef const real* kb = k + (b * Hk + hk) * S * D
+    cdef const real* vb = v + (b * Hk + hk) * S * Dv
+    cdef real* sc = work                     # (BQ, BK)
+    cdef real* acc = work + BQ * BK          # (BQ, Dv)
+    cdef real* m = acc + BQ * Dv             # (BQ,)
+    cdef real* l = m + BQ                    # (BQ,)
+    cdef Py_ssize_t r, j, c, j0, j1, nk, jlo, jhi
+    cdef real mx, mnew, alpha, s, x
+    cdef real* row
+    for r in range(nq):
+        m[r] = -INFINITY
+        l[r] = 0
+        for c in range(Dv):
+            acc[r * Dv + c] = 0
+    jlo = row_lo_(mk, i0)
+    jhi = row_hi_(mk, i1 - 1, klen)
+    j0 = jlo
+    while j0 < jhi:
+        j1 = jhi if j0 + BK > jhi else j0 + BK
+        nk = j1 - j0
+        gemm_rm(False, True, <int> nq, <int> nk, <int> D, scale, qt, <int> D, kb + j0 * D, <int> D,
+                0, sc, BK)
+        if not tile_is_plain_(mk, i0, i1, j0, j1, klen):
+            apply_mask_(mk, sc, BK, b, h, i0, nq, j0, nk, klen)
+        for r in range(nq):
+            row = sc + r * BK
+            mx = -INFINITY
+            for j in range(nk):
+                x = row[j]
+                mx = x if x > mx else mx
+            mnew = mx if mx > m[r] else m[r]
+            if mnew == -INFINITY:            # nothing visible in this row yet
+                for j in range(nk):
+                    row[j] = 0
+                continue
+            alpha = exp_(m[r] - mnew)
+            s = 0
+            for j in range(nk):
+                x = exp_(row[j] - mnew)
+                row[j] = x
+                s = s + x
+            l[r] = l[r] * alpha + s
+            m[r] = mnew
+            if alpha != 1:
+                for c in range(Dv):
+                    acc[r * Dv + c] = acc[r * Dv + c] * alpha
+        gemm_rm(False, False, <int> nq, <int> Dv, <int> nk, 1, sc, BK, vb + j0 * Dv, <int> Dv, 1, acc, <int> Dv)
+        j0 = j1
+    for r in range(nq):
+        row = o + ((b * Hq + h) * T + i0 + r) * Dv
+        if l[r] > 0:
+            s = 1 / l[r]
+            for c in range(Dv):
+                row[c] = acc[r * Dv + c] * s
+            lse[(b * Hq + h) * T + i0 + r] = m[r] + log(l[r])
+        else:                               # no visible key (or NaN): torch gives 0
+            for c in range(Dv):
+                row[c] = acc[r * Dv + c] if l[r] != l[r] else 0
+            lse[(b * Hq + h) * T + i0 + r] = l[r] if l[r] != l[r] else INFINITY
+
+
+def forward(real[::1] q, real[::1] k, real[::1] v, real[::1] o, real[::1] lse,
+            real[::1] mask_add, const unsigned char[::1] mask_keep, const int64_t[::1] key_len,
+            Py_ssize_t B, Py_ssize_t Hq, Py_ssize_t Hk, Py_ssize_t T, Py_ssize_t S, Py_ssize_t D,
+            Py_ssize_t Dv, double scale, Py_ssize_t left, Py_ssize_t right,
+            Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t s2, Py_ssize_t s3,
+            real[::1] work, int num_threads):
+    """o, lse = attention(q, k, v).  mask_add / mask_keep / key_len: empty when absent; mask
+    strides s0..s3 over (B, Hq, T, S).  left / right: visible key window per query (>= S for
+    none; causal is right = 0).  work: (num_threads * work_size(D, Dv, False),)."""
+    cdef Mask mk
+    cdef Py_ssize_t u, b, h, i0, nqt = (T + BQ - 1) // BQ, units = B * Hq * nqt
+    cdef Py_ssize_t ws = work_size(D, Dv, False)
+    cdef int nt = max(1, min(num_threads, units))
+    cdef real* pq = ptr_(q)
+    cdef real* pk = ptr_(k)
+    cdef real* pv = ptr_(v)
+    cdef real* po = ptr_(o)
+    cdef real* plse = ptr_(lse)
+    cdef real* pw = ptr_(work)
+    cdef real sc = <real> scale
+    mk.left, mk.right = min(left, S), min(right, S)
+    mk.key_len = &key_len[0] if key_len.shape[0] > 0 else NULL
+    mk.add = <const void*> ptr_(mask_add)
+    mk.keep = &mask_keep[0] if mask_keep.shape[0] > 0 else NULL
+    mk.s0, mk.s1, mk.s2, mk.s3 = s0, s1, s2, s3
+    if units == 0:
+        return
+    # round-robin units: neighbouring query tiles (unequal under causal masks) go to different threads
+    for u in prange(units, nogil=True, num_threads=nt, schedule="static", chunksize=1):
+        b = u // (Hq * nqt)
+        h = (u // nqt) % Hq
+        i0 = (u % nqt) * BQ
+        fwd_unit_(pq, pk, pv, po, plse, &mk, b, h, i0, Hq, Hk, T, S, D, Dv, sc,
+                  pw + omp_get_thread_num() * ws)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+# ---------------------------------------------------------------------------------------------
+
+cdef void bwd_unit_(const real* q, const real* k, const real* v, const real* do_, const real* lse,
+                    const real* delta, real* dq_part, real* dk, real* dv, Mask* mk,
+                    Py_ssize_t b, Py_ssize_t hk, Py_ssize_t j0, Py_ssize_t Hq, Py_ssize_t Hk,
+                    Py_ssize_t T, Py_ssize_t S, Py_ssize_t D, Py_ssize_t Dv, real scale,
+                    real* work) noexcept nogil:
+    cdef Py_ssize_t j1 = S if j0 + BK > S else j0 + BK
+    cdef Py_ssize_t nk = j1 - j0, group = Hq // Hk, klen = key_len_(mk, b, S)
+    cdef const real* kt = k + ((b * Hk + hk) * S + j0) * D
+    cdef const real* vt = v + ((b * Hk + hk) * S + j0) * Dv
+    cdef real* sc = work                     # (BQ, BK): S, then P, then dS
+    cdef real* dp = sc + BQ * BK             # (BQ, BK)
+    cdef real* dk_acc = dp + BQ * BK         # (BK, D)
+    cdef real* dv_acc = dk_acc + BK * D      # (BK, Dv)
+    cdef Py_ssize_t r, j, c, h, i0, i1, nq, ilo, ihi, row_base
+    cdef real lr, dl
+    cdef real* prow
+    cdef real* dprow
+    for j in range(nk * D):
+        dk_acc[j] = 0
+    for j in range(nk * Dv):
+        dv_acc[j] = 0
+    if j0 < klen:
+        # queries that may see a key of [j0, j1): j >= i - left and j <= i + right
+        ilo = j0 - mk.right
+        ilo = 0 if ilo < 0 else ilo
+        ihi = (j1 - 1) + mk.left + 1
+        ihi = T if ihi > T else ihi
+        ilo = (ilo // BQ) * BQ               # align to the forward's query tiles
+        for h in range(hk * group, (hk + 1) * group):
+            i0 = ilo
+            while i0 < ihi:
+                i1 = T if i0 + BQ > T else i0 + BQ
+                nq = i1 - i0
+                row_base = (b * Hq + h) * T + i0
+                gemm_rm(False, True, <int> nq, <int> nk, <int> D, scale, q + row_base * D, <int> D, kt, <int> D,
+                        0, sc, BK)
+                if not tile_is_plain_(mk, i0, i1, j0, j1, klen):
+                    apply_mask_(mk, sc, BK, b, h, i0, nq, j0, nk, klen)
+                for r in range(nq):                       # P = exp(S - lse)
+                    prow = sc + r * BK
+                    lr = lse[row_base + r]
+                    for j in range(nk):
+                        prow[j] = exp_(prow[j] - lr)
+                # dV += P^T dO
+                gemm_rm(True, False, <int> nk, <int> Dv, <int> nq, 1, sc, BK, do_ + row_base * Dv, <int> Dv,
+                        1, dv_acc, <int> Dv)
+                # dP = dO V^T
+                gemm_rm(False, True, <int> nq, <int> nk, <int> Dv, 1, do_ + row_base * Dv, <int> Dv, vt, <int> Dv,
+                        0, dp, BK)
+                for r in range(nq):                       # dS = P (dP - Delta)
+                    prow = sc + r * BK
+                    dprow = dp + r * BK
+                    dl = delta[row_base + r]
+                    for j in range(nk):
+                        prow[j] = prow[j] * (dprow[j] - dl)
+                # dQ += scale dS K ;  dK += scale dS^T Q
+                gemm_rm(False, False, <int> nq, <int> D, <int> nk, scale, sc, BK, kt, <int> D,
+                        1, dq_part + row_base * D, <int> D)
+                gemm_rm(True, False, <int> nk, <int> D, <int> nq, scale, sc, BK, q + row_base * D, <int> D,
+                        1, dk_acc, <int> D)
+                i0 = i1
+    for j in range(nk * D):
+        dk[((b * Hk + hk) * S + j0) * D + j] = dk_acc[j]
+    for j in range(nk * Dv):
+        dv[((b * Hk + hk) * S + j0) * Dv + j] = dv_acc[j]
+
+
+def backward(real[::1] q, real[::1] k, real[::1] v, real[::1] o, real[::1] do_, real[::1] lse,
+             real[::1] delta, real[::1] dq, real[::1] dk, real[::1] dv, real[::1] dq_part,
+             real[::1] mask_add, const unsigned char[::1] mask_keep, const int64_t[::1] key_len,
+             Py_ssize_t B, Py_ssize_t Hq, Py_ssize_t Hk, Py_ssize_t T, Py_ssize_t S, Py_ssize_t D,
+             Py_ssize_t Dv, double scale, Py_ssize_t left, Py_ssize_t right,
+             Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t s2, Py_ssize_t s3,
+             real[::1] work, int num_threads):
+    """dq, dk, dv of forward().  delta: (B*Hq*T,) scratch; dq_part: (num_threads * B*Hq*T*D,)
+    per-thread dQ partials; work: (num_threads * work_size(D, Dv, True),)."""
+    cdef Mask mk
+    cdef Py_ssize_t u, b, hk, j0, r, c, t, lo, hi, nkt = (S + BK - 1) // BK, units = B * Hk * nkt
+    cdef Py_ssize_t rows = B * Hq * T, nq_el = rows * D, ws = work_size(D, Dv, True)
+    cdef int nt = max(1, min(num_threads, max(units, 1)))
+    cdef real* pq = ptr_(q)
+    cdef real* pk = ptr_(k)
+    cdef real* pv = ptr_(v)
+    cdef real* po = ptr_(o)
+    cdef real* pdo = ptr_(do_)
+    cdef real* plse = ptr_(lse)
+    cdef real* pdelta = ptr_(delta)
+    cdef real* pdq = ptr_(dq)
+    cdef real* pdk = ptr_(dk)
+    cdef real* pdv = ptr_(dv)
+    cdef real* ppart = ptr_(dq_part)
+    cdef real* pw = ptr_(work)
+    cdef real sc = <real> scale, acc
+    mk.left, mk.right = min(left, S), min(right, S)
+    mk.key_len = &key_len[0] if key_len.shape[0] > 0 else NULL
+    mk.add = <const void*> ptr_(mask_add)
+    mk.keep = &mask_keep[0] if mask_keep.shape[0] > 0 else NULL
+    mk.s0, mk.s1, mk.s2, mk.s3 = s0, s1, s2, s3
+    if rows == 0:
+        for u in range(B * Hk * S * D):
+            pdk[u] = 0
+        for u in range(B * Hk * S * Dv):
+            pdv[u] = 0
+        return
+    # Delta = rowsum(dO o O); zero the dQ partials
+    for t in prange(nt, nogil=True, num_threads=nt, schedule="static", chunksize=1):
+        lo, hi = chunk_(rows, nt, t)
+        for r in range(lo, hi):
+            acc = 0
+            for c in range(Dv):
+                acc = acc + pdo[r * Dv + c] * po[r * Dv + c]
+            pdelta[r] = acc
+        lo, hi = chunk_(nq_el * nt, nt, t)
+        for r in range(lo, hi):
+            ppart[r] = 0
+    if units > 0:
+        for u in prange(units, nogil=True, num_threads=nt, schedule="static", chunksize=1):
+            b = u // (Hk * nkt)
+            hk = (u // nkt) % Hk
+            j0 = (u % nkt) * BK
+            bwd_unit_(pq, pk, pv, pdo, plse, pdelta, ppart + omp_get_thread_num() * nq_el, pdk, pdv, &mk,
+                      b, hk, j0, Hq, Hk, T, S, D, Dv, sc, pw + omp_get_thread_num() * ws)
+    # dQ = sum of the partials, in thread order
+    for t in prange(nt, nogil=True, num_threads=nt, schedule="static", chunksize=1):
+        lo, hi = chunk_(nq_el, nt, t)
+        for r in range(lo, hi):
+            acc = 0
+            for c in range(nt):
+                acc = acc + ppart[c * nq_el + r]
+            pdq[r] = acc
