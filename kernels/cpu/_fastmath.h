@@ -33,4 +33,27 @@ static inline float fs_expf(float x) {
     y = x > 88.7f ? __builtin_inff() : y;
     return x != x ? x : y;
 }
+
+/* max of x[0..n) ignoring NaN (NaN still reaches the output through exp and the row sum);
+ * -inf for n == 0 or an all-NaN row.  Written with AVX intrinsics: gcc will not vectorize a
+ * NaN-aware max without -ffinite-math-only, which would break the -inf of masks. */
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
+static inline float fs_rowmaxf(const float* x, long n) {
+    float m = -__builtin_inff();
+    long j = 0;
+#ifdef __AVX__
+    __m256 m0 = _mm256_set1_ps(-__builtin_inff()), m1 = m0;
+    for (; j + 16 <= n; j += 16) {
+        m0 = _mm256_max_ps(_mm256_loadu_ps(x + j), m0);      /* NaN in x: keeps m0 */
+        m1 = _mm256_max_ps(_mm256_loadu_ps(x + j + 8), m1);
+    }
+    float t[8];
+    _mm256_storeu_ps(t, _mm256_max_ps(m0, m1));
+    for (int i = 0; i < 8; i++) m = t[i] > m ? t[i] : m;
+#endif
+    for (; j < n; j++) m = x[j] > m ? x[j] : m;
+    return m;
+}
 #endif

@@ -38,9 +38,10 @@ include "_blas.pxi"
 
 cdef extern from "_fastmath.h" nogil:
     float fs_expf(float x)
+    float fs_rowmaxf(const float* x, long n)
 
 cdef enum:
-    BQ = 64       # queries per tile
+    BQ = 128       # queries per tile
     BK = 256      # keys per tile
 
 
@@ -53,6 +54,17 @@ cdef inline real exp_(real x) noexcept nogil:
         return fs_expf(x)
     else:
         return exp(x)
+
+
+cdef inline real row_max_(const real* x, Py_ssize_t n) noexcept nogil:
+    """max ignoring NaN; -inf when nothing is visible."""
+    cdef Py_ssize_t j
+    cdef real m = -INFINITY
+    if real is float:
+        return fs_rowmaxf(x, n)
+    for j in range(n):
+        m = x[j] if x[j] > m else m
+    return m
 
 
 cdef inline real* ptr_(real[::1] a) noexcept nogil:
@@ -175,13 +187,12 @@ cdef void fwd_unit_(const real* q, const real* k, const real* v, real* o, real* 
             apply_mask_(mk, sc, BK, b, h, i0, nq, j0, nk, klen)
         for r in range(nq):
             row = sc + r * BK
-            mx = -INFINITY
-            for j in range(nk):
-                x = row[j]
-                mx = x if x > mx else mx
+            mx = row_max_(row, nk)
             mnew = mx if mx > m[r] else m[r]
-            if mnew == -INFINITY:            # nothing visible in this row yet
+            if mnew == -INFINITY:            # nothing visible in this row yet (or all NaN)
                 for j in range(nk):
+                    if row[j] != row[j]:
+                        l[r] = row[j]        # NaN scores: the row's output is NaN
                     row[j] = 0
                 continue
             alpha = exp_(m[r] - mnew)
