@@ -147,9 +147,9 @@ def _check(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, 
                              f"[{int(key_lengths.min())}, {int(key_lengths.max())}]")
 
 
-def _bounds(is_causal: bool, window: Window, S: int) -> Tuple[int, int]:
-    """(left, right) visible-key bounds per query; S + 1 means unbounded."""
-    left = right = S + 1
+def _bounds(is_causal: bool, window: Window, T: int, S: int) -> Tuple[int, int]:
+    """(left, right) visible-key bounds per query; T + S means unbounded."""
+    left = right = T + S
     if window is not None:
         if window[0] is not None and window[0] >= 0:
             left = min(left, int(window[0]))
@@ -227,7 +227,7 @@ class _Call:
         self.B, self.Hq, self.T, self.D = q.shape
         self.Hk, self.S, self.Dv = k.shape[1], k.shape[2], v.shape[3]
         self.scale = 1 / math.sqrt(self.D) if scale is None else float(scale)
-        self.left, self.right = _bounds(is_causal, window, self.S)
+        self.left, self.right = _bounds(is_causal, window, self.T, self.S)
         self.add = self.keep = None
         self.strides = (0, 0, 0, 0)
         if attn_mask is not None:

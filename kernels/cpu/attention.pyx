@@ -87,7 +87,7 @@ def work_size(Py_ssize_t d, Py_ssize_t dv, bint backward):
 # ---------------------------------------------------------------------------------------------
 
 cdef struct Mask:
-    Py_ssize_t left, right          # row i sees keys [i - left, i + right]  (>= S: unbounded)
+    Py_ssize_t left, right          # row i sees keys [i - left, i + right]  (T + S: unbounded)
     const int64_t* key_len          # (B,) valid keys per batch, or NULL
     const void* add                 # additive mask (the data's type), or NULL
     const unsigned char* keep       # boolean mask (1 = attend), or NULL
@@ -215,10 +215,14 @@ cdef void fwd_unit_(const real* q, const real* k, const real* v, real* o, real* 
             for c in range(Dv):
                 row[c] = acc[r * Dv + c] * s
             lse[(b * Hq + h) * T + i0 + r] = m[r] + log(l[r])
-        else:                               # no visible key (or NaN): torch gives 0
+        elif l[r] != l[r]:                  # NaN scores reached this row
             for c in range(Dv):
-                row[c] = acc[r * Dv + c] if l[r] != l[r] else 0
-            lse[(b * Hq + h) * T + i0 + r] = l[r] if l[r] != l[r] else INFINITY
+                row[c] = l[r]
+            lse[(b * Hq + h) * T + i0 + r] = l[r]
+        else:                               # no visible key: 0, as torch
+            for c in range(Dv):
+                row[c] = 0
+            lse[(b * Hq + h) * T + i0 + r] = INFINITY
 
 
 def forward(real[::1] q, real[::1] k, real[::1] v, real[::1] o, real[::1] lse,
@@ -228,7 +232,7 @@ def forward(real[::1] q, real[::1] k, real[::1] v, real[::1] o, real[::1] lse,
             Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t s2, Py_ssize_t s3,
             real[::1] work, int num_threads):
     """o, lse = attention(q, k, v).  mask_add / mask_keep / key_len: empty when absent; mask
-    strides s0..s3 over (B, Hq, T, S).  left / right: visible key window per query (>= S for
+    strides s0..s3 over (B, Hq, T, S).  left / right: visible key window per query (T + S for
     none; causal is right = 0).  work: (num_threads * work_size(D, Dv, False),)."""
     cdef Mask mk
     cdef Py_ssize_t u, b, h, i0, nqt = (T + BQ - 1) // BQ, units = B * Hq * nqt
@@ -241,7 +245,7 @@ def forward(real[::1] q, real[::1] k, real[::1] v, real[::1] o, real[::1] lse,
     cdef real* plse = ptr_(lse)
     cdef real* pw = ptr_(work)
     cdef real sc = <real> scale
-    mk.left, mk.right = min(left, S), min(right, S)
+    mk.left, mk.right = min(left, T + S), min(right, S)
     mk.key_len = &key_len[0] if key_len.shape[0] > 0 else NULL
     mk.add = <const void*> ptr_(mask_add)
     mk.keep = &mask_keep[0] if mask_keep.shape[0] > 0 else NULL
@@ -354,7 +358,7 @@ def backward(real[::1] q, real[::1] k, real[::1] v, real[::1] o, real[::1] do_, 
     cdef real* ppart = ptr_(dq_part)
     cdef real* pw = ptr_(work)
     cdef real sc = <real> scale, acc
-    mk.left, mk.right = min(left, S), min(right, S)
+    mk.left, mk.right = min(left, T + S), min(right, S)
     mk.key_len = &key_len[0] if key_len.shape[0] > 0 else NULL
     mk.add = <const void*> ptr_(mask_add)
     mk.keep = &mask_keep[0] if mask_keep.shape[0] > 0 else NULL
