@@ -9,12 +9,26 @@
 from . import functional, nn  # noqa: F401  (registers every op family)
 from ._dispatch import available_backends, explain, use_backend
 from .convert import convert, rebind, register_converter
-from .layer_norm import LayerNorm as _LayerNorm, RMSNorm as _RMSNorm
 
 import torch as _torch
 
-register_converter(_torch.nn.LayerNorm, lambda m: rebind(m, _LayerNorm))
-register_converter(_torch.nn.RMSNorm, lambda m: rebind(m, _RMSNorm))
+
+def _no_nested(m):
+    m.use_nested_tensor = False     # torch's nested-tensor fast path would bypass the layers' forward
+    return m
+
+
+for _torch_cls, _twin, _fix in [
+    (_torch.nn.LayerNorm, nn.LayerNorm, None),
+    (_torch.nn.RMSNorm, nn.RMSNorm, None),
+    (_torch.nn.MultiheadAttention, nn.MultiheadAttention, None),
+    (_torch.nn.TransformerEncoderLayer, nn.TransformerEncoderLayer, None),
+    (_torch.nn.TransformerDecoderLayer, nn.TransformerDecoderLayer, None),
+    (_torch.nn.TransformerEncoder, nn.TransformerEncoder, _no_nested),
+    (_torch.nn.TransformerDecoder, nn.TransformerDecoder, None),
+    (_torch.nn.Transformer, nn.Transformer, None),
+]:
+    register_converter(_torch_cls, (lambda twin, fix: lambda m: (fix or (lambda x: x))(rebind(m, twin)))(_twin, _fix))
 
 __version__ = "0.1.0"
 __all__ = ["functional", "nn", "convert", "available_backends", "use_backend", "explain"]

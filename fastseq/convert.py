@@ -26,30 +26,28 @@ def rebind(module: torch.nn.Module, cls: Type[torch.nn.Module]) -> torch.nn.Modu
     return twin
 
 
-def convert(module: torch.nn.Module) -> torch.nn.Module:
+def convert(module: torch.nn.Module, _inside: bool = False) -> torch.nn.Module:
     """Replace every supported torch.nn layer inside `module` by its fastseq twin.
 
     The model is changed in place (children are swapped in their parents) and returned; the
     twins share the original parameters, so optimizers built before the call still apply.  A
     layer used in several places gets one twin.  Only exact torch classes are converted:
-    subclasses may override forward.
+    subclasses may override forward.  (_inside: convert the children only; fastseq's own
+    modules use it on themselves after building torch's layers.)
     """
-    return _convert(module, {})
+    return _convert(module, {}, skip_self=_inside)
 
 
-def _convert(module: torch.nn.Module, done: Dict[int, torch.nn.Module]) -> torch.nn.Module:
+def _convert(module: torch.nn.Module, done: Dict[int, torch.nn.Module], skip_self: bool = False) -> torch.nn.Module:
     if id(module) in done:
         return done[id(module)]
-    fn = _CONVERTERS.get(type(module))
-    if fn is not None:
-        new = fn(module)
-    else:
-        new = module
-        for name, child in list(module._modules.items()):   # every name, shared children too
-            if child is None:
-                continue
-            twin = _convert(child, done)
-            if twin is not child:
-                setattr(module, name, twin)
+    for name, child in list(module._modules.items()):   # every name, shared children too
+        if child is None:
+            continue
+        twin = _convert(child, done)
+        if twin is not child:
+            setattr(module, name, twin)
+    fn = None if skip_self else _CONVERTERS.get(type(module))
+    new = fn(module) if fn is not None else module
     done[id(module)] = new
     return new

@@ -1,4 +1,9 @@
 """Drop-in torch.nn modules on fastseq kernels (re-exports)."""
 from .layer_norm import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm
+from .multihead_attention import MultiheadAttention
+from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
+                          TransformerEncoderLayer)
 
-__all__ = ["LayerNorm", "RMSNorm", "AddLayerNorm", "AddRMSNorm"]
+__all__ = ["LayerNorm", "RMSNorm", "AddLayerNorm", "AddRMSNorm", "MultiheadAttention",
+           "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder",
+           "Transformer"]
