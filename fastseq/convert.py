@@ -29,7 +29,8 @@ def rebind(module: torch.nn.Module, cls: Type[torch.nn.Module]) -> torch.nn.Modu
 def convert(module: torch.nn.Module, _inside: bool = False) -> torch.nn.Module:
     """Replace every supported torch.nn layer inside `module` by its fastseq twin.
 
-    The model is changed in place (children are swapped in their parents) and returned; the
+    The model is changed in place (children are swapped in their parents) and returned (use
+    the return value: a supported root layer is itself replaced by its twin); the
     twins share the original parameters, so optimizers built before the call still apply.  A
     layer used in several places gets one twin.  Only exact torch classes are converted:
     subclasses may override forward.  (_inside: convert the children only; fastseq's own
