@@ -11,15 +11,17 @@ import time
 
 import torch
 
-from . import layer_norm as _layer_norm  # noqa: F401  (registers its cases)
+from . import attention as _attention, layer_norm as _layer_norm  # noqa: F401  (register their cases)
 from .machine import describe
 from .registry import cases, families
 from .report import table, write
 from .timing import interleaved_medians
 
 
-def run_case(case, reps: int, max_seconds: float, device: str) -> list:
+def run_case(case, reps: int, max_seconds: float, device: str, quick: bool = False) -> list:
     s = case.setup()
+    if quick and case.meta.get("quick_peers"):
+        s.peers = {k: v for k, v in s.peers.items() if k in case.meta["quick_peers"]}
     fns = {"fastseq": s.fastseq, **{f"peer:{k}": v for k, v in s.peers.items()}}
     if s.kernel is not None:
         fns["kernel"] = s.kernel
@@ -49,6 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--reps", type=int, default=None, help="timed rounds per case (default 7 quick, 21 full)")
     p.add_argument("--out", default="fastseq-bench-results", help="folder for results.json/.csv and plots")
+    p.add_argument("--no-sweep", action="store_true", help="skip attention's long-context scaling sweep")
     args = p.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -68,6 +71,7 @@ def main(argv=None) -> int:
     print(f"ceilings: sgemm {machine['sgemm_gflops']:.0f} GFLOP/s, copy {machine['copy_gbs']:.1f} GB/s "
           f"(read + write)")
     try:
+        global tqdm
         from tqdm import tqdm
         it = tqdm(todo, desc="cases", unit="case", file=sys.stderr)
     except ImportError:
@@ -76,10 +80,19 @@ def main(argv=None) -> int:
     for case in it:
         if hasattr(it, "set_postfix_str"):
             it.set_postfix_str(case.name)
-        rows += run_case(case, reps, 3.0 if args.quick else 20.0, args.device)
+        rows += run_case(case, reps, 3.0 if args.quick else 20.0, args.device, args.quick)
     print(table(rows, machine))
     for path in write(rows, machine, args.out):
         print("wrote", path)
+    if args.device == "cpu" and not args.no_sweep and (not args.only or "attention" in args.only):
+        from . import scaling
+
+        progress = (lambda xs: tqdm(xs, desc="attention scaling", unit="point", file=sys.stderr)) \
+            if "tqdm" in globals() else None
+        sweep = scaling.run(args.quick, progress)
+        print(scaling.table(sweep))
+        for path in scaling.write(sweep, args.out):
+            print("wrote", path)
     print(f"{len(todo)} cases in {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -9,7 +9,7 @@ from typing import List
 
 def table(rows: List[dict], machine: dict) -> str:
     copy, sgemm = machine["copy_gbs"], machine["sgemm_gflops"]
-    head = (f"{'case':44s} {'peer':6s} {'peer ms':>9s} {'fastseq ms':>10s} {'ratio':>6s} "
+    head = (f"{'case':44s} {'peer':10s} {'peer ms':>9s} {'fastseq ms':>10s} {'ratio':>6s} "
             f"{'GB/s':>6s} {'of copy':>7s} {'kernel ms':>9s} {'kern GB/s':>9s} {'of copy':>7s}")
     out = [head, "-" * len(head)]
     for r in rows:
@@ -17,7 +17,7 @@ def table(rows: List[dict], machine: dict) -> str:
         rate = r.get("gbs")
         krate = r.get("kernel_gbs")
         out.append(
-            f"{r['case']:44s} {r['peer']:6s} {r['peer_ms']:9.3f} {r['fastseq_ms']:10.3f} {r['ratio']:6.2f} "
+            f"{r['case']:44s} {r['peer']:10s} {r['peer_ms']:9.3f} {r['fastseq_ms']:10.3f} {r['ratio']:6.2f} "
             + (f"{rate:6.1f} {rate / copy:7.0%} " if rate else f"{'':6s} {'':7s} ")
             + (f"{kern:9.3f} {krate:9.1f} {krate / copy:7.0%}" if kern else ""))
         if r.get("gflops"):

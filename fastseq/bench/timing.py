@@ -1,5 +1,7 @@
 """Interleaved median timing: every implementation runs once per round, in turn, so drifts in
-clock speed or background load hit them alike (DESIGN.md section 7)."""
+clock speed or background load hit them alike (DESIGN.md section 7).  The order rotates from
+round to round: otherwise whichever runs right after another on the same inputs always finds
+them in cache, which biases small, memory-bound cases (decode) by up to 2x."""
 from __future__ import annotations
 
 import gc
@@ -26,8 +28,10 @@ def interleaved_medians(fns: Dict[str, Callable[[], object]], device: str = "cpu
     times = {k: [] for k in fns}
     gc.collect()
     start = time.perf_counter()
+    names = list(fns)
     for i in range(reps):
-        for k, fn in fns.items():
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            fn = fns[k]
             _sync(device)
             t0 = time.perf_counter()
             fn()

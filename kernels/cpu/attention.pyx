@@ -163,12 +163,15 @@ cdef void fwd_unit_(const real* q, const real* k, const real* v, real* o, real* 
     cdef const real* qt = q + ((b * Hq + h) * T + i0) * D
     cdef const real* kb = k + (b * Hk + hk) * S * D
     cdef const real* vb = v + (b * Hk + hk) * S * Dv
-    cdef real* sc = work                     # (BQ, BK)
+    # short query tiles (decode: nq = 1) take proportionally wider key tiles from the same
+    # (BQ * BK) score buffer: fewer, larger GEMM calls
+    cdef Py_ssize_t bk = (BQ * BK) // nq
+    cdef real* sc = work                     # (nq, bk)
     cdef real* acc = work + BQ * BK          # (BQ, Dv)
     cdef real* m = acc + BQ * Dv             # (BQ,)
     cdef real* l = m + BQ                    # (BQ,)
     cdef Py_ssize_t r, j, c, j0, j1, nk, jlo, jhi
-    cdef real mx, mnew, alpha, s, x
+    cdef real mx, mnew, alpha, s
     cdef real* row
     for r in range(nq):
         m[r] = -INFINITY
@@ -179,14 +182,14 @@ cdef void fwd_unit_(const real* q, const real* k, const real* v, real* o, real* 
     jhi = row_hi_(mk, i1 - 1, klen)
     j0 = jlo
     while j0 < jhi:
-        j1 = jhi if j0 + BK > jhi else j0 + BK
+        j1 = jhi if j0 + bk > jhi else j0 + bk
         nk = j1 - j0
         gemm_rm(False, True, <int> nq, <int> nk, <int> D, scale, qt, <int> D, kb + j0 * D, <int> D,
-                0, sc, BK)
+                0, sc, <int> bk)
         if not tile_is_plain_(mk, i0, i1, j0, j1, klen):
-            apply_mask_(mk, sc, BK, b, h, i0, nq, j0, nk, klen)
+            apply_mask_(mk, sc, bk, b, h, i0, nq, j0, nk, klen)
         for r in range(nq):
-            row = sc + r * BK
+            row = sc + r * bk
             mx = row_max_(row, nk)
             mnew = mx if mx > m[r] else m[r]
             if mnew == -INFINITY:            # nothing visible in this row yet (or all NaN)
@@ -206,7 +209,7 @@ cdef void fwd_unit_(const real* q, const real* k, const real* v, real* o, real* 
             if alpha != 1:
                 for c in range(Dv):
                     acc[r * Dv + c] = acc[r * Dv + c] * alpha
-        gemm_rm(False, False, <int> nq, <int> Dv, <int> nk, 1, sc, BK, vb + j0 * Dv, <int> Dv, 1, acc, <int> Dv)
+        gemm_rm(False, False, <int> nq, <int> Dv, <int> nk, 1, sc, <int> bk, vb + j0 * Dv, <int> Dv, 1, acc, <int> Dv)
         j0 = j1
     for r in range(nq):
         row = o + ((b * Hq + h) * T + i0 + r) * Dv
