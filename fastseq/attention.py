@@ -120,6 +120,8 @@ def _check(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, 
         if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
             raise ValueError(f"{op}: expected attn_mask of dtype torch.bool or {q.dtype} (the query's), "
                              f"got {attn_mask.dtype}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"{op}: expected attn_mask on {q.device} (the query's), got {attn_mask.device}")
         target = q.shape[:-1] + (k.shape[-2],)
         try:
             torch.broadcast_shapes(attn_mask.shape, target)
@@ -167,7 +169,8 @@ def _facts(q, k=None, v=None, attn_mask=None, dropout_p=0.0, is_causal=False, sc
     return {"device": q.device.type, "dtype": str(q.dtype).replace("torch.", ""),
             "dropout": float(dropout_p) > 0,
             "mask_needs_grad": bool(attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()),
-            "T": q.shape[-2], "S": k.shape[-2] if k is not None else None}
+            "T": q.shape[-2], "S": k.shape[-2] if k is not None else None, "D": q.shape[-1],
+            "Dv": v.shape[-1] if v is not None else q.shape[-1]}
 
 
 def _cpu_reasons(f: dict) -> List[str]:
@@ -182,11 +185,25 @@ def _cpu_reasons(f: dict) -> List[str]:
     return out
 
 
+def _cuda_reasons(f: dict) -> List[str]:
+    out = []
+    if f["dtype"] not in ("float16", "float32", "float64"):
+        out.append(f"cuda attention takes float16, float32 or float64, got {f['dtype']}")
+    if max(f["D"], f["Dv"]) > 128:
+        out.append(f"cuda attention takes head dims up to 128, got D={f['D']}, Dv={f['Dv']}")
+    if f["dropout"]:
+        out.append("cuda attention has no dropout yet (torch's SDPA applies it)")
+    if f["mask_needs_grad"]:
+        out.append("no gradient for a float attn_mask that requires grad (the scores are never formed)")
+    return out
+
+
 def _torch_reasons(f: dict) -> List[str]:
     return []
 
 
-_dispatch.register_op("scaled_dot_product_attention", _facts, cpu=_cpu_reasons, torch=_torch_reasons)
+_dispatch.register_op("scaled_dot_product_attention", _facts, cpu=_cpu_reasons, cuda=_cuda_reasons,
+                      torch=_torch_reasons)
 
 
 # ============================================================================ kernel calls
@@ -215,6 +232,8 @@ def _mask_view(mask, shape4):
     four element strides (0 along broadcast dims)."""
     m = torch.broadcast_to(mask, shape4)
     strides = m.stride()
+    if m.numel() == 0:
+        return m.reshape(-1), strides
     span = 1 + sum((n - 1) * st for n, st in zip(m.shape, strides) if n > 0)
     flat = torch.as_strided(m, (span,), (1,), m.storage_offset())
     return flat, strides
@@ -245,23 +264,54 @@ class _Call:
                 + tuple(self.strides))
 
 
-def _forward(c: _Call, q, k, v):
+def _cuda_args(c: _Call, q):
+    """The mask / key-length buffers and flags for the CUDA launchers (1-element stand-ins)."""
+    from fastseq._cuda._common import as_array
+
+    one = as_array(q.reshape(-1)[:1])
+    kl = as_array(c.key_lengths.to(q.device)) if c.key_lengths is not None else \
+        as_array(torch.zeros(1, dtype=torch.int64, device=q.device))
+    keep = as_array(c.keep) if c.keep is not None else as_array(torch.zeros(1, dtype=torch.uint8, device=q.device))
+    return ((as_array(c.add) if c.add is not None else one, keep, kl),
+            (c.B, c.Hq, c.Hk, c.T, c.S, c.D, c.Dv, c.scale, c.left, c.right, tuple(c.strides)),
+            (c.add is not None, c.keep is not None, c.key_lengths is not None))
+
+
+def _forward(c: _Call, q, k, v, backend="cpu"):
+    o = _alloc.empty((c.B, c.Hq, c.T, c.Dv), q.dtype, q.device)
+    lse = _alloc.empty((c.B, c.Hq, c.T), torch.float64 if q.dtype == torch.float64 else
+                       (torch.float32 if backend == "cuda" else q.dtype), q.device)
+    if backend == "cuda":
+        from fastseq._cuda._common import as_array, on_device, torch_stream
+        kern = _dispatch.cuda_kernels("attention")
+        with on_device(q.device):
+            masks, sizes, flags = _cuda_args(c, q)
+            kern.forward(*(as_array(t.reshape(-1)) for t in (q, k, v, o, lse)), *masks, *sizes, *flags,
+                         stream=torch_stream())
+        return o, lse
     kern = _cpu()
     npd = _NP[q.dtype]
     nt = _dispatch.num_threads()
-    o = _alloc.empty((c.B, c.Hq, c.T, c.Dv), q.dtype, q.device)
-    lse = _alloc.empty((c.B, c.Hq, c.T), q.dtype, q.device)
     work = torch.empty(nt * kern.work_size(c.D, c.Dv, False), dtype=q.dtype)
     kern.forward(_np(q, npd), _np(k, npd), _np(v, npd), _np(o, npd), _np(lse, npd), *c.common(npd),
                  _np(work, npd), nt)
     return o, lse
 
 
-def _backward(c: _Call, q, k, v, o, do, lse):
+def _backward(c: _Call, q, k, v, o, do, lse, backend="cpu"):
+    dq, dk, dv = _alloc.empty_like(q), _alloc.empty_like(k), _alloc.empty_like(v)
+    if backend == "cuda":
+        from fastseq._cuda._common import as_array, on_device, torch_stream
+        kern = _dispatch.cuda_kernels("attention")
+        delta = torch.empty(c.B * c.Hq * c.T, dtype=lse.dtype, device=q.device)
+        with on_device(q.device):
+            masks, sizes, flags = _cuda_args(c, q)
+            kern.backward(*(as_array(t.reshape(-1)) for t in (q, k, v, o, do, lse, delta, dq, dk, dv)),
+                          *masks, *sizes, *flags, stream=torch_stream())
+        return dq, dk, dv
     kern = _cpu()
     npd = _NP[q.dtype]
     nt = _dispatch.num_threads()
-    dq, dk, dv = _alloc.empty_like(q), _alloc.empty_like(k), _alloc.empty_like(v)
     delta = torch.empty(c.B * c.Hq * c.T, dtype=q.dtype)
     dq_part = torch.empty(nt * q.numel(), dtype=q.dtype)
     work = torch.empty(nt * kern.work_size(c.D, c.Dv, True), dtype=q.dtype)
@@ -279,7 +329,7 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, attn_mask, key_lengths, is_causal, scale, window, backend):
         c = _Call(q, k, v, attn_mask, is_causal, scale, window, key_lengths)
-        o, lse = _forward(c, q, k, v)
+        o, lse = _forward(c, q, k, v, backend)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.call = c
         ctx.backend = backend
@@ -291,7 +341,7 @@ class AttentionFunction(torch.autograd.Function):
             raise RuntimeError("scaled_dot_product_attention: double backward through the fused kernel is "
                                "not supported; use fastseq.use_backend('torch') for higher-order gradients")
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(ctx.call, q, k, v, o, do.contiguous(), lse)
+        dq, dk, dv = _backward(ctx.call, q, k, v, o, do.contiguous(), lse, ctx.backend)
         return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -363,5 +413,5 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         o = AttentionFunction.apply(q, k, v, mask, key_lengths, is_causal, scale, window, backend)
     else:
         c = _Call(q, k, v, mask, is_causal, scale, window, key_lengths)
-        o, _ = _forward(c, q, k, v)
+        o, _ = _forward(c, q, k, v, backend)
     return o.view(query.shape[:-1] + (value.shape[-1],))

@@ -1,0 +1,230 @@
+"""Flash-style softmax attention in Numba CUDA: forward and backward.
+
+Same algorithm and conventions as kernels/cpu/attention.pyx (see its comments for the math):
+online softmax over key tiles, per-row logsumexp saved, masks read in place through strides,
+key lengths, a (left, right) window with causal as right = 0, grouped-query heads.
+
+Forward: one block per (batch, head, tile of blockDim queries), one thread per query row.  The
+block stages each tile of BK keys and values in shared memory; every thread keeps its row's
+running max, sum and output accumulator in registers (head dims up to MAX_D).
+Backward, one thread per row and no atomics: a kernel for Delta = rowsum(dO o O), one for dQ
+(a thread per query row, recomputing P = exp(s - lse) over the row's visible keys), one for dK
+and dV (a thread per key row, over the queries of every head in its group that see it).
+Memory is linear in T.  fp16 / fp32 / fp64 data, fp32 accumulation (fp64 for fp64).
+The backward reads K, V, Q and dO straight from global memory: correct and race-free, not yet
+tuned (no GPU has measured it).
+"""
+import math
+
+from numba import cuda
+
+from ._common import accumulator
+
+MAX_D = 128          # largest head dim (D and Dv) the kernels take
+BK = 32              # keys per shared-memory tile
+
+_cache = {}
+
+
+def _kernels(dtype):
+    acc = accumulator(dtype)
+    if acc in _cache:
+        return _cache[acc]
+    NEG_INF = -math.inf
+
+    @cuda.jit(device=True)
+    def score_(s, b, h, i, j, mask_add, mask_keep, s0, s1, s2, s3, has_add, has_keep, left, right, klen):
+        """s plus the mask; -inf where query i may not see key j."""
+        if j < i - left or j > i + right or j >= klen:
+            return NEG_INF
+        off = b * s0 + h * s1 + i * s2 + j * s3
+        if has_keep and mask_keep[off] == 0:
+            return NEG_INF
+        if has_add:
+            s += acc(mask_add[off])
+        return s
+
+    @cuda.jit
+    def _attn_fwd_kernel(q, k, v, o, lse, mask_add, mask_keep, key_len, Hq, Hk, T, S, D, Dv, scale,
+                         left, right, s0, s1, s2, s3, has_add, has_keep, has_kl):
+        nqt = (T + cuda.blockDim.x - 1) // cuda.blockDim.x
+        unit = cuda.blockIdx.x
+        b = unit // (Hq * nqt)
+        h = (unit // nqt) % Hq
+        i0 = (unit % nqt) * cuda.blockDim.x
+        i = i0 + cuda.threadIdx.x
+        hk = h // (Hq // Hk)
+        klen = min(S, key_len[b]) if has_kl else S
+        ks = cuda.shared.array((BK, MAX_D), acc)
+        vs = cuda.shared.array((BK, MAX_D), acc)
+        qrow = cuda.local.array(MAX_D, acc)
+        out = cuda.local.array(MAX_D, acc)
+        active = i < T
+        if active:
+            for d in range(D):
+                qrow[d] = acc(q[((b * Hq + h) * T + i) * D + d])
+        for d in range(Dv):
+            out[d] = acc(0)
+        m = acc(NEG_INF)
+        l = acc(0)
+        i_last = min(T, i0 + cuda.blockDim.x) - 1
+        jlo = max(0, i0 - left)
+        jhi = min(klen, i_last + right + 1)
+        for j0 in range(jlo, jhi, BK):
+            nk = min(BK, jhi - j0)
+            for e in range(cuda.threadIdx.x, nk * D, cuda.blockDim.x):        # stage the tile
+                ks[e // D, e % D] = acc(k[((b * Hk + hk) * S + j0 + e // D) * D + e % D])
+            for e in range(cuda.threadIdx.x, nk * Dv, cuda.blockDim.x):
+                vs[e // Dv, e % Dv] = acc(v[((b * Hk + hk) * S + j0 + e // Dv) * Dv + e % Dv])
+            cuda.syncthreads()
+            if active:
+                for jj in range(nk):
+                    s = acc(0)
+                    for d in range(D):
+                        s += qrow[d] * ks[jj, d]
+                    s = score_(s * acc(scale), b, h, i, j0 + jj, mask_add, mask_keep, s0, s1, s2, s3,
+                               has_add, has_keep, left, right, klen)
+                    if s == NEG_INF:
+                        continue
+                    if s > m:                     # new running max: rescale what we have
+                        corr = math.exp(m - s)
+                        l = l * corr + acc(1)
+                        for d in range(Dv):
+                            out[d] = out[d] * corr + vs[jj, d]
+                        m = s
+                    else:                         # (NaN lands here and poisons l and out)
+                        p = math.exp(s - m)
+                        l += p
+                        for d in range(Dv):
+                            out[d] += p * vs[jj, d]
+            cuda.syncthreads()
+        if active:
+            row = (b * Hq + h) * T + i
+            if l > 0:
+                for d in range(Dv):
+                    o[row * Dv + d] = out[d] / l
+                lse[row] = m + math.log(l)
+            elif l != l:                          # NaN reached the row
+                for d in range(Dv):
+                    o[row * Dv + d] = l
+                lse[row] = l
+            else:                                 # no visible key: 0, as torch
+                for d in range(Dv):
+                    o[row * Dv + d] = acc(0)
+                lse[row] = acc(math.inf)
+
+    @cuda.jit
+    def _attn_delta_kernel(o, do, delta, rows, Dv):
+        r = cuda.grid(1)
+        if r < rows:
+            a = acc(0)
+            for d in range(Dv):
+                a += acc(o[r * Dv + d]) * acc(do[r * Dv + d])
+            delta[r] = a
+
+    @cuda.jit
+    def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, mask_add, mask_keep, key_len, B, Hq, Hk, T, S, D, Dv,
+                            scale, left, right, s0, s1, s2, s3, has_add, has_keep, has_kl):
+        row = cuda.grid(1)
+        if row >= B * Hq * T:
+            return
+        i = row % T
+        h = (row // T) % Hq
+        b = row // (T * Hq)
+        hk = h // (Hq // Hk)
+        klen = min(S, key_len[b]) if has_kl else S
+        g = cuda.local.array(MAX_D, acc)
+        for d in range(D):
+            g[d] = acc(0)
+        lr = acc(lse[row])
+        dl = acc(delta[row])
+        for j in range(max(0, i - left), min(klen, i + right + 1)):
+            kb = ((b * Hk + hk) * S + j)
+            s = acc(0)
+            for d in range(D):
+                s += acc(q[row * D + d]) * acc(k[kb * D + d])
+            s = score_(s * acc(scale), b, h, i, j, mask_add, mask_keep, s0, s1, s2, s3, has_add, has_keep,
+                       left, right, klen)
+            if s == NEG_INF:
+                continue
+            p = math.exp(s - lr)
+            dp = acc(0)
+            for d in range(Dv):
+                dp += acc(do[row * Dv + d]) * acc(v[kb * Dv + d])
+            ds = p * (dp - dl) * acc(scale)
+            for d in range(D):
+                g[d] += ds * acc(k[kb * D + d])
+        for d in range(D):
+            dq[row * D + d] = g[d]
+
+    @cuda.jit
+    def _attn_bwd_dkdv_kernel(q, k, v, do, lse, delta, dk, dv, mask_add, mask_keep, key_len, B, Hq, Hk, T, S,
+                              D, Dv, scale, left, right, s0, s1, s2, s3, has_add, has_keep, has_kl):
+        krow = cuda.grid(1)
+        if krow >= B * Hk * S:
+            return
+        j = krow % S
+        hk = (krow // S) % Hk
+        b = krow // (S * Hk)
+        klen = min(S, key_len[b]) if has_kl else S
+        gk = cuda.local.array(MAX_D, acc)
+        gv = cuda.local.array(MAX_D, acc)
+        for d in range(D):
+            gk[d] = acc(0)
+        for d in range(Dv):
+            gv[d] = acc(0)
+        if j < klen:
+            group = Hq // Hk
+            for h in range(hk * group, (hk + 1) * group):
+                for i in range(max(0, j - right), min(T, j + left + 1)):
+                    row = (b * Hq + h) * T + i
+                    s = acc(0)
+                    for d in range(D):
+                        s += acc(q[row * D + d]) * acc(k[krow * D + d])
+                    s = score_(s * acc(scale), b, h, i, j, mask_add, mask_keep, s0, s1, s2, s3, has_add,
+                               has_keep, left, right, klen)
+                    if s == NEG_INF:
+                        continue
+                    p = math.exp(s - acc(lse[row]))
+                    dp = acc(0)
+                    for d in range(Dv):
+                        gv[d] += p * acc(do[row * Dv + d])
+                        dp += acc(do[row * Dv + d]) * acc(v[krow * Dv + d])
+                    ds = p * (dp - acc(delta[row])) * acc(scale)
+                    for d in range(D):
+                        gk[d] += ds * acc(q[row * D + d])
+        for d in range(D):
+            dk[krow * D + d] = gk[d]
+        for d in range(Dv):
+            dv[krow * Dv + d] = gv[d]
+
+    _cache[acc] = (_attn_fwd_kernel, _attn_delta_kernel, _attn_bwd_dq_kernel, _attn_bwd_dkdv_kernel)
+    return _cache[acc]
+
+
+def forward(q, k, v, o, lse, mask_add, mask_keep, key_len, B, Hq, Hk, T, S, D, Dv, scale, left, right,
+            strides, has_add, has_keep, has_kl, stream=0, threads=64):
+    """o (B*Hq*T*Dv,), lse (B*Hq*T,) from flat q, k, v.  Absent masks / key_len: any 1-element
+    array with its flag off.  left / right: the visible-key window (T + S for unbounded)."""
+    if D > MAX_D or Dv > MAX_D:
+        raise ValueError(f"attention cuda: head dims up to {MAX_D}, got D={D}, Dv={Dv}")
+    if B * Hq * T == 0:
+        return
+    fwd = _kernels(q.dtype)[0]
+    blocks = B * Hq * ((T + threads - 1) // threads)
+    fwd[blocks, threads, stream](q, k, v, o, lse, mask_add, mask_keep, key_len, Hq, Hk, T, S, D, Dv, scale,
+                                 left, right, *strides, bool(has_add), bool(has_keep), bool(has_kl))
+
+
+def backward(q, k, v, o, do, lse, delta, dq, dk, dv, mask_add, mask_keep, key_len, B, Hq, Hk, T, S, D, Dv,
+             scale, left, right, strides, has_add, has_keep, has_kl, stream=0, threads=64):
+    """dq, dk, dv of forward(); delta: (B*Hq*T,) scratch in the accumulator type."""
+    _, delta_k, dq_k, dkdv_k = _kernels(q.dtype)
+    rows, krows = B * Hq * T, B * Hk * S
+    args = (mask_add, mask_keep, key_len, B, Hq, Hk, T, S, D, Dv, scale, left, right, *strides,
+            bool(has_add), bool(has_keep), bool(has_kl))
+    if rows:
+        delta_k[(rows + threads - 1) // threads, threads, stream](o, do, delta, rows, Dv)
+        dq_k[(rows + threads - 1) // threads, threads, stream](q, k, v, do, lse, delta, dq, *args)
+    if krows:
+        dkdv_k[(krows + threads - 1) // threads, threads, stream](q, k, v, do, lse, delta, dk, dv, *args)
