@@ -45,9 +45,35 @@ def visible_keys(T: int, S: int, is_causal=False, window: Window = None, key_len
     return keep
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c):
+    """(x * c) mod 2^32 for int64 tensors x < 2^32 without overflowing int64."""
+    return ((x & 0xFFFF) * c + (((x >> 16) * c) << 16)) & _M32
+
+
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dropout_keep(seed: int, shape, p: float, device=None):
+    """The kernels' dropout mask over (B, H, T, S), in torch: element (b, h, i, j) is kept when
+    the keyed hash of its index ((b H + h) T + i) S + j is >= p 2^32 (kernels/cpu/_fastmath.h)."""
+    index = torch.arange(math.prod(shape), dtype=torch.int64, device=device).view(shape)
+    lo, hi = index & _M32, (index >> 32) & _M32
+    r = _mix32(_mix32(lo ^ (seed & _M32)) ^ hi ^ ((seed >> 32) & _M32))
+    return r >= min(int(p * 4294967296.0), _M32)
+
+
 def attention_ref(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
-                  window: Window = None, key_lengths=None):
-    """The math, in the accumulator precision: rows that see no key output 0 (torch's rule)."""
+                  window: Window = None, key_lengths=None, dropout_p=0.0, dropout_seed=None):
+    """The math, in the accumulator precision: rows that see no key output 0 (torch's rule).
+    With dropout_p and dropout_seed: the kernels' own dropout mask (dropout_keep)."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
     if enable_gqa and q.shape[-3] != k.shape[-3]:
@@ -65,6 +91,9 @@ def attention_ref(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_g
     s = s.masked_fill(~keep, float("-inf"))
     p = torch.softmax(s, -1)
     p = torch.where(torch.isnan(p) & ~torch.isnan(s), torch.zeros_like(p), p)   # all -inf rows -> 0
+    if dropout_p > 0:
+        shape = (q.shape[0] if q.dim() == 4 else 1, q.shape[-3] if q.dim() >= 3 else 1, T, S)
+        p = p * dropout_keep(dropout_seed, shape, dropout_p, q.device).view(p.shape[:-2] + (T, S)) / (1 - dropout_p)
     return (p @ va).to(q.dtype)
 
 
@@ -177,8 +206,6 @@ def _cpu_reasons(f: dict) -> List[str]:
     out = []
     if f["dtype"] not in ("float32", "float64"):
         out.append(f"cpu attention takes float32 or float64, got {f['dtype']}")
-    if f["dropout"]:
-        out.append("cpu attention has no dropout yet (torch's SDPA applies it)")
     if f["mask_needs_grad"]:
         out.append("a flash kernel never forms the T x S scores, so it gives no gradient for a float "
                    "attn_mask that requires grad")
@@ -242,8 +269,9 @@ def _mask_view(mask, shape4):
 class _Call:
     """Everything the kernels need, from the folded 4-D inputs."""
 
-    def __init__(self, q, k, v, attn_mask, is_causal, scale, window, key_lengths):
+    def __init__(self, q, k, v, attn_mask, is_causal, scale, window, key_lengths, dropout_p=0.0, seed=0):
         self.B, self.Hq, self.T, self.D = q.shape
+        self.dropout_p, self.seed = float(dropout_p), int(seed)
         self.Hk, self.S, self.Dv = k.shape[1], k.shape[2], v.shape[3]
         self.scale = 1 / math.sqrt(self.D) if scale is None else float(scale)
         self.left, self.right = _bounds(is_causal, window, self.T, self.S)
@@ -261,7 +289,7 @@ class _Call:
         return ((_np(self.add, npd), self.keep.numpy() if self.keep is not None else _EMPTY_U8,
                  self.key_lengths.numpy() if self.key_lengths is not None else _EMPTY_I64,
                  self.B, self.Hq, self.Hk, self.T, self.S, self.D, self.Dv, self.scale, self.left, self.right)
-                + tuple(self.strides))
+                + tuple(self.strides) + (self.dropout_p, self.seed))
 
 
 def _cuda_args(c: _Call, q):
@@ -327,8 +355,8 @@ class AttentionFunction(torch.autograd.Function):
     per-row logsumexp; backward recomputes probabilities tile by tile from them."""
 
     @staticmethod
-    def forward(ctx, q, k, v, attn_mask, key_lengths, is_causal, scale, window, backend):
-        c = _Call(q, k, v, attn_mask, is_causal, scale, window, key_lengths)
+    def forward(ctx, q, k, v, attn_mask, key_lengths, is_causal, scale, window, dropout_p, seed, backend):
+        c = _Call(q, k, v, attn_mask, is_causal, scale, window, key_lengths, dropout_p, seed)
         o, lse = _forward(c, q, k, v, backend)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.call = c
@@ -342,7 +370,7 @@ class AttentionFunction(torch.autograd.Function):
                                "not supported; use fastseq.use_backend('torch') for higher-order gradients")
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _backward(ctx.call, q, k, v, o, do.contiguous(), lse, ctx.backend)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 # ============================================================================ functional
@@ -389,7 +417,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         query: (..., Hq, T, D); key: (..., Hk, S, D); value: (..., Hk, S, Dv).
         attn_mask: bool (True = attend) or float (added to the scores), broadcastable to
             (..., Hq, T, S); read in place, never expanded.
-        dropout_p: dropout on the attention probabilities (runs on torch's SDPA for now).
+        dropout_p: dropout on the attention probabilities, from a counter-based draw keyed by a
+            seed taken from torch's generator (torch.manual_seed reproduces it; the mask is
+            regenerated in backward, never stored).  Not the same masks as torch's SDPA.
         is_causal: query i sees keys j <= i (top-left aligned, as torch); not with attn_mask.
         scale: defaults to 1 / sqrt(D).
         enable_gqa: allow Hk to divide Hq (grouped / multi-query attention).
@@ -409,9 +439,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, key_lengths)
     q, k, v = (_fold(t).contiguous() for t in (query, key, value))
     mask = _fold_mask(attn_mask, query, key)
+    seed = 0
+    if dropout_p > 0:                # drawn from torch's generator: torch.manual_seed reproduces runs
+        seed = int(torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64))
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        o = AttentionFunction.apply(q, k, v, mask, key_lengths, is_causal, scale, window, backend)
+        o = AttentionFunction.apply(q, k, v, mask, key_lengths, is_causal, scale, window, dropout_p, seed, backend)
     else:
-        c = _Call(q, k, v, mask, is_causal, scale, window, key_lengths)
+        c = _Call(q, k, v, mask, is_causal, scale, window, key_lengths, dropout_p, seed)
         o, _ = _forward(c, q, k, v, backend)
     return o.view(query.shape[:-1] + (value.shape[-1],))

@@ -61,8 +61,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     need_weights=True: the flash kernel never forms the attention matrix, so the weights are
     computed separately (softmax(q k^T / sqrt(d) + mask), one more T x S pass per head) and the
     output still comes from the fused kernel.  Pass need_weights=False to skip that cost.
-    Layers with bias_k/bias_v or add_zero_attn, and dropout in training, run torch's own
-    forward (fastseq's kernels have no dropout yet).
+    Layers with bias_k/bias_v or add_zero_attn, and need_weights=True together with dropout in
+    training (torch returns the dropped weights), run torch's own forward.  Dropout otherwise
+    runs in the fused kernel, with fastseq's own counter-based masks (not torch's).
     """
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -70,7 +71,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         dropout = self.dropout if self.training else 0.0
-        if self.bias_k is not None or self.add_zero_attn or dropout > 0:
+        if self.bias_k is not None or self.add_zero_attn or (dropout > 0 and need_weights):
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
         if is_causal and attn_mask is None:
@@ -101,7 +102,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         else:
             mask, key_lengths = _merge_masks(attn_mask, key_padding_mask, B, H, T, S, q.dtype)
             causal = False
-        o = scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, key_lengths=key_lengths)
+        o = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                         key_lengths=key_lengths)
         o = o.permute(2, 0, 1, 3).reshape(T, B, E)                       # (T, B, E)
         out = F.linear(o, self.out_proj.weight, self.out_proj.bias)
         weights = None

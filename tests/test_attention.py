@@ -202,14 +202,56 @@ def test_gradcheck():
     assert gc(lambda q, k, v: sdpa(q, k, v, enable_gqa=True), (qg, k, v))
 
 
-def test_dropout_and_mask_gradients_run_on_torch():
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_matches_the_reference_mask_and_gradients(dtype, causal):
+    """The kernel's counter-based mask equals dropout_keep() (the oracle), forward and backward,
+    and backward regenerates it (nothing stored)."""
+    q, k, v = qkv(2, 2, 2, 70, 300, 16, 8, dtype)
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64))
+    torch.manual_seed(7)
+    a = leaves(q, k, v)
+    o = sdpa(*a, dropout_p=0.3, is_causal=causal)
+    b = leaves(q, k, v)
+    o2 = attention_ref(*b, is_causal=causal, dropout_p=0.3, dropout_seed=seed)
+    torch.testing.assert_close(o, o2, **tol(dtype))
+    do = torch.randn_like(o)
+    for x, y in zip(torch.autograd.grad(o, a, do), torch.autograd.grad(o2, b, do)):
+        torch.testing.assert_close(x, y, **tol(dtype))
+
+
+def test_dropout_statistics_and_reproducibility():
+    """Uniform attention over identity values reads out P~ itself: ~p of it is zero, the rest
+    is 1 / (S (1 - p)); the same torch seed gives the same output, another seed another."""
+    S, p = 256, 0.25
+    q = torch.zeros(2, 4, 64, 8)
+    k = torch.zeros(2, 4, S, 8)
+    v = torch.eye(S).expand(2, 4, S, S).contiguous()
+    torch.manual_seed(1)
+    o = sdpa(q, k, v, dropout_p=p)
+    dropped = (o == 0).float().mean().item()
+    assert abs(dropped - p) < 0.01
+    torch.testing.assert_close(o[o != 0], torch.full_like(o[o != 0], 1 / (S * (1 - p))))
+    torch.manual_seed(1)
+    assert torch.equal(o, sdpa(q, k, v, dropout_p=p))
+    assert not torch.equal(o, sdpa(q, k, v, dropout_p=p))
+
+
+def test_gradcheck_with_dropout():
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 2, 5, 7, 3, 4, torch.float64))
+
+    def fn(q, k, v):
+        torch.manual_seed(11)                 # the same mask on every call gradcheck makes
+        return sdpa(q, k, v, dropout_p=0.4, is_causal=True)
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+def test_mask_gradients_run_on_torch():
     q, k, v = qkv(1, 2, 2, 10, 12, 8, 8)
-    assert "no dropout yet" in fastseq.explain("scaled_dot_product_attention", q, k, v, None, 0.1)
-    torch.manual_seed(3)
-    o = sdpa(q, k, v, dropout_p=0.5)
-    torch.manual_seed(3)
-    torch.testing.assert_close(o, F.scaled_dot_product_attention(q, k, v, dropout_p=0.5))
     bias = torch.randn(2, 10, 12, requires_grad=True)        # a learned bias needs its gradient
+    assert "gives no gradient for a float attn_mask" in fastseq.explain(
+        "scaled_dot_product_attention", q, k, v, bias)
     sdpa(q, k, v, attn_mask=bias).sum().backward()
     assert bias.grad is not None and bias.grad.abs().sum() > 0
 

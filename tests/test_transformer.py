@@ -77,13 +77,18 @@ def test_mha_kdim_vdim_and_no_bias():
     torch.testing.assert_close(fast(q, k, v)[0], ref(q, k, v)[0], rtol=1e-4, atol=1e-5)
 
 
-def test_mha_dropout_in_training_runs_torch_forward():
+def test_mha_dropout_in_training():
     ref, fast = twins(torch.nn.MultiheadAttention, fastseq.nn.MultiheadAttention, 16, 2, dropout=0.5)
     x = torch.randn(4, 2, 16)
-    torch.manual_seed(5)
+    torch.manual_seed(5)                       # need_weights=True: torch's forward, torch's masks
     a = ref(x, x, x)[0]
     torch.manual_seed(5)
     torch.testing.assert_close(fast(x, x, x)[0], a)
+    torch.manual_seed(5)                       # need_weights=False: the fused kernel's own dropout
+    b = fast(x, x, x, need_weights=False)[0]
+    torch.manual_seed(5)
+    assert torch.equal(b, fast(x, x, x, need_weights=False)[0])
+    assert not torch.allclose(b, fast.eval()(x, x, x, need_weights=False)[0])
 
 
 def test_mha_is_causal_needs_a_mask_as_in_torch():

@@ -34,6 +34,20 @@ static inline float fs_expf(float x) {
     return x != x ? x : y;
 }
 
+/* Counter-based random numbers for attention dropout: a keyed hash of the element's 64-bit
+ * index (two rounds of the "lowbias32" avalanche mix), so backward regenerates exactly the
+ * forward's mask from (seed, index) without storing it.  Branch-free and 32-bit only, so gcc
+ * vectorizes it over a row.  fastseq/attention.py has the same function in torch (the oracle). */
+static inline uint32_t fs_mix32(uint32_t x) {
+    x ^= x >> 16; x *= 0x7feb352dU;
+    x ^= x >> 15; x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+static inline uint32_t fs_rand32(uint64_t index, uint64_t seed) {
+    return fs_mix32(fs_mix32((uint32_t)index ^ (uint32_t)seed) ^ (uint32_t)(index >> 32) ^ (uint32_t)(seed >> 32));
+}
+
 /* max of x[0..n) ignoring NaN (NaN still reaches the output through exp and the row sum);
  * -inf for n == 0 or an all-NaN row.  Written with AVX intrinsics: gcc will not vectorize a
  * NaN-aware max without -ffinite-math-only, which would break the -inf of masks. */

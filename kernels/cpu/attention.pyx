@@ -16,11 +16,14 @@ The T x S score matrix never exists: memory is O(T) plus a per-thread tile.  Key
 of the tile can see (above the causal diagonal, outside the window, past the key length) are
 never computed, so causal attention costs half and windowed attention is linear in T.
 
+Dropout (p > 0) multiplies P by Z / (1 - p) after the row sums, Z_ij = [hash(seed, index of
+(b, h, i, j)) >= p 2^32]: counter-based, so backward regenerates Z instead of storing it.
+
 Backward recomputes P = exp(scale Q K^T + mask - lse) tile by tile, parallel over
 (batch, key/value head, tile of BK keys), so each thread owns its dK, dV rows (race-free):
-    dV  += P^T dO
-    dP   = dO V^T
-    dS   = P o (dP - Delta),   Delta = rowsum(dO o O)     (d softmax, since sum_j P_ij dP_ij = Delta_i)
+    dP~  = dO V^T,             dP = dP~ o Z / (1 - p)     (Z = 1 without dropout)
+    dV  += P~^T dO,            P~ = P o Z / (1 - p)
+    dS   = P o (dP - Delta),   Delta = rowsum(dO o O)     (d softmax, since sum_j P~_ij dP~_ij = Delta_i)
     dQ  += scale dS K          (into the thread's own dQ partial; partials summed in thread order)
     dK  += scale dS^T Q
 Five GEMMs per tile pair, as flash-attention 2.  A row with no visible key has lse = +inf,
@@ -29,7 +32,7 @@ P = 0 and zero gradients, and outputs 0 (torch's convention).
 The kernels never allocate: per-thread workspaces come from the caller (work_size()).
 """
 from cython.parallel cimport prange
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.math cimport INFINITY, log, exp
 
 from _common cimport real, chunk_
@@ -39,6 +42,7 @@ include "_blas.pxi"
 cdef extern from "_fastmath.h" nogil:
     float fs_expf(float x)
     float fs_rowmaxf(const float* x, long n)
+    uint32_t fs_rand32(uint64_t index, uint64_t seed)
 
 cdef enum:
     BQ = 128       # queries per tile
@@ -92,6 +96,10 @@ cdef struct Mask:
     const void* add                 # additive mask (the data's type), or NULL
     const unsigned char* keep       # boolean mask (1 = attend), or NULL
     Py_ssize_t s0, s1, s2, s3       # element strides of the mask over (B, H, T, S); 0 = broadcast
+    bint drop                       # dropout on the probabilities
+    uint64_t seed                   # its key; element (b, h, i, j) draws fs_rand32(((b H + h) T + i) S + j)
+    uint32_t thresh                 # kept when the draw >= thresh (= p * 2^32)
+    double keep_scale               # 1 / (1 - p)
 
 
 cdef inline Py_ssize_t row_lo_(Mask* mk, Py_ssize_t i) noexcept nogil:
@@ -148,6 +156,23 @@ cdef inline bint tile_is_plain_(Mask* mk, Py_ssize_t i0, Py_ssize_t i1, Py_ssize
     if mk.add != NULL or mk.keep != NULL:
         return False
     return j0 >= row_lo_(mk, i1 - 1) and j1 <= row_hi_(mk, i0, klen)
+
+
+cdef inline void dropout_row_(Mask* mk, real* row, Py_ssize_t n, uint64_t index0) noexcept nogil:
+    """row[j] *= Z_j / (1 - p), Z_j = [fs_rand32(index0 + j) >= thresh]: the forward's P~ = P o Z / (1 - p)."""
+    cdef Py_ssize_t j
+    cdef real ks = <real> mk.keep_scale
+    cdef uint64_t seed = mk.seed
+    cdef uint32_t thr = mk.thresh
+    for j in range(n):
+        row[j] = row[j] * ks if fs_rand32(index0 + <uint64_t> j, seed) >= thr else 0
+
+
+cdef void set_dropout_(Mask* mk, double p, uint64_t seed) noexcept nogil:
+    mk.drop = p > 0
+    mk.seed = seed
+    mk.thresh = <uint32_t> min(p * 4294967296.0, 4294967295.0)
+    mk.keep_scale = 1.0 / (1.0 - p) if p < 1 else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +234,8 @@ cdef void fwd_unit_(const real* q, const real* k, const real* v, real* o, real* 
             if alpha != 1:
                 for c in range(Dv):
                     acc[r * Dv + c] = acc[r * Dv + c] * alpha
+            if mk.drop:                      # l keeps the undropped sum: softmax, then dropout
+                dropout_row_(mk, row, nk, <uint64_t> (((b * Hq + h) * T + i0 + r) * S + j0))
         gemm_rm(False, False, <int> nq, <int> Dv, <int> nk, 1, sc, <int> bk, vb + j0 * Dv, <int> Dv, 1, acc, <int> Dv)
         j0 = j1
     for r in range(nq):
@@ -232,9 +259,10 @@ def forward(real[::1] q, real[::1] k, real[::1] v, real[::1] o, real[::1] lse,
             real[::1] mask_add, const unsigned char[::1] mask_keep, const int64_t[::1] key_len,
             Py_ssize_t B, Py_ssize_t Hq, Py_ssize_t Hk, Py_ssize_t T, Py_ssize_t S, Py_ssize_t D,
             Py_ssize_t Dv, double scale, Py_ssize_t left, Py_ssize_t right,
-            Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t s2, Py_ssize_t s3,
+            Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t s2, Py_ssize_t s3, double dropout_p, uint64_t seed,
             real[::1] work, int num_threads):
-    """o, lse = attention(q, k, v).  mask_add / mask_keep / key_len: empty when absent; mask
+    """o, lse = attention(q, k, v), with dropout_p > 0 dropping probabilities by the keyed
+    counter-based draw of `seed` (lse stays the undropped normalizer).  mask_add / mask_keep / key_len: empty when absent; mask
     strides s0..s3 over (B, Hq, T, S).  left / right: visible key window per query (T + S for
     none; causal is right = 0).  work: (num_threads * work_size(D, Dv, False),)."""
     cdef Mask mk
@@ -253,6 +281,7 @@ def forward(real[::1] q, real[::1] k, real[::1] v, real[::1] o, real[::1] lse,
     mk.add = <const void*> ptr_(mask_add)
     mk.keep = &mask_keep[0] if mask_keep.shape[0] > 0 else NULL
     mk.s0, mk.s1, mk.s2, mk.s3 = s0, s1, s2, s3
+    set_dropout_(&mk, dropout_p, seed)
     if units == 0:
         return
     # round-robin units: neighbouring query tiles (unequal under causal masks) go to different threads
@@ -311,22 +340,27 @@ cdef void bwd_unit_(const real* q, const real* k, const real* v, const real* do_
                     lr = lse[row_base + r]
                     for j in range(nk):
                         prow[j] = exp_(prow[j] - lr)
-                # dV += P^T dO
-                gemm_rm(True, False, <int> nk, <int> Dv, <int> nq, 1, sc, BK, do_ + row_base * Dv, <int> Dv,
-                        1, dv_acc, <int> Dv)
-                # dP = dO V^T
+                # dP~ = dO V^T  (the gradient at the dropped probabilities P~ = P o Z / (1 - p))
                 gemm_rm(False, True, <int> nq, <int> nk, <int> Dv, 1, do_ + row_base * Dv, <int> Dv, vt, <int> Dv,
                         0, dp, BK)
-                for r in range(nq):                       # dS = P (dP - Delta)
+                for r in range(nq):
                     prow = sc + r * BK
                     dprow = dp + r * BK
                     dl = delta[row_base + r]
-                    for j in range(nk):
-                        prow[j] = prow[j] * (dprow[j] - dl)
-                # dQ += scale dS K ;  dK += scale dS^T Q
-                gemm_rm(False, False, <int> nq, <int> D, <int> nk, scale, sc, BK, kt, <int> D,
+                    if mk.drop:                           # dP = dP~ o Z / (1 - p);  sc becomes P~
+                        dropout_row_(mk, dprow, nk, <uint64_t> ((row_base + r) * S + j0))
+                        for j in range(nk):
+                            dprow[j] = prow[j] * (dprow[j] - dl)        # dS = P o (dP - Delta)
+                        dropout_row_(mk, prow, nk, <uint64_t> ((row_base + r) * S + j0))
+                    else:
+                        for j in range(nk):
+                            dprow[j] = prow[j] * (dprow[j] - dl)        # dS = P o (dP - Delta)
+                # dV += P~^T dO ;  dQ += scale dS K ;  dK += scale dS^T Q
+                gemm_rm(True, False, <int> nk, <int> Dv, <int> nq, 1, sc, BK, do_ + row_base * Dv, <int> Dv,
+                        1, dv_acc, <int> Dv)
+                gemm_rm(False, False, <int> nq, <int> D, <int> nk, scale, dp, BK, kt, <int> D,
                         1, dq_part + row_base * D, <int> D)
-                gemm_rm(True, False, <int> nk, <int> D, <int> nq, scale, sc, BK, q + row_base * D, <int> D,
+                gemm_rm(True, False, <int> nk, <int> D, <int> nq, scale, dp, BK, q + row_base * D, <int> D,
                         1, dk_acc, <int> D)
                 i0 = i1
     for j in range(nk * D):
@@ -340,9 +374,9 @@ def backward(real[::1] q, real[::1] k, real[::1] v, real[::1] o, real[::1] do_, 
              real[::1] mask_add, const unsigned char[::1] mask_keep, const int64_t[::1] key_len,
              Py_ssize_t B, Py_ssize_t Hq, Py_ssize_t Hk, Py_ssize_t T, Py_ssize_t S, Py_ssize_t D,
              Py_ssize_t Dv, double scale, Py_ssize_t left, Py_ssize_t right,
-             Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t s2, Py_ssize_t s3,
+             Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t s2, Py_ssize_t s3, double dropout_p, uint64_t seed,
              real[::1] work, int num_threads):
-    """dq, dk, dv of forward().  delta: (B*Hq*T,) scratch; dq_part: (num_threads * B*Hq*T*D,)
+    """dq, dk, dv of forward() (same dropout_p and seed: the mask is regenerated, never stored).  delta: (B*Hq*T,) scratch; dq_part: (num_threads * B*Hq*T*D,)
     per-thread dQ partials; work: (num_threads * work_size(D, Dv, True),)."""
     cdef Mask mk
     cdef Py_ssize_t u, b, hk, j0, r, c, t, lo, hi, nkt = (S + BK - 1) // BK, units = B * Hk * nkt
@@ -366,6 +400,7 @@ def backward(real[::1] q, real[::1] k, real[::1] v, real[::1] o, real[::1] do_, 
     mk.add = <const void*> ptr_(mask_add)
     mk.keep = &mask_keep[0] if mask_keep.shape[0] > 0 else NULL
     mk.s0, mk.s1, mk.s2, mk.s3 = s0, s1, s2, s3
+    set_dropout_(&mk, dropout_p, seed)
     if rows == 0:
         for u in range(B * Hk * S * D):
             pdk[u] = 0
