@@ -70,6 +70,17 @@ def dropout_keep(seed: int, shape, p: float, device=None):
     return r >= min(int(p * 4294967296.0), _M32)
 
 
+def visible_count(T: int, S: int, is_causal=False, window: Window = None, key_lengths=None) -> int:
+    """How many (query, key) pairs the structural masks leave visible, summed over the batch:
+    O(T) memory (visible_keys would build T x S)."""
+    left, right = _bounds(is_causal, window, T, S)
+    i = torch.arange(T, dtype=torch.int64)
+    lens = key_lengths.to(torch.int64).view(-1, 1) if key_lengths is not None else torch.tensor([[S]])
+    lo = (i - left).clamp(min=0)
+    hi = torch.minimum(i + right + 1, lens)
+    return int((hi - lo).clamp(min=0).sum())
+
+
 def attention_ref(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False,
                   window: Window = None, key_lengths=None, dropout_p=0.0, dropout_seed=None):
     """The math, in the accumulator precision: rows that see no key output 0 (torch's rule).

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -52,6 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=None, help="timed rounds per case (default 7 quick, 21 full)")
     p.add_argument("--out", default="fastseq-bench-results", help="folder for results.json/.csv and plots")
     p.add_argument("--no-sweep", action="store_true", help="skip attention's long-context scaling sweep")
+    p.add_argument("--sweep-only", action="store_true", help="run only attention's long-context scaling sweep")
     args = p.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = args.reps or (7 if args.quick else 21)
-    todo = cases(args.device, args.only, args.quick)
+    todo = [] if args.sweep_only else cases(args.device, args.only, args.quick)
 
     t0 = time.perf_counter()
     machine = describe(args.device)
@@ -81,15 +83,17 @@ def main(argv=None) -> int:
         if hasattr(it, "set_postfix_str"):
             it.set_postfix_str(case.name)
         rows += run_case(case, reps, 3.0 if args.quick else 20.0, args.device, args.quick)
-    print(table(rows, machine))
-    for path in write(rows, machine, args.out):
-        print("wrote", path)
+    if rows:
+        print(table(rows, machine))
+        for path in write(rows, machine, args.out):
+            print("wrote", path)
     if args.device == "cpu" and not args.no_sweep and (not args.only or "attention" in args.only):
         from . import scaling
 
         progress = (lambda xs: tqdm(xs, desc="attention scaling", unit="point", file=sys.stderr)) \
             if "tqdm" in globals() else None
-        sweep = scaling.run(args.quick, progress)
+        os.makedirs(args.out, exist_ok=True)
+        sweep = scaling.run(args.quick, progress, checkpoint=os.path.join(args.out, "attention_scaling.partial.json"))
         print(scaling.table(sweep))
         for path in scaling.write(sweep, args.out):
             print("wrote", path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..attention import visible_keys
+from ..attention import visible_count, visible_keys
 from ..functional import scaled_dot_product_attention as fast_sdpa
 from .registry import Case, Setup, register
 
@@ -32,8 +32,8 @@ def torch_math(q, k, v, mask=None, is_causal=False):
         return F.scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal)
 
 
-def torch_sdpa(q, k, v, mask=None, is_causal=False):
-    return F.scaled_dot_product_attention(q, k, v, mask, is_causal=is_causal)
+def torch_sdpa(q, k, v, mask=None, is_causal=False, dropout_p=0.0):
+    return F.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal=is_causal)
 
 
 def attention_flops(B, H, T, S, D, causal=False, backward=False):
@@ -61,11 +61,12 @@ def _runner(fn, q, k, v, backward, **kw):
     return run
 
 
-def _case(B, H, T, S, D, causal, backward, peers, device="cpu"):
+def _case(B, H, T, S, D, causal, backward, peers, device="cpu", dropout=0.0):
     def setup():
         q, k, v = _inputs(B, H, T, S, D, device, backward)
-        return Setup(fastseq=_runner(fast_sdpa, q, k, v, backward, is_causal=causal),
-                     peers={name: _runner(fn, q, k, v, backward, is_causal=causal) for name, fn in peers.items()},
+        kw = dict(is_causal=causal, **({"dropout_p": dropout} if dropout else {}))
+        return Setup(fastseq=_runner(fast_sdpa, q, k, v, backward, **kw),
+                     peers={name: _runner(fn, q, k, v, backward, **kw) for name, fn in peers.items()},
                      flops=attention_flops(B, H, T, S, D, causal, backward))
     return setup
 
@@ -76,7 +77,7 @@ def _masked_case(B, H, T, D, backward, window=None, lengths=None, device="cpu"):
         q, k, v = _inputs(B, H, T, T, D, device, backward)
         kl = torch.tensor(lengths) if lengths is not None else None
         keep = visible_keys(T, T, False, window, kl)
-        visible = keep.expand(B, 1, T, T).sum().item() * H
+        visible = visible_count(T, T, False, window, kl) * (B if kl is None else 1) * H
         return Setup(fastseq=_runner(fast_sdpa, q, k, v, backward, window=window, key_lengths=kl),
                      peers={"torch+mask": _runner(torch_sdpa, q, k, v, backward, mask=keep)},
                      flops=4 * visible * D * (3.5 if backward else 1))
@@ -93,6 +94,10 @@ for _bwd in (False, True):
                       _case(1, 8, 4096, 4096, 64, _causal, _bwd, PEERS), meta=QUICK))
     register(Case("attention", f"sdpa {_mode} BERT B=8 H=12 T=512 D=64", "cpu",
                   _case(8, 12, 512, 512, 64, False, _bwd, PEERS), meta=QUICK))
+register(Case("attention", "sdpa fwd+bwd dropout=0.1 BERT B=8 H=12 T=512", "cpu",
+              _case(8, 12, 512, 512, 64, False, True, {"torch": torch_sdpa}, dropout=0.1)))
+register(Case("attention", "sdpa fwd+bwd dropout=0.1 T=S=4096 B=1 H=8", "cpu",
+              _case(1, 8, 4096, 4096, 64, False, True, {"torch": torch_sdpa}, dropout=0.1), quick=False))
 register(Case("attention", "sdpa decode T=1 S=4096 B=1 H=8 D=64", "cpu", _case(1, 8, 1, 4096, 64, False, False, PEERS)))
 register(Case("attention", "sdpa decode T=1 S=4096 B=8 H=8 D=64", "cpu", _case(8, 8, 1, 4096, 64, False, False, PEERS)))
 register(Case("attention", "sdpa fwd window=(512,0) T=8192 H=8", "cpu",

@@ -22,7 +22,7 @@ import torch
 
 from ..functional import scaled_dot_product_attention as fast_sdpa
 from .attention import attention_flops, naive_attention, torch_math, torch_sdpa
-from ..attention import visible_keys
+from ..attention import visible_count, visible_keys
 from .timing import interleaved_medians
 
 B, H, D = 1, 8, 64
@@ -109,7 +109,8 @@ def grid(quick: bool) -> List[dict]:
            [dict(backward=b, causal=False, window=(512, 0), Ts=wts) for b in (False, True)]
 
 
-def run(quick: bool, progress=None) -> List[dict]:
+def run(quick: bool, progress=None, checkpoint: Optional[str] = None) -> List[dict]:
+    """The sweep's rows; with `checkpoint`, the rows so far are rewritten there after each point."""
     rows = []
     points = [(g, T) for g in grid(quick) for T in g["Ts"]]
     it = progress(points) if progress else points
@@ -125,7 +126,7 @@ def run(quick: bool, progress=None) -> List[dict]:
         for name, fn in impls.items():
             mem = peak_extra_bytes(fn)
             if g["window"]:
-                vis = visible_keys(T, T, False, g["window"]).sum().item() * B * H
+                vis = visible_count(T, T, False, g["window"]) * B * H
                 flops = 4 * vis * D * (3.5 if g["backward"] else 1)
             else:
                 flops = attention_flops(B, H, T, T, D, g["causal"], g["backward"])
@@ -133,6 +134,9 @@ def run(quick: bool, progress=None) -> List[dict]:
                          "gflops": flops / times[name] / 1e9, "peak_mib": None if mem is None else mem / 2 ** 20,
                          "naive_scores_mib": B * H * T * T * 4 / 2 ** 20})
         _trim()
+        if checkpoint:
+            with open(checkpoint, "w") as f:
+                json.dump(rows, f)
     return rows
 
 
