@@ -170,6 +170,7 @@ def table(rows: List[dict]) -> str:
 
 
 def write(rows: List[dict], out_dir: str) -> List[str]:
+    """attention_scaling.json / .csv / .png in out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     p = os.path.join(out_dir, "attention_scaling.json")
@@ -193,25 +194,32 @@ def write(rows: List[dict], out_dir: str) -> List[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return paths
-    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
+    colors = {"fastseq": "tab:blue", "torch": "tab:orange", "math": "tab:green", "naive": "tab:red",
+              "torch+mask": "tab:purple"}
+    fig, axes = plt.subplots(2, 2, figsize=(14, 10))
     for (mode, impl) in sorted({(r["mode"], r["impl"]) for r in rows}):
         pts = [r for r in rows if r["mode"] == mode and r["impl"] == impl]
-        style = "-" if impl == "fastseq" else "--"
-        axes[0].plot([r["T"] for r in pts], [r["ms"] for r in pts], style, marker="o", ms=3,
-                     label=f"{impl}: {mode} (slope {sl_t.get((mode, impl), float('nan')):.2f})")
+        row = 1 if mode.startswith("fwd+bwd") else 0
+        style = ":" if "window" in mode else ("--" if "causal" in mode else "-")
+        variant = mode.split(" ", 1)[1] if " " in mode else "full"
+        kw = dict(color=colors.get(impl), linestyle=style, marker="o", ms=3)
+        axes[row][0].plot([r["T"] for r in pts], [r["ms"] for r in pts],
+                          label=f"{impl}, {variant} (slope {sl_t.get((mode, impl), float('nan')):.2f})", **kw)
         mem = [r for r in pts if r["peak_mib"]]
         if mem:
-            axes[1].plot([r["T"] for r in mem], [r["peak_mib"] for r in mem], style, marker="o", ms=3,
-                         label=f"{impl}: {mode}")
-    for ax, label in zip(axes, ("time per call (ms)", "peak extra memory (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("T = S (B=1, 8 heads, D=64, fp32)")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=6)
-    axes[1].legend(fontsize=6)
-    fig.suptitle("attention: long-context scaling on the CPU")
+            axes[row][1].plot([r["T"] for r in mem], [r["peak_mib"] for r in mem],
+                              label=f"{impl}, {variant} (slope {sl_m.get((mode, impl), float('nan')):.2f})", **kw)
+    for row, mode in enumerate(("forward", "forward + backward")):
+        for col, label in enumerate(("time per call (ms)", "peak extra memory (MiB)")):
+            ax = axes[row][col]
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("T = S (B=1, 8 heads, D=64, fp32)")
+            ax.set_ylabel(label)
+            ax.set_title(f"{mode}: {label.split(' (')[0]}", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=6)
+    fig.suptitle("attention: long-context scaling on the CPU (solid: full, dashed: causal, dotted: window (512, 0))")
     fig.tight_layout()
     p = os.path.join(out_dir, "attention_scaling.png")
     fig.savefig(p, dpi=110)
