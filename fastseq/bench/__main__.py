@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", action="append", choices=families(), metavar="FAMILY",
                    help=f"run only this family (repeatable): {', '.join(families())}")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--reps", type=int, default=None, help="timed rounds per case (default 7 quick, 21 full)")
+    p.add_argument("--reps", type=int, default=None, help="timed rounds per case (default 5 quick, 21 full)")
     p.add_argument("--out", default="fastseq-bench-results", help="folder for results.json/.csv and plots")
     p.add_argument("--no-sweep", action="store_true", help="skip attention's long-context scaling sweep")
     p.add_argument("--sweep-only", action="store_true", help="run only attention's long-context scaling sweep")
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         p.error("--device cuda: torch sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
-    reps = args.reps or (7 if args.quick else 21)
+    reps = args.reps or (5 if args.quick else 21)
     todo = [] if args.sweep_only else cases(args.device, args.only, args.quick)
 
     t0 = time.perf_counter()
