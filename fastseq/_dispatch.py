@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 BACKENDS = ("cpu", "cuda", "torch")
+CPU_FAMILIES = ("layer_norm", "attention")     # compiled modules the "cpu" backend needs
 PRIORITY = {"cuda": ("cuda", "torch"), "cpu": ("cpu", "torch")}
 
 Reasons = Callable[[dict], List[str]]
@@ -55,7 +56,8 @@ def _cpu_missing() -> Optional[str]:
     global _cpu_import_error
     if _cpu_import_error is None:
         try:
-            importlib.import_module("fastseq._cpu.layer_norm")
+            for family in CPU_FAMILIES:
+                importlib.import_module(f"fastseq._cpu.{family}")
             _cpu_import_error = ""
         except ImportError as e:  # not built (a source checkout on sys.path without `pip install .`)
             _cpu_import_error = f"compiled CPU kernels not importable ({e}); run `pip install .`"

@@ -11,6 +11,7 @@ enable_gqa (grouped-query attention, K and V never repeated).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -146,14 +147,18 @@ def _check(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, 
         hq, hk = (q.shape[-3], k.shape[-3]) if q.dim() >= 4 else (1, 1)
         if q.dim() == 3 and q.shape[0] != k.shape[0]:
             raise ValueError(f"{op}: batch of query ({q.shape[0]}) and key ({k.shape[0]}) differ")
+        if hk == 0 and hq > 0:
+            raise ValueError(f"{op}: key has 0 heads for a query with {hq}")
         if hq != hk:
             if not enable_gqa:
                 raise ValueError(f"{op}: query has {hq} heads and key {hk}; pass enable_gqa=True for "
                                  "grouped-query attention")
             if hq % hk:
                 raise ValueError(f"{op}: enable_gqa needs key heads ({hk}) to divide query heads ({hq})")
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {dropout_p}")
+    if not 0.0 <= float(dropout_p) <= 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1], got {dropout_p}")
+    if q.shape[-1] == 0 or v.shape[-1] == 0:
+        raise ValueError(f"{op}: head dims must be at least 1, got D={q.shape[-1]}, Dv={v.shape[-1]}")
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise ValueError(f"{op}: expected attn_mask to be a torch.Tensor or None, got {type(attn_mask).__name__}")
@@ -174,10 +179,13 @@ def _check(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, 
         if is_causal:
             raise ValueError(f"{op}: pass either attn_mask or is_causal=True, not both (torch's rule)")
     if window is not None:
-        if not (isinstance(window, (tuple, list)) and len(window) == 2):
-            raise ValueError(f"{op}: window must be (left, right) (None or -1: unbounded), got {window!r}")
+        if not (isinstance(window, (tuple, list)) and len(window) == 2) or \
+                any(w is not None and (not isinstance(w, numbers.Integral) or w < -1) for w in window):
+            raise ValueError(f"{op}: window must be (left, right) of ints >= 0 (None or -1: unbounded), "
+                             f"got {window!r}")
     if key_lengths is not None:
-        if not isinstance(key_lengths, torch.Tensor) or key_lengths.dtype.is_floating_point or key_lengths.dim() != 1:
+        if not isinstance(key_lengths, torch.Tensor) or key_lengths.dtype.is_floating_point or \
+                key_lengths.dtype == torch.bool or key_lengths.is_complex() or key_lengths.dim() != 1:
             raise ValueError(f"{op}: key_lengths must be a 1-D integer tensor (B,), got "
                              f"{getattr(key_lengths, 'dtype', type(key_lengths).__name__)} "
                              f"of shape {list(getattr(key_lengths, 'shape', []))}")
@@ -207,7 +215,7 @@ def _bounds(is_causal: bool, window: Window, T: int, S: int) -> Tuple[int, int]:
 def _facts(q, k=None, v=None, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
            enable_gqa=False, window=None, key_lengths=None) -> dict:
     return {"device": q.device.type, "dtype": str(q.dtype).replace("torch.", ""),
-            "dropout": float(dropout_p) > 0,
+            "dropout": float(dropout_p) > 0, "dropout_p": float(dropout_p),
             "mask_needs_grad": bool(attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()),
             "T": q.shape[-2], "S": k.shape[-2] if k is not None else None, "D": q.shape[-1],
             "Dv": v.shape[-1] if v is not None else q.shape[-1]}
@@ -215,6 +223,8 @@ def _facts(q, k=None, v=None, attn_mask=None, dropout_p=0.0, is_causal=False, sc
 
 def _cpu_reasons(f: dict) -> List[str]:
     out = []
+    if f["dropout_p"] >= 1:
+        out.append("dropout_p=1 drops every probability (torch's SDPA returns zeros)")
     if f["dtype"] not in ("float32", "float64"):
         out.append(f"cpu attention takes float32 or float64, got {f['dtype']}")
     if f["mask_needs_grad"]:
@@ -225,6 +235,8 @@ def _cpu_reasons(f: dict) -> List[str]:
 
 def _cuda_reasons(f: dict) -> List[str]:
     out = []
+    if f["dropout_p"] >= 1:
+        out.append("dropout_p=1 drops every probability (torch's SDPA returns zeros)")
     if f["dtype"] not in ("float16", "float32", "float64"):
         out.append(f"cuda attention takes float16, float32 or float64, got {f['dtype']}")
     if max(f["D"], f["Dv"]) > 128:
@@ -303,6 +315,18 @@ class _Call:
                 + tuple(self.strides) + (self.dropout_p, self.seed))
 
 
+def _row_strided(t: torch.Tensor) -> bool:
+    """A 4-D tensor whose rows are contiguous (a slice of a longer cache, say): the CPU forward
+    reads it in place through its strides."""
+    return t.stride(-1) == 1 and t.stride(-2) >= t.shape[-1] and all(st >= 0 for st in t.stride())
+
+
+def _flat_span(t: torch.Tensor):
+    """A 1-D view of the storage span a strided tensor covers, and its element strides."""
+    span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0) if t.numel() else 0
+    return torch.as_strided(t, (span,), (1,), t.storage_offset()), t.stride()
+
+
 def _cuda_args(c: _Call, q):
     """The mask / key-length buffers and flags for the CUDA launchers (1-element stand-ins)."""
     from fastseq._cuda._common import as_array
@@ -332,8 +356,12 @@ def _forward(c: _Call, q, k, v, backend="cpu"):
     npd = _NP[q.dtype]
     nt = _dispatch.num_threads()
     work = torch.empty(nt * kern.work_size(c.D, c.Dv, False), dtype=q.dtype)
+    kv_strides = None
+    if not (k.is_contiguous() and v.is_contiguous()):
+        (k, ks), (v, vs) = _flat_span(k), _flat_span(v)
+        kv_strides = (ks[0], ks[1], ks[2], vs[0], vs[1], vs[2])
     kern.forward(_np(q, npd), _np(k, npd), _np(v, npd), _np(o, npd), _np(lse, npd), *c.common(npd),
-                 _np(work, npd), nt)
+                 _np(work, npd), nt, kv_strides)
     return o, lse
 
 
@@ -380,7 +408,7 @@ class AttentionFunction(torch.autograd.Function):
             raise RuntimeError("scaled_dot_product_attention: double backward through the fused kernel is "
                                "not supported; use fastseq.use_backend('torch') for higher-order gradients")
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(ctx.call, q, k, v, o, do.contiguous(), lse, ctx.backend)
+        dq, dk, dv = _backward(ctx.call, q, k.contiguous(), v.contiguous(), o, do.contiguous(), lse, ctx.backend)
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
@@ -448,7 +476,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                       window, key_lengths))
     if backend == "torch":
         return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, key_lengths)
-    q, k, v = (_fold(t).contiguous() for t in (query, key, value))
+    q = _fold(query).contiguous()
+    k, v = _fold(key), _fold(value)            # views into a KV cache stay views (CPU forward)
+    if not (_row_strided(k) and _row_strided(v)) or query.device.type != "cpu":
+        k, v = k.contiguous(), v.contiguous()
     mask = _fold_mask(attn_mask, query, key)
     seed = 0
     if dropout_p > 0:                # drawn from torch's generator: torch.manual_seed reproduces runs

@@ -53,7 +53,7 @@ def check(q, k, v, dtype, fast_kw=None, torch_kw=None, ref_kw=None):
     (1, 1, 1, 260, 260, 8, 8),       # tiles: partial query and key tiles
 ])
 @pytest.mark.parametrize("causal", [False, True])
-def test_matches_torch_sdpa(dtype, B, Hq, Hk, T, S, D, Dv, causal):
+def test_matches_torch_sdpa(poison, dtype, B, Hq, Hk, T, S, D, Dv, causal):
     q, k, v = qkv(B, Hq, Hk, T, S, D, Dv, dtype)
     kw = dict(is_causal=causal)
     check(q, k, v, dtype, kw, kw, kw)
@@ -62,7 +62,7 @@ def test_matches_torch_sdpa(dtype, B, Hq, Hk, T, S, D, Dv, causal):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("Hq,Hk", [(6, 2), (4, 1)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_grouped_and_multi_query(dtype, Hq, Hk, causal):
+def test_grouped_and_multi_query(poison, dtype, Hq, Hk, causal):
     q, k, v = qkv(2, Hq, Hk, 70, 130, 24, 24, dtype)
     kw = dict(is_causal=causal, enable_gqa=True)
     check(q, k, v, dtype, kw, kw, kw)
@@ -154,6 +154,19 @@ def test_nan_propagates_to_the_rows_it_reaches():
     assert torch.isfinite(o[0, 0, :5]).all() and torch.isnan(o[0, 0, 5:]).all()
 
 
+@pytest.mark.parametrize("T", [1, 37])
+def test_reads_a_kv_cache_slice_in_place(poison, T):
+    """K and V as views of a longer cache (decode and chunked prefill): same result as the
+    contiguous copy, and gradients still flow."""
+    cache_k, cache_v = torch.randn(2, 4, 8192, 64), torch.randn(2, 4, 8192, 64)
+    k, v = cache_k[:, :, :3000], cache_v[:, :, :3000]
+    assert not k.is_contiguous()
+    q = torch.randn(2, 4, T, 64)
+    torch.testing.assert_close(sdpa(q, k, v), F.scaled_dot_product_attention(q, k.contiguous(), v.contiguous()),
+                               **tol(torch.float32))
+    check(q, k, v, torch.float32, {}, {}, {})
+
+
 def test_three_dim_and_batched_leading_dims():
     q, k, v = torch.randn(3, 50, 16), torch.randn(3, 70, 16), torch.randn(3, 70, 12)
     torch.testing.assert_close(sdpa(q, k, v), F.scaled_dot_product_attention(q, k, v), **tol(torch.float32))
@@ -204,7 +217,7 @@ def test_gradcheck():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
-def test_dropout_matches_the_reference_mask_and_gradients(dtype, causal):
+def test_dropout_matches_the_reference_mask_and_gradients(poison, dtype, causal):
     """The kernel's counter-based mask equals dropout_keep() (the oracle), forward and backward,
     and backward regenerates it (nothing stored)."""
     q, k, v = qkv(2, 2, 2, 70, 300, 16, 8, dtype)
@@ -247,6 +260,11 @@ def test_gradcheck_with_dropout():
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
+def test_dropout_one_drops_everything():
+    q, k, v = qkv(1, 2, 2, 6, 9, 8, 8)
+    assert not sdpa(q, k, v, dropout_p=1.0).any()
+
+
 def test_mask_gradients_run_on_torch():
     q, k, v = qkv(1, 2, 2, 10, 12, 8, 8)
     bias = torch.randn(2, 10, 12, requires_grad=True)        # a learned bias needs its gradient
@@ -275,6 +293,14 @@ def test_mask_gradients_run_on_torch():
                   key_lengths=torch.tensor([5, 6])), r"key_lengths must lie in \[0, 5\], got \[5, 6\]"),
     (lambda: sdpa(torch.randn(2, 2, 4, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8), window=3),
      "window must be \\(left, right\\)"),
+    (lambda: sdpa(torch.randn(2, 2, 4, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8), window=(3, -2)),
+     "window must be \\(left, right\\) of ints >= 0"),
+    (lambda: sdpa(torch.randn(2, 2, 4, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8),
+                  key_lengths=torch.tensor([True, False])), "key_lengths must be a 1-D integer tensor"),
+    (lambda: sdpa(torch.randn(2, 2, 4, 0), torch.randn(2, 2, 5, 0), torch.randn(2, 2, 5, 8)),
+     "head dims must be at least 1"),
+    (lambda: sdpa(torch.randn(2, 2, 4, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8), dropout_p=1.5),
+     r"dropout_p must be in \[0, 1\]"),
 ])
 def test_bad_input_raises_a_clear_error(call, match):
     with pytest.raises(ValueError, match=match):

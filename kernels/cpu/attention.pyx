@@ -31,7 +31,7 @@ P = 0 and zero gradients, and outputs 0 (torch's convention).
 
 The kernels never allocate: per-thread workspaces come from the caller (work_size()).
 """
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.math cimport INFINITY, log, exp
 
@@ -49,8 +49,6 @@ cdef enum:
     BK = 256      # keys per tile
 
 
-cdef extern from "omp.h" nogil:
-    int omp_get_thread_num()
 
 
 cdef inline real exp_(real x) noexcept nogil:
@@ -179,15 +177,20 @@ cdef void set_dropout_(Mask* mk, double p, uint64_t seed) noexcept nogil:
 # forward
 # ---------------------------------------------------------------------------------------------
 
+cdef struct KVLayout:
+    Py_ssize_t kb, kh, ks          # element strides of K over (batch, head, key); D is contiguous
+    Py_ssize_t vb, vh, vs          # and of V
+
+
 cdef void fwd_unit_(const real* q, const real* k, const real* v, real* o, real* lse, Mask* mk,
-                    Py_ssize_t b, Py_ssize_t h, Py_ssize_t i0, Py_ssize_t Hq, Py_ssize_t Hk,
+                    KVLayout* kv, Py_ssize_t b, Py_ssize_t h, Py_ssize_t i0, Py_ssize_t Hq, Py_ssize_t Hk,
                     Py_ssize_t T, Py_ssize_t S, Py_ssize_t D, Py_ssize_t Dv, real scale,
                     real* work) noexcept nogil:
     cdef Py_ssize_t i1 = T if i0 + BQ > T else i0 + BQ
     cdef Py_ssize_t nq = i1 - i0, hk = h // (Hq // Hk), klen = key_len_(mk, b, S)
     cdef const real* qt = q + ((b * Hq + h) * T + i0) * D
-    cdef const real* kb = k + (b * Hk + hk) * S * D
-    cdef const real* vb = v + (b * Hk + hk) * S * Dv
+    cdef const real* kb = k + b * kv.kb + hk * kv.kh       # K and V may be views into a larger
+    cdef const real* vb = v + b * kv.vb + hk * kv.vh       # cache: rows kv.ks / kv.vs apart
     # short query tiles (decode: nq = 1) take proportionally wider key tiles from the same
     # (BQ * BK) score buffer: fewer, larger GEMM calls
     cdef Py_ssize_t bk = (BQ * BK) // nq
@@ -209,7 +212,7 @@ cdef void fwd_unit_(const real* q, const real* k, const real* v, real* o, real* 
     while j0 < jhi:
         j1 = jhi if j0 + bk > jhi else j0 + bk
         nk = j1 - j0
-        gemm_rm(False, True, <int> nq, <int> nk, <int> D, scale, qt, <int> D, kb + j0 * D, <int> D,
+        gemm_rm(False, True, <int> nq, <int> nk, <int> D, scale, qt, <int> D, kb + j0 * kv.ks, <int> kv.ks,
                 0, sc, <int> bk)
         if not tile_is_plain_(mk, i0, i1, j0, j1, klen):
             apply_mask_(mk, sc, bk, b, h, i0, nq, j0, nk, klen)
@@ -236,7 +239,8 @@ cdef void fwd_unit_(const real* q, const real* k, const real* v, real* o, real* 
                     acc[r * Dv + c] = acc[r * Dv + c] * alpha
             if mk.drop:                      # l keeps the undropped sum: softmax, then dropout
                 dropout_row_(mk, row, nk, <uint64_t> (((b * Hq + h) * T + i0 + r) * S + j0))
-        gemm_rm(False, False, <int> nq, <int> Dv, <int> nk, 1, sc, <int> bk, vb + j0 * Dv, <int> Dv, 1, acc, <int> Dv)
+        gemm_rm(False, False, <int> nq, <int> Dv, <int> nk, 1, sc, <int> bk, vb + j0 * kv.vs, <int> kv.vs, 1, acc,
+                <int> Dv)
         j0 = j1
     for r in range(nq):
         row = o + ((b * Hq + h) * T + i0 + r) * Dv
@@ -260,9 +264,11 @@ def forward(real[::1] q, real[::1] k, real[::1] v, real[::1] o, real[::1] lse,
             Py_ssize_t B, Py_ssize_t Hq, Py_ssize_t Hk, Py_ssize_t T, Py_ssize_t S, Py_ssize_t D,
             Py_ssize_t Dv, double scale, Py_ssize_t left, Py_ssize_t right,
             Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t s2, Py_ssize_t s3, double dropout_p, uint64_t seed,
-            real[::1] work, int num_threads):
+            real[::1] work, int num_threads, kv_strides=None):
     """o, lse = attention(q, k, v), with dropout_p > 0 dropping probabilities by the keyed
-    counter-based draw of `seed` (lse stays the undropped normalizer).  mask_add / mask_keep / key_len: empty when absent; mask
+    counter-based draw of `seed` (lse stays the undropped normalizer).  kv_strides: the six
+    element strides (K batch, head, key; V batch, head, key) when k and v are flat views of a
+    larger buffer (a KV cache); None for contiguous k, v.  mask_add / mask_keep / key_len: empty when absent; mask
     strides s0..s3 over (B, Hq, T, S).  left / right: visible key window per query (T + S for
     none; causal is right = 0).  work: (num_threads * work_size(D, Dv, False),)."""
     cdef Mask mk
@@ -276,6 +282,12 @@ def forward(real[::1] q, real[::1] k, real[::1] v, real[::1] o, real[::1] lse,
     cdef real* plse = ptr_(lse)
     cdef real* pw = ptr_(work)
     cdef real sc = <real> scale
+    cdef KVLayout kv
+    if kv_strides is None:
+        kv.kb, kv.kh, kv.ks = Hk * S * D, S * D, D
+        kv.vb, kv.vh, kv.vs = Hk * S * Dv, S * Dv, Dv
+    else:
+        kv.kb, kv.kh, kv.ks, kv.vb, kv.vh, kv.vs = kv_strides
     mk.left, mk.right = min(left, T + S), min(right, S)
     mk.key_len = &key_len[0] if key_len.shape[0] > 0 else NULL
     mk.add = <const void*> ptr_(mask_add)
@@ -289,8 +301,8 @@ def forward(real[::1] q, real[::1] k, real[::1] v, real[::1] o, real[::1] lse,
         b = u // (Hq * nqt)
         h = (u // nqt) % Hq
         i0 = (u % nqt) * BQ
-        fwd_unit_(pq, pk, pv, po, plse, &mk, b, h, i0, Hq, Hk, T, S, D, Dv, sc,
-                  pw + omp_get_thread_num() * ws)
+        fwd_unit_(pq, pk, pv, po, plse, &mk, &kv, b, h, i0, Hq, Hk, T, S, D, Dv, sc,
+                  pw + threadid() * ws)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,8 +435,8 @@ def backward(real[::1] q, real[::1] k, real[::1] v, real[::1] o, real[::1] do_, 
             b = u // (Hk * nkt)
             hk = (u // nkt) % Hk
             j0 = (u % nkt) * BK
-            bwd_unit_(pq, pk, pv, pdo, plse, pdelta, ppart + omp_get_thread_num() * nq_el, pdk, pdv, &mk,
-                      b, hk, j0, Hq, Hk, T, S, D, Dv, sc, pw + omp_get_thread_num() * ws)
+            bwd_unit_(pq, pk, pv, pdo, plse, pdelta, ppart + threadid() * nq_el, pdk, pdv, &mk,
+                      b, hk, j0, Hq, Hk, T, S, D, Dv, sc, pw + threadid() * ws)
     # dQ = sum of the partials, in thread order
     for t in prange(nt, nogil=True, num_threads=nt, schedule="static", chunksize=1):
         lo, hi = chunk_(nq_el, nt, t)

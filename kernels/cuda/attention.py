@@ -5,7 +5,7 @@ online softmax over key tiles, per-row logsumexp saved, masks read in place thro
 key lengths, a (left, right) window with causal as right = 0, grouped-query heads.
 
 Forward: one block per (batch, head, tile of blockDim queries), one thread per query row.  The
-block stages each tile of BK keys and values in shared memory; every thread keeps its row's
+block stages each tile of keys and values in shared memory (32 KiB: 32 keys in fp32, 16 in fp64); every thread keeps its row's
 running max, sum and output accumulator in registers (head dims up to MAX_D).
 Backward, one thread per row and no atomics: a kernel for Delta = rowsum(dO o O), one for dQ
 (a thread per query row, recomputing P = exp(s - lse) over the row's visible keys), one for dK
@@ -21,7 +21,13 @@ from numba import cuda
 from ._common import accumulator
 
 MAX_D = 128          # largest head dim (D and Dv) the kernels take
-BK = 32              # keys per shared-memory tile
+SHARED_BYTES = 32 * 1024   # the forward's K and V tiles: within the 48 KiB static limit
+
+
+def keys_per_tile(acc_bytes):
+    """Keys per shared-memory tile: K and V tiles of (BK, MAX_D) accumulators in SHARED_BYTES
+    (32 in fp32, 16 in fp64)."""
+    return SHARED_BYTES // (2 * MAX_D * acc_bytes)
 
 _cache = {}
 
@@ -31,6 +37,7 @@ def _kernels(dtype):
     if acc in _cache:
         return _cache[acc]
     NEG_INF = -math.inf
+    BK = keys_per_tile(acc.bitwidth // 8)
 
     @cuda.jit(device=True)
     def score_(s, b, h, i, j, mask_add, mask_keep, s0, s1, s2, s3, has_add, has_keep, left, right, klen):

@@ -58,6 +58,22 @@ def reference(q, k, v, do, **kw):
     return (o,) + torch.autograd.grad(o, leaves, do.to(acc))
 
 
+def test_shared_memory_fits_the_static_limit():
+    for acc_bytes in (4, 8):
+        assert 2 * K.keys_per_tile(acc_bytes) * K.MAX_D * acc_bytes <= 48 * 1024
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kw", [{}, {"key_lengths": torch.tensor([60])}, {"window": (70, 0)}])
+def test_several_key_tiles(dtype, kw):
+    """Queries that see up to 75 keys: several shared-memory key tiles (32 keys in fp32, 16 in fp64)."""
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 1, 75, 4).to(dtype), torch.randn(1, 1, 75, 4).to(dtype), torch.randn(1, 1, 75, 4).to(dtype)
+    do = torch.randn(1, 1, 75, 4).to(dtype)
+    for g, e in zip(run(q, k, v, do, threads=32, **kw), reference(q, k, v, do, **kw)):
+        torch.testing.assert_close(g.to(e.dtype), e, **TOL[dtype])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize("kw", [{}, {"is_causal": True}, {"window": (2, 1)}, {"key_lengths": "yes"},
                                 {"mask": "bool"}, {"mask": "float"}])
