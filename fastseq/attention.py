@@ -463,7 +463,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         scale: defaults to 1 / sqrt(D).
         enable_gqa: allow Hk to divide Hq (grouped / multi-query attention).
         window: keyword extra, (left, right): query i sees keys i - left <= j <= i + right
-            (None or -1 for an unbounded side); with is_causal, right is 0.
+            (None or -1 for an unbounded side); with is_causal, right is 0.  Aligned top-left
+            like is_causal (query i at key position i).
         key_lengths: keyword extra, (B,) integer tensor: keys j >= key_lengths[b] are padding.
     Returns:
         (..., Hq, T, Dv), the query's dtype.  A query that sees no key gets 0 (and zero gradient).
