@@ -166,7 +166,15 @@ cdef inline void dropout_row_(Mask* mk, real* row, Py_ssize_t n, uint64_t index0
         row[j] = row[j] * ks if fs_rand32(index0 + <uint64_t> j, seed) >= thr else 0
 
 
-cdef void set_dropout_(Mask* mk, double p, uint64_t seed) noexcept nogil:
+cdef void init_mask_(Mask* mk, Py_ssize_t T, Py_ssize_t S, Py_ssize_t left, Py_ssize_t right,
+                     const int64_t* key_len, const void* add, const unsigned char* keep,
+                     Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t s2, Py_ssize_t s3,
+                     double p, uint64_t seed) noexcept nogil:
+    """Everything that hides or drops a (query, key) pair, shared by forward and backward."""
+    mk.left = T + S if left > T + S else left
+    mk.right = S if right > S else right
+    mk.key_len, mk.add, mk.keep = key_len, add, keep
+    mk.s0, mk.s1, mk.s2, mk.s3 = s0, s1, s2, s3
     mk.drop = p > 0
     mk.seed = seed
     mk.thresh = <uint32_t> min(p * 4294967296.0, 4294967295.0)
@@ -288,12 +296,9 @@ def forward(real[::1] q, real[::1] k, real[::1] v, real[::1] o, real[::1] lse,
         kv.vb, kv.vh, kv.vs = Hk * S * Dv, S * Dv, Dv
     else:
         kv.kb, kv.kh, kv.ks, kv.vb, kv.vh, kv.vs = kv_strides
-    mk.left, mk.right = min(left, T + S), min(right, S)
-    mk.key_len = &key_len[0] if key_len.shape[0] > 0 else NULL
-    mk.add = <const void*> ptr_(mask_add)
-    mk.keep = &mask_keep[0] if mask_keep.shape[0] > 0 else NULL
-    mk.s0, mk.s1, mk.s2, mk.s3 = s0, s1, s2, s3
-    set_dropout_(&mk, dropout_p, seed)
+    init_mask_(&mk, T, S, left, right, &key_len[0] if key_len.shape[0] > 0 else NULL,
+               <const void*> ptr_(mask_add), &mask_keep[0] if mask_keep.shape[0] > 0 else NULL,
+               s0, s1, s2, s3, dropout_p, seed)
     if units == 0:
         return
     # round-robin units: neighbouring query tiles (unequal under causal masks) go to different threads
@@ -407,12 +412,9 @@ def backward(real[::1] q, real[::1] k, real[::1] v, real[::1] o, real[::1] do_, 
     cdef real* ppart = ptr_(dq_part)
     cdef real* pw = ptr_(work)
     cdef real sc = <real> scale, acc
-    mk.left, mk.right = min(left, T + S), min(right, S)
-    mk.key_len = &key_len[0] if key_len.shape[0] > 0 else NULL
-    mk.add = <const void*> ptr_(mask_add)
-    mk.keep = &mask_keep[0] if mask_keep.shape[0] > 0 else NULL
-    mk.s0, mk.s1, mk.s2, mk.s3 = s0, s1, s2, s3
-    set_dropout_(&mk, dropout_p, seed)
+    init_mask_(&mk, T, S, left, right, &key_len[0] if key_len.shape[0] > 0 else NULL,
+               <const void*> ptr_(mask_add), &mask_keep[0] if mask_keep.shape[0] > 0 else NULL,
+               s0, s1, s2, s3, dropout_p, seed)
     if rows == 0:
         for u in range(B * Hk * S * D):
             pdk[u] = 0
