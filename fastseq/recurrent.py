@@ -1,0 +1,174 @@
+"""Recurrent family.  So far: one LSTM layer, one direction, as a fused whole-sequence kernel.
+
+Read top to bottom: the pure-torch reference (the oracle), dispatch facts, kernel calls, the
+autograd Function, the functional op.  The "torch" backend is torch's own torch.lstm.
+Issue #4 builds the rest on this: GRU, RNN, the layer-normalized cells, multi-layer and
+bidirectional stacks, PackedSequence, and the torch.nn drop-in modules.
+
+Shapes: input (T, B, C) (or (B, T, C) with batch_first); h0, c0 (B, H); weight_ih (4H, C),
+weight_hh (4H, H), bias_ih / bias_hh (4H,), gates in torch's order i, f, g, o.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from . import _alloc, _blas, _dispatch
+
+
+# ============================================================================ reference
+
+def lstm_ref(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None):
+    """(T, B, C) -> y (T, B, H), (h_T, c_T): the LSTM recurrence step by step in torch."""
+    h, c = h0, c0
+    ys = []
+    for t in range(x.shape[0]):
+        g = x[t] @ w_ih.t() + h @ w_hh.t()
+        if b_ih is not None:
+            g = g + b_ih + b_hh
+        i, f, gg, o = g.chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        ys.append(h)
+    return torch.stack(ys), (h, c)
+
+
+# ============================================================================ checks and dispatch
+
+def _check(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+    op = "lstm_layer"
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        raise ValueError(f"{op}: expected a floating-point input tensor, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() != 3:
+        raise ValueError(f"{op}: expected input to be 3D (T, B, C), got {x.dim()}D")
+    T, B, C = x.shape
+    H4, Cw = w_ih.shape
+    if H4 % 4 or Cw != C:
+        raise ValueError(f"{op}: expected weight_ih of shape (4H, {C}), got {list(w_ih.shape)}")
+    H = H4 // 4
+    if tuple(w_hh.shape) != (H4, H):
+        raise ValueError(f"{op}: expected weight_hh of shape [{H4}, {H}], got {list(w_hh.shape)}")
+    for name, b in (("bias_ih", b_ih), ("bias_hh", b_hh)):
+        if b is not None and tuple(b.shape) != (H4,):
+            raise ValueError(f"{op}: expected {name} of shape [{H4}], got {list(b.shape)}")
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError(f"{op}: pass both biases or neither")
+    for name, s in (("h0", h0), ("c0", c0)):
+        if s is not None and tuple(s.shape) != (B, H):
+            raise ValueError(f"{op}: expected {name} of shape [{B}, {H}], got {list(s.shape)}")
+    for name, t in (("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh),
+                    ("h0", h0), ("c0", c0)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{op}: expected {name} as {x.dtype} on {x.device} (the input's), got "
+                             f"{t.dtype} on {t.device}")
+    return T, B, C, H
+
+
+def _facts(x, *args, **kwargs) -> dict:
+    return {"device": x.device.type, "dtype": str(x.dtype).replace("torch.", "")}
+
+
+def _cpu_reasons(f: dict) -> List[str]:
+    if f["dtype"] not in ("float32", "float64"):
+        return [f"cpu lstm takes float32 or float64, got {f['dtype']}"]
+    return []
+
+
+_dispatch.register_op("lstm_layer", _facts, cpu=_cpu_reasons, torch=lambda f: [])
+
+
+# ============================================================================ kernel calls
+
+_NP = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _np(t):
+    return t.detach().numpy().reshape(-1)
+
+
+def _kernels():
+    k = _dispatch.cpu_kernels("recurrent")
+    if not getattr(k, "_fastseq_blas", False):
+        _blas.install(k)
+        k._fastseq_blas = True
+    return k
+
+
+class LSTMLayerFunction(torch.autograd.Function):
+    """One LSTM layer over a whole sequence.  Saves the input, weights, every step's hidden and
+    cell state and the activated gates; backward runs the fused backward-through-time kernel and
+    forms the weight gradients as GEMMs over all steps."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+        T, B, C = x.shape
+        H = w_hh.shape[1]
+        bias = (b_ih + b_hh) if b_ih is not None else torch.zeros(4 * H, dtype=x.dtype)
+        xp = torch.addmm(bias, x.reshape(T * B, C), w_ih.t())              # (T*B, 4H): one GEMM
+        y = _alloc.empty((T, B, H), x.dtype, x.device)
+        cs = _alloc.empty((T, B, H), x.dtype, x.device)
+        gates = _alloc.empty((T, B, 4 * H), x.dtype, x.device)
+        step = torch.empty(B * 4 * H, dtype=x.dtype)
+        h0c, c0c, whh = h0.contiguous(), c0.contiguous(), w_hh.contiguous()
+        _kernels().lstm_forward(_np(xp), _np(whh), _np(h0c), _np(c0c), _np(y), _np(cs), _np(gates), _np(step),
+                                T, B, H, _dispatch.num_threads())
+        ctx.save_for_backward(x, h0c, c0c, w_ih, whh, y, cs, gates)
+        ctx.has_bias = b_ih is not None
+        h_n, c_n = (y[-1], cs[-1]) if T else (h0c, c0c)
+        return y, h_n.clone(), c_n.clone()
+
+    @staticmethod
+    def backward(ctx, dy, dh_n, dc_n):
+        x, h0, c0, w_ih, w_hh, y, cs, gates = ctx.saved_tensors
+        T, B, C = x.shape
+        H = w_hh.shape[1]
+        zeros = lambda *s: torch.zeros(*s, dtype=x.dtype)                  # noqa: E731
+        dy = dy.contiguous() if dy is not None else zeros(T, B, H)
+        dh_n = dh_n.contiguous() if dh_n is not None else zeros(B, H)
+        dc_n = dc_n.contiguous() if dc_n is not None else zeros(B, H)
+        dg = _alloc.empty((T, B, 4 * H), x.dtype, x.device)
+        dh0, dc0 = torch.empty(B, H, dtype=x.dtype), torch.empty(B, H, dtype=x.dtype)
+        _kernels().lstm_backward(_np(dy), _np(dh_n), _np(dc_n), _np(w_hh), _np(c0), _np(cs), _np(gates), _np(dg),
+                                 _np(dh0), _np(dc0), T, B, H, _dispatch.num_threads())
+        dg2 = dg.view(T * B, 4 * H)
+        h_prev = torch.cat([h0.unsqueeze(0), y[:-1]]).view(T * B, H)      # h_{t-1} for every step
+        dx = (dg2 @ w_ih).view(T, B, C) if ctx.needs_input_grad[0] else None
+        dw_ih = dg2.t() @ x.reshape(T * B, C) if ctx.needs_input_grad[3] else None
+        dw_hh = dg2.t() @ h_prev if ctx.needs_input_grad[4] else None
+        db = dg2.sum(0) if ctx.has_bias else None
+        return dx, dh0, dc0, dw_ih, dw_hh, db, db
+
+
+# ============================================================================ functional
+
+def lstm_layer(input: torch.Tensor, hx: Optional[Tuple[torch.Tensor, torch.Tensor]], weight_ih: torch.Tensor,
+               weight_hh: torch.Tensor, bias_ih: Optional[torch.Tensor] = None,
+               bias_hh: Optional[torch.Tensor] = None, batch_first: bool = False):
+    """One unidirectional LSTM layer over a whole sequence, as one layer of torch.nn.LSTM.
+
+    Args:
+        input: (T, B, C), or (B, T, C) with batch_first.
+        hx: (h0, c0), each (B, H); None for zeros.
+        weight_ih (4H, C), weight_hh (4H, H), bias_ih / bias_hh (4H,) or None: torch.nn.LSTM's
+            weight_ih_l0 etc., gates in the order i, f, g, o.
+    Returns:
+        output (T, B, H) (or (B, T, H)), (h_n, c_n) each (B, H).
+    """
+    x = input.transpose(0, 1) if batch_first and isinstance(input, torch.Tensor) else input
+    h0, c0 = hx if hx is not None else (None, None)
+    T, B, C, H = _check(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
+    if h0 is None:
+        h0 = torch.zeros(B, H, dtype=x.dtype, device=x.device)
+        c0 = torch.zeros(B, H, dtype=x.dtype, device=x.device)
+    backend = _dispatch.choose("lstm_layer", _facts(x))
+    if backend == "torch":
+        params = [weight_ih, weight_hh] + ([bias_ih, bias_hh] if bias_ih is not None else [])
+        y, h_n, c_n = torch.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), params, bias_ih is not None, 1, 0.0,
+                                 False, False, False)
+        h_n, c_n = h_n[0], c_n[0]
+    else:
+        y, h_n, c_n = LSTMLayerFunction.apply(x.contiguous(), h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
+    return (y.transpose(0, 1) if batch_first else y), (h_n, c_n)
