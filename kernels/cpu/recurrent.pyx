@@ -32,21 +32,71 @@ cdef extern from "_fastmath.h" nogil:
 
 
 cdef inline real sigmoid_(real x) noexcept nogil:
+    cdef real one = 1
     if real is float:
-        return 1.0 / (1.0 + fs_expf(-x))
+        return one / (one + fs_expf(-x))
     else:
-        return 1.0 / (1.0 + exp(-x))
+        return one / (one + exp(-x))
 
 
 cdef inline real tanh_(real x) noexcept nogil:
+    cdef real one = 1, two = 2
     if real is float:
-        return 2.0 / (1.0 + fs_expf(-2.0 * x)) - 1.0
+        return two / (one + fs_expf(-two * x)) - one      # 2 sigmoid(2x) - 1, in float
     else:
         return tanh(x)
 
 
 cdef inline real* ptr_(real[::1] a) noexcept nogil:
     return &a[0] if a.shape[0] > 0 else NULL
+
+
+cdef enum:
+    UNIT = 64          # hidden units per OpenMP work unit in the gate passes
+
+
+cdef void lstm_cell_fwd_(const real* g, const real* cprev, real* c, real* h, real* act, Py_ssize_t H,
+                         Py_ssize_t j0, Py_ssize_t j1) noexcept nogil:
+    """Units [j0, j1) of one batch row: g (4H,) pre-activations -> c, h (H,), act (4H,) i f g o.
+    One transcendental per loop: gcc if-converts and vectorizes each (a single loop with five
+    exps stays scalar, 'control flow in loop')."""
+    cdef Py_ssize_t j
+    cdef real cc
+    for j in range(j0, j1):
+        act[j] = sigmoid_(g[j])
+    for j in range(j0, j1):
+        act[H + j] = sigmoid_(g[H + j])
+    for j in range(j0, j1):
+        act[2 * H + j] = tanh_(g[2 * H + j])
+    for j in range(j0, j1):
+        act[3 * H + j] = sigmoid_(g[3 * H + j])
+    for j in range(j0, j1):
+        c[j] = act[H + j] * cprev[j] + act[j] * act[2 * H + j]
+    for j in range(j0, j1):
+        h[j] = act[3 * H + j] * tanh_(c[j])
+
+
+cdef void lstm_cell_bwd_(const real* act, const real* c, const real* cprev, const real* dy, real* dh, real* dc,
+                         real* dg, Py_ssize_t H, Py_ssize_t j0, Py_ssize_t j1) noexcept nogil:
+    """Units [j0, j1) of one batch row: the gate gradients dg (4H,) and dc_next (in dc).
+    dg's o slot holds tanh(c) until the last loop overwrites it (one transcendental per loop)."""
+    cdef Py_ssize_t j
+    cdef real ig, fg, gg, og, tc, dhe, dce
+    for j in range(j0, j1):
+        dg[3 * H + j] = tanh_(c[j])
+    for j in range(j0, j1):
+        ig = act[j]
+        fg = act[H + j]
+        gg = act[2 * H + j]
+        og = act[3 * H + j]
+        tc = dg[3 * H + j]
+        dhe = dy[j] + dh[j]
+        dce = dc[j] + dhe * og * (1 - tc * tc)
+        dg[j] = dce * gg * ig * (1 - ig)
+        dg[H + j] = dce * cprev[j] * fg * (1 - fg)
+        dg[2 * H + j] = dce * ig * (1 - gg * gg)
+        dg[3 * H + j] = dhe * tc * og * (1 - og)
+        dc[j] = dce * fg
 
 
 def lstm_forward(real[::1] xp, real[::1] w_hh, real[::1] h0, real[::1] c0, real[::1] y, real[::1] cs,
@@ -56,7 +106,7 @@ def lstm_forward(real[::1] xp, real[::1] w_hh, real[::1] h0, real[::1] c0, real[
     xp (T*B*4H,): projected inputs with both biases.  w_hh (4H*H,) row-major (4H, H).
     h0, c0 (B*H,).  Outputs: y (T*B*H,) hidden states, cs (T*B*H,) cell states, gates (T*B*4H,)
     activated i, f, g, o.  g_step (B*4H,): scratch for one step's pre-activations."""
-    cdef Py_ssize_t t, e, b, j, n = B * H, H4 = 4 * H
+    cdef Py_ssize_t t, e, n = B * H, H4 = 4 * H
     cdef real* pxp = ptr_(xp)
     cdef real* pw = ptr_(w_hh)
     cdef real* py = ptr_(y)
@@ -66,7 +116,7 @@ def lstm_forward(real[::1] xp, real[::1] w_hh, real[::1] h0, real[::1] c0, real[
     cdef const real* hprev
     cdef const real* cprev
     cdef real* gt
-    cdef real ig, fg, gg, og, c
+    cdef Py_ssize_t u, nblk = (H + UNIT - 1) // UNIT
     cdef int nt = max(1, num_threads)
     if T == 0 or n == 0:
         return
@@ -78,20 +128,12 @@ def lstm_forward(real[::1] xp, real[::1] w_hh, real[::1] h0, real[::1] c0, real[
         # G = xp_t + h_{t-1} W_hh^T   (B x 4H)
         gemm_rm(False, True, <int> B, <int> H4, <int> H, 1, hprev, <int> H, pw, <int> H, 1, gs, <int> H4)
         gt = pg + t * B * H4
-        for e in prange(n, nogil=True, num_threads=nt, schedule="static"):
-            b = e // H
-            j = e % H
-            ig = sigmoid_(gs[b * H4 + j])
-            fg = sigmoid_(gs[b * H4 + H + j])
-            gg = tanh_(gs[b * H4 + 2 * H + j])
-            og = sigmoid_(gs[b * H4 + 3 * H + j])
-            c = fg * cprev[e] + ig * gg
-            pc[t * n + e] = c
-            py[t * n + e] = og * tanh_(c)
-            gt[b * H4 + j] = ig
-            gt[b * H4 + H + j] = fg
-            gt[b * H4 + 2 * H + j] = gg
-            gt[b * H4 + 3 * H + j] = og
+        # one work unit per (batch row, block of UNIT hidden units): the inner loop runs over
+        # contiguous units, so gcc vectorizes the gate math (sigmoid / tanh via fs_expf)
+        for u in prange(B * nblk, nogil=True, num_threads=nt, schedule="static"):
+            lstm_cell_fwd_(gs + (u // nblk) * H4, cprev + (u // nblk) * H, pc + t * n + (u // nblk) * H,
+                           py + t * n + (u // nblk) * H, gt + (u // nblk) * H4, H,
+                           (u % nblk) * UNIT, min(H, (u % nblk + 1) * UNIT))
 
 
 def lstm_backward(real[::1] dy, real[::1] dh_n, real[::1] dc_n, real[::1] w_hh, real[::1] c0, real[::1] cs,
@@ -102,7 +144,7 @@ def lstm_backward(real[::1] dy, real[::1] dh_n, real[::1] dc_n, real[::1] w_hh, 
     dy (T*B*H,): gradient at every step's output; dh_n, dc_n (B*H,): at the final states.
     Outputs: dgates (T*B*4H,) pre-activation gradients dG, dh0 / dc0 (B*H,) the gradients at the
     initial states.  dh0 and dc0 also carry dh_next / dc_next between steps."""
-    cdef Py_ssize_t t, e, b, j, n = B * H, H4 = 4 * H
+    cdef Py_ssize_t t, e, n = B * H, H4 = 4 * H
     cdef real* pdy = ptr_(dy)
     cdef real* pw = ptr_(w_hh)
     cdef real* pc = ptr_(cs)
@@ -113,7 +155,7 @@ def lstm_backward(real[::1] dy, real[::1] dh_n, real[::1] dc_n, real[::1] w_hh, 
     cdef const real* cprev
     cdef real* gt
     cdef real* dgt
-    cdef real ig, fg, gg, og, tc, dhe, dce
+    cdef Py_ssize_t u, nblk = (H + UNIT - 1) // UNIT
     cdef int nt = max(1, num_threads)
     if n == 0:
         return
@@ -124,20 +166,9 @@ def lstm_backward(real[::1] dy, real[::1] dh_n, real[::1] dc_n, real[::1] w_hh, 
         cprev = &c0[0] if t == 0 else pc + (t - 1) * n
         gt = pg + t * B * H4
         dgt = pdg + t * B * H4
-        for e in prange(n, nogil=True, num_threads=nt, schedule="static"):
-            b = e // H
-            j = e % H
-            ig = gt[b * H4 + j]
-            fg = gt[b * H4 + H + j]
-            gg = gt[b * H4 + 2 * H + j]
-            og = gt[b * H4 + 3 * H + j]
-            tc = tanh_(pc[t * n + e])
-            dhe = pdy[t * n + e] + dh[e]
-            dce = dc[e] + dhe * og * (1 - tc * tc)
-            dgt[b * H4 + j] = dce * gg * ig * (1 - ig)
-            dgt[b * H4 + H + j] = dce * cprev[e] * fg * (1 - fg)
-            dgt[b * H4 + 2 * H + j] = dce * ig * (1 - gg * gg)
-            dgt[b * H4 + 3 * H + j] = dhe * tc * og * (1 - og)
-            dc[e] = dce * fg
+        for u in prange(B * nblk, nogil=True, num_threads=nt, schedule="static"):
+            lstm_cell_bwd_(gt + (u // nblk) * H4, pc + t * n + (u // nblk) * H, cprev + (u // nblk) * H,
+                           pdy + t * n + (u // nblk) * H, dh + (u // nblk) * H, dc + (u // nblk) * H,
+                           dgt + (u // nblk) * H4, H, (u % nblk) * UNIT, min(H, (u % nblk + 1) * UNIT))
         # dh_next = dG_t W_hh   (B x H)
         gemm_rm(False, False, <int> B, <int> H, <int> H4, 1, dgt, <int> H4, pw, <int> H, 0, dh, <int> H)
