@@ -27,6 +27,7 @@ for _torch_cls, _twin, _fix in [
     (_torch.nn.TransformerEncoder, nn.TransformerEncoder, _no_nested),
     (_torch.nn.TransformerDecoder, nn.TransformerDecoder, None),
     (_torch.nn.Transformer, nn.Transformer, None),
+    (_torch.nn.LSTM, nn.LSTM, None),
 ]:
     register_converter(_torch_cls, (lambda twin, fix: lambda m: (fix or (lambda x: x))(rebind(m, twin)))(_twin, _fix))
 

@@ -172,3 +172,56 @@ def lstm_layer(input: torch.Tensor, hx: Optional[Tuple[torch.Tensor, torch.Tenso
     else:
         y, h_n, c_n = LSTMLayerFunction.apply(x.contiguous(), h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
     return (y.transpose(0, 1) if batch_first else y), (h_n, c_n)
+
+
+# ============================================================================ modules
+
+class LSTM(torch.nn.LSTM):
+    """torch.nn.LSTM on the fused LSTM layer: same constructor, parameters, state_dict, forward
+    and returns.  Every layer and direction runs lstm_layer (the reverse direction on the
+    time-flipped sequence); dropout between layers as torch.  PackedSequence input and
+    proj_size > 0 run torch's own forward for now (issue #4 adds them to the kernels)."""
+
+    def forward(self, input, hx=None):
+        if isinstance(input, torch.nn.utils.rnn.PackedSequence) or self.proj_size > 0 or \
+                _dispatch.choose("lstm_layer", _facts(input)) == "torch":
+            return super().forward(input, hx)
+        batched = input.dim() == 3
+        if input.dim() not in (2, 3):
+            raise ValueError(f"LSTM: expected input to be 2D or 3D, got {input.dim()}D")
+        x = input if batched else input.unsqueeze(1)
+        if batched and self.batch_first:
+            x = x.transpose(0, 1)                                            # (T, B, C)
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"LSTM: expected input with {self.input_size} features, got {x.shape[-1]}")
+        dirs = 2 if self.bidirectional else 1
+        L, B, H = self.num_layers, x.shape[1], self.hidden_size
+        if hx is None:
+            h0 = c0 = torch.zeros(L * dirs, B, H, dtype=x.dtype, device=x.device)
+        else:
+            h0, c0 = hx
+            if not batched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+            if tuple(h0.shape) != (L * dirs, B, H) or tuple(c0.shape) != (L * dirs, B, H):
+                raise ValueError(f"LSTM: expected hx of shape {[L * dirs, B, H]}, got "
+                                 f"{list(h0.shape)} and {list(c0.shape)}")
+        hs, cs = [], []
+        for layer in range(L):
+            outs = []
+            for d in range(dirs):
+                sfx = f"l{layer}" + ("_reverse" if d else "")
+                w = [getattr(self, f"weight_ih_{sfx}"), getattr(self, f"weight_hh_{sfx}")]
+                b = [getattr(self, f"bias_ih_{sfx}"), getattr(self, f"bias_hh_{sfx}")] if self.bias else [None, None]
+                k = layer * dirs + d
+                xin = x.flip(0) if d else x
+                y, (h, c) = lstm_layer(xin, (h0[k], c0[k]), *w, *b)
+                outs.append(y.flip(0) if d else y)
+                hs.append(h)
+                cs.append(c)
+            x = torch.cat(outs, dim=-1) if dirs == 2 else outs[0]
+            if self.dropout and self.training and layer < L - 1:
+                x = torch.nn.functional.dropout(x, self.dropout, True)
+        h_n, c_n = torch.stack(hs), torch.stack(cs)
+        if not batched:
+            return x.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        return (x.transpose(0, 1) if self.batch_first else x), (h_n, c_n)

@@ -70,3 +70,45 @@ def test_gradcheck():
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("num_layers,bidirectional,batch_first,bias", [
+    (1, False, False, True), (2, True, True, True), (3, False, True, False), (2, True, False, False)])
+def test_lstm_module_is_a_drop_in(num_layers, bidirectional, batch_first, bias):
+    import fastseq
+
+    torch.manual_seed(0)
+    kw = dict(input_size=9, hidden_size=7, num_layers=num_layers, bidirectional=bidirectional,
+              batch_first=batch_first, bias=bias, dropout=0.3)
+    ref, fast = torch.nn.LSTM(**kw).eval(), fastseq.nn.LSTM(**kw).eval()
+    assert fast.state_dict().keys() == ref.state_dict().keys()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 6, 9) if batch_first else torch.randn(6, 4, 9)
+    dirs = 2 if bidirectional else 1
+    hx = (torch.randn(num_layers * dirs, 4, 7), torch.randn(num_layers * dirs, 4, 7))
+    for h in (None, hx):
+        a, b = ref(x, h), fast(x, h)
+        torch.testing.assert_close(b[0], a[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b[1][0], a[1][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b[1][1], a[1][1], rtol=1e-4, atol=1e-5)
+    ga = torch.autograd.grad(a[0].sum() + a[1][1].sum(), list(ref.parameters()))
+    gb = torch.autograd.grad(b[0].sum() + b[1][1].sum(), list(fast.parameters()))
+    for p, q in zip(ga, gb):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+
+
+def test_lstm_module_unbatched_packed_and_convert():
+    import fastseq
+
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(5, 4)
+    model = torch.nn.Sequential(ref)
+    u = torch.randn(7, 5)                                   # unbatched (T, C)
+    expected = ref(u)
+    model = fastseq.convert(model)
+    assert type(model[0]) is fastseq.nn.LSTM and model[0].weight_ih_l0 is ref.weight_ih_l0
+    got = model[0](u)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-5)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(6, 3, 5), [6, 4, 2])
+    out, _ = model[0](packed)                              # torch's own forward for now
+    assert isinstance(out, torch.nn.utils.rnn.PackedSequence)
