@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from . import attention as _attention, layer_norm as _layer_norm  # noqa: F401  (register their cases)
+from . import attention as _attention, layer_norm as _layer_norm, recurrent as _recurrent  # noqa: F401
 from .machine import describe
 from .registry import cases, families
 from .report import table, write
