@@ -97,6 +97,29 @@ def _kernels():
     return k
 
 
+def _unit_block(H: int, threads: int) -> int:
+    """Hidden units per gate block: one block per thread, a multiple of 8 (a vector of floats)."""
+    per_thread = -(-H // max(1, threads))                 # ceil(H / threads)
+    return max(8, -(-per_thread // 8) * 8)                # rounded up to a multiple of 8
+
+
+_PERMS = {}
+
+
+def _gate_perm(H: int, ub: int) -> torch.Tensor:
+    """Row order of the blocked gate layout (kernels/cpu/recurrent.pyx): for each block of ub
+    units, its i, f, g, o rows in turn."""
+    key = (H, ub)
+    if key not in _PERMS:
+        rows = []
+        for j0 in range(0, H, ub):
+            j1 = min(H, j0 + ub)
+            for gate in range(4):
+                rows.extend(range(gate * H + j0, gate * H + j1))
+        _PERMS[key] = torch.tensor(rows, dtype=torch.int64)
+    return _PERMS[key]
+
+
 class LSTMLayerFunction(torch.autograd.Function):
     """One LSTM layer over a whole sequence.  Saves the input, weights, every step's hidden and
     cell state and the activated gates; backward runs the fused backward-through-time kernel and
@@ -106,17 +129,21 @@ class LSTMLayerFunction(torch.autograd.Function):
     def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
         T, B, C = x.shape
         H = w_hh.shape[1]
-        bias = (b_ih + b_hh) if b_ih is not None else torch.zeros(4 * H, dtype=x.dtype)
-        xp = torch.addmm(bias, x.reshape(T * B, C), w_ih.t())              # (T*B, 4H): one GEMM
+        nt = _dispatch.num_threads()
+        ub = _unit_block(H, nt)
+        perm = _gate_perm(H, ub)                                          # blocked gate layout
+        bias = (b_ih + b_hh)[perm] if b_ih is not None else torch.zeros(4 * H, dtype=x.dtype)
+        xp = torch.addmm(bias, x.reshape(T * B, C), w_ih[perm].t())        # (T*B, 4H): one GEMM
         y = _alloc.empty((T, B, H), x.dtype, x.device)
         cs = _alloc.empty((T, B, H), x.dtype, x.device)
         gates = _alloc.empty((T, B, 4 * H), x.dtype, x.device)
         step = torch.empty(B * 4 * H, dtype=x.dtype)
-        h0c, c0c, whh = h0.contiguous(), c0.contiguous(), w_hh.contiguous()
+        h0c, c0c, whh = h0.contiguous(), c0.contiguous(), w_hh[perm].contiguous()
         _kernels().lstm_forward(_np(xp), _np(whh), _np(h0c), _np(c0c), _np(y), _np(cs), _np(gates), _np(step),
-                                T, B, H, _dispatch.num_threads())
+                                T, B, H, ub, nt)
         ctx.save_for_backward(x, h0c, c0c, w_ih, whh, y, cs, gates)
         ctx.has_bias = b_ih is not None
+        ctx.ub = ub
         h_n, c_n = (y[-1], cs[-1]) if T else (h0c, c0c)
         return y, h_n.clone(), c_n.clone()
 
@@ -132,13 +159,15 @@ class LSTMLayerFunction(torch.autograd.Function):
         dg = _alloc.empty((T, B, 4 * H), x.dtype, x.device)
         dh0, dc0 = torch.empty(B, H, dtype=x.dtype), torch.empty(B, H, dtype=x.dtype)
         _kernels().lstm_backward(_np(dy), _np(dh_n), _np(dc_n), _np(w_hh), _np(c0), _np(cs), _np(gates), _np(dg),
-                                 _np(dh0), _np(dc0), T, B, H, _dispatch.num_threads())
-        dg2 = dg.view(T * B, 4 * H)
+                                 _np(dh0), _np(dc0), T, B, H, ctx.ub, _dispatch.num_threads())
+        perm = _gate_perm(H, ctx.ub)
+        inv = torch.argsort(perm)                                          # blocked -> torch's row order
+        dg2 = dg.view(T * B, 4 * H)                                        # (blocked columns)
         h_prev = torch.cat([h0.unsqueeze(0), y[:-1]]).view(T * B, H)      # h_{t-1} for every step
-        dx = (dg2 @ w_ih).view(T, B, C) if ctx.needs_input_grad[0] else None
-        dw_ih = dg2.t() @ x.reshape(T * B, C) if ctx.needs_input_grad[3] else None
-        dw_hh = dg2.t() @ h_prev if ctx.needs_input_grad[4] else None
-        db = dg2.sum(0) if ctx.has_bias else None
+        dx = (dg2 @ w_ih[perm]).view(T, B, C) if ctx.needs_input_grad[0] else None
+        dw_ih = (dg2.t() @ x.reshape(T * B, C))[inv] if ctx.needs_input_grad[3] else None
+        dw_hh = (dg2.t() @ h_prev)[inv] if ctx.needs_input_grad[4] else None
+        db = dg2.sum(0)[inv] if ctx.has_bias else None
         return dx, dh0, dc0, dw_ih, dw_hh, db, db
 
 
