@@ -50,3 +50,14 @@ def install(module) -> None:
     """Give a compiled kernel module (one that includes _blas.pxi) its GEMM."""
     s, d, _ = blas()
     module.set_blas(s, d)
+
+
+def cpu_kernels(family: str):
+    """fastseq._cpu.<family> with its GEMM installed (once)."""
+    from . import _dispatch
+
+    k = _dispatch.cpu_kernels(family)
+    if not getattr(k, "_fastseq_blas", False):
+        install(k)
+        k._fastseq_blas = True
+    return k

@@ -270,11 +270,7 @@ def _np(t, dtype):
 
 
 def _cpu():
-    k = _dispatch.cpu_kernels("attention")
-    if not getattr(k, "_fastseq_blas", False):
-        _blas.install(k)
-        k._fastseq_blas = True
-    return k
+    return _blas.cpu_kernels("attention")
 
 
 def _mask_view(mask, shape4):

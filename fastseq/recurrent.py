@@ -90,11 +90,7 @@ def _np(t):
 
 
 def _kernels():
-    k = _dispatch.cpu_kernels("recurrent")
-    if not getattr(k, "_fastseq_blas", False):
-        _blas.install(k)
-        k._fastseq_blas = True
-    return k
+    return _blas.cpu_kernels("recurrent")
 
 
 def _unit_block(H: int, threads: int) -> int:
