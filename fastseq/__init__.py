@@ -28,6 +28,11 @@ for _torch_cls, _twin, _fix in [
     (_torch.nn.TransformerDecoder, nn.TransformerDecoder, None),
     (_torch.nn.Transformer, nn.Transformer, None),
     (_torch.nn.LSTM, nn.LSTM, None),
+    (_torch.nn.GRU, nn.GRU, None),
+    (_torch.nn.RNN, nn.RNN, None),
+    (_torch.nn.LSTMCell, nn.LSTMCell, None),
+    (_torch.nn.GRUCell, nn.GRUCell, None),
+    (_torch.nn.RNNCell, nn.RNNCell, None),
 ]:
     register_converter(_torch_cls, (lambda twin, fix: lambda m: (fix or (lambda x: x))(rebind(m, twin)))(_twin, _fix))
 

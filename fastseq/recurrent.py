@@ -1,12 +1,29 @@
-"""Recurrent family.  So far: one LSTM layer, one direction, as a fused whole-sequence kernel.
+"""Recurrent family: LSTM, GRU, Elman RNN (tanh / relu), and the layer-normalized LSTM and GRU.
 
-Read top to bottom: the pure-torch reference (the oracle), dispatch facts, kernel calls, the
-autograd Function, the functional op.  The "torch" backend is torch's own torch.lstm.
-Issue #4 builds the rest on this: GRU, RNN, the layer-normalized cells, multi-layer and
-bidirectional stacks, PackedSequence, and the torch.nn drop-in modules.
+Read top to bottom: the pure-torch references (the oracles), the row layout shared by padded and
+packed sequences, dispatch facts, one autograd Function per cell around its fused
+whole-sequence kernel, the functional layer ops, and the torch.nn drop-in modules.
 
-Shapes: input (T, B, C) (or (B, T, C) with batch_first); h0, c0 (B, H); weight_ih (4H, C),
-weight_hh (4H, H), bias_ih / bias_hh (4H,), gates in torch's order i, f, g, o.
+One layer, one direction, runs in three parts:
+  1. the input projection of every step at once, under torch autograd: xp = x W_ih^T + b
+     (for the layer-normalized cells xp = LN(x W_ih^T) gamma_ih + b, through fastseq.layer_norm);
+  2. the sequential part in one kernel call (kernels/cpu/recurrent.pyx): per step the recurrent
+     GEMM and a fused pass over the gates; its backward returns the gradient of xp and forms
+     dW_hh = sum_t dG_t^T h_{t-1} as one GEMM over all steps;
+  3. autograd of part 1 gives dx, dW_ih and the input bias and norm gradients as large GEMMs.
+Sequences are stored packed (torch's PackedSequence layout, see _Rows): variable lengths cost
+only their own steps.
+
+Shapes: input (T, B, C) (or (B, T, C) with batch_first), packed rows (N, C); hidden H; G gates
+(LSTM 4: i, f, g, o; GRU 3: r, z, n; RNN 1); weight_ih (G H, C), weight_hh (G H, H), biases (G H,).
+
+Layer-normalized cells (Ba et al. 2016; torch has none, its issue 6760), per layer and direction:
+  LayerNormLSTM:  G = LN(x W_ih^T) gamma_ih + LN(h W_hh^T) gamma_hh + b_ih + b_hh
+                  c' = f c + i g;   h' = o tanh(LN(c') gamma_c + beta_c)
+  LayerNormGRU:   x-part = LN(x W_ih^T) gamma_ih + b_ih;  h-part = LN(h W_hh^T) gamma_hh + b_hh,
+                  then torch's GRU equations on the two parts.
+LN normalizes over the whole gate row (G H) or the cell (H), eps 1e-5 by default; the biases
+b_ih / b_hh play the role of the norms' shifts.
 """
 from __future__ import annotations
 
@@ -14,76 +31,151 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import PackedSequence
 
 from . import _alloc, _blas, _dispatch
+from .layer_norm import layer_norm as _fused_layer_norm
+
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1, "ln_lstm": 4, "ln_gru": 3}
 
 
-# ============================================================================ reference
+# ============================================================================ references
 
-def lstm_ref(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None):
-    """(T, B, C) -> y (T, B, H), (h_T, c_T): the LSTM recurrence step by step in torch."""
-    h, c = h0, c0
-    ys = []
-    for t in range(x.shape[0]):
-        g = x[t] @ w_ih.t() + h @ w_hh.t()
-        if b_ih is not None:
-            g = g + b_ih + b_hh
+def _zero_if_none(b, like):
+    return b if b is not None else torch.zeros((), dtype=like.dtype, device=like.device)
+
+
+def _ln(v, gamma, eps):
+    return F.layer_norm(v, v.shape[-1:], gamma, None, eps)
+
+
+def _step_ref(cell, p, eps, x, h, c=None):
+    """One step of `cell` on rows x (b, C), h (b, H) (c (b, H) for the LSTMs) with parameters p
+    (w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c): the torch equations, no fusion."""
+    w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c = p
+    b_ih, b_hh = _zero_if_none(b_ih, x), _zero_if_none(b_hh, x)
+    if cell in ("lstm", "ln_lstm"):
+        if cell == "lstm":
+            g = x @ w_ih.t() + b_ih + h @ w_hh.t() + b_hh
+        else:
+            g = _ln(x @ w_ih.t(), g_ih, eps) + b_ih + b_hh + _ln(h @ w_hh.t(), g_hh, eps)
         i, f, gg, o = g.chunk(4, dim=-1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        ys.append(h)
-    return torch.stack(ys), (h, c)
+        u = c if cell == "lstm" else _ln(c, g_c, eps) + b_c
+        return torch.sigmoid(o) * torch.tanh(u), c
+    if cell in ("gru", "ln_gru"):
+        if cell == "gru":
+            gi, gh = x @ w_ih.t() + b_ih, h @ w_hh.t() + b_hh
+        else:
+            gi, gh = _ln(x @ w_ih.t(), g_ih, eps) + b_ih, _ln(h @ w_hh.t(), g_hh, eps) + b_hh
+        xr, xz, xn = gi.chunk(3, dim=-1)
+        hr, hz, hn = gh.chunk(3, dim=-1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return (1 - z) * n + z * h, None
+    a = x @ w_ih.t() + b_ih + h @ w_hh.t() + b_hh
+    return (torch.tanh(a) if cell == "rnn_tanh" else torch.relu(a)), None
 
 
-# ============================================================================ checks and dispatch
-
-def _check(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
-    op = "lstm_layer"
-    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
-        raise ValueError(f"{op}: expected a floating-point input tensor, got "
-                         f"{getattr(x, 'dtype', type(x).__name__)}")
-    if x.dim() != 3:
-        raise ValueError(f"{op}: expected input to be 3D (T, B, C), got {x.dim()}D")
-    T, B, C = x.shape
-    H4, Cw = w_ih.shape
-    if H4 % 4 or Cw != C:
-        raise ValueError(f"{op}: expected weight_ih of shape (4H, {C}), got {list(w_ih.shape)}")
-    H = H4 // 4
-    if tuple(w_hh.shape) != (H4, H):
-        raise ValueError(f"{op}: expected weight_hh of shape [{H4}, {H}], got {list(w_hh.shape)}")
-    for name, b in (("bias_ih", b_ih), ("bias_hh", b_hh)):
-        if b is not None and tuple(b.shape) != (H4,):
-            raise ValueError(f"{op}: expected {name} of shape [{H4}], got {list(b.shape)}")
-    if (b_ih is None) != (b_hh is None):
-        raise ValueError(f"{op}: pass both biases or neither")
-    for name, s in (("h0", h0), ("c0", c0)):
-        if s is not None and tuple(s.shape) != (B, H):
-            raise ValueError(f"{op}: expected {name} of shape [{B}, {H}], got {list(s.shape)}")
-    for name, t in (("weight_ih", w_ih), ("weight_hh", w_hh), ("bias_ih", b_ih), ("bias_hh", b_hh),
-                    ("h0", h0), ("c0", c0)):
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            raise ValueError(f"{op}: expected {name} as {x.dtype} on {x.device} (the input's), got "
-                             f"{t.dtype} on {t.device}")
-    return T, B, C, H
+def recurrent_ref(cell: str, x, offs, h0, c0, params, eps: float = 1e-5):
+    """The layer step by step in torch over packed rows x (N, C) (layout of _Rows: step t owns
+    rows offs[t]:offs[t+1], the sequences still running are the first ones).  Returns y (N, H)
+    and the final states (h_n, c_n) (c_n None for GRU / RNN), each (B, H)."""
+    h, c = h0, c0
+    ys = []
+    for t in range(len(offs) - 1):
+        r0, r1 = int(offs[t]), int(offs[t + 1])
+        bt = r1 - r0
+        h_new, c_new = _step_ref(cell, params, eps, x[r0:r1], h[:bt], None if c is None else c[:bt])
+        ys.append(h_new)
+        h = torch.cat([h_new, h[bt:]])
+        if c is not None:
+            c = torch.cat([c_new, c[bt:]])
+    y = torch.cat(ys) if ys else h0.new_zeros(0, h0.shape[-1])
+    return y, (h, c)
 
 
-def _facts(x, *args, **kwargs) -> dict:
-    return {"device": x.device.type, "dtype": str(x.dtype).replace("torch.", "")}
+def lstm_ref(x, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None):
+    """(T, B, C) -> y (T, B, H), (h_T, c_T): torch.nn.LSTM's recurrence step by step."""
+    T, B = x.shape[:2]
+    y, (h, c) = recurrent_ref("lstm", x.reshape(T * B, -1), [t * B for t in range(T + 1)], h0, c0,
+                              (w_ih, w_hh, b_ih, b_hh) + (None,) * 4)
+    return y.view(T, B, -1), (h, c)
+
+
+# ============================================================================ rows: padded and packed
+
+class _Rows:
+    """Row layout of one (possibly packed) batch of sequences, as torch's PackedSequence: step t
+    owns rows offs[t]:offs[t+1] (B_t = batch_sizes[t] of them), batch sorted by decreasing length.
+    A padded (T, B) batch is batch_sizes = [B] * T, rows t B + b."""
+
+    def __init__(self, batch_sizes):
+        bs = np.asarray(batch_sizes, dtype=np.int64).reshape(-1)
+        if bs.size and (bs.min() <= 0 or (np.diff(bs) > 0).any()):
+            raise ValueError(f"recurrent: batch_sizes must be positive and non-increasing, got {bs.tolist()}")
+        self.batch_sizes = bs
+        self.offs = np.concatenate([np.zeros(1, np.int64), np.cumsum(bs)])
+        self.T, self.B, self.N = len(bs), int(bs[0]) if len(bs) else 0, int(self.offs[-1])
+        self.padded = bool((bs == self.B).all())
+        self._cache = {}
+
+    @classmethod
+    def padded_rows(cls, T: int, B: int) -> "_Rows":
+        return cls([B] * T)
+
+    def lengths(self) -> np.ndarray:
+        """(B,) steps of each (sorted) sequence."""
+        return (self.batch_sizes[None, :] > np.arange(self.B)[:, None]).sum(1)
+
+    def _index(self, name, make):
+        if name not in self._cache:
+            self._cache[name] = torch.from_numpy(make())
+        return self._cache[name]
+
+    def last(self) -> torch.Tensor:
+        """(B,) the row of each sequence's final step."""
+        return self._index("last", lambda: self.offs[self.lengths() - 1] + np.arange(self.B))
+
+    def reverse(self) -> torch.Tensor:
+        """(N,) the row holding step L_b - 1 - t of sequence b, for every row (t, b): each
+        sequence reversed in time within its own length (its own inverse)."""
+        def make():
+            L = self.lengths()
+            rev = np.empty(self.N, np.int64)
+            for t in range(self.T):
+                b = np.arange(self.batch_sizes[t])
+                rev[self.offs[t] + b] = self.offs[L[b] - 1 - t] + b
+            return rev
+        return self._index("reverse", make)
+
+    def h_prev(self, h0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """(N, H): h_{t-1} of every row, from h0 (B, H) and the outputs y (N, H)."""
+        if self.padded:
+            return torch.cat([h0, y[:self.N - self.B]])
+        prev = self._index("prev", lambda: np.concatenate(
+            [np.arange(self.B)] + [self.B + self.offs[t - 1] + np.arange(self.batch_sizes[t])
+                                   for t in range(1, self.T)]))
+        return torch.cat([h0, y]).index_select(0, prev)
+
+
+# ============================================================================ dispatch
+
+def _facts(x, cell: str = "lstm", **_) -> dict:
+    return {"device": x.device.type, "dtype": str(x.dtype).replace("torch.", ""), "cell": cell}
 
 
 def _cpu_reasons(f: dict) -> List[str]:
     if f["dtype"] not in ("float32", "float64"):
-        return [f"cpu lstm takes float32 or float64, got {f['dtype']}"]
+        return [f"cpu {f['cell']} takes float32 or float64, got {f['dtype']}"]
     return []
 
 
-_dispatch.register_op("lstm_layer", _facts, cpu=_cpu_reasons, torch=lambda f: [])
+_dispatch.register_op("recurrent", _facts, cpu=_cpu_reasons, torch=lambda f: [])
 
 
 # ============================================================================ kernel calls
-
-_NP = {torch.float32: np.float32, torch.float64: np.float64}
-
 
 def _np(t):
     return t.detach().numpy().reshape(-1)
@@ -102,72 +194,293 @@ def _unit_block(H: int, threads: int) -> int:
 _PERMS = {}
 
 
-def _gate_perm(H: int, ub: int) -> torch.Tensor:
+def _gate_perm(H: int, ub: int, gates: int = 4) -> Optional[torch.Tensor]:
     """Row order of the blocked gate layout (kernels/cpu/recurrent.pyx): for each block of ub
-    units, its i, f, g, o rows in turn."""
-    key = (H, ub)
+    units, its rows of every gate in turn.  None when it is torch's order (one block)."""
+    if ub >= H or gates == 1:
+        return None
+    key = (H, ub, gates)
     if key not in _PERMS:
         rows = []
         for j0 in range(0, H, ub):
-            j1 = min(H, j0 + ub)
-            for gate in range(4):
-                rows.extend(range(gate * H + j0, gate * H + j1))
+            for gate in range(gates):
+                rows.extend(range(gate * H + j0, gate * H + min(H, j0 + ub)))
         _PERMS[key] = torch.tensor(rows, dtype=torch.int64)
     return _PERMS[key]
 
 
+def _permute(t, perm):
+    return t if t is None or perm is None else t.index_select(0, perm)
+
+
+def _empty(rows, cols, like):
+    return _alloc.empty((rows, cols), like.dtype, like.device)
+
+
+def _final(rows: _Rows, seq, s0):
+    """Final state (B, H) of every sequence: its last row of seq (N, H); s0 when T = 0."""
+    return seq.index_select(0, rows.last()) if rows.N else s0.clone()
+
+
+def _carry(grad, like):
+    """The backward carry (B, H), entering as the gradient at the final state."""
+    return grad.contiguous().clone() if grad is not None else torch.zeros_like(like)
+
+
+def _grad_or_zeros(g, rows, H, like):
+    return g.contiguous() if g is not None else torch.zeros(rows, H, dtype=like.dtype)
+
+
 class LSTMLayerFunction(torch.autograd.Function):
-    """One LSTM layer over a whole sequence.  Saves the input, weights, every step's hidden and
-    cell state and the activated gates; backward runs the fused backward-through-time kernel and
-    forms the weight gradients as GEMMs over all steps."""
+    """The sequential part of one LSTM layer: (xp, h0, c0, W_hh) -> y, h_n, c_n.  xp and W_hh in
+    the blocked gate layout of unit block ub.  Saves every step's h and c and the activated gates."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
-        T, B, C = x.shape
+    def forward(ctx, rows, ub, xp, h0, c0, w_hh):
         H = w_hh.shape[1]
-        nt = _dispatch.num_threads()
-        ub = _unit_block(H, nt)
-        perm = _gate_perm(H, ub)                                          # blocked gate layout
-        bias = (b_ih + b_hh)[perm] if b_ih is not None else torch.zeros(4 * H, dtype=x.dtype)
-        xp = torch.addmm(bias, x.reshape(T * B, C), w_ih[perm].t())        # (T*B, 4H): one GEMM
-        y = _alloc.empty((T, B, H), x.dtype, x.device)
-        cs = _alloc.empty((T, B, H), x.dtype, x.device)
-        gates = _alloc.empty((T, B, 4 * H), x.dtype, x.device)
-        step = torch.empty(B * 4 * H, dtype=x.dtype)
-        h0c, c0c, whh = h0.contiguous(), c0.contiguous(), w_hh[perm].contiguous()
-        _kernels().lstm_forward(_np(xp), _np(whh), _np(h0c), _np(c0c), _np(y), _np(cs), _np(gates), _np(step),
-                                T, B, H, ub, nt)
-        ctx.save_for_backward(x, h0c, c0c, w_ih, whh, y, cs, gates)
-        ctx.has_bias = b_ih is not None
-        ctx.ub = ub
-        h_n, c_n = (y[-1], cs[-1]) if T else (h0c, c0c)
-        return y, h_n.clone(), c_n.clone()
+        y, cs, gates = _empty(rows.N, H, xp), _empty(rows.N, H, xp), _empty(rows.N, 4 * H, xp)
+        h0, c0, w_hh = h0.contiguous(), c0.contiguous(), w_hh.contiguous()
+        step = torch.empty(rows.B * 4 * H, dtype=xp.dtype)
+        _kernels().lstm_forward(_np(xp), _np(w_hh), _np(h0), _np(c0), _np(y), _np(cs), _np(gates), _np(step),
+                                rows.offs, rows.T, H, ub, _dispatch.num_threads())
+        ctx.save_for_backward(h0, c0, w_hh, y, cs, gates)
+        ctx.rows, ctx.ub = rows, ub
+        return y, _final(rows, y, h0), _final(rows, cs, c0)
 
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n):
-        x, h0, c0, w_ih, w_hh, y, cs, gates = ctx.saved_tensors
-        T, B, C = x.shape
+        h0, c0, w_hh, y, cs, gates = ctx.saved_tensors
+        rows, H = ctx.rows, w_hh.shape[1]
+        dy = _grad_or_zeros(dy, rows.N, H, y)
+        dh, dc = _carry(dh_n, h0), _carry(dc_n, c0)
+        dg = _empty(rows.N, 4 * H, y)
+        _kernels().lstm_backward(_np(dy), _np(w_hh), _np(c0), _np(cs), _np(gates), _np(dg), _np(dh), _np(dc),
+                                 rows.offs, rows.T, H, ctx.ub, _dispatch.num_threads())
+        dw_hh = dg.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[5] else None
+        return None, None, dg, dh, dc, dw_hh
+
+
+class GRULayerFunction(torch.autograd.Function):
+    """The sequential part of one GRU layer: (xp = x W_ih^T + b_ih, h0, W_hh, b_hh) -> y, h_n,
+    blocked gate layout.  Saves h, the activated gates and the recurrent n pre-activation."""
+
+    @staticmethod
+    def forward(ctx, rows, ub, xp, h0, w_hh, b_hh):
         H = w_hh.shape[1]
-        zeros = lambda *s: torch.zeros(*s, dtype=x.dtype)                  # noqa: E731
-        dy = dy.contiguous() if dy is not None else zeros(T, B, H)
-        dh_n = dh_n.contiguous() if dh_n is not None else zeros(B, H)
-        dc_n = dc_n.contiguous() if dc_n is not None else zeros(B, H)
-        dg = _alloc.empty((T, B, 4 * H), x.dtype, x.device)
-        dh0, dc0 = torch.empty(B, H, dtype=x.dtype), torch.empty(B, H, dtype=x.dtype)
-        _kernels().lstm_backward(_np(dy), _np(dh_n), _np(dc_n), _np(w_hh), _np(c0), _np(cs), _np(gates), _np(dg),
-                                 _np(dh0), _np(dc0), T, B, H, ctx.ub, _dispatch.num_threads())
-        perm = _gate_perm(H, ctx.ub)
-        inv = torch.argsort(perm)                                          # blocked -> torch's row order
-        dg2 = dg.view(T * B, 4 * H)                                        # (blocked columns)
-        h_prev = torch.cat([h0.unsqueeze(0), y[:-1]]).view(T * B, H)      # h_{t-1} for every step
-        dx = (dg2 @ w_ih[perm]).view(T, B, C) if ctx.needs_input_grad[0] else None
-        dw_ih = (dg2.t() @ x.reshape(T * B, C))[inv] if ctx.needs_input_grad[3] else None
-        dw_hh = (dg2.t() @ h_prev)[inv] if ctx.needs_input_grad[4] else None
-        db = dg2.sum(0)[inv] if ctx.has_bias else None
-        return dx, dh0, dc0, dw_ih, dw_hh, db, db
+        y, gates, ghn = _empty(rows.N, H, xp), _empty(rows.N, 3 * H, xp), _empty(rows.N, H, xp)
+        h0, w_hh = h0.contiguous(), w_hh.contiguous()
+        b_hh = b_hh.contiguous() if b_hh is not None else torch.zeros(3 * H, dtype=xp.dtype)
+        step = torch.empty(rows.B * 3 * H, dtype=xp.dtype)
+        _kernels().gru_forward(_np(xp), _np(w_hh), _np(b_hh), _np(h0), _np(y), _np(gates), _np(ghn), _np(step),
+                               rows.offs, rows.T, H, ub, _dispatch.num_threads())
+        ctx.save_for_backward(h0, w_hh, y, gates, ghn)
+        ctx.rows, ctx.ub = rows, ub
+        return y, _final(rows, y, h0)
+
+    @staticmethod
+    def backward(ctx, dy, dh_n):
+        h0, w_hh, y, gates, ghn = ctx.saved_tensors
+        rows, H = ctx.rows, w_hh.shape[1]
+        dy = _grad_or_zeros(dy, rows.N, H, y)
+        dh = _carry(dh_n, h0)
+        dxp, dgh = _empty(rows.N, 3 * H, y), _empty(rows.N, 3 * H, y)
+        _kernels().gru_backward(_np(dy), _np(w_hh), _np(h0), _np(y), _np(gates), _np(ghn), _np(dxp), _np(dgh),
+                                _np(dh), rows.offs, rows.T, H, ctx.ub, _dispatch.num_threads())
+        dw_hh = dgh.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[4] else None
+        db_hh = dgh.sum(0) if ctx.needs_input_grad[5] else None
+        return None, None, dxp, dh, dw_hh, db_hh
+
+
+class RNNLayerFunction(torch.autograd.Function):
+    """The sequential part of one Elman RNN layer: (xp = x W_ih^T + b_ih + b_hh, h0, W_hh) -> y, h_n."""
+
+    @staticmethod
+    def forward(ctx, rows, ub, relu, xp, h0, w_hh):
+        H = w_hh.shape[1]
+        y = _empty(rows.N, H, xp)
+        h0, w_hh = h0.contiguous(), w_hh.contiguous()
+        _kernels().rnn_forward(_np(xp), _np(w_hh), _np(h0), _np(y), rows.offs, rows.T, H, ub, relu,
+                               _dispatch.num_threads())
+        ctx.save_for_backward(h0, w_hh, y)
+        ctx.rows, ctx.ub, ctx.relu = rows, ub, relu
+        return y, _final(rows, y, h0)
+
+    @staticmethod
+    def backward(ctx, dy, dh_n):
+        h0, w_hh, y = ctx.saved_tensors
+        rows, H = ctx.rows, w_hh.shape[1]
+        dy = _grad_or_zeros(dy, rows.N, H, y)
+        dh = _carry(dh_n, h0)
+        dg = _empty(rows.N, H, y)
+        _kernels().rnn_backward(_np(dy), _np(w_hh), _np(y), _np(dg), _np(dh), rows.offs, rows.T, H, ctx.ub,
+                                ctx.relu, _dispatch.num_threads())
+        dw_hh = dg.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[5] else None
+        return None, None, None, dg, dh, dw_hh
+
+
+class LayerNormLSTMLayerFunction(torch.autograd.Function):
+    """The sequential part of one layer-normalized LSTM layer: (xp = LN(x W_ih^T) gamma_ih + b,
+    h0, c0, W_hh, gamma_hh, gamma_c, beta_c) -> y, h_n, c_n (torch's gate order).  Saves h, c,
+    the gates, the normalized recurrent term and cell and their rstd."""
+
+    @staticmethod
+    def forward(ctx, rows, eps, xp, h0, c0, w_hh, g_hh, g_c, b_c):
+        H, N = w_hh.shape[1], rows.N
+        y, cs, chat = _empty(N, H, xp), _empty(N, H, xp), _empty(N, H, xp)
+        gates, ghat = _empty(N, 4 * H, xp), _empty(N, 4 * H, xp)
+        rstd_h, rstd_c = torch.empty(N, dtype=xp.dtype), torch.empty(N, dtype=xp.dtype)
+        h0, c0, w_hh, g_hh, g_c, b_c = (t.contiguous() for t in (h0, c0, w_hh, g_hh, g_c, b_c))
+        step = torch.empty(rows.B * 4 * H, dtype=xp.dtype)
+        _kernels().ln_lstm_forward(_np(xp), _np(w_hh), _np(g_hh), _np(g_c), _np(b_c), _np(h0), _np(c0), _np(y),
+                                   _np(cs), _np(gates), _np(ghat), _np(rstd_h), _np(chat), _np(rstd_c), _np(step),
+                                   rows.offs, rows.T, H, eps, _dispatch.num_threads())
+        ctx.save_for_backward(h0, c0, w_hh, g_hh, g_c, b_c, y, cs, gates, ghat, rstd_h, chat, rstd_c)
+        ctx.rows = rows
+        return y, _final(rows, y, h0), _final(rows, cs, c0)
+
+    @staticmethod
+    def backward(ctx, dy, dh_n, dc_n):
+        h0, c0, w_hh, g_hh, g_c, b_c, y, cs, gates, ghat, rstd_h, chat, rstd_c = ctx.saved_tensors
+        rows, H, N = ctx.rows, w_hh.shape[1], ctx.rows.N
+        dy = _grad_or_zeros(dy, N, H, y)
+        dh, dc = _carry(dh_n, h0), _carry(dc_n, c0)
+        dg, dgh, dcn = _empty(N, 4 * H, y), _empty(N, 4 * H, y), _empty(N, H, y)
+        _kernels().ln_lstm_backward(_np(dy), _np(w_hh), _np(g_hh), _np(g_c), _np(b_c), _np(c0), _np(cs),
+                                    _np(gates), _np(ghat), _np(rstd_h), _np(chat), _np(rstd_c), _np(dg), _np(dgh),
+                                    _np(dcn), _np(dh), _np(dc), rows.offs, rows.T, H, _dispatch.num_threads())
+        dw_hh = dgh.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[5] else None
+        dg_hh = (dg * ghat).sum(0) if ctx.needs_input_grad[6] else None
+        dg_c = (dcn * chat).sum(0) if ctx.needs_input_grad[7] else None
+        db_c = dcn.sum(0) if ctx.needs_input_grad[8] else None
+        return None, None, dg, dh, dc, dw_hh, dg_hh, dg_c, db_c
+
+
+class LayerNormGRULayerFunction(torch.autograd.Function):
+    """The sequential part of one layer-normalized GRU layer: (xp = LN(x W_ih^T) gamma_ih + b_ih,
+    h0, W_hh, gamma_hh, b_hh) -> y, h_n (torch's gate order)."""
+
+    @staticmethod
+    def forward(ctx, rows, eps, xp, h0, w_hh, g_hh, b_hh):
+        H, N = w_hh.shape[1], rows.N
+        y, ghn = _empty(N, H, xp), _empty(N, H, xp)
+        gates, ghat = _empty(N, 3 * H, xp), _empty(N, 3 * H, xp)
+        rstd_h = torch.empty(N, dtype=xp.dtype)
+        b_hh = b_hh if b_hh is not None else torch.zeros(3 * H, dtype=xp.dtype)
+        h0, w_hh, g_hh, b_hh = (t.contiguous() for t in (h0, w_hh, g_hh, b_hh))
+        step = torch.empty(rows.B * 3 * H, dtype=xp.dtype)
+        _kernels().ln_gru_forward(_np(xp), _np(w_hh), _np(g_hh), _np(b_hh), _np(h0), _np(y), _np(gates), _np(ghat),
+                                  _np(rstd_h), _np(ghn), _np(step), rows.offs, rows.T, H, eps, _dispatch.num_threads())
+        ctx.save_for_backward(h0, w_hh, g_hh, y, gates, ghat, rstd_h, ghn)
+        ctx.rows = rows
+        return y, _final(rows, y, h0)
+
+    @staticmethod
+    def backward(ctx, dy, dh_n):
+        h0, w_hh, g_hh, y, gates, ghat, rstd_h, ghn = ctx.saved_tensors
+        rows, H, N = ctx.rows, w_hh.shape[1], ctx.rows.N
+        dy = _grad_or_zeros(dy, N, H, y)
+        dh = _carry(dh_n, h0)
+        dxp, da, dgh = _empty(N, 3 * H, y), _empty(N, 3 * H, y), _empty(N, 3 * H, y)
+        _kernels().ln_gru_backward(_np(dy), _np(w_hh), _np(g_hh), _np(h0), _np(y), _np(gates), _np(ghat),
+                                   _np(rstd_h), _np(ghn), _np(dxp), _np(da), _np(dgh), _np(dh), rows.offs, rows.T, H,
+                                   _dispatch.num_threads())
+        dw_hh = dgh.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[4] else None
+        dg_hh = (da * ghat).sum(0) if ctx.needs_input_grad[5] else None
+        db_hh = da.sum(0) if ctx.needs_input_grad[6] else None
+        return None, None, dxp, dh, dw_hh, dg_hh, db_hh
+
+
+def _sum_bias(a, b):
+    return None if a is None else a + b
+
+
+def _fused_layer(cell: str, x, rows: _Rows, h0, c0, params, eps: float):
+    """One layer, one direction, on the fused kernels: packed rows x (N, C) -> y (N, H),
+    (h_n, c_n).  params = (w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c)."""
+    w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c = params
+    H = w_hh.shape[1]
+    if cell in ("ln_lstm", "ln_gru"):
+        shift = _sum_bias(b_ih, b_hh) if cell == "ln_lstm" else b_ih
+        xp = _fused_layer_norm(x @ w_ih.t(), (w_ih.shape[0],), g_ih, shift, eps)
+        if cell == "ln_lstm":
+            y, h, c = LayerNormLSTMLayerFunction.apply(rows, eps, xp, h0, c0, w_hh, g_hh, g_c, b_c)
+            return y, (h, c)
+        y, h = LayerNormGRULayerFunction.apply(rows, eps, xp, h0, w_hh, g_hh, b_hh)
+        return y, (h, None)
+    ub = _unit_block(H, _dispatch.num_threads())
+    perm = _gate_perm(H, ub, GATES[cell])
+    if cell == "lstm":
+        xp = F.linear(x, _permute(w_ih, perm), _permute(_sum_bias(b_ih, b_hh), perm))
+        y, h, c = LSTMLayerFunction.apply(rows, ub, xp, h0, c0, _permute(w_hh, perm))
+        return y, (h, c)
+    if cell == "gru":
+        xp = F.linear(x, _permute(w_ih, perm), _permute(b_ih, perm))
+        y, h = GRULayerFunction.apply(rows, ub, xp, h0, _permute(w_hh, perm), _permute(b_hh, perm))
+        return y, (h, None)
+    xp = F.linear(x, w_ih, _sum_bias(b_ih, b_hh))
+    y, h = RNNLayerFunction.apply(rows, ub, cell == "rnn_relu", xp, h0, w_hh)
+    return y, (h, None)
+
+
+def _layer(cell: str, x, rows: _Rows, h0, c0, params, eps: float, backend: str):
+    if backend == "torch":
+        return recurrent_ref(cell, x, rows.offs, h0, c0, params, eps)
+    return _fused_layer(cell, x.contiguous(), rows, h0, c0, params, eps)
 
 
 # ============================================================================ functional
+
+_OP_NAMES = {"lstm": "lstm_layer", "gru": "gru_layer", "rnn_tanh": "rnn_layer", "rnn_relu": "rnn_layer",
+             "ln_lstm": "layer_norm_lstm_layer", "ln_gru": "layer_norm_gru_layer"}
+
+
+def _check_layer(cell, x, h0, c0, params):
+    op = _OP_NAMES[cell]
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        raise ValueError(f"{op}: expected a floating-point input tensor, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() != 3:
+        raise ValueError(f"{op}: expected input to be 3D (T, B, C), got {x.dim()}D")
+    T, B, C = x.shape
+    w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c = params
+    G = GATES[cell]
+    if w_ih.dim() != 2 or w_ih.shape[0] % G or w_ih.shape[1] != C:
+        raise ValueError(f"{op}: expected weight_ih of shape ({G}H, {C}), got {list(w_ih.shape)}")
+    H = w_ih.shape[0] // G
+    expect = {"weight_hh": (w_hh, (G * H, H)), "bias_ih": (b_ih, (G * H,)), "bias_hh": (b_hh, (G * H,)),
+              "norm_ih_weight": (g_ih, (G * H,)), "norm_hh_weight": (g_hh, (G * H,)),
+              "norm_c_weight": (g_c, (H,)), "norm_c_bias": (b_c, (H,)), "h0": (h0, (B, H)), "c0": (c0, (B, H))}
+    for name, (t, shape) in expect.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{op}: expected {name} of shape {list(shape)}, got {list(t.shape)}")
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{op}: expected {name} as {x.dtype} on {x.device} (the input's), got "
+                             f"{t.dtype} on {t.device}")
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError(f"{op}: pass both biases or neither")
+    return T, B, C, H
+
+
+def _functional(cell, input, hx, params, batch_first, eps=1e-5):
+    x = input.transpose(0, 1) if batch_first and isinstance(input, torch.Tensor) else input
+    lstm = cell in ("lstm", "ln_lstm")
+    h0, c0 = (hx if hx is not None else (None, None)) if lstm else (hx, None)
+    T, B, C, H = _check_layer(cell, x, h0, c0, params)
+    if h0 is None:
+        h0 = torch.zeros(B, H, dtype=x.dtype, device=x.device)
+    if lstm and c0 is None:
+        c0 = torch.zeros(B, H, dtype=x.dtype, device=x.device)
+    backend = _dispatch.choose("recurrent", _facts(x, cell))
+    y, (h, c) = _layer(cell, x.reshape(T * B, C), _Rows.padded_rows(T, B), h0, c0, params, eps, backend)
+    y = y.view(T, B, H)
+    y = y.transpose(0, 1) if batch_first else y
+    return (y, (h, c)) if lstm else (y, h)
+
+
+_SHAPES = """
+    Shapes: input (T, B, C) ((B, T, C) with batch_first); states (B, H); output (T, B, H)
+    ((B, T, H)).  The weights are torch.nn's layer-0 parameters (weight_ih_l0 etc.)."""
+
 
 def lstm_layer(input: torch.Tensor, hx: Optional[Tuple[torch.Tensor, torch.Tensor]], weight_ih: torch.Tensor,
                weight_hh: torch.Tensor, bias_ih: Optional[torch.Tensor] = None,
@@ -177,76 +490,340 @@ def lstm_layer(input: torch.Tensor, hx: Optional[Tuple[torch.Tensor, torch.Tenso
     Args:
         input: (T, B, C), or (B, T, C) with batch_first.
         hx: (h0, c0), each (B, H); None for zeros.
-        weight_ih (4H, C), weight_hh (4H, H), bias_ih / bias_hh (4H,) or None: torch.nn.LSTM's
-            weight_ih_l0 etc., gates in the order i, f, g, o.
+        weight_ih (4H, C), weight_hh (4H, H), bias_ih / bias_hh (4H,) or None: gates i, f, g, o.
     Returns:
         output (T, B, H) (or (B, T, H)), (h_n, c_n) each (B, H).
     """
-    x = input.transpose(0, 1) if batch_first and isinstance(input, torch.Tensor) else input
-    h0, c0 = hx if hx is not None else (None, None)
-    T, B, C, H = _check(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
-    if h0 is None:
-        h0 = torch.zeros(B, H, dtype=x.dtype, device=x.device)
-        c0 = torch.zeros(B, H, dtype=x.dtype, device=x.device)
-    backend = _dispatch.choose("lstm_layer", _facts(x))
-    if backend == "torch":
-        params = [weight_ih, weight_hh] + ([bias_ih, bias_hh] if bias_ih is not None else [])
-        y, h_n, c_n = torch.lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)), params, bias_ih is not None, 1, 0.0,
-                                 False, False, False)
-        h_n, c_n = h_n[0], c_n[0]
-    else:
-        y, h_n, c_n = LSTMLayerFunction.apply(x.contiguous(), h0, c0, weight_ih, weight_hh, bias_ih, bias_hh)
-    return (y.transpose(0, 1) if batch_first else y), (h_n, c_n)
+    return _functional("lstm", input, hx, (weight_ih, weight_hh, bias_ih, bias_hh) + (None,) * 4, batch_first)
+
+
+def gru_layer(input: torch.Tensor, hx: Optional[torch.Tensor], weight_ih: torch.Tensor, weight_hh: torch.Tensor,
+              bias_ih: Optional[torch.Tensor] = None, bias_hh: Optional[torch.Tensor] = None,
+              batch_first: bool = False):
+    """One unidirectional GRU layer over a whole sequence, as one layer of torch.nn.GRU
+    (gates r, z, n; n = tanh(x W_in^T + b_in + r (h W_hn^T + b_hn))).
+
+    Args:
+        input: (T, B, C), or (B, T, C) with batch_first.   hx: h0 (B, H) or None for zeros.
+        weight_ih (3H, C), weight_hh (3H, H), bias_ih / bias_hh (3H,) or None.
+    Returns:
+        output (T, B, H) (or (B, T, H)), h_n (B, H).
+    """
+    return _functional("gru", input, hx, (weight_ih, weight_hh, bias_ih, bias_hh) + (None,) * 4, batch_first)
+
+
+def rnn_layer(input: torch.Tensor, hx: Optional[torch.Tensor], weight_ih: torch.Tensor, weight_hh: torch.Tensor,
+              bias_ih: Optional[torch.Tensor] = None, bias_hh: Optional[torch.Tensor] = None,
+              nonlinearity: str = "tanh", batch_first: bool = False):
+    """One unidirectional Elman RNN layer, h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh),
+    act = tanh or relu, as one layer of torch.nn.RNN.
+
+    Args:
+        input: (T, B, C), or (B, T, C) with batch_first.   hx: h0 (B, H) or None for zeros.
+        weight_ih (H, C), weight_hh (H, H), bias_ih / bias_hh (H,) or None.
+    Returns:
+        output (T, B, H) (or (B, T, H)), h_n (B, H).
+    """
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"rnn_layer: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    return _functional(f"rnn_{nonlinearity}", input, hx, (weight_ih, weight_hh, bias_ih, bias_hh) + (None,) * 4,
+                       batch_first)
+
+
+def layer_norm_lstm_layer(input: torch.Tensor, hx: Optional[Tuple[torch.Tensor, torch.Tensor]],
+                          weight_ih: torch.Tensor, weight_hh: torch.Tensor, bias_ih: Optional[torch.Tensor],
+                          bias_hh: Optional[torch.Tensor], norm_ih_weight: torch.Tensor,
+                          norm_hh_weight: torch.Tensor, norm_c_weight: torch.Tensor, norm_c_bias: torch.Tensor,
+                          eps: float = 1e-5, batch_first: bool = False):
+    """One layer-normalized LSTM layer (Ba et al. 2016; see the module docstring):
+
+        G = LN(x W_ih^T) norm_ih_weight + LN(h W_hh^T) norm_hh_weight + bias_ih + bias_hh
+        c' = f c + i g;   h' = o tanh(LN(c') norm_c_weight + norm_c_bias)
+
+    Args:
+        input: (T, B, C), or (B, T, C) with batch_first.   hx: (h0, c0) each (B, H), or None.
+        weight_ih (4H, C), weight_hh (4H, H), bias_ih / bias_hh (4H,) or None,
+        norm_ih_weight / norm_hh_weight (4H,), norm_c_weight / norm_c_bias (H,); eps of the norms.
+    Returns:
+        output (T, B, H) (or (B, T, H)), (h_n, c_n) each (B, H).
+    """
+    return _functional("ln_lstm", input, hx, (weight_ih, weight_hh, bias_ih, bias_hh, norm_ih_weight,
+                                              norm_hh_weight, norm_c_weight, norm_c_bias), batch_first, eps)
+
+
+def layer_norm_gru_layer(input: torch.Tensor, hx: Optional[torch.Tensor], weight_ih: torch.Tensor,
+                         weight_hh: torch.Tensor, bias_ih: Optional[torch.Tensor], bias_hh: Optional[torch.Tensor],
+                         norm_ih_weight: torch.Tensor, norm_hh_weight: torch.Tensor, eps: float = 1e-5,
+                         batch_first: bool = False):
+    """One layer-normalized GRU layer: torch's GRU on x-part = LN(x W_ih^T) norm_ih_weight + bias_ih
+    and h-part = LN(h W_hh^T) norm_hh_weight + bias_hh.
+
+    Args:
+        input: (T, B, C), or (B, T, C) with batch_first.   hx: h0 (B, H) or None.
+        weight_ih (3H, C), weight_hh (3H, H), bias_ih / bias_hh (3H,) or None,
+        norm_ih_weight / norm_hh_weight (3H,); eps of the norms.
+    Returns:
+        output (T, B, H) (or (B, T, H)), h_n (B, H).
+    """
+    return _functional("ln_gru", input, hx, (weight_ih, weight_hh, bias_ih, bias_hh, norm_ih_weight,
+                                             norm_hh_weight, None, None), batch_first, eps)
 
 
 # ============================================================================ modules
 
-class LSTM(torch.nn.LSTM):
-    """torch.nn.LSTM on the fused LSTM layer: same constructor, parameters, state_dict, forward
-    and returns.  Every layer and direction runs lstm_layer (the reverse direction on the
-    time-flipped sequence); dropout between layers as torch.  PackedSequence input and
-    proj_size > 0 run torch's own forward for now (issue #4 adds them to the kernels)."""
+class _FusedStack:
+    """The forward of a stack of recurrent layers (torch.nn.RNNBase's image) on the fused layers.
 
-    def forward(self, input, hx=None):
-        if isinstance(input, torch.nn.utils.rnn.PackedSequence) or self.proj_size > 0 or \
-                _dispatch.choose("lstm_layer", _facts(input)) == "torch":
-            return super().forward(input, hx)
-        batched = input.dim() == 3
-        if input.dim() not in (2, 3):
-            raise ValueError(f"LSTM: expected input to be 2D or 3D, got {input.dim()}D")
-        x = input if batched else input.unsqueeze(1)
-        if batched and self.batch_first:
-            x = x.transpose(0, 1)                                            # (T, B, C)
-        if x.shape[-1] != self.input_size:
-            raise ValueError(f"LSTM: expected input with {self.input_size} features, got {x.shape[-1]}")
-        dirs = 2 if self.bidirectional else 1
-        L, B, H = self.num_layers, x.shape[1], self.hidden_size
-        if hx is None:
-            h0 = c0 = torch.zeros(L * dirs, B, H, dtype=x.dtype, device=x.device)
+    Subclasses set CELL and provide _params(suffix); they also inherit from the torch.nn class
+    whose constructor, parameters and state_dict they keep."""
+
+    CELL = "lstm"
+    EPS_DEFAULT = 1e-5
+
+    def _cell(self) -> str:
+        return self.CELL
+
+    def _params(self, sfx: str):
+        p = [getattr(self, f"weight_ih_{sfx}"), getattr(self, f"weight_hh_{sfx}")]
+        p += [getattr(self, f"bias_ih_{sfx}"), getattr(self, f"bias_hh_{sfx}")] if self.bias else [None, None]
+        return tuple(p) + (None,) * 4
+
+    def _torch_forward(self, input, hx):
+        return super().forward(input, hx)
+
+    def _fused_forward(self, input, hx, backend):
+        name, cell = type(self).__name__, self._cell()
+        lstm = cell in ("lstm", "ln_lstm")
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            x, batch_sizes, sorted_idx, unsorted_idx = input
+            rows = _Rows(batch_sizes.cpu())
+            batched = True
         else:
-            h0, c0 = hx
-            if not batched:
-                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-            if tuple(h0.shape) != (L * dirs, B, H) or tuple(c0.shape) != (L * dirs, B, H):
-                raise ValueError(f"LSTM: expected hx of shape {[L * dirs, B, H]}, got "
-                                 f"{list(h0.shape)} and {list(c0.shape)}")
+            if not isinstance(input, torch.Tensor) or not input.dtype.is_floating_point:
+                raise ValueError(f"{name}: expected a floating-point input tensor, got "
+                                 f"{getattr(input, 'dtype', type(input).__name__)}")
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{name}: expected input to be 2D or 3D, got {input.dim()}D")
+            batched = input.dim() == 3
+            xs = input if batched else input.unsqueeze(1)
+            if batched and self.batch_first:
+                xs = xs.transpose(0, 1)                                            # (T, B, C)
+            T, B = xs.shape[:2]
+            x = xs.reshape(T * B, xs.shape[-1])                                    # (T B, C) rows
+            rows, sorted_idx, unsorted_idx = _Rows.padded_rows(T, B), None, None
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"{name}: expected input with {self.input_size} features, got {x.shape[-1]}")
+        if x.dtype != self.weight_ih_l0.dtype:
+            raise ValueError(f"{name}: expected input of the parameters' dtype {self.weight_ih_l0.dtype}, "
+                             f"got {x.dtype}")
+        dirs = 2 if self.bidirectional else 1
+        L, B, H = self.num_layers, rows.B, self.hidden_size
+        h0, c0 = self._initial_states(hx, lstm, batched, sorted_idx, (L * dirs, B, H), x, name)
         hs, cs = [], []
+        eps = getattr(self, "eps", self.EPS_DEFAULT)
         for layer in range(L):
             outs = []
             for d in range(dirs):
                 sfx = f"l{layer}" + ("_reverse" if d else "")
-                w = [getattr(self, f"weight_ih_{sfx}"), getattr(self, f"weight_hh_{sfx}")]
-                b = [getattr(self, f"bias_ih_{sfx}"), getattr(self, f"bias_hh_{sfx}")] if self.bias else [None, None]
                 k = layer * dirs + d
-                xin = x.flip(0) if d else x
-                y, (h, c) = lstm_layer(xin, (h0[k], c0[k]), *w, *b)
-                outs.append(y.flip(0) if d else y)
+                xin = x.index_select(0, rows.reverse()) if d else x
+                y, (h, c) = _layer(cell, xin, rows, h0[k], c0[k] if lstm else None, self._params(sfx), eps,
+                                   backend)
+                outs.append(y.index_select(0, rows.reverse()) if d else y)
                 hs.append(h)
                 cs.append(c)
-            x = torch.cat(outs, dim=-1) if dirs == 2 else outs[0]
+            x = torch.cat(outs, dim=-1) if dirs == 2 else outs[0]                   # (N, dirs H)
             if self.dropout and self.training and layer < L - 1:
-                x = torch.nn.functional.dropout(x, self.dropout, True)
-        h_n, c_n = torch.stack(hs), torch.stack(cs)
+                x = F.dropout(x, self.dropout, True)
+        h_n = torch.stack(hs)
+        c_n = torch.stack(cs) if lstm else None
+        if unsorted_idx is not None:
+            h_n = h_n.index_select(1, unsorted_idx)
+            c_n = c_n.index_select(1, unsorted_idx) if lstm else None
+        state = (h_n, c_n) if lstm else h_n
+        if packed:
+            return PackedSequence(x, batch_sizes, sorted_idx, unsorted_idx), state
+        out = x.view(rows.T, B, -1)
         if not batched:
-            return x.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
-        return (x.transpose(0, 1) if self.batch_first else x), (h_n, c_n)
+            state = (h_n.squeeze(1), c_n.squeeze(1)) if lstm else h_n.squeeze(1)
+            return out.squeeze(1), state
+        return (out.transpose(0, 1) if self.batch_first else out), state
+
+    def _initial_states(self, hx, lstm, batched, sorted_idx, shape, x, name):
+        if hx is None:
+            z = torch.zeros(shape, dtype=x.dtype, device=x.device)
+            return z, z
+        states = hx if lstm else (hx,)
+        if lstm and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+            raise ValueError(f"{name}: expected hx to be a tuple (h_0, c_0), got {type(hx).__name__}")
+        out = []
+        for i, s in enumerate(states):
+            label = f"hx[{i}]" if lstm else "hx"
+            if s.dim() != (3 if batched else 2):
+                raise ValueError(f"{name}: expected {label} to be {3 if batched else 2}D for "
+                                 f"{'batched' if batched else 'unbatched'} input, got {s.dim()}D")
+            s = s if batched else s.unsqueeze(1)
+            if sorted_idx is not None:
+                s = s.index_select(1, sorted_idx)
+            if tuple(s.shape) != tuple(shape):
+                raise ValueError(f"{name}: expected {label} of shape {list(shape)} (num_layers * directions, "
+                                 f"batch, hidden), got {list(s.shape)}")
+            if s.dtype != x.dtype or s.device != x.device:
+                raise ValueError(f"{name}: expected {label} as {x.dtype} on {x.device}, got {s.dtype} on {s.device}")
+            out.append(s)
+        return (out[0], out[1]) if lstm else (out[0], None)
+
+    def forward(self, input, hx=None):
+        data = input.data if isinstance(input, PackedSequence) else input
+        if not isinstance(data, torch.Tensor):
+            raise ValueError(f"{type(self).__name__}: expected a tensor or PackedSequence input, got "
+                             f"{type(input).__name__}")
+        backend = _dispatch.choose("recurrent", _facts(data, self._cell()))
+        if (backend == "torch" and not self._ln()) or getattr(self, "proj_size", 0) > 0:
+            return self._torch_forward(input, hx)
+        return self._fused_forward(input, hx, backend)
+
+    def _ln(self) -> bool:
+        return self._cell() in ("ln_lstm", "ln_gru")
+
+
+class LSTM(_FusedStack, torch.nn.LSTM):
+    """torch.nn.LSTM on fused whole-sequence layers: same constructor, parameters, state_dict,
+    forward (tensor or PackedSequence, hx) and returns.  proj_size > 0 runs torch's own forward."""
+    CELL = "lstm"
+
+
+class GRU(_FusedStack, torch.nn.GRU):
+    """torch.nn.GRU on fused whole-sequence layers: same constructor, parameters, state_dict,
+    forward (tensor or PackedSequence, hx) and returns."""
+    CELL = "gru"
+
+
+class RNN(_FusedStack, torch.nn.RNN):
+    """torch.nn.RNN (Elman, tanh or relu) on fused whole-sequence layers: same constructor,
+    parameters, state_dict, forward and returns."""
+
+    def _cell(self) -> str:
+        return "rnn_tanh" if self.nonlinearity == "tanh" else "rnn_relu"
+
+
+class _LayerNormMixin:
+    """Adds the norm parameters of the layer-normalized cells to a torch.nn.LSTM / GRU image:
+    per layer and direction norm_ih_weight_l{k}, norm_hh_weight_l{k} (G H,), and for the LSTM
+    norm_c_weight_l{k}, norm_c_bias_l{k} (H,); ones and zeros at init."""
+
+    def _add_norms(self, eps, device, dtype):
+        self.eps = float(eps)
+        G, H = GATES[self.CELL], self.hidden_size
+        kw = dict(device=device, dtype=dtype)
+        for layer in range(self.num_layers):
+            for d in range(2 if self.bidirectional else 1):
+                sfx = f"l{layer}" + ("_reverse" if d else "")
+                self.register_parameter(f"norm_ih_weight_{sfx}", torch.nn.Parameter(torch.ones(G * H, **kw)))
+                self.register_parameter(f"norm_hh_weight_{sfx}", torch.nn.Parameter(torch.ones(G * H, **kw)))
+                if self.CELL == "ln_lstm":
+                    self.register_parameter(f"norm_c_weight_{sfx}", torch.nn.Parameter(torch.ones(H, **kw)))
+                    self.register_parameter(f"norm_c_bias_{sfx}", torch.nn.Parameter(torch.zeros(H, **kw)))
+
+    def _params(self, sfx: str):
+        p = list(_FusedStack._params(self, sfx)[:4])
+        p += [getattr(self, f"norm_ih_weight_{sfx}"), getattr(self, f"norm_hh_weight_{sfx}")]
+        p += ([getattr(self, f"norm_c_weight_{sfx}"), getattr(self, f"norm_c_bias_{sfx}")]
+              if self.CELL == "ln_lstm" else [None, None])
+        return tuple(p)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", eps={self.eps}"
+
+
+class LayerNormLSTM(_LayerNormMixin, _FusedStack, torch.nn.LSTM):
+    """An LSTM with layer normalization on the input and recurrent gate pre-activations and on
+    the cell before the output tanh (Ba et al. 2016; equations in the module docstring).  Same
+    arguments as torch.nn.LSTM (proj_size must be 0) plus eps; parameters as torch.nn.LSTM's plus
+    norm_ih_weight_l{k}, norm_hh_weight_l{k} (4H,), norm_c_weight_l{k}, norm_c_bias_l{k} (H,), so
+    an nn.LSTM state_dict loads with strict=False.  On a backend without the fused kernel it runs
+    the step-by-step reference."""
+    CELL = "ln_lstm"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, proj_size=0, device=None, dtype=None, eps=1e-5):
+        if proj_size:
+            raise ValueError(f"LayerNormLSTM: proj_size is not supported, got {proj_size}")
+        super().__init__(input_size, hidden_size, num_layers=num_layers, bias=bias, batch_first=batch_first,
+                         dropout=dropout, bidirectional=bidirectional, device=device, dtype=dtype)
+        self._add_norms(eps, device, dtype)
+
+
+class LayerNormGRU(_LayerNormMixin, _FusedStack, torch.nn.GRU):
+    """A GRU with layer normalization on the input and recurrent gate pre-activations (each over
+    the 3H row).  Same arguments as torch.nn.GRU plus eps; parameters as torch.nn.GRU's plus
+    norm_ih_weight_l{k}, norm_hh_weight_l{k} (3H,)."""
+    CELL = "ln_gru"
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, device=None, dtype=None, eps=1e-5):
+        super().__init__(input_size, hidden_size, num_layers=num_layers, bias=bias, batch_first=batch_first,
+                         dropout=dropout, bidirectional=bidirectional, device=device, dtype=dtype)
+        self._add_norms(eps, device, dtype)
+
+
+# ---------------------------------------------------------------------------- cells
+
+class _FusedCell:
+    """One step of a cell (torch.nn.LSTMCell's image) through the fused layer with T = 1."""
+
+    CELL = "lstm"
+
+    def _cell(self) -> str:
+        return self.CELL
+
+    def forward(self, input, hx=None):
+        name, cell = type(self).__name__, self._cell()
+        lstm = cell == "lstm"
+        if not isinstance(input, torch.Tensor) or not input.dtype.is_floating_point:
+            raise ValueError(f"{name}: expected a floating-point input tensor, got "
+                             f"{getattr(input, 'dtype', type(input).__name__)}")
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: expected input to be 1D or 2D, got {input.dim()}D")
+        backend = _dispatch.choose("recurrent", _facts(input, cell))
+        if backend == "torch":
+            return super().forward(input, hx)
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        if x.shape[1] != self.input_size:
+            raise ValueError(f"{name}: expected input with {self.input_size} features, got {x.shape[1]}")
+        B, H = x.shape[0], self.hidden_size
+        states = [None, None]
+        if hx is not None:
+            given = hx if lstm else (hx,)
+            for i, s in enumerate(given):
+                s = s if batched else s.unsqueeze(0)
+                if tuple(s.shape) != (B, H):
+                    raise ValueError(f"{name}: expected hidden state of shape {[B, H]}, got {list(s.shape)}")
+                states[i] = s
+        for i in range(2 if lstm else 1):
+            if states[i] is None:
+                states[i] = torch.zeros(B, H, dtype=x.dtype, device=x.device)
+        params = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh) + (None,) * 4
+        _, (h, c) = _layer(cell, x, _Rows.padded_rows(1, B), states[0], states[1], params, 1e-5, backend)
+        if not batched:
+            h, c = h.squeeze(0), (c.squeeze(0) if lstm else None)
+        return (h, c) if lstm else h
+
+
+class LSTMCell(_FusedCell, torch.nn.LSTMCell):
+    """torch.nn.LSTMCell on the fused LSTM step: same constructor, parameters, forward and returns."""
+    CELL = "lstm"
+
+
+class GRUCell(_FusedCell, torch.nn.GRUCell):
+    """torch.nn.GRUCell on the fused GRU step."""
+    CELL = "gru"
+
+
+class RNNCell(_FusedCell, torch.nn.RNNCell):
+    """torch.nn.RNNCell (tanh or relu) on the fused RNN step."""
+
+    def _cell(self) -> str:
+        return "rnn_tanh" if self.nonlinearity == "tanh" else "rnn_relu"

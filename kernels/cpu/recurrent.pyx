@@ -1,29 +1,37 @@
 # cython: language_level=3
-"""Whole-sequence LSTM on the CPU: forward and backward through time, no Python per step.
+"""Whole-sequence recurrent layers on the CPU: forward and backward through time, no Python per step.
 
-The binding does the input projection for every step as one GEMM beforehand,
-xp = x W_ih^T + b_ih + b_hh (T, B, 4H), and the weight GEMMs over all steps afterwards.  Per step
-this kernel runs the recurrent GEMM through torch's BLAS and one fused OpenMP pass over the
-gates (torch's order i, f, g, o):
+Cells (gate order as torch): LSTM (i, f, g, o), GRU (r, z, n), Elman RNN (tanh / relu), and the
+layer-normalized LSTM and GRU (Ba et al. 2016).  The binding does the input projection of every
+step as one GEMM beforehand and the weight GEMMs over all steps afterwards; these kernels run the
+sequential part.  Per step: the recurrent GEMM through torch's BLAS, then one fused OpenMP pass
+over the gates.
 
-    G   = xp_t + h_{t-1} W_hh^T                             (BLAS, B x 4H x H)
-    i, f, o = sigmoid(G_i, G_f, G_o);  g = tanh(G_g)
-    c_t = f c_{t-1} + i g;             h_t = o tanh(c_t)
+Rows.  The sequence is stored packed, as torch's PackedSequence: step t owns rows
+[offs[t], offs[t + 1]) of every (rows, .) buffer, B_t = offs[t + 1] - offs[t] of them, and the
+batch is sorted by decreasing length, so the sequences still running at step t are the first B_t
+of step t - 1.  A padded (T, B) batch is offs[t] = t B.  Finished sequences cost nothing.
+Backward carries dh (and dc) in (B_0, H) buffers: they enter holding the gradient at each
+sequence's final state, and a row is overwritten only while its sequence runs, so each sequence
+picks its final-state gradient up at its own last step.  They leave holding dh_0 (dc_0).
 
-The activated gates and c_t are saved for backward (T, B, 4H) and (T, B, H).
+Gate layout of the plain cells.  The binding permutes the gate rows of the weights (and so the
+gate columns of every buffer) into blocks of `ub` hidden units: block k holds the gate rows of
+units [k ub, (k + 1) ub), gate after gate.  Each OpenMP thread owns whole blocks, so a forward
+step is one parallel region: the thread's own GEMM slice, then the gate math of its units, with
+no barrier in between and MKL single-threaded inside it.  The layer-normalized cells normalize
+over whole rows, so they keep torch's column order and take two regions per step (GEMM slices
+by columns, then the gate math by rows).
 
-Backward, t = T-1 .. 0, with dh = dY_t + dh_next and dc = dc_next:
-    dc += dh o (1 - tanh(c_t)^2)
-    do  = dh tanh(c_t) o (1 - o)
-    di  = dc g i (1 - i);   dg = dc i (1 - g^2);   df = dc c_{t-1} f (1 - f)
-    dc_next = dc f;         dh_next = dG_t W_hh                (BLAS, B x H x 4H)
-dG (T, B, 4H) is returned whole: the binding forms dW_hh = dG^T [h_0 .. h_{T-2}], dW_ih = dG^T x,
-dx = dG W_ih and the bias gradients as large GEMMs / sums over all steps.
+Memory per step and row (fp32): the recurrent GEMM reads W_hh (G H, shared by the rows); the
+pointwise pass reads G gate columns and writes G + 2 columns (activations, c and h).  The weight
+is the traffic: at B = 1 a step is a matrix-vector product, bound by the copy bandwidth.
 """
 from cython.parallel cimport prange
 from libc.math cimport exp, tanh
+from libc.stdint cimport int64_t
 
-from _common cimport real
+from _common cimport real, rsqrt_
 
 include "_blas.pxi"
 
@@ -51,17 +59,25 @@ cdef inline real* ptr_(real[::1] a) noexcept nogil:
     return &a[0] if a.shape[0] > 0 else NULL
 
 
-# Gate layout.  The binding permutes the 4H gate rows of the weights (and so the columns of the
-# pre-activations) into blocks of `ub` hidden units: block k holds the i, f, g, o rows of units
-# [k ub, (k + 1) ub) one after another.  Each OpenMP thread owns whole blocks, so one step is a
-# single parallel region: the thread's own GEMM slice, then the gate math of its units, with no
-# barrier in between and MKL running single-threaded inside it.
+cdef inline void copy_(real* dst, const real* src, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        dst[i] = src[i]
 
-cdef void lstm_cell_fwd_(const real* g, Py_ssize_t gs, const real* cprev, real* c, real* h, real* act,
-                         Py_ssize_t nb) noexcept nogil:
-    """nb units of one batch row.  g: their pre-activations i, f, g, o at offsets 0, gs, 2 gs, 3 gs;
-    writes c, h (nb,) and the activated gates to act (same layout).  One transcendental per loop:
-    gcc if-converts and vectorizes each (a loop with five exps stays scalar)."""
+
+cdef inline (Py_ssize_t, Py_ssize_t, Py_ssize_t) step_(const int64_t[::1] offs, Py_ssize_t t) noexcept nogil:
+    """(first row of step t, its row count B_t, first row of step t - 1)."""
+    return offs[t], offs[t + 1] - offs[t], offs[t - 1] if t > 0 else 0
+
+
+# ============================================================================ gate math
+# One transcendental per loop: gcc if-converts and vectorizes each (a loop with five exps stays
+# scalar).  `gs` is the stride between a row's gates: ub in the blocked layout, H in torch's.
+
+cdef void lstm_gates_(const real* g, Py_ssize_t gs, const real* cprev, real* c, real* act,
+                      Py_ssize_t nb) noexcept nogil:
+    """nb units of one row: activates the pre-activations g (i, f, g, o at offsets 0, gs, 2 gs,
+    3 gs) into act (same layout) and writes c = f cprev + i g."""
     cdef Py_ssize_t j
     for j in range(nb):
         act[j] = sigmoid_(g[j])
@@ -73,42 +89,98 @@ cdef void lstm_cell_fwd_(const real* g, Py_ssize_t gs, const real* cprev, real* 
         act[3 * gs + j] = sigmoid_(g[3 * gs + j])
     for j in range(nb):
         c[j] = act[gs + j] * cprev[j] + act[j] * act[2 * gs + j]
-    for j in range(nb):
-        h[j] = act[3 * gs + j] * tanh_(c[j])
 
 
-cdef void lstm_cell_bwd_(const real* act, Py_ssize_t gs, const real* c, const real* cprev, const real* dy,
-                         const real* dh, real* dc, real* dg, Py_ssize_t nb) noexcept nogil:
-    """nb units of one batch row: gate gradients dg (layout of act) and dc_next (in dc).
-    dg's o slot holds tanh(c) until the last loop overwrites it (one transcendental per loop)."""
+cdef void lstm_gates_bwd_(const real* act, Py_ssize_t gs, const real* cprev, const real* dce,
+                           real* dc, real* dg, Py_ssize_t nb) noexcept nogil:
+    """nb units: from dce = dL/dc_t (all paths), the i, f, g gradients into dg and dc_next = dce f.
+    (The o gradient is the caller's: it depends on how h reads c.)"""
     cdef Py_ssize_t j
-    cdef real ig, fg, gg, og, tc, dhe, dce
-    for j in range(nb):
-        dg[3 * gs + j] = tanh_(c[j])
+    cdef real ig, fg, gg, d
     for j in range(nb):
         ig = act[j]
         fg = act[gs + j]
         gg = act[2 * gs + j]
+        d = dce[j]
+        dg[j] = d * gg * ig * (1 - ig)
+        dg[gs + j] = d * cprev[j] * fg * (1 - fg)
+        dg[2 * gs + j] = d * ig * (1 - gg * gg)
+        dc[j] = d * fg
+
+
+cdef void lstm_cell_bwd_(const real* act, Py_ssize_t gs, const real* c, const real* cprev, const real* dy,
+                         const real* dh, real* dc, real* dg, Py_ssize_t nb) noexcept nogil:
+    """Plain LSTM, nb units of one row (h = o tanh(c)):
+        dh_t = dy + dh_next;  dc_t = dc_next + dh_t o (1 - tanh(c)^2);  do = dh_t tanh(c) o (1 - o)
+    then lstm_gates_bwd_.  dg's i slot holds dc_t and its o slot tanh(c) until overwritten."""
+    cdef Py_ssize_t j
+    cdef real og, tc, dhe
+    for j in range(nb):
+        dg[3 * gs + j] = tanh_(c[j])
+    for j in range(nb):
         og = act[3 * gs + j]
         tc = dg[3 * gs + j]
         dhe = dy[j] + dh[j]
-        dce = dc[j] + dhe * og * (1 - tc * tc)
-        dg[j] = dce * gg * ig * (1 - ig)
-        dg[gs + j] = dce * cprev[j] * fg * (1 - fg)
-        dg[2 * gs + j] = dce * ig * (1 - gg * gg)
+        dg[j] = dc[j] + dhe * og * (1 - tc * tc)
         dg[3 * gs + j] = dhe * tc * og * (1 - og)
-        dc[j] = dce * fg
+    lstm_gates_bwd_(act, gs, cprev, dg, dc, dg, nb)
 
+
+cdef void gru_cell_fwd_(const real* xp, const real* gh, Py_ssize_t gs, const real* hprev, real* h, real* act,
+                        real* ghn, Py_ssize_t nb) noexcept nogil:
+    """GRU, nb units of one row.  xp = x W_ih^T + b_ih, gh = h_{t-1} W_hh^T + b_hh (r, z, n at 0,
+    gs, 2 gs):  r = s(x_r + h_r), z = s(x_z + h_z), n = tanh(x_n + r h_n), h = (1 - z) n + z h_{t-1}.
+    Saves act = (r, z, n) and ghn = h_n."""
+    cdef Py_ssize_t j
+    for j in range(nb):
+        act[j] = sigmoid_(xp[j] + gh[j])
+    for j in range(nb):
+        act[gs + j] = sigmoid_(xp[gs + j] + gh[gs + j])
+    for j in range(nb):
+        ghn[j] = gh[2 * gs + j]
+        act[2 * gs + j] = tanh_(xp[2 * gs + j] + act[j] * gh[2 * gs + j])
+    for j in range(nb):
+        h[j] = act[2 * gs + j] + act[gs + j] * (hprev[j] - act[2 * gs + j])
+
+
+cdef void gru_cell_bwd_(const real* act, const real* ghn, Py_ssize_t gs, const real* hprev, const real* dy,
+                        real* dh, real* dxp, real* dgh, Py_ssize_t nb) noexcept nogil:
+    """GRU backward, nb units of one row; dh holds dh_next and leaves holding dh_t z, the direct
+    path to h_{t-1} (the caller adds dgh W_hh).
+        dh_t = dy + dh_next;  dn = dh_t (1 - z);  dz = dh_t (h_{t-1} - n)
+        da_n = dn (1 - n^2);  da_r = da_n h_n r (1 - r);  da_z = dz z (1 - z)
+        dxp = (da_r, da_z, da_n);  dgh = (da_r, da_z, da_n r)"""
+    cdef Py_ssize_t j
+    cdef real r, z, n, dhe, dan
+    for j in range(nb):
+        r = act[j]
+        z = act[gs + j]
+        n = act[2 * gs + j]
+        dhe = dy[j] + dh[j]
+        dan = dhe * (1 - z) * (1 - n * n)
+        dxp[j] = dan * ghn[j] * r * (1 - r)
+        dxp[gs + j] = dhe * (hprev[j] - n) * z * (1 - z)
+        dxp[2 * gs + j] = dan
+        dgh[j] = dxp[j]
+        dgh[gs + j] = dxp[gs + j]
+        dgh[2 * gs + j] = dan * r
+        dh[j] = dhe * z
+
+
+# ============================================================================ LSTM
 
 def lstm_forward(real[::1] xp, real[::1] w_hh, real[::1] h0, real[::1] c0, real[::1] y, real[::1] cs,
-                 real[::1] gates, real[::1] g_step, Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t ub,
-                 int num_threads):
-    """One LSTM layer over T steps, gates in blocks of ub units (see above).
+                 real[::1] gates, real[::1] g_step, const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H,
+                 Py_ssize_t ub, int num_threads):
+    """One LSTM layer over T steps, gates in blocks of ub units (see the module docstring).
 
-    xp (T*B*4H,): projected inputs with both biases, blocked columns.  w_hh (4H*H,): blocked
-    rows of (4H, H).  h0, c0 (B*H,).  Outputs: y (T*B*H,) hidden states, cs (T*B*H,) cell states,
-    gates (T*B*4H,) activated gates (blocked).  g_step (B*4H,): one step's pre-activations."""
-    cdef Py_ssize_t t, k, b, j0, nb, col, n = B * H, H4 = 4 * H, nblk = (H + ub - 1) // ub
+        G = xp_t + h_{t-1} W_hh^T;  i, f, o = s(G_i, G_f, G_o), g = tanh(G_g)
+        c_t = f c_{t-1} + i g;      h_t = o tanh(c_t)
+
+    xp (N, 4H): projected inputs with both biases, blocked columns.  w_hh (4H, H): blocked rows.
+    h0, c0 (B_0, H).  Writes y, cs (N, H): every step's h and c; gates (N, 4H): the activated
+    gates (blocked).  g_step (B_0 4H,): one step's pre-activations."""
+    cdef Py_ssize_t t, r0, bt, rp, k, b, j0, nb, col, H4 = 4 * H, nblk = (H + ub - 1) // ub
     cdef real* pxp = ptr_(xp)
     cdef real* pw = ptr_(w_hh)
     cdef real* py = ptr_(y)
@@ -117,70 +189,456 @@ def lstm_forward(real[::1] xp, real[::1] w_hh, real[::1] h0, real[::1] c0, real[
     cdef real* gs = ptr_(g_step)
     cdef const real* hprev
     cdef const real* cprev
-    cdef const real* xt
-    cdef real* gt
     cdef int nt = max(1, min(num_threads, nblk))
-    if T == 0 or n == 0:
-        return
     for t in range(T):
-        hprev = &h0[0] if t == 0 else py + (t - 1) * n
-        cprev = &c0[0] if t == 0 else pc + (t - 1) * n
-        xt = pxp + t * B * H4
-        gt = pg + t * B * H4
+        r0, bt, rp = step_(offs, t)
+        if bt == 0 or H == 0:
+            continue
+        hprev = &h0[0] if t == 0 else py + rp * H
+        cprev = &c0[0] if t == 0 else pc + rp * H
         for k in prange(nblk, nogil=True, num_threads=nt, schedule="static", chunksize=1):
             j0 = k * ub
             nb = min(ub, H - j0)
             col = 4 * j0
-            for b in range(B):                   # G[:, block] = xp_t[:, block] + h_{t-1} W_block^T
-                copy_(gs + b * H4 + col, xt + b * H4 + col, 4 * nb)
-            gemm_rm(False, True, <int> B, <int> (4 * nb), <int> H, 1, hprev, <int> H, pw + col * H, <int> H,
+            for b in range(bt):                  # G[:, block] = xp_t[:, block] + h_{t-1} W_block^T
+                copy_(gs + b * H4 + col, pxp + (r0 + b) * H4 + col, 4 * nb)
+            gemm_rm(False, True, <int> bt, <int> (4 * nb), <int> H, 1, hprev, <int> H, pw + col * H, <int> H,
                     1, gs + col, <int> H4)
-            for b in range(B):
-                lstm_cell_fwd_(gs + b * H4 + col, nb, cprev + b * H + j0, pc + t * n + b * H + j0,
-                               py + t * n + b * H + j0, gt + b * H4 + col, nb)
+            for b in range(bt):
+                lstm_gates_(gs + b * H4 + col, nb, cprev + b * H + j0, pc + (r0 + b) * H + j0,
+                            pg + (r0 + b) * H4 + col, nb)
+                lstm_h_(pg + (r0 + b) * H4 + col + 3 * nb, pc + (r0 + b) * H + j0, py + (r0 + b) * H + j0, nb)
 
 
-cdef inline void copy_(real* dst, const real* src, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(n):
-        dst[i] = src[i]
+cdef void lstm_h_(const real* o, const real* c, real* h, Py_ssize_t nb) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(nb):
+        h[j] = o[j] * tanh_(c[j])
 
 
-def lstm_backward(real[::1] dy, real[::1] dh_n, real[::1] dc_n, real[::1] w_hh, real[::1] c0, real[::1] cs,
-                  real[::1] gates, real[::1] dgates, real[::1] dh0, real[::1] dc0,
-                  Py_ssize_t T, Py_ssize_t B, Py_ssize_t H, Py_ssize_t ub, int num_threads):
-    """Backward through time of lstm_forward (the same blocked gate layout).
+def lstm_backward(real[::1] dy, real[::1] w_hh, real[::1] c0, real[::1] cs, real[::1] gates, real[::1] dgates,
+                  real[::1] dh, real[::1] dc, const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H, Py_ssize_t ub,
+                  int num_threads):
+    """Backward through time of lstm_forward (same blocked layout), t = T-1 .. 0:
 
-    dy (T*B*H,): gradient at every step's output; dh_n, dc_n (B*H,): at the final states.
-    Outputs: dgates (T*B*4H,) pre-activation gradients dG, dh0 / dc0 (B*H,) the gradients at the
-    initial states.  dh0 and dc0 also carry dh_next / dc_next between steps."""
-    cdef Py_ssize_t t, e, k, b, j0, nb, col, n = B * H, H4 = 4 * H, nblk = (H + ub - 1) // ub
+        dh_t = dy_t + dh_next;  dc_t = dc_next + dh_t o (1 - tanh(c_t)^2)
+        do = dh_t tanh(c_t) o (1 - o);  di = dc_t g i (1 - i);  dg = dc_t i (1 - g^2)
+        df = dc_t c_{t-1} f (1 - f);    dc_next = dc_t f;       dh_next = dG_t W_hh   (BLAS)
+
+    dy (N, H).  dh, dc (B_0, H): the carries (see the module docstring).  Writes dgates (N, 4H),
+    the pre-activation gradients dG, from which the binding forms every weight gradient."""
+    cdef Py_ssize_t t, r0, bt, rp, k, b, j0, nb, col, H4 = 4 * H, nblk = (H + ub - 1) // ub
     cdef real* pdy = ptr_(dy)
     cdef real* pw = ptr_(w_hh)
     cdef real* pc = ptr_(cs)
     cdef real* pg = ptr_(gates)
     cdef real* pdg = ptr_(dgates)
-    cdef real* dh = ptr_(dh0)
-    cdef real* dc = ptr_(dc0)
+    cdef real* pdh = ptr_(dh)
+    cdef real* pdc = ptr_(dc)
     cdef const real* cprev
-    cdef real* gt
-    cdef real* dgt
     cdef int nt = max(1, min(num_threads, nblk))
-    if n == 0:
-        return
-    for e in range(n):
-        dh[e] = dh_n[e]
-        dc[e] = dc_n[e]
     for t in range(T - 1, -1, -1):
-        cprev = &c0[0] if t == 0 else pc + (t - 1) * n
-        gt = pg + t * B * H4
-        dgt = pdg + t * B * H4
+        r0, bt, rp = step_(offs, t)
+        if bt == 0 or H == 0:
+            continue
+        cprev = &c0[0] if t == 0 else pc + rp * H
         for k in prange(nblk, nogil=True, num_threads=nt, schedule="static", chunksize=1):
             j0 = k * ub
             nb = min(ub, H - j0)
             col = 4 * j0
-            for b in range(B):
-                lstm_cell_bwd_(gt + b * H4 + col, nb, pc + t * n + b * H + j0, cprev + b * H + j0,
-                               pdy + t * n + b * H + j0, dh + b * H + j0, dc + b * H + j0, dgt + b * H4 + col, nb)
-        # dh_next = dG_t W_hh   (B x H; every output unit needs every gate: after the barrier)
-        gemm_rm(False, False, <int> B, <int> H, <int> H4, 1, dgt, <int> H4, pw, <int> H, 0, dh, <int> H)
+            for b in range(bt):
+                lstm_cell_bwd_(pg + (r0 + b) * H4 + col, nb, pc + (r0 + b) * H + j0, cprev + b * H + j0,
+                               pdy + (r0 + b) * H + j0, pdh + b * H + j0, pdc + b * H + j0,
+                               pdg + (r0 + b) * H4 + col, nb)
+        # dh_next = dG_t W_hh  (every unit needs every gate: after the region's barrier)
+        gemm_rm(False, False, <int> bt, <int> H, <int> H4, 1, pdg + r0 * H4, <int> H4, pw, <int> H, 0, pdh, <int> H)
+
+
+# ============================================================================ GRU
+
+def gru_forward(real[::1] xp, real[::1] w_hh, real[::1] b_hh, real[::1] h0, real[::1] y, real[::1] gates,
+                real[::1] ghn, real[::1] g_step, const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H,
+                Py_ssize_t ub, int num_threads):
+    """One GRU layer over T steps (torch's r, z, n; gru_cell_fwd_), gates in blocks of ub units.
+
+    xp (N, 3H): x W_ih^T + b_ih, blocked columns.  w_hh (3H, H), b_hh (3H,): blocked rows.
+    h0 (B_0, H).  Writes y (N, H), gates (N, 3H) the activated r, z, n (blocked), ghn (N, H) the
+    recurrent n pre-activation h_{t-1} W_hn^T + b_hn.  g_step (B_0 3H,): one step's h W_hh^T + b_hh."""
+    cdef Py_ssize_t t, r0, bt, rp, k, b, j0, nb, col, H3 = 3 * H, nblk = (H + ub - 1) // ub
+    cdef real* pxp = ptr_(xp)
+    cdef real* pw = ptr_(w_hh)
+    cdef real* pb = ptr_(b_hh)
+    cdef real* py = ptr_(y)
+    cdef real* pg = ptr_(gates)
+    cdef real* pn = ptr_(ghn)
+    cdef real* gs = ptr_(g_step)
+    cdef const real* hprev
+    cdef int nt = max(1, min(num_threads, nblk))
+    for t in range(T):
+        r0, bt, rp = step_(offs, t)
+        if bt == 0 or H == 0:
+            continue
+        hprev = &h0[0] if t == 0 else py + rp * H
+        for k in prange(nblk, nogil=True, num_threads=nt, schedule="static", chunksize=1):
+            j0 = k * ub
+            nb = min(ub, H - j0)
+            col = 3 * j0
+            for b in range(bt):
+                copy_(gs + b * H3 + col, pb + col, 3 * nb)
+            gemm_rm(False, True, <int> bt, <int> (3 * nb), <int> H, 1, hprev, <int> H, pw + col * H, <int> H,
+                    1, gs + col, <int> H3)
+            for b in range(bt):
+                gru_cell_fwd_(pxp + (r0 + b) * H3 + col, gs + b * H3 + col, nb, hprev + b * H + j0,
+                              py + (r0 + b) * H + j0, pg + (r0 + b) * H3 + col, pn + (r0 + b) * H + j0, nb)
+
+
+def gru_backward(real[::1] dy, real[::1] w_hh, real[::1] h0, real[::1] y, real[::1] gates, real[::1] ghn,
+                 real[::1] dxp, real[::1] dgh, real[::1] dh, const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H,
+                 Py_ssize_t ub, int num_threads):
+    """Backward through time of gru_forward (gru_cell_bwd_ per step, then dh_next += dgh_t W_hh).
+
+    dy (N, H); dh (B_0, H) the carry.  Writes dxp (N, 3H) (gradient of x W_ih^T + b_ih) and dgh
+    (N, 3H) (of h W_hh^T + b_hh), blocked; the binding forms the weight gradients from them."""
+    cdef Py_ssize_t t, r0, bt, rp, k, b, j0, nb, col, H3 = 3 * H, nblk = (H + ub - 1) // ub
+    cdef real* pdy = ptr_(dy)
+    cdef real* pw = ptr_(w_hh)
+    cdef real* py = ptr_(y)
+    cdef real* pg = ptr_(gates)
+    cdef real* pn = ptr_(ghn)
+    cdef real* pdx = ptr_(dxp)
+    cdef real* pdgh = ptr_(dgh)
+    cdef real* pdh = ptr_(dh)
+    cdef const real* hprev
+    cdef int nt = max(1, min(num_threads, nblk))
+    for t in range(T - 1, -1, -1):
+        r0, bt, rp = step_(offs, t)
+        if bt == 0 or H == 0:
+            continue
+        hprev = &h0[0] if t == 0 else py + rp * H
+        for k in prange(nblk, nogil=True, num_threads=nt, schedule="static", chunksize=1):
+            j0 = k * ub
+            nb = min(ub, H - j0)
+            col = 3 * j0
+            for b in range(bt):
+                gru_cell_bwd_(pg + (r0 + b) * H3 + col, pn + (r0 + b) * H + j0, nb, hprev + b * H + j0,
+                              pdy + (r0 + b) * H + j0, pdh + b * H + j0, pdx + (r0 + b) * H3 + col,
+                              pdgh + (r0 + b) * H3 + col, nb)
+        gemm_rm(False, False, <int> bt, <int> H, <int> H3, 1, pdgh + r0 * H3, <int> H3, pw, <int> H, 1, pdh, <int> H)
+
+
+# ============================================================================ Elman RNN
+
+cdef void rnn_act_(real* g, Py_ssize_t nb, bint relu) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef real zero = 0
+    if relu:
+        for j in range(nb):
+            g[j] = g[j] if g[j] > zero else zero
+    else:
+        for j in range(nb):
+            g[j] = tanh_(g[j])
+
+
+def rnn_forward(real[::1] xp, real[::1] w_hh, real[::1] h0, real[::1] y, const int64_t[::1] offs, Py_ssize_t T,
+                Py_ssize_t H, Py_ssize_t ub, bint relu, int num_threads):
+    """Elman RNN over T steps: h_t = act(xp_t + h_{t-1} W_hh^T), act = tanh or relu, computed in
+    place in y (N, H).  xp (N, H) holds both biases.  Threads own column blocks of ub units."""
+    cdef Py_ssize_t t, r0, bt, rp, k, b, j0, nb, nblk = (H + ub - 1) // ub
+    cdef real* pxp = ptr_(xp)
+    cdef real* pw = ptr_(w_hh)
+    cdef real* py = ptr_(y)
+    cdef const real* hprev
+    cdef int nt = max(1, min(num_threads, nblk))
+    for t in range(T):
+        r0, bt, rp = step_(offs, t)
+        if bt == 0 or H == 0:
+            continue
+        hprev = &h0[0] if t == 0 else py + rp * H
+        for k in prange(nblk, nogil=True, num_threads=nt, schedule="static", chunksize=1):
+            j0 = k * ub
+            nb = min(ub, H - j0)
+            for b in range(bt):
+                copy_(py + (r0 + b) * H + j0, pxp + (r0 + b) * H + j0, nb)
+            gemm_rm(False, True, <int> bt, <int> nb, <int> H, 1, hprev, <int> H, pw + j0 * H, <int> H,
+                    1, py + r0 * H + j0, <int> H)
+            for b in range(bt):
+                rnn_act_(py + (r0 + b) * H + j0, nb, relu)
+
+
+cdef void rnn_cell_bwd_(const real* h, const real* dy, const real* dh, real* dg, Py_ssize_t nb,
+                        bint relu) noexcept nogil:
+    """dG = (dy + dh_next) act'(G), act' from the output: 1 - h^2 (tanh) or [h > 0] (relu)."""
+    cdef Py_ssize_t j
+    cdef real zero = 0
+    if relu:
+        for j in range(nb):
+            dg[j] = dy[j] + dh[j] if h[j] > zero else zero
+    else:
+        for j in range(nb):
+            dg[j] = (dy[j] + dh[j]) * (1 - h[j] * h[j])
+
+
+def rnn_backward(real[::1] dy, real[::1] w_hh, real[::1] y, real[::1] dg, real[::1] dh, const int64_t[::1] offs,
+                 Py_ssize_t T, Py_ssize_t H, Py_ssize_t ub, bint relu, int num_threads):
+    """Backward through time of rnn_forward: dG_t = (dy_t + dh_next) act'(G_t) into dg (N, H),
+    dh_next = dG_t W_hh (BLAS).  dh (B_0, H) is the carry."""
+    cdef Py_ssize_t t, r0, bt, rp, k, b, j0, nb, nblk = (H + ub - 1) // ub
+    cdef real* pdy = ptr_(dy)
+    cdef real* pw = ptr_(w_hh)
+    cdef real* py = ptr_(y)
+    cdef real* pdg = ptr_(dg)
+    cdef real* pdh = ptr_(dh)
+    cdef int nt = max(1, min(num_threads, nblk))
+    for t in range(T - 1, -1, -1):
+        r0, bt, rp = step_(offs, t)
+        if bt == 0 or H == 0:
+            continue
+        for k in prange(nblk, nogil=True, num_threads=nt, schedule="static", chunksize=1):
+            j0 = k * ub
+            nb = min(ub, H - j0)
+            for b in range(bt):
+                rnn_cell_bwd_(py + (r0 + b) * H + j0, pdy + (r0 + b) * H + j0, pdh + b * H + j0,
+                              pdg + (r0 + b) * H + j0, nb, relu)
+        gemm_rm(False, False, <int> bt, <int> H, <int> H, 1, pdg + r0 * H, <int> H, pw, <int> H, 0, pdh, <int> H)
+
+
+# ============================================================================ layer-normalized cells
+# Torch's column order (no blocks).  A step: region 1 computes the recurrent GEMM h_{t-1} W_hh^T
+# in column slices, one per thread; region 2 runs the rows: normalize, gate math.
+
+cdef void row_norm_(const real* v, real* vhat, real* rstd, Py_ssize_t n, real eps) noexcept nogil:
+    """vhat = (v - mean) rstd over the row (biased variance, two passes); writes rstd[0]."""
+    cdef Py_ssize_t j
+    cdef real s = 0, q = 0, mu, rs
+    for j in range(n):
+        s = s + v[j]
+    mu = s / n
+    for j in range(n):
+        q = q + (v[j] - mu) * (v[j] - mu)
+    rs = rsqrt_(q / n + eps)
+    for j in range(n):
+        vhat[j] = (v[j] - mu) * rs
+    rstd[0] = rs
+
+
+cdef void row_norm_bwd_(const real* dvhat, const real* vhat, real rstd, real* dv, Py_ssize_t n) noexcept nogil:
+    """Gradient through vhat = (v - mean) rstd:  dv = rstd (dvhat - mean(dvhat) - vhat mean(dvhat vhat))."""
+    cdef Py_ssize_t j
+    cdef real s = 0, sx = 0
+    for j in range(n):
+        s = s + dvhat[j]
+        sx = sx + dvhat[j] * vhat[j]
+    s = s / n
+    sx = sx / n
+    for j in range(n):
+        dv[j] = rstd * (dvhat[j] - s - vhat[j] * sx)
+
+
+cdef void gemm_cols_(const real* hprev, const real* w, real* out, Py_ssize_t bt, Py_ssize_t G, Py_ssize_t H,
+                     int nt) noexcept nogil:
+    """out[:bt] (bt, G) = hprev (bt, H) W^T, W (G, H): column slices of G split over nt threads
+    (multiples of 8 columns), MKL single-threaded in each."""
+    cdef Py_ssize_t k, c0, c1, per = ((G + nt - 1) // nt + 7) // 8 * 8
+    for k in prange(nt, nogil=True, num_threads=nt, schedule="static", chunksize=1):
+        c0 = min(G, k * per)
+        c1 = min(G, c0 + per)
+        if c1 > c0:
+            gemm_rm(False, True, <int> bt, <int> (c1 - c0), <int> H, 1, hprev, <int> H, w + c0 * H, <int> H,
+                    0, out + c0, <int> G)
+
+
+def ln_lstm_forward(real[::1] xp, real[::1] w_hh, real[::1] gamma_hh, real[::1] gamma_c, real[::1] beta_c,
+                    real[::1] h0, real[::1] c0, real[::1] y, real[::1] cs, real[::1] gates, real[::1] ghat,
+                    real[::1] rstd_h, real[::1] chat, real[::1] rstd_c, real[::1] g_step, const int64_t[::1] offs,
+                    Py_ssize_t T, Py_ssize_t H, double eps, int num_threads):
+    """Layer-normalized LSTM (Ba et al. 2016) over T steps:
+
+        G   = xp_t + gamma_hh LN(h_{t-1} W_hh^T)        (xp_t = LN(x_t W_ih^T) gamma_ih + biases)
+        i, f, o = s(G_i, G_f, G_o);  g = tanh(G_g);   c_t = f c_{t-1} + i g
+        h_t = o tanh(gamma_c LN(c_t) + beta_c)
+
+    LN normalizes a whole row (4H for the gates, H for the cell).  Saves y, cs (N, H); gates,
+    ghat (N, 4H) the activations and the normalized recurrent term; chat (N, H) the normalized
+    cell; rstd_h, rstd_c (N,).  g_step (B_0 4H,)."""
+    cdef Py_ssize_t t, r0, bt, rp, b, j, row, H4 = 4 * H
+    cdef real* pxp = ptr_(xp)
+    cdef real* pw = ptr_(w_hh)
+    cdef real* pgh = ptr_(gamma_hh)
+    cdef real* pgc = ptr_(gamma_c)
+    cdef real* pbc = ptr_(beta_c)
+    cdef real* py = ptr_(y)
+    cdef real* pc = ptr_(cs)
+    cdef real* pg = ptr_(gates)
+    cdef real* pgt = ptr_(ghat)
+    cdef real* prh = ptr_(rstd_h)
+    cdef real* pch = ptr_(chat)
+    cdef real* prc = ptr_(rstd_c)
+    cdef real* gs = ptr_(g_step)
+    cdef const real* hprev
+    cdef const real* cprev
+    cdef real e = eps
+    cdef int nt = max(1, num_threads)
+    for t in range(T):
+        r0, bt, rp = step_(offs, t)
+        if bt == 0 or H == 0:
+            continue
+        hprev = &h0[0] if t == 0 else py + rp * H
+        cprev = &c0[0] if t == 0 else pc + rp * H
+        gemm_cols_(hprev, pw, gs, bt, H4, H, min(nt, <int> ((H4 + 63) // 64)))
+        for b in prange(bt, nogil=True, num_threads=min(nt, <int> bt), schedule="static"):
+            row = r0 + b
+            row_norm_(gs + b * H4, pgt + row * H4, prh + row, H4, e)
+            for j in range(H4):
+                gs[b * H4 + j] = pxp[row * H4 + j] + pgh[j] * pgt[row * H4 + j]
+            lstm_gates_(gs + b * H4, H, cprev + b * H, pc + row * H, pg + row * H4, H)
+            row_norm_(pc + row * H, pch + row * H, prc + row, H, e)
+            ln_h_(pg + row * H4 + 3 * H, pch + row * H, pgc, pbc, py + row * H, H)
+
+
+cdef void ln_h_(const real* o, const real* chat, const real* gc, const real* bc, real* h, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(n):
+        h[j] = o[j] * tanh_(gc[j] * chat[j] + bc[j])
+
+
+def ln_lstm_backward(real[::1] dy, real[::1] w_hh, real[::1] gamma_hh, real[::1] gamma_c, real[::1] beta_c,
+                     real[::1] c0, real[::1] cs, real[::1] gates, real[::1] ghat, real[::1] rstd_h, real[::1] chat,
+                     real[::1] rstd_c, real[::1] dgates, real[::1] dgh, real[::1] dcn, real[::1] dh, real[::1] dc,
+                     const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H, int num_threads):
+    """Backward through time of ln_lstm_forward, per row of step t:
+
+        dh_t = dy + dh_next;  u = gamma_c chat + beta_c;  dcn = dh_t o (1 - tanh(u)^2)   (dL/du)
+        do = dh_t tanh(u) o (1 - o);   dc_t = dc_next + LN'(gamma_c dcn)      (through LN(c_t))
+        di, df, dg, dc_next as the plain LSTM;            dG = (di, df, dg, do)  -> dgates
+        dgh = LN'(gamma_hh dG)  (gradient of h_{t-1} W_hh^T);   dh_next = dgh W_hh   (BLAS)
+
+    with LN'(d) = rstd (d - mean(d) - vhat mean(d vhat)) the gradient through a row norm.
+    Writes dgates, dgh (N, 4H) and dcn (N, H): the binding sums dG ghat, dcn chat and dcn over
+    rows for the norm weights, and forms the weight gradients from dgates and dgh."""
+    cdef Py_ssize_t t, r0, bt, rp, b, j, row, H4 = 4 * H
+    cdef real* pdy = ptr_(dy)
+    cdef real* pw = ptr_(w_hh)
+    cdef real* pgh = ptr_(gamma_hh)
+    cdef real* pgc = ptr_(gamma_c)
+    cdef real* pbc = ptr_(beta_c)
+    cdef real* pc = ptr_(cs)
+    cdef real* pg = ptr_(gates)
+    cdef real* pgt = ptr_(ghat)
+    cdef real* prh = ptr_(rstd_h)
+    cdef real* pch = ptr_(chat)
+    cdef real* prc = ptr_(rstd_c)
+    cdef real* pdg = ptr_(dgates)
+    cdef real* pdgh = ptr_(dgh)
+    cdef real* pdcn = ptr_(dcn)
+    cdef real* pdh = ptr_(dh)
+    cdef real* pdc = ptr_(dc)
+    cdef const real* cprev
+    cdef int nt = max(1, num_threads)
+    for t in range(T - 1, -1, -1):
+        r0, bt, rp = step_(offs, t)
+        if bt == 0 or H == 0:
+            continue
+        cprev = &c0[0] if t == 0 else pc + rp * H
+        for b in prange(bt, nogil=True, num_threads=min(nt, <int> bt), schedule="static"):
+            row = r0 + b
+            ln_lstm_row_bwd_(pg + row * H4, pch + row * H, prc[row], cprev + b * H, pgc, pbc, pdy + row * H,
+                             pdh + b * H, pdc + b * H, pdcn + row * H, pdg + row * H4, H)
+            for j in range(H4):                         # dgh's row holds gamma_hh dG, then LN' of it
+                pdgh[row * H4 + j] = pgh[j] * pdg[row * H4 + j]
+            row_norm_bwd_(pdgh + row * H4, pgt + row * H4, prh[row], pdgh + row * H4, H4)
+        gemm_rm(False, False, <int> bt, <int> H, <int> H4, 1, pdgh + r0 * H4, <int> H4, pw, <int> H, 0, pdh, <int> H)
+
+
+cdef void ln_lstm_row_bwd_(const real* act, const real* chat, real rstd_c, const real* cprev, const real* gc,
+                           const real* bc, const real* dy, const real* dh, real* dc, real* dcn, real* dg,
+                           Py_ssize_t H) noexcept nogil:
+    """One row of ln_lstm_backward up to dG.  dg's g slot is scratch for tanh(u), its f slot for
+    gamma_c dcn and its i slot for dc_t before the final gate gradients overwrite them."""
+    cdef Py_ssize_t j
+    cdef real og, tu, dhe
+    for j in range(H):
+        dg[2 * H + j] = tanh_(gc[j] * chat[j] + bc[j])
+    for j in range(H):
+        og = act[3 * H + j]
+        tu = dg[2 * H + j]
+        dhe = dy[j] + dh[j]
+        dcn[j] = dhe * og * (1 - tu * tu)
+        dg[3 * H + j] = dhe * tu * og * (1 - og)
+        dg[H + j] = gc[j] * dcn[j]
+    row_norm_bwd_(dg + H, chat, rstd_c, dg, H)           # dg[i slot] = LN'(gamma_c dcn)
+    for j in range(H):
+        dg[j] = dg[j] + dc[j]
+    lstm_gates_bwd_(act, H, cprev, dg, dc, dg, H)
+
+
+def ln_gru_forward(real[::1] xp, real[::1] w_hh, real[::1] gamma_hh, real[::1] b_hh, real[::1] h0, real[::1] y,
+                   real[::1] gates, real[::1] ghat, real[::1] rstd_h, real[::1] ghn, real[::1] g_step,
+                   const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H, double eps, int num_threads):
+    """Layer-normalized GRU over T steps: the GRU with its recurrent term
+    a = gamma_hh LN(h_{t-1} W_hh^T) + b_hh (LN over the 3H row) in place of h_{t-1} W_hh^T + b_hh,
+    and xp = LN(x W_ih^T) gamma_ih + b_ih.  Saves y (N, H), gates, ghat (N, 3H), rstd_h (N,),
+    ghn (N, H) the n slice of a.  g_step (B_0 3H,)."""
+    cdef Py_ssize_t t, r0, bt, rp, b, j, row, H3 = 3 * H
+    cdef real* pxp = ptr_(xp)
+    cdef real* pw = ptr_(w_hh)
+    cdef real* pgh = ptr_(gamma_hh)
+    cdef real* pb = ptr_(b_hh)
+    cdef real* py = ptr_(y)
+    cdef real* pg = ptr_(gates)
+    cdef real* pgt = ptr_(ghat)
+    cdef real* prh = ptr_(rstd_h)
+    cdef real* pn = ptr_(ghn)
+    cdef real* gs = ptr_(g_step)
+    cdef const real* hprev
+    cdef real e = eps
+    cdef int nt = max(1, num_threads)
+    for t in range(T):
+        r0, bt, rp = step_(offs, t)
+        if bt == 0 or H == 0:
+            continue
+        hprev = &h0[0] if t == 0 else py + rp * H
+        gemm_cols_(hprev, pw, gs, bt, H3, H, min(nt, <int> ((H3 + 63) // 64)))
+        for b in prange(bt, nogil=True, num_threads=min(nt, <int> bt), schedule="static"):
+            row = r0 + b
+            row_norm_(gs + b * H3, pgt + row * H3, prh + row, H3, e)
+            for j in range(H3):
+                gs[b * H3 + j] = pgh[j] * pgt[row * H3 + j] + pb[j]
+            gru_cell_fwd_(pxp + row * H3, gs + b * H3, H, hprev + b * H, py + row * H, pg + row * H3,
+                          pn + row * H, H)
+
+
+def ln_gru_backward(real[::1] dy, real[::1] w_hh, real[::1] gamma_hh, real[::1] h0, real[::1] y, real[::1] gates,
+                    real[::1] ghat, real[::1] rstd_h, real[::1] ghn, real[::1] dxp, real[::1] da, real[::1] dgh,
+                    real[::1] dh, const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H, int num_threads):
+    """Backward through time of ln_gru_forward: the GRU step backward (gru_cell_bwd_) gives dxp
+    and da (gradient of the recurrent term a, (N, 3H)); then dgh = LN'(gamma_hh da), the gradient
+    of h_{t-1} W_hh^T, and dh_next = dh_t z + dgh W_hh.  The binding sums da ghat and da over
+    rows for gamma_hh and b_hh."""
+    cdef Py_ssize_t t, r0, bt, rp, b, j, row, H3 = 3 * H
+    cdef real* pdy = ptr_(dy)
+    cdef real* pw = ptr_(w_hh)
+    cdef real* pgh = ptr_(gamma_hh)
+    cdef real* py = ptr_(y)
+    cdef real* pg = ptr_(gates)
+    cdef real* pgt = ptr_(ghat)
+    cdef real* prh = ptr_(rstd_h)
+    cdef real* pn = ptr_(ghn)
+    cdef real* pdx = ptr_(dxp)
+    cdef real* pda = ptr_(da)
+    cdef real* pdgh = ptr_(dgh)
+    cdef real* pdh = ptr_(dh)
+    cdef const real* hprev
+    cdef int nt = max(1, num_threads)
+    for t in range(T - 1, -1, -1):
+        r0, bt, rp = step_(offs, t)
+        if bt == 0 or H == 0:
+            continue
+        hprev = &h0[0] if t == 0 else py + rp * H
+        for b in prange(bt, nogil=True, num_threads=min(nt, <int> bt), schedule="static"):
+            row = r0 + b
+            gru_cell_bwd_(pg + row * H3, pn + row * H, H, hprev + b * H, pdy + row * H, pdh + b * H,
+                          pdx + row * H3, pda + row * H3, H)
+            for j in range(H3):
+                pdgh[row * H3 + j] = pgh[j] * pda[row * H3 + j]
+            row_norm_bwd_(pdgh + row * H3, pgt + row * H3, prh[row], pdgh + row * H3, H3)
+        gemm_rm(False, False, <int> bt, <int> H, <int> H3, 1, pdgh + r0 * H3, <int> H3, pw, <int> H, 1, pdh, <int> H)
