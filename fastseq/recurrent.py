@@ -461,7 +461,22 @@ def _check_layer(cell, x, h0, c0, params):
     return T, B, C, H
 
 
-def _functional(cell, input, hx, params, batch_first, eps=1e-5):
+def _sorted_lengths(op, lengths, T, B):
+    """Check lengths (B,) against T; the batch order by decreasing length and the _Rows of it."""
+    lengths = torch.as_tensor(lengths)
+    if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or tuple(lengths.shape) != (B,):
+        raise ValueError(f"{op}: expected lengths as {B} integers (one per sequence), got "
+                         f"{lengths.dtype} of shape {list(lengths.shape)}")
+    lengths = lengths.cpu().to(torch.int64)
+    if B and (lengths.min() < 1 or lengths.max() > T):
+        raise ValueError(f"{op}: lengths must lie in [1, T={T}], got {lengths.tolist()}")
+    order = torch.sort(lengths, descending=True, stable=True).indices
+    batch_sizes = (lengths[order][None, :] > torch.arange(T)[:, None]).sum(1)
+    return order, _Rows(batch_sizes[batch_sizes > 0].numpy())
+
+
+def _functional(cell, input, hx, params, batch_first, eps=1e-5, lengths=None):
+    op = _OP_NAMES[cell]
     x = input.transpose(0, 1) if batch_first and isinstance(input, torch.Tensor) else input
     lstm = cell in ("lstm", "ln_lstm")
     h0, c0 = (hx if hx is not None else (None, None)) if lstm else (hx, None)
@@ -471,55 +486,70 @@ def _functional(cell, input, hx, params, batch_first, eps=1e-5):
     if lstm and c0 is None:
         c0 = torch.zeros(B, H, dtype=x.dtype, device=x.device)
     backend = _dispatch.choose("recurrent", _facts(x, cell))
-    y, (h, c) = _layer(cell, x.reshape(T * B, C), _Rows.padded_rows(T, B), h0, c0, params, eps, backend)
-    y = y.view(T, B, H)
+    if lengths is None:
+        y, (h, c) = _layer(cell, x.reshape(T * B, C), _Rows.padded_rows(T, B), h0, c0, params, eps, backend)
+        y = y.view(T, B, H)
+    else:                                   # only each sequence's own steps: pack, run, pad with zeros
+        order, rows = _sorted_lengths(op, lengths, T, B)
+        t_of = torch.from_numpy(np.repeat(np.arange(rows.T), rows.batch_sizes))                  # (N,)
+        b_of = order[torch.from_numpy(np.concatenate([np.arange(n) for n in rows.batch_sizes]))]  # (N,)
+        flat = t_of * B + b_of                                          # packed row -> padded row
+        inv = torch.argsort(order)
+        y_p, (h, c) = _layer(cell, x.reshape(T * B, C).index_select(0, flat), rows, h0.index_select(0, order),
+                             c0.index_select(0, order) if lstm else None, params, eps, backend)
+        y = y_p.new_zeros(T * B, H).index_copy(0, flat, y_p).view(T, B, H)
+        h = h.index_select(0, inv)
+        c = c.index_select(0, inv) if lstm else None
     y = y.transpose(0, 1) if batch_first else y
     return (y, (h, c)) if lstm else (y, h)
 
 
-_SHAPES = """
-    Shapes: input (T, B, C) ((B, T, C) with batch_first); states (B, H); output (T, B, H)
-    ((B, T, H)).  The weights are torch.nn's layer-0 parameters (weight_ih_l0 etc.)."""
-
-
 def lstm_layer(input: torch.Tensor, hx: Optional[Tuple[torch.Tensor, torch.Tensor]], weight_ih: torch.Tensor,
                weight_hh: torch.Tensor, bias_ih: Optional[torch.Tensor] = None,
-               bias_hh: Optional[torch.Tensor] = None, batch_first: bool = False):
+               bias_hh: Optional[torch.Tensor] = None, batch_first: bool = False, lengths=None):
     """One unidirectional LSTM layer over a whole sequence, as one layer of torch.nn.LSTM.
 
     Args:
         input: (T, B, C), or (B, T, C) with batch_first.
         hx: (h0, c0), each (B, H); None for zeros.
+        lengths: optional (B,) integers in [1, T]: sequence b runs its first lengths[b] steps only
+            (no compute past them); its output is zero after them and its final state is at its last.
         weight_ih (4H, C), weight_hh (4H, H), bias_ih / bias_hh (4H,) or None: gates i, f, g, o.
     Returns:
         output (T, B, H) (or (B, T, H)), (h_n, c_n) each (B, H).
     """
-    return _functional("lstm", input, hx, (weight_ih, weight_hh, bias_ih, bias_hh) + (None,) * 4, batch_first)
+    return _functional("lstm", input, hx, (weight_ih, weight_hh, bias_ih, bias_hh) + (None,) * 4, batch_first,
+                       lengths=lengths)
 
 
 def gru_layer(input: torch.Tensor, hx: Optional[torch.Tensor], weight_ih: torch.Tensor, weight_hh: torch.Tensor,
               bias_ih: Optional[torch.Tensor] = None, bias_hh: Optional[torch.Tensor] = None,
-              batch_first: bool = False):
+              batch_first: bool = False, lengths=None):
     """One unidirectional GRU layer over a whole sequence, as one layer of torch.nn.GRU
     (gates r, z, n; n = tanh(x W_in^T + b_in + r (h W_hn^T + b_hn))).
 
     Args:
         input: (T, B, C), or (B, T, C) with batch_first.   hx: h0 (B, H) or None for zeros.
+        lengths: optional (B,) integers in [1, T]: sequence b runs its first lengths[b] steps only
+            (no compute past them); its output is zero after them and its final state is at its last.
         weight_ih (3H, C), weight_hh (3H, H), bias_ih / bias_hh (3H,) or None.
     Returns:
         output (T, B, H) (or (B, T, H)), h_n (B, H).
     """
-    return _functional("gru", input, hx, (weight_ih, weight_hh, bias_ih, bias_hh) + (None,) * 4, batch_first)
+    return _functional("gru", input, hx, (weight_ih, weight_hh, bias_ih, bias_hh) + (None,) * 4, batch_first,
+                       lengths=lengths)
 
 
 def rnn_layer(input: torch.Tensor, hx: Optional[torch.Tensor], weight_ih: torch.Tensor, weight_hh: torch.Tensor,
               bias_ih: Optional[torch.Tensor] = None, bias_hh: Optional[torch.Tensor] = None,
-              nonlinearity: str = "tanh", batch_first: bool = False):
+              nonlinearity: str = "tanh", batch_first: bool = False, lengths=None):
     """One unidirectional Elman RNN layer, h_t = act(x_t W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh),
     act = tanh or relu, as one layer of torch.nn.RNN.
 
     Args:
         input: (T, B, C), or (B, T, C) with batch_first.   hx: h0 (B, H) or None for zeros.
+        lengths: optional (B,) integers in [1, T]: sequence b runs its first lengths[b] steps only
+            (no compute past them); its output is zero after them and its final state is at its last.
         weight_ih (H, C), weight_hh (H, H), bias_ih / bias_hh (H,) or None.
     Returns:
         output (T, B, H) (or (B, T, H)), h_n (B, H).
@@ -527,14 +557,14 @@ def rnn_layer(input: torch.Tensor, hx: Optional[torch.Tensor], weight_ih: torch.
     if nonlinearity not in ("tanh", "relu"):
         raise ValueError(f"rnn_layer: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
     return _functional(f"rnn_{nonlinearity}", input, hx, (weight_ih, weight_hh, bias_ih, bias_hh) + (None,) * 4,
-                       batch_first)
+                       batch_first, lengths=lengths)
 
 
 def layer_norm_lstm_layer(input: torch.Tensor, hx: Optional[Tuple[torch.Tensor, torch.Tensor]],
                           weight_ih: torch.Tensor, weight_hh: torch.Tensor, bias_ih: Optional[torch.Tensor],
                           bias_hh: Optional[torch.Tensor], norm_ih_weight: torch.Tensor,
                           norm_hh_weight: torch.Tensor, norm_c_weight: torch.Tensor, norm_c_bias: torch.Tensor,
-                          eps: float = 1e-5, batch_first: bool = False):
+                          eps: float = 1e-5, batch_first: bool = False, lengths=None):
     """One layer-normalized LSTM layer (Ba et al. 2016; see the module docstring):
 
         G = LN(x W_ih^T) norm_ih_weight + LN(h W_hh^T) norm_hh_weight + bias_ih + bias_hh
@@ -542,31 +572,37 @@ def layer_norm_lstm_layer(input: torch.Tensor, hx: Optional[Tuple[torch.Tensor, 
 
     Args:
         input: (T, B, C), or (B, T, C) with batch_first.   hx: (h0, c0) each (B, H), or None.
+        lengths: optional (B,) integers in [1, T]: sequence b runs its first lengths[b] steps only
+            (no compute past them); its output is zero after them and its final state is at its last.
         weight_ih (4H, C), weight_hh (4H, H), bias_ih / bias_hh (4H,) or None,
         norm_ih_weight / norm_hh_weight (4H,), norm_c_weight / norm_c_bias (H,); eps of the norms.
     Returns:
         output (T, B, H) (or (B, T, H)), (h_n, c_n) each (B, H).
     """
     return _functional("ln_lstm", input, hx, (weight_ih, weight_hh, bias_ih, bias_hh, norm_ih_weight,
-                                              norm_hh_weight, norm_c_weight, norm_c_bias), batch_first, eps)
+                                              norm_hh_weight, norm_c_weight, norm_c_bias), batch_first, eps,
+                       lengths)
 
 
 def layer_norm_gru_layer(input: torch.Tensor, hx: Optional[torch.Tensor], weight_ih: torch.Tensor,
                          weight_hh: torch.Tensor, bias_ih: Optional[torch.Tensor], bias_hh: Optional[torch.Tensor],
                          norm_ih_weight: torch.Tensor, norm_hh_weight: torch.Tensor, eps: float = 1e-5,
-                         batch_first: bool = False):
+                         batch_first: bool = False, lengths=None):
     """One layer-normalized GRU layer: torch's GRU on x-part = LN(x W_ih^T) norm_ih_weight + bias_ih
     and h-part = LN(h W_hh^T) norm_hh_weight + bias_hh.
 
     Args:
         input: (T, B, C), or (B, T, C) with batch_first.   hx: h0 (B, H) or None.
+        lengths: optional (B,) integers in [1, T]: sequence b runs its first lengths[b] steps only
+            (no compute past them); its output is zero after them and its final state is at its last.
         weight_ih (3H, C), weight_hh (3H, H), bias_ih / bias_hh (3H,) or None,
         norm_ih_weight / norm_hh_weight (3H,); eps of the norms.
     Returns:
         output (T, B, H) (or (B, T, H)), h_n (B, H).
     """
     return _functional("ln_gru", input, hx, (weight_ih, weight_hh, bias_ih, bias_hh, norm_ih_weight,
-                                             norm_hh_weight, None, None), batch_first, eps)
+                                             norm_hh_weight, None, None), batch_first, eps,
+                       lengths)
 
 
 # ============================================================================ modules
@@ -599,6 +635,9 @@ class _FusedStack:
             x, batch_sizes, sorted_idx, unsorted_idx = input
             rows = _Rows(batch_sizes.cpu())
             batched = True
+            if x.dim() != 2 or x.shape[0] != rows.N:
+                raise ValueError(f"{name}: PackedSequence batch_sizes account for {rows.N} rows, its data has "
+                                 f"shape {list(x.shape)}")
         else:
             if not isinstance(input, torch.Tensor) or not input.dtype.is_floating_point:
                 raise ValueError(f"{name}: expected a floating-point input tensor, got "
@@ -676,9 +715,9 @@ class _FusedStack:
 
     def forward(self, input, hx=None):
         data = input.data if isinstance(input, PackedSequence) else input
-        if not isinstance(data, torch.Tensor):
-            raise ValueError(f"{type(self).__name__}: expected a tensor or PackedSequence input, got "
-                             f"{type(input).__name__}")
+        if not isinstance(data, torch.Tensor) or not data.dtype.is_floating_point:
+            raise ValueError(f"{type(self).__name__}: expected a floating-point input tensor, got "
+                             f"{getattr(data, 'dtype', type(input).__name__)}")
         backend = _dispatch.choose("recurrent", _facts(data, self._cell()))
         if (backend == "torch" and not self._ln()) or getattr(self, "proj_size", 0) > 0:
             return self._torch_forward(input, hx)

@@ -180,7 +180,7 @@ def lstm_forward(real[::1] xp, real[::1] w_hh, real[::1] h0, real[::1] c0, real[
     xp (N, 4H): projected inputs with both biases, blocked columns.  w_hh (4H, H): blocked rows.
     h0, c0 (B_0, H).  Writes y, cs (N, H): every step's h and c; gates (N, 4H): the activated
     gates (blocked).  g_step (B_0 4H,): one step's pre-activations."""
-    cdef Py_ssize_t t, r0, bt, rp, k, b, j0, nb, col, H4 = 4 * H, nblk = (H + ub - 1) // ub
+    cdef Py_ssize_t t, r0, bt, rp, k, H4 = 4 * H, nblk = (H + ub - 1) // ub
     cdef real* pxp = ptr_(xp)
     cdef real* pw = ptr_(w_hh)
     cdef real* py = ptr_(y)
@@ -196,18 +196,28 @@ def lstm_forward(real[::1] xp, real[::1] w_hh, real[::1] h0, real[::1] c0, real[
             continue
         hprev = &h0[0] if t == 0 else py + rp * H
         cprev = &c0[0] if t == 0 else pc + rp * H
-        for k in prange(nblk, nogil=True, num_threads=nt, schedule="static", chunksize=1):
-            j0 = k * ub
-            nb = min(ub, H - j0)
-            col = 4 * j0
-            for b in range(bt):                  # G[:, block] = xp_t[:, block] + h_{t-1} W_block^T
-                copy_(gs + b * H4 + col, pxp + (r0 + b) * H4 + col, 4 * nb)
-            gemm_rm(False, True, <int> bt, <int> (4 * nb), <int> H, 1, hprev, <int> H, pw + col * H, <int> H,
-                    1, gs + col, <int> H4)
-            for b in range(bt):
-                lstm_gates_(gs + b * H4 + col, nb, cprev + b * H + j0, pc + (r0 + b) * H + j0,
-                            pg + (r0 + b) * H4 + col, nb)
-                lstm_h_(pg + (r0 + b) * H4 + col + 3 * nb, pc + (r0 + b) * H + j0, py + (r0 + b) * H + j0, nb)
+        if nt > 1:
+            for k in prange(nblk, nogil=True, num_threads=nt, schedule="static", chunksize=1):
+                lstm_fwd_block_(pxp + r0 * H4, pw, hprev, cprev, gs, pg + r0 * H4, pc + r0 * H, py + r0 * H,
+                                bt, H, ub, k)
+        else:       # no one-thread team: MKL would see no parallel region and nest its own
+            for k in range(nblk):
+                lstm_fwd_block_(pxp + r0 * H4, pw, hprev, cprev, gs, pg + r0 * H4, pc + r0 * H, py + r0 * H,
+                                bt, H, ub, k)
+
+
+cdef void lstm_fwd_block_(const real* xp, const real* w, const real* hprev, const real* cprev, real* gs, real* act,
+                          real* c, real* h, Py_ssize_t bt, Py_ssize_t H, Py_ssize_t ub, Py_ssize_t k) noexcept nogil:
+    """Block k of one forward step (bt rows): G[:, block] = xp_t[:, block] + h_{t-1} W_block^T in
+    gs (bt, 4H), then the gate math of its units.  xp, act (bt, 4H), c, h (bt, H) of step t."""
+    cdef Py_ssize_t b, j0 = k * ub, nb = min(ub, H - k * ub), col = 4 * k * ub, H4 = 4 * H
+    for b in range(bt):
+        copy_(gs + b * H4 + col, xp + b * H4 + col, 4 * nb)
+    gemm_rm(False, True, <int> bt, <int> (4 * nb), <int> H, 1, hprev, <int> H, w + col * H, <int> H,
+            1, gs + col, <int> H4)
+    for b in range(bt):
+        lstm_gates_(gs + b * H4 + col, nb, cprev + b * H + j0, c + b * H + j0, act + b * H4 + col, nb)
+        lstm_h_(act + b * H4 + col + 3 * nb, c + b * H + j0, h + b * H + j0, nb)
 
 
 cdef void lstm_h_(const real* o, const real* c, real* h, Py_ssize_t nb) noexcept nogil:
@@ -264,7 +274,7 @@ def gru_forward(real[::1] xp, real[::1] w_hh, real[::1] b_hh, real[::1] h0, real
     xp (N, 3H): x W_ih^T + b_ih, blocked columns.  w_hh (3H, H), b_hh (3H,): blocked rows.
     h0 (B_0, H).  Writes y (N, H), gates (N, 3H) the activated r, z, n (blocked), ghn (N, H) the
     recurrent n pre-activation h_{t-1} W_hn^T + b_hn.  g_step (B_0 3H,): one step's h W_hh^T + b_hh."""
-    cdef Py_ssize_t t, r0, bt, rp, k, b, j0, nb, col, H3 = 3 * H, nblk = (H + ub - 1) // ub
+    cdef Py_ssize_t t, r0, bt, rp, k, H3 = 3 * H, nblk = (H + ub - 1) // ub
     cdef real* pxp = ptr_(xp)
     cdef real* pw = ptr_(w_hh)
     cdef real* pb = ptr_(b_hh)
@@ -279,17 +289,25 @@ def gru_forward(real[::1] xp, real[::1] w_hh, real[::1] b_hh, real[::1] h0, real
         if bt == 0 or H == 0:
             continue
         hprev = &h0[0] if t == 0 else py + rp * H
-        for k in prange(nblk, nogil=True, num_threads=nt, schedule="static", chunksize=1):
-            j0 = k * ub
-            nb = min(ub, H - j0)
-            col = 3 * j0
-            for b in range(bt):
-                copy_(gs + b * H3 + col, pb + col, 3 * nb)
-            gemm_rm(False, True, <int> bt, <int> (3 * nb), <int> H, 1, hprev, <int> H, pw + col * H, <int> H,
-                    1, gs + col, <int> H3)
-            for b in range(bt):
-                gru_cell_fwd_(pxp + (r0 + b) * H3 + col, gs + b * H3 + col, nb, hprev + b * H + j0,
-                              py + (r0 + b) * H + j0, pg + (r0 + b) * H3 + col, pn + (r0 + b) * H + j0, nb)
+        if nt > 1:
+            for k in prange(nblk, nogil=True, num_threads=nt, schedule="static", chunksize=1):
+                gru_fwd_block_(pxp + r0 * H3, pw, pb, hprev, gs, pg + r0 * H3, pn + r0 * H, py + r0 * H, bt, H, ub, k)
+        else:
+            for k in range(nblk):
+                gru_fwd_block_(pxp + r0 * H3, pw, pb, hprev, gs, pg + r0 * H3, pn + r0 * H, py + r0 * H, bt, H, ub, k)
+
+
+cdef void gru_fwd_block_(const real* xp, const real* w, const real* bias, const real* hprev, real* gs, real* act,
+                         real* ghn, real* h, Py_ssize_t bt, Py_ssize_t H, Py_ssize_t ub, Py_ssize_t k) noexcept nogil:
+    """Block k of one GRU forward step: gs[:, block] = b_hh + h_{t-1} W_block^T, then the gates."""
+    cdef Py_ssize_t b, j0 = k * ub, nb = min(ub, H - k * ub), col = 3 * k * ub, H3 = 3 * H
+    for b in range(bt):
+        copy_(gs + b * H3 + col, bias + col, 3 * nb)
+    gemm_rm(False, True, <int> bt, <int> (3 * nb), <int> H, 1, hprev, <int> H, w + col * H, <int> H,
+            1, gs + col, <int> H3)
+    for b in range(bt):
+        gru_cell_fwd_(xp + b * H3 + col, gs + b * H3 + col, nb, hprev + b * H + j0, h + b * H + j0,
+                      act + b * H3 + col, ghn + b * H + j0, nb)
 
 
 def gru_backward(real[::1] dy, real[::1] w_hh, real[::1] h0, real[::1] y, real[::1] gates, real[::1] ghn,
@@ -332,8 +350,8 @@ cdef void rnn_act_(real* g, Py_ssize_t nb, bint relu) noexcept nogil:
     cdef Py_ssize_t j
     cdef real zero = 0
     if relu:
-        for j in range(nb):
-            g[j] = g[j] if g[j] > zero else zero
+        for j in range(nb):                     # NaN stays NaN, as torch.relu
+            g[j] = zero if g[j] < zero else g[j]
     else:
         for j in range(nb):
             g[j] = tanh_(g[j])
@@ -343,7 +361,7 @@ def rnn_forward(real[::1] xp, real[::1] w_hh, real[::1] h0, real[::1] y, const i
                 Py_ssize_t H, Py_ssize_t ub, bint relu, int num_threads):
     """Elman RNN over T steps: h_t = act(xp_t + h_{t-1} W_hh^T), act = tanh or relu, computed in
     place in y (N, H).  xp (N, H) holds both biases.  Threads own column blocks of ub units."""
-    cdef Py_ssize_t t, r0, bt, rp, k, b, j0, nb, nblk = (H + ub - 1) // ub
+    cdef Py_ssize_t t, r0, bt, rp, k, nblk = (H + ub - 1) // ub
     cdef real* pxp = ptr_(xp)
     cdef real* pw = ptr_(w_hh)
     cdef real* py = ptr_(y)
@@ -354,15 +372,23 @@ def rnn_forward(real[::1] xp, real[::1] w_hh, real[::1] h0, real[::1] y, const i
         if bt == 0 or H == 0:
             continue
         hprev = &h0[0] if t == 0 else py + rp * H
-        for k in prange(nblk, nogil=True, num_threads=nt, schedule="static", chunksize=1):
-            j0 = k * ub
-            nb = min(ub, H - j0)
-            for b in range(bt):
-                copy_(py + (r0 + b) * H + j0, pxp + (r0 + b) * H + j0, nb)
-            gemm_rm(False, True, <int> bt, <int> nb, <int> H, 1, hprev, <int> H, pw + j0 * H, <int> H,
-                    1, py + r0 * H + j0, <int> H)
-            for b in range(bt):
-                rnn_act_(py + (r0 + b) * H + j0, nb, relu)
+        if nt > 1:
+            for k in prange(nblk, nogil=True, num_threads=nt, schedule="static", chunksize=1):
+                rnn_fwd_block_(pxp + r0 * H, pw, hprev, py + r0 * H, bt, H, ub, k, relu)
+        else:
+            for k in range(nblk):
+                rnn_fwd_block_(pxp + r0 * H, pw, hprev, py + r0 * H, bt, H, ub, k, relu)
+
+
+cdef void rnn_fwd_block_(const real* xp, const real* w, const real* hprev, real* h, Py_ssize_t bt, Py_ssize_t H,
+                         Py_ssize_t ub, Py_ssize_t k, bint relu) noexcept nogil:
+    """Units [k ub, k ub + nb) of one RNN step: h = act(xp + h_{t-1} W_block^T), in place in h."""
+    cdef Py_ssize_t b, j0 = k * ub, nb = min(ub, H - k * ub)
+    for b in range(bt):
+        copy_(h + b * H + j0, xp + b * H + j0, nb)
+    gemm_rm(False, True, <int> bt, <int> nb, <int> H, 1, hprev, <int> H, w + j0 * H, <int> H, 1, h + j0, <int> H)
+    for b in range(bt):
+        rnn_act_(h + b * H + j0, nb, relu)
 
 
 cdef void rnn_cell_bwd_(const real* h, const real* dy, const real* dh, real* dg, Py_ssize_t nb,
@@ -371,8 +397,8 @@ cdef void rnn_cell_bwd_(const real* h, const real* dy, const real* dh, real* dg,
     cdef Py_ssize_t j
     cdef real zero = 0
     if relu:
-        for j in range(nb):
-            dg[j] = dy[j] + dh[j] if h[j] > zero else zero
+        for j in range(nb):                     # as torch: zero gradient where h <= 0 (not at NaN)
+            dg[j] = zero if h[j] <= zero else dy[j] + dh[j]
     else:
         for j in range(nb):
             dg[j] = (dy[j] + dh[j]) * (1 - h[j] * h[j])
@@ -439,6 +465,9 @@ cdef void gemm_cols_(const real* hprev, const real* w, real* out, Py_ssize_t bt,
     """out[:bt] (bt, G) = hprev (bt, H) W^T, W (G, H): column slices of G split over nt threads
     (multiples of 8 columns), MKL single-threaded in each."""
     cdef Py_ssize_t k, c0, c1, per = ((G + nt - 1) // nt + 7) // 8 * 8
+    if nt <= 1:         # no one-thread team: MKL would see no parallel region and nest its own
+        gemm_rm(False, True, <int> bt, <int> G, <int> H, 1, hprev, <int> H, w, <int> H, 0, out, <int> G)
+        return
     for k in prange(nt, nogil=True, num_threads=nt, schedule="static", chunksize=1):
         c0 = min(G, k * per)
         c1 = min(G, c0 + per)
