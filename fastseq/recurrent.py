@@ -129,16 +129,17 @@ class _Rows:
         """(B,) steps of each (sorted) sequence."""
         return (self.batch_sizes[None, :] > np.arange(self.B)[:, None]).sum(1)
 
-    def _index(self, name, make):
-        if name not in self._cache:
-            self._cache[name] = torch.from_numpy(make())
-        return self._cache[name]
+    def _index(self, name, make, device):
+        key = (name, str(device))
+        if key not in self._cache:
+            self._cache[key] = torch.from_numpy(make()).to(device)
+        return self._cache[key]
 
-    def last(self) -> torch.Tensor:
+    def last(self, device="cpu") -> torch.Tensor:
         """(B,) the row of each sequence's final step."""
-        return self._index("last", lambda: self.offs[self.lengths() - 1] + np.arange(self.B))
+        return self._index("last", lambda: self.offs[self.lengths() - 1] + np.arange(self.B), device)
 
-    def reverse(self) -> torch.Tensor:
+    def reverse(self, device="cpu") -> torch.Tensor:
         """(N,) the row holding step L_b - 1 - t of sequence b, for every row (t, b): each
         sequence reversed in time within its own length (its own inverse)."""
         def make():
@@ -148,7 +149,7 @@ class _Rows:
                 b = np.arange(self.batch_sizes[t])
                 rev[self.offs[t] + b] = self.offs[L[b] - 1 - t] + b
             return rev
-        return self._index("reverse", make)
+        return self._index("reverse", make, device)
 
     def h_prev(self, h0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(N, H): h_{t-1} of every row, from h0 (B, H) and the outputs y (N, H)."""
@@ -156,7 +157,7 @@ class _Rows:
             return torch.cat([h0, y[:self.N - self.B]])
         prev = self._index("prev", lambda: np.concatenate(
             [np.arange(self.B)] + [self.B + self.offs[t - 1] + np.arange(self.batch_sizes[t])
-                                   for t in range(1, self.T)]))
+                                   for t in range(1, self.T)]), y.device)
         return torch.cat([h0, y]).index_select(0, prev)
 
 
@@ -172,7 +173,13 @@ def _cpu_reasons(f: dict) -> List[str]:
     return []
 
 
-_dispatch.register_op("recurrent", _facts, cpu=_cpu_reasons, torch=lambda f: [])
+def _cuda_reasons(f: dict) -> List[str]:
+    if f["dtype"] not in ("float32", "float64"):
+        return [f"cuda {f['cell']} takes float32 or float64, got {f['dtype']}"]
+    return []
+
+
+_dispatch.register_op("recurrent", _facts, cpu=_cpu_reasons, cuda=_cuda_reasons, torch=lambda f: [])
 
 
 # ============================================================================ kernel calls
@@ -183,6 +190,43 @@ def _np(t):
 
 def _kernels():
     return _blas.cpu_kernels("recurrent")
+
+
+class _CpuLoops:
+    """kernels/cpu/recurrent.pyx taking tensors where it takes numpy arrays: the same signatures
+    as fastseq/_recurrent_cuda.py, the GPU's time loops."""
+
+    def __getattr__(self, name):
+        fn = getattr(_kernels(), name)
+        return lambda *args: fn(*[_np(a) if isinstance(a, torch.Tensor) else a for a in args])
+
+
+_CPU_LOOPS = _CpuLoops()
+
+
+class _CudaLoops:
+    """fastseq/_recurrent_cuda.py, each call with torch's and Numba's current device set to the
+    first tensor's.  (The CUDA simulator's tests run it on CPU tensors.)"""
+
+    def __getattr__(self, name):
+        from . import _recurrent_cuda
+        fn = getattr(_recurrent_cuda, name)
+
+        def call(*args):
+            if args[0].device.type != "cuda":
+                return fn(*args)
+            from ._cuda._common import on_device
+            with on_device(args[0].device):
+                return fn(*args)
+        return call
+
+
+_CUDA_LOOPS = _CudaLoops()
+
+
+def _loops(t: torch.Tensor):
+    """The time loops for tensors on t's device."""
+    return _CUDA_LOOPS if t.device.type == "cuda" else _CPU_LOOPS
 
 
 def _unit_block(H: int, threads: int) -> int:
@@ -219,7 +263,7 @@ def _empty(rows, cols, like):
 
 def _final(rows: _Rows, seq, s0):
     """Final state (B, H) of every sequence: its last row of seq (N, H); s0 when T = 0."""
-    return seq.index_select(0, rows.last()) if rows.N else s0.clone()
+    return seq.index_select(0, rows.last(seq.device)) if rows.N else s0.clone()
 
 
 def _carry(grad, like):
@@ -228,7 +272,7 @@ def _carry(grad, like):
 
 
 def _grad_or_zeros(g, rows, H, like):
-    return g.contiguous() if g is not None else torch.zeros(rows, H, dtype=like.dtype)
+    return g.contiguous() if g is not None else torch.zeros(rows, H, dtype=like.dtype, device=like.device)
 
 
 class LSTMLayerFunction(torch.autograd.Function):
@@ -240,8 +284,8 @@ class LSTMLayerFunction(torch.autograd.Function):
         H = w_hh.shape[1]
         y, cs, gates = _empty(rows.N, H, xp), _empty(rows.N, H, xp), _empty(rows.N, 4 * H, xp)
         h0, c0, w_hh = h0.contiguous(), c0.contiguous(), w_hh.contiguous()
-        step = torch.empty(rows.B * 4 * H, dtype=xp.dtype)
-        _kernels().lstm_forward(_np(xp), _np(w_hh), _np(h0), _np(c0), _np(y), _np(cs), _np(gates), _np(step),
+        step = torch.empty(rows.B * 4 * H, dtype=xp.dtype, device=xp.device)
+        _loops(xp).lstm_forward(xp, w_hh, h0, c0, y, cs, gates, step,
                                 rows.offs, rows.T, H, ub, _dispatch.num_threads())
         ctx.save_for_backward(h0, c0, w_hh, y, cs, gates)
         ctx.rows, ctx.ub = rows, ub
@@ -254,7 +298,7 @@ class LSTMLayerFunction(torch.autograd.Function):
         dy = _grad_or_zeros(dy, rows.N, H, y)
         dh, dc = _carry(dh_n, h0), _carry(dc_n, c0)
         dg = _empty(rows.N, 4 * H, y)
-        _kernels().lstm_backward(_np(dy), _np(w_hh), _np(c0), _np(cs), _np(gates), _np(dg), _np(dh), _np(dc),
+        _loops(dy).lstm_backward(dy, w_hh, c0, cs, gates, dg, dh, dc,
                                  rows.offs, rows.T, H, ctx.ub, _dispatch.num_threads())
         dw_hh = dg.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[5] else None
         return None, None, dg, dh, dc, dw_hh
@@ -269,9 +313,9 @@ class GRULayerFunction(torch.autograd.Function):
         H = w_hh.shape[1]
         y, gates, ghn = _empty(rows.N, H, xp), _empty(rows.N, 3 * H, xp), _empty(rows.N, H, xp)
         h0, w_hh = h0.contiguous(), w_hh.contiguous()
-        b_hh = b_hh.contiguous() if b_hh is not None else torch.zeros(3 * H, dtype=xp.dtype)
-        step = torch.empty(rows.B * 3 * H, dtype=xp.dtype)
-        _kernels().gru_forward(_np(xp), _np(w_hh), _np(b_hh), _np(h0), _np(y), _np(gates), _np(ghn), _np(step),
+        b_hh = b_hh.contiguous() if b_hh is not None else torch.zeros(3 * H, dtype=xp.dtype, device=xp.device)
+        step = torch.empty(rows.B * 3 * H, dtype=xp.dtype, device=xp.device)
+        _loops(xp).gru_forward(xp, w_hh, b_hh, h0, y, gates, ghn, step,
                                rows.offs, rows.T, H, ub, _dispatch.num_threads())
         ctx.save_for_backward(h0, w_hh, y, gates, ghn)
         ctx.rows, ctx.ub = rows, ub
@@ -284,8 +328,7 @@ class GRULayerFunction(torch.autograd.Function):
         dy = _grad_or_zeros(dy, rows.N, H, y)
         dh = _carry(dh_n, h0)
         dxp, dgh = _empty(rows.N, 3 * H, y), _empty(rows.N, 3 * H, y)
-        _kernels().gru_backward(_np(dy), _np(w_hh), _np(h0), _np(y), _np(gates), _np(ghn), _np(dxp), _np(dgh),
-                                _np(dh), rows.offs, rows.T, H, ctx.ub, _dispatch.num_threads())
+        _loops(dy).gru_backward(dy, w_hh, h0, y, gates, ghn, dxp, dgh, dh, rows.offs, rows.T, H, ctx.ub, _dispatch.num_threads())
         dw_hh = dgh.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[4] else None
         db_hh = dgh.sum(0) if ctx.needs_input_grad[5] else None
         return None, None, dxp, dh, dw_hh, db_hh
@@ -299,7 +342,7 @@ class RNNLayerFunction(torch.autograd.Function):
         H = w_hh.shape[1]
         y = _empty(rows.N, H, xp)
         h0, w_hh = h0.contiguous(), w_hh.contiguous()
-        _kernels().rnn_forward(_np(xp), _np(w_hh), _np(h0), _np(y), rows.offs, rows.T, H, ub, relu,
+        _loops(xp).rnn_forward(xp, w_hh, h0, y, rows.offs, rows.T, H, ub, relu,
                                _dispatch.num_threads())
         ctx.save_for_backward(h0, w_hh, y)
         ctx.rows, ctx.ub, ctx.relu = rows, ub, relu
@@ -312,7 +355,7 @@ class RNNLayerFunction(torch.autograd.Function):
         dy = _grad_or_zeros(dy, rows.N, H, y)
         dh = _carry(dh_n, h0)
         dg = _empty(rows.N, H, y)
-        _kernels().rnn_backward(_np(dy), _np(w_hh), _np(y), _np(dg), _np(dh), rows.offs, rows.T, H, ctx.ub,
+        _loops(dy).rnn_backward(dy, w_hh, y, dg, dh, rows.offs, rows.T, H, ctx.ub,
                                 ctx.relu, _dispatch.num_threads())
         dw_hh = dg.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[5] else None
         return None, None, None, dg, dh, dw_hh
@@ -328,12 +371,11 @@ class LayerNormLSTMLayerFunction(torch.autograd.Function):
         H, N = w_hh.shape[1], rows.N
         y, cs, chat = _empty(N, H, xp), _empty(N, H, xp), _empty(N, H, xp)
         gates, ghat = _empty(N, 4 * H, xp), _empty(N, 4 * H, xp)
-        rstd_h, rstd_c = torch.empty(N, dtype=xp.dtype), torch.empty(N, dtype=xp.dtype)
+        rstd_h, rstd_c = (torch.empty(N, dtype=xp.dtype, device=xp.device) for _ in range(2))
         h0, c0, w_hh, g_hh, g_c, b_c = (t.contiguous() for t in (h0, c0, w_hh, g_hh, g_c, b_c))
-        step = torch.empty(rows.B * 4 * H, dtype=xp.dtype)
-        _kernels().ln_lstm_forward(_np(xp), _np(w_hh), _np(g_hh), _np(g_c), _np(b_c), _np(h0), _np(c0), _np(y),
-                                   _np(cs), _np(gates), _np(ghat), _np(rstd_h), _np(chat), _np(rstd_c), _np(step),
-                                   rows.offs, rows.T, H, eps, _dispatch.num_threads())
+        step = torch.empty(rows.B * 4 * H, dtype=xp.dtype, device=xp.device)
+        _loops(xp).ln_lstm_forward(xp, w_hh, g_hh, g_c, b_c, h0, c0, y, cs, gates, ghat, rstd_h, chat,
+                                    rstd_c, step, rows.offs, rows.T, H, eps, _dispatch.num_threads())
         ctx.save_for_backward(h0, c0, w_hh, g_hh, g_c, b_c, y, cs, gates, ghat, rstd_h, chat, rstd_c)
         ctx.rows = rows
         return y, _final(rows, y, h0), _final(rows, cs, c0)
@@ -345,9 +387,8 @@ class LayerNormLSTMLayerFunction(torch.autograd.Function):
         dy = _grad_or_zeros(dy, N, H, y)
         dh, dc = _carry(dh_n, h0), _carry(dc_n, c0)
         dg, dgh, dcn = _empty(N, 4 * H, y), _empty(N, 4 * H, y), _empty(N, H, y)
-        _kernels().ln_lstm_backward(_np(dy), _np(w_hh), _np(g_hh), _np(g_c), _np(b_c), _np(c0), _np(cs),
-                                    _np(gates), _np(ghat), _np(rstd_h), _np(chat), _np(rstd_c), _np(dg), _np(dgh),
-                                    _np(dcn), _np(dh), _np(dc), rows.offs, rows.T, H, _dispatch.num_threads())
+        _loops(dy).ln_lstm_backward(dy, w_hh, g_hh, g_c, b_c, c0, cs, gates, ghat, rstd_h, chat, rstd_c, dg,
+                                     dgh, dcn, dh, dc, rows.offs, rows.T, H, _dispatch.num_threads())
         dw_hh = dgh.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[5] else None
         dg_hh = (dg * ghat).sum(0) if ctx.needs_input_grad[6] else None
         dg_c = (dcn * chat).sum(0) if ctx.needs_input_grad[7] else None
@@ -364,12 +405,11 @@ class LayerNormGRULayerFunction(torch.autograd.Function):
         H, N = w_hh.shape[1], rows.N
         y, ghn = _empty(N, H, xp), _empty(N, H, xp)
         gates, ghat = _empty(N, 3 * H, xp), _empty(N, 3 * H, xp)
-        rstd_h = torch.empty(N, dtype=xp.dtype)
-        b_hh = b_hh if b_hh is not None else torch.zeros(3 * H, dtype=xp.dtype)
+        rstd_h = torch.empty(N, dtype=xp.dtype, device=xp.device)
+        b_hh = b_hh if b_hh is not None else torch.zeros(3 * H, dtype=xp.dtype, device=xp.device)
         h0, w_hh, g_hh, b_hh = (t.contiguous() for t in (h0, w_hh, g_hh, b_hh))
-        step = torch.empty(rows.B * 3 * H, dtype=xp.dtype)
-        _kernels().ln_gru_forward(_np(xp), _np(w_hh), _np(g_hh), _np(b_hh), _np(h0), _np(y), _np(gates), _np(ghat),
-                                  _np(rstd_h), _np(ghn), _np(step), rows.offs, rows.T, H, eps, _dispatch.num_threads())
+        step = torch.empty(rows.B * 3 * H, dtype=xp.dtype, device=xp.device)
+        _loops(xp).ln_gru_forward(xp, w_hh, g_hh, b_hh, h0, y, gates, ghat, rstd_h, ghn, step, rows.offs, rows.T, H, eps, _dispatch.num_threads())
         ctx.save_for_backward(h0, w_hh, g_hh, y, gates, ghat, rstd_h, ghn)
         ctx.rows = rows
         return y, _final(rows, y, h0)
@@ -381,8 +421,7 @@ class LayerNormGRULayerFunction(torch.autograd.Function):
         dy = _grad_or_zeros(dy, N, H, y)
         dh = _carry(dh_n, h0)
         dxp, da, dgh = _empty(N, 3 * H, y), _empty(N, 3 * H, y), _empty(N, 3 * H, y)
-        _kernels().ln_gru_backward(_np(dy), _np(w_hh), _np(g_hh), _np(h0), _np(y), _np(gates), _np(ghat),
-                                   _np(rstd_h), _np(ghn), _np(dxp), _np(da), _np(dgh), _np(dh), rows.offs, rows.T, H,
+        _loops(dy).ln_gru_backward(dy, w_hh, g_hh, h0, y, gates, ghat, rstd_h, ghn, dxp, da, dgh, dh, rows.offs, rows.T, H,
                                    _dispatch.num_threads())
         dw_hh = dgh.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[4] else None
         dg_hh = (da * ghat).sum(0) if ctx.needs_input_grad[5] else None
@@ -407,7 +446,7 @@ def _fused_layer(cell: str, x, rows: _Rows, h0, c0, params, eps: float):
             return y, (h, c)
         y, h = LayerNormGRULayerFunction.apply(rows, eps, xp, h0, w_hh, g_hh, b_hh)
         return y, (h, None)
-    ub = _unit_block(H, _dispatch.num_threads())
+    ub = _unit_block(H, _dispatch.num_threads()) if x.device.type == "cpu" else H   # GPU: torch's order
     perm = _gate_perm(H, ub, GATES[cell])
     if cell == "lstm":
         xp = F.linear(x, _permute(w_ih, perm), _permute(_sum_bias(b_ih, b_hh), perm))
@@ -493,8 +532,8 @@ def _functional(cell, input, hx, params, batch_first, eps=1e-5, lengths=None):
         order, rows = _sorted_lengths(op, lengths, T, B)
         t_of = torch.from_numpy(np.repeat(np.arange(rows.T), rows.batch_sizes))                  # (N,)
         b_of = order[torch.from_numpy(np.concatenate([np.arange(n) for n in rows.batch_sizes]))]  # (N,)
-        flat = t_of * B + b_of                                          # packed row -> padded row
-        inv = torch.argsort(order)
+        flat = (t_of * B + b_of).to(x.device)                           # packed row -> padded row
+        order, inv = order.to(x.device), torch.argsort(order).to(x.device)
         y_p, (h, c) = _layer(cell, x.reshape(T * B, C).index_select(0, flat), rows, h0.index_select(0, order),
                              c0.index_select(0, order) if lstm else None, params, eps, backend)
         y = y_p.new_zeros(T * B, H).index_copy(0, flat, y_p).view(T, B, H)
@@ -666,10 +705,10 @@ class _FusedStack:
             for d in range(dirs):
                 sfx = f"l{layer}" + ("_reverse" if d else "")
                 k = layer * dirs + d
-                xin = x.index_select(0, rows.reverse()) if d else x
+                xin = x.index_select(0, rows.reverse(x.device)) if d else x
                 y, (h, c) = _layer(cell, xin, rows, h0[k], c0[k] if lstm else None, self._params(sfx), eps,
                                    backend)
-                outs.append(y.index_select(0, rows.reverse()) if d else y)
+                outs.append(y.index_select(0, rows.reverse(y.device)) if d else y)
                 hs.append(h)
                 cs.append(c)
             x = torch.cat(outs, dim=-1) if dirs == 2 else outs[0]                   # (N, dirs H)

@@ -3,30 +3,13 @@ computed in float64 with autograd: every step kernel (forward and backward, fp32
 outputs poisoned with NaN), then a T = 3 recurrence per cell with the time loop written here
 (GEMMs through torch on the CPU, the step kernels on device arrays) against autograd of the
 same recurrence in torch: outputs, final state and every gradient."""
-import importlib.util
-import pathlib
-import sys
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from numba import cuda
 
-import fastseq._cuda  # the package the kernel module belongs to (it imports ._common from it)
-
-# The kernels under test: the checkout's kernels/cuda/recurrent.py when the tests run from a
-# checkout (so an edit is tested without reinstalling, and a stale installed copy cannot hide it),
-# else the installed fastseq._cuda.recurrent.
-_SRC = pathlib.Path(__file__).resolve().parents[2] / "kernels" / "cuda" / "recurrent.py"
-if _SRC.is_file():
-    _spec = importlib.util.spec_from_file_location("fastseq._cuda.recurrent", _SRC)
-    K = importlib.util.module_from_spec(_spec)
-    sys.modules[_spec.name] = K
-    _spec.loader.exec_module(K)
-    fastseq._cuda.recurrent = K
-else:
-    from fastseq._cuda import recurrent as K
+from fastseq._cuda import recurrent as K
 
 DTYPES = [torch.float32, torch.float64]
 NP = {torch.float32: np.float32, torch.float64: np.float64}
@@ -513,3 +496,61 @@ def test_ln_gru_sequence(dtype):
         dh = host(d_dhp, B, H) + dgh @ W_hh
     got = dict(input_grads(xp, q, dxp), W_hh=dW_hh, w_hh_norm=dw_hh_norm, b_hh=db_hh, h0=dh)
     check_seq(dtype, ref_ys, hs[1:], ref, got)
+
+
+# ---------------------------------------------------------------------------- the GPU time loops end to end
+
+@pytest.fixture
+def gpu_loops(monkeypatch):
+    """fastseq.recurrent with the GPU's time loops (fastseq/_recurrent_cuda.py: torch GEMMs plus
+    the simulator's step kernels) on CPU tensors, in torch's gate order as on a GPU."""
+    import fastseq.recurrent as R
+
+    monkeypatch.setattr(R, "_loops", lambda t: R._CUDA_LOOPS)
+    monkeypatch.setattr(R, "_unit_block", lambda H, threads: H)
+    return R
+
+
+MODULES = {"LSTM": (torch.nn.LSTM, {}), "GRU": (torch.nn.GRU, {}), "RNN_TANH": (torch.nn.RNN, {}),
+           "RNN_RELU": (torch.nn.RNN, {"nonlinearity": "relu"})}
+
+
+def _loss_and_grads(m, x, packed_lengths=None):
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    inp = pack_padded_sequence(x, packed_lengths, enforce_sorted=False) if packed_lengths is not None else x
+    out, st = m(inp)
+    if packed_lengths is not None:
+        out = pad_packed_sequence(out)[0]
+    states = st if isinstance(st, tuple) else (st,)
+    loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum() + \
+        sum((s * s).sum() for s in states)
+    return [out, *states, *torch.autograd.grad(loss, [x] + list(m.parameters()))]
+
+
+@pytest.mark.parametrize("kind", list(MODULES))
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_gpu_loops_modules_match_torch(gpu_loops, kind, packed):
+    import fastseq
+    torch_cls, extra = MODULES[kind]
+    ref = torch_cls(3, 5, num_layers=2, bidirectional=True, **extra).double()
+    fast = getattr(fastseq.nn, torch_cls.__name__)(3, 5, num_layers=2, bidirectional=True, **extra).double()
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([2, 3]) if packed else None
+    for g, e in zip(_loss_and_grads(fast, x, lengths), _loss_and_grads(ref, x, lengths)):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["LayerNormLSTM", "LayerNormGRU"])
+def test_gpu_loops_layer_norm_modules_match_the_cpu(gpu_loops, kind):
+    import fastseq
+    m = getattr(fastseq.nn, kind)(3, 5).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    x = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+    got = _loss_and_grads(m, x, torch.tensor([3, 2]))
+    with fastseq.use_backend("torch"):                    # the step-by-step reference
+        exp = _loss_and_grads(m, x, torch.tensor([3, 2]))
+    for g, e in zip(got, exp):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
