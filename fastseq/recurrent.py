@@ -27,6 +27,7 @@ b_ih / b_hh play the role of the norms' shifts.
 """
 from __future__ import annotations
 
+import weakref
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -253,8 +254,23 @@ def _gate_perm(H: int, ub: int, gates: int = 4) -> Optional[torch.Tensor]:
     return _PERMS[key]
 
 
+_BLOCKED = {}        # id(parameter) -> (weakref, its version, its rows in blocked order)
+
+
 def _permute(t, perm):
-    return t if t is None or perm is None else t.index_select(0, perm)
+    """t's rows in the blocked gate order.  Outside autograd (inference) the copy is kept until
+    the parameter changes, so a decoding loop does not permute the weights at every call."""
+    if t is None or perm is None:
+        return t
+    if t.requires_grad and torch.is_grad_enabled():
+        return t.index_select(0, perm)
+    key = (t._version, t.data_ptr(), perm.data_ptr())
+    hit = _BLOCKED.get(id(t))
+    if hit is None or hit[0]() is not t or hit[1] != key:
+        ref = weakref.ref(t, lambda _, i=id(t): _BLOCKED.pop(i, None))      # dies with the parameter
+        hit = (ref, key, t.detach().index_select(0, perm))
+        _BLOCKED[id(t)] = hit
+    return hit[2]
 
 
 def _empty(rows, cols, like):
@@ -282,9 +298,16 @@ class LSTMLayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, ub, xp, h0, c0, w_hh):
         H = w_hh.shape[1]
-        y, cs, gates = _empty(rows.N, H, xp), _empty(rows.N, H, xp), _empty(rows.N, 4 * H, xp)
         h0, c0, w_hh = h0.contiguous(), c0.contiguous(), w_hh.contiguous()
         step = torch.empty(rows.B * 4 * H, dtype=xp.dtype, device=xp.device)
+        y = _empty(rows.N, H, xp)
+        if not any(ctx.needs_input_grad) and xp.device.type == "cpu":    # inference: keep nothing
+            cs = torch.empty(2 * rows.B, H, dtype=xp.dtype)                # c of steps t % 2 (the kernel's doc)
+            _loops(xp).lstm_forward(xp, w_hh, h0, c0, y, cs, step, step, rows.offs, rows.T, H, ub,
+                                    _dispatch.num_threads(), False)
+            half = torch.from_numpy((rows.lengths() - 1) % 2 * rows.B + np.arange(rows.B))
+            return y, _final(rows, y, h0), cs.index_select(0, half) if rows.N else c0.clone()
+        cs, gates = _empty(rows.N, H, xp), _empty(rows.N, 4 * H, xp)
         _loops(xp).lstm_forward(xp, w_hh, h0, c0, y, cs, gates, step,
                                 rows.offs, rows.T, H, ub, _dispatch.num_threads())
         ctx.save_for_backward(h0, c0, w_hh, y, cs, gates)
@@ -433,6 +456,39 @@ def _sum_bias(a, b):
     return None if a is None else a + b
 
 
+class ProjectionFunction(torch.autograd.Function):
+    """xp = x W^T + b for every step at once, (N, C) -> (N, G H), as F.linear, with the output
+    and the input gradient in fastseq's allocations: at (T, B) = (512, 64), G H = 512 the (N, G H)
+    buffer is 64 MiB, and faulting in fresh 4 KiB pages for it cost as much as the GEMM itself."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        out = _alloc.empty((x.shape[0], w.shape[0]), x.dtype, x.device)
+        if b is not None:
+            torch.addmm(b, x, w.t(), out=out)
+        else:
+            torch.mm(x, w.t(), out=out)
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dxp):
+        x, w = ctx.saved_tensors
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.mm(dxp, w, out=_alloc.empty(x.shape, x.dtype, x.device))
+        if ctx.needs_input_grad[1]:
+            dw = dxp.t() @ x
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dxp.sum(0)
+        return dx, dw, db
+
+
+def _project(x, w, b):
+    return ProjectionFunction.apply(x, w, b) if x.device.type == "cpu" else F.linear(x, w, b)
+
+
 def _fused_layer(cell: str, x, rows: _Rows, h0, c0, params, eps: float):
     """One layer, one direction, on the fused kernels: packed rows x (N, C) -> y (N, H),
     (h_n, c_n).  params = (w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c)."""
@@ -440,7 +496,7 @@ def _fused_layer(cell: str, x, rows: _Rows, h0, c0, params, eps: float):
     H = w_hh.shape[1]
     if cell in ("ln_lstm", "ln_gru"):
         shift = _sum_bias(b_ih, b_hh) if cell == "ln_lstm" else b_ih
-        xp = _fused_layer_norm(x @ w_ih.t(), (w_ih.shape[0],), g_ih, shift, eps)
+        xp = _fused_layer_norm(_project(x, w_ih, None), (w_ih.shape[0],), g_ih, shift, eps)
         if cell == "ln_lstm":
             y, h, c = LayerNormLSTMLayerFunction.apply(rows, eps, xp, h0, c0, w_hh, g_hh, g_c, b_c)
             return y, (h, c)
@@ -449,14 +505,14 @@ def _fused_layer(cell: str, x, rows: _Rows, h0, c0, params, eps: float):
     ub = _unit_block(H, _dispatch.num_threads()) if x.device.type == "cpu" else H   # GPU: torch's order
     perm = _gate_perm(H, ub, GATES[cell])
     if cell == "lstm":
-        xp = F.linear(x, _permute(w_ih, perm), _permute(_sum_bias(b_ih, b_hh), perm))
+        xp = _project(x, _permute(w_ih, perm), _permute(_sum_bias(b_ih, b_hh), perm))
         y, h, c = LSTMLayerFunction.apply(rows, ub, xp, h0, c0, _permute(w_hh, perm))
         return y, (h, c)
     if cell == "gru":
-        xp = F.linear(x, _permute(w_ih, perm), _permute(b_ih, perm))
+        xp = _project(x, _permute(w_ih, perm), _permute(b_ih, perm))
         y, h = GRULayerFunction.apply(rows, ub, xp, h0, _permute(w_hh, perm), _permute(b_hh, perm))
         return y, (h, None)
-    xp = F.linear(x, w_ih, _sum_bias(b_ih, b_hh))
+    xp = _project(x, w_ih, _sum_bias(b_ih, b_hh))
     y, h = RNNLayerFunction.apply(rows, ub, cell == "rnn_relu", xp, h0, w_hh)
     return y, (h, None)
 

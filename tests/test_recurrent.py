@@ -457,3 +457,36 @@ def test_cell_bad_input():
         cell(torch.randn(2, 4), torch.randn(3, 6))
     with pytest.raises(ValueError, match=r"GRUCell: expected input to be 1D or 2D, got 3D"):
         cell(torch.randn(1, 2, 4))
+
+
+@pytest.mark.parametrize("kind", list(TWINS) + list(LN))
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_inference_keeps_nothing_and_matches(kind, packed):
+    """Under no_grad the LSTM keeps no gates or cell history (c alternates between two buffers):
+    outputs and final states still match the autograd path, padded and packed."""
+    m = pair(kind, 5, 13, torch.float64, num_layers=2, bidirectional=True)[1] if kind in TWINS else \
+        ln_module(kind, 5, 13, torch.float64, num_layers=2, bidirectional=True)
+    x = torch.randn(7, 4, 5, dtype=torch.float64)
+    inp = pack_padded_sequence(x, torch.tensor([3, 7, 6, 1]), enforce_sorted=False) if packed else x
+    out, st = m(inp)
+    with torch.no_grad():
+        out_i, st_i = m(inp)
+        out_again, _ = m(inp)                          # the cached blocked weights
+    data = (lambda o: o.data) if packed else (lambda o: o)
+    torch.testing.assert_close(data(out_i), data(out).detach())
+    torch.testing.assert_close(data(out_again), data(out).detach())
+    for a, b in zip(st_i if isinstance(st_i, tuple) else (st_i,), st if isinstance(st, tuple) else (st,)):
+        torch.testing.assert_close(a, b.detach())
+
+
+def test_inference_sees_updated_weights():
+    m = fastseq.nn.LSTM(4, 16)
+    x = torch.randn(3, 2, 4)
+    with torch.no_grad():
+        before = m(x)[0]
+        m.weight_hh_l0.mul_(0.5)
+        after = m(x)[0]
+        ref = torch.nn.LSTM(4, 16)
+        ref.load_state_dict(m.state_dict())
+        torch.testing.assert_close(after, ref(x)[0], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(before, after)

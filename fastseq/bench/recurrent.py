@@ -1,43 +1,127 @@
-"""Benchmark cases of the recurrent family (issue #4 configs): one LSTM layer, inference
-forward and training forward+backward, against torch.nn.LSTM (oneDNN on the CPU)."""
+"""Benchmark cases of the recurrent family (issue #4 configs (T, B, I, H)): one layer, inference
+forward and training forward+backward.
+
+Peers: torch.nn.LSTM / GRU (oneDNN on the CPU, cuDNN on a GPU) for the plain cells; for the
+layer-normalized LSTM, which torch lacks, what users write today: a Python loop over time with
+nn.Linear and nn.LayerNorm on the gates and the cell (PythonLoopLayerNormLSTM below), and the same
+module compiled by TorchScript; plus fastseq's own plain LSTM, the cost the norms add.
+"""
 from __future__ import annotations
 
-import torch
+import warnings
+from typing import Tuple
 
-from ..nn import LSTM
+import torch
+from torch import nn
+
+from ..nn import GRU, LSTM, LayerNormLSTM
 from .registry import Case, Setup, register
 
 CONFIGS = [(128, 32, 256, 256), (256, 16, 512, 512), (64, 1, 256, 256), (512, 64, 128, 128)]
+QUICK = CONFIGS[::2]
 
 
-def lstm_flops(T, B, I, H, backward=False):
-    """2 T B 4H (I + H) forward (input and recurrent GEMMs); backward twice that."""
-    f = 2 * T * B * 4 * H * (I + H)
+def rnn_flops(T, B, I, H, gates, backward=False):
+    """2 T B G H (I + H) forward (input and recurrent GEMMs); training adds twice that (the
+    gradients of the inputs and of the weights)."""
+    f = 2 * T * B * gates * H * (I + H)
     return 3 * f if backward else f
 
 
-def _case(T, B, I, H, backward):
+class PythonLoopLayerNormLSTM(nn.Module):
+    """A layer-normalized LSTM as written without fused kernels: nn.Linear projections and
+    nn.LayerNorm on the input and recurrent gate pre-activations and on the cell, one Python
+    iteration per step.  Same equations as fastseq.nn.LayerNormLSTM (load_from copies its
+    parameters, so the two compute the same function)."""
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        self.ih = nn.Linear(input_size, 4 * hidden_size)
+        self.hh = nn.Linear(hidden_size, 4 * hidden_size)
+        self.ln_ih = nn.LayerNorm(4 * hidden_size, elementwise_affine=True, bias=False)
+        self.ln_hh = nn.LayerNorm(4 * hidden_size, elementwise_affine=True, bias=False)
+        self.ln_c = nn.LayerNorm(hidden_size)
+
+    def forward(self, x: torch.Tensor, state: Tuple[torch.Tensor, torch.Tensor]):
+        h, c = state
+        # every step's input part at once; unbind, not xp[t]: indexing would make autograd fill a
+        # whole (T, B, 4H) gradient per step, O(T^2) (14 s instead of 0.4 s at T = 512)
+        xs = (self.ln_ih(x @ self.ih.weight.t()) + self.ih.bias).unbind(0)
+        ys = []
+        for xp_t in xs:
+            g = xp_t + self.ln_hh(h @ self.hh.weight.t()) + self.hh.bias
+            i, f, gg, o = g.chunk(4, 1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
+            h = torch.sigmoid(o) * torch.tanh(self.ln_c(c))
+            ys.append(h)
+        return torch.stack(ys), (h, c)
+
+    @torch.no_grad()
+    def load_from(self, m: LayerNormLSTM):
+        self.ih.weight.copy_(m.weight_ih_l0)
+        self.ih.bias.copy_(m.bias_ih_l0)
+        self.hh.weight.copy_(m.weight_hh_l0)
+        self.hh.bias.copy_(m.bias_hh_l0)
+        self.ln_ih.weight.copy_(m.norm_ih_weight_l0)
+        self.ln_hh.weight.copy_(m.norm_hh_weight_l0)
+        self.ln_c.weight.copy_(m.norm_c_weight_l0)
+        self.ln_c.bias.copy_(m.norm_c_bias_l0)
+        return self
+
+
+def _runner(m, x, H, backward, state=None):
+    """A callable running module m on x: forward under no_grad, or forward + backward to the
+    input and every parameter."""
+    args = (x,) if state is None else (x, state)
+    if not backward:
+        def run():
+            with torch.no_grad():
+                return m(*args)
+        return run
+    params = [x] + list(m.parameters())
+    dy = torch.randn(x.shape[0], x.shape[1], H)
+    return lambda: torch.autograd.grad(m(*args)[0], params, dy)
+
+
+def _plain_case(kind, T, B, I, H, backward):
+    torch_cls, fast_cls, gates = {"lstm": (nn.LSTM, LSTM, 4), "gru": (nn.GRU, GRU, 3)}[kind]
+
     def setup():
         torch.manual_seed(0)
-        ref = torch.nn.LSTM(I, H)
-        fast = LSTM(I, H)
+        ref = torch_cls(I, H)
+        fast = fast_cls(I, H)
         fast.load_state_dict(ref.state_dict())
         x = torch.randn(T, B, I, requires_grad=backward)
+        return Setup(fastseq=_runner(fast, x, H, backward), peers={"torch": _runner(ref, x, H, backward)},
+                     flops=rnn_flops(T, B, I, H, gates, backward))
+    return setup
 
-        def runner(m):
-            if not backward:
-                def run():
-                    with torch.no_grad():
-                        return m(x)
-                return run
-            params = [x] + list(m.parameters())
-            dy = torch.randn(T, B, H)
-            return lambda: torch.autograd.grad(m(x)[0], params, dy)
-        return Setup(fastseq=runner(fast), peers={"torch": runner(ref)}, flops=lstm_flops(T, B, I, H, backward))
+
+def _layer_norm_case(T, B, I, H, backward):
+    def setup():
+        torch.manual_seed(0)
+        fast = LayerNormLSTM(I, H)
+        loop = PythonLoopLayerNormLSTM(I, H).load_from(fast)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                # TorchScript's deprecation notice
+            scripted = torch.jit.script(PythonLoopLayerNormLSTM(I, H).load_from(fast))
+        plain = LSTM(I, H)
+        x = torch.randn(T, B, I, requires_grad=backward)
+        state = (torch.zeros(B, H), torch.zeros(B, H))
+        return Setup(fastseq=_runner(fast, x, H, backward),
+                     peers={"py-loop": _runner(loop, x, H, backward, state),
+                            "torchscript": _runner(scripted, x, H, backward, state),
+                            "fs-LSTM": _runner(plain, x, H, backward)},
+                     flops=rnn_flops(T, B, I, H, 4, backward))
     return setup
 
 
 for _cfg in CONFIGS:
     for _bwd in (False, True):
-        register(Case("recurrent", f"lstm {'train' if _bwd else 'infer'} (T,B,I,H)={_cfg}", "cpu",
-                      _case(*_cfg, _bwd), quick=_cfg in CONFIGS[::2]))
+        _mode = "train" if _bwd else "infer"
+        for _kind in ("lstm", "gru"):
+            register(Case("recurrent", f"{_kind} {_mode} (T,B,I,H)={_cfg}", "cpu", _plain_case(_kind, *_cfg, _bwd),
+                          quick=_cfg in QUICK))
+for _cfg in CONFIGS:
+    register(Case("recurrent", f"ln-lstm train (T,B,I,H)={_cfg}", "cpu", _layer_norm_case(*_cfg, True),
+                  quick=_cfg in QUICK))

@@ -171,7 +171,7 @@ cdef void gru_cell_bwd_(const real* act, const real* ghn, Py_ssize_t gs, const r
 
 def lstm_forward(real[::1] xp, real[::1] w_hh, real[::1] h0, real[::1] c0, real[::1] y, real[::1] cs,
                  real[::1] gates, real[::1] g_step, const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H,
-                 Py_ssize_t ub, int num_threads):
+                 Py_ssize_t ub, int num_threads, bint save=True):
     """One LSTM layer over T steps, gates in blocks of ub units (see the module docstring).
 
         G = xp_t + h_{t-1} W_hh^T;  i, f, o = s(G_i, G_f, G_o), g = tanh(G_g)
@@ -179,7 +179,12 @@ def lstm_forward(real[::1] xp, real[::1] w_hh, real[::1] h0, real[::1] c0, real[
 
     xp (N, 4H): projected inputs with both biases, blocked columns.  w_hh (4H, H): blocked rows.
     h0, c0 (B_0, H).  Writes y, cs (N, H): every step's h and c; gates (N, 4H): the activated
-    gates (blocked).  g_step (B_0 4H,): one step's pre-activations."""
+    gates (blocked).  g_step (B_0 4H,): one step's pre-activations.
+
+    save=False (inference): nothing is kept for backward.  The gates are activated in place in
+    g_step and c alternates between the two halves of cs (2 B_0 H,): step t writes half t % 2, so
+    sequence b's final c is in half (L_b - 1) % 2.  gates is not touched.  This skips writing
+    (N, 4H) + (N, H) elements and faulting their pages in."""
     cdef Py_ssize_t t, r0, bt, rp, k, H4 = 4 * H, nblk = (H + ub - 1) // ub
     cdef real* pxp = ptr_(xp)
     cdef real* pw = ptr_(w_hh)
@@ -189,27 +194,34 @@ def lstm_forward(real[::1] xp, real[::1] w_hh, real[::1] h0, real[::1] c0, real[
     cdef real* gs = ptr_(g_step)
     cdef const real* hprev
     cdef const real* cprev
+    cdef real* act
+    cdef real* c
+    cdef Py_ssize_t B0 = offs[1] - offs[0] if T > 0 else 0
     cdef int nt = max(1, min(num_threads, nblk))
     for t in range(T):
         r0, bt, rp = step_(offs, t)
         if bt == 0 or H == 0:
             continue
         hprev = &h0[0] if t == 0 else py + rp * H
-        cprev = &c0[0] if t == 0 else pc + rp * H
+        if save:
+            cprev = &c0[0] if t == 0 else pc + rp * H
+            act, c = pg + r0 * H4, pc + r0 * H
+        else:
+            cprev = &c0[0] if t == 0 else pc + ((t - 1) % 2) * B0 * H
+            act, c = gs, pc + (t % 2) * B0 * H
         if nt > 1:
             for k in prange(nblk, nogil=True, num_threads=nt, schedule="static", chunksize=1):
-                lstm_fwd_block_(pxp + r0 * H4, pw, hprev, cprev, gs, pg + r0 * H4, pc + r0 * H, py + r0 * H,
-                                bt, H, ub, k)
+                lstm_fwd_block_(pxp + r0 * H4, pw, hprev, cprev, gs, act, c, py + r0 * H, bt, H, ub, k)
         else:       # no one-thread team: MKL would see no parallel region and nest its own
             for k in range(nblk):
-                lstm_fwd_block_(pxp + r0 * H4, pw, hprev, cprev, gs, pg + r0 * H4, pc + r0 * H, py + r0 * H,
-                                bt, H, ub, k)
+                lstm_fwd_block_(pxp + r0 * H4, pw, hprev, cprev, gs, act, c, py + r0 * H, bt, H, ub, k)
 
 
 cdef void lstm_fwd_block_(const real* xp, const real* w, const real* hprev, const real* cprev, real* gs, real* act,
                           real* c, real* h, Py_ssize_t bt, Py_ssize_t H, Py_ssize_t ub, Py_ssize_t k) noexcept nogil:
     """Block k of one forward step (bt rows): G[:, block] = xp_t[:, block] + h_{t-1} W_block^T in
-    gs (bt, 4H), then the gate math of its units.  xp, act (bt, 4H), c, h (bt, H) of step t."""
+    gs (bt, 4H), then the gate math of its units.  xp, act (bt, 4H), c, h (bt, H) of step t
+    (act may be gs itself: the gates activate in place)."""
     cdef Py_ssize_t b, j0 = k * ub, nb = min(ub, H - k * ub), col = 4 * k * ub, H4 = 4 * H
     for b in range(bt):
         copy_(gs + b * H4 + col, xp + b * H4 + col, 4 * nb)
