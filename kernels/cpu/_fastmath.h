@@ -70,4 +70,11 @@ static inline float fs_rowmaxf(const float* x, long n) {
     for (; j < n; j++) m = x[j] > m ? x[j] : m;
     return m;
 }
+/* A barrier of the innermost enclosing OpenMP parallel region (an orphaned directive): the
+ * recurrent kernels run their whole time loop inside one region and meet here once per step.
+ * Outside a region, or without OpenMP, it does nothing. */
+static inline void fs_barrier(void) {
+#pragma omp barrier
+}
+
 #endif

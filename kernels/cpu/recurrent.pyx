@@ -27,7 +27,7 @@ Memory per step and row (fp32): the recurrent GEMM reads W_hh (G H, shared by th
 pointwise pass reads G gate columns and writes G + 2 columns (activations, c and h).  The weight
 is the traffic: at B = 1 a step is a matrix-vector product, bound by the copy bandwidth.
 """
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport exp, tanh
 from libc.stdint cimport int64_t
 
@@ -37,6 +37,7 @@ include "_blas.pxi"
 
 cdef extern from "_fastmath.h" nogil:
     float fs_expf(float x)
+    void fs_barrier()
 
 
 cdef inline real sigmoid_(real x) noexcept nogil:
@@ -185,36 +186,45 @@ def lstm_forward(real[::1] xp, real[::1] w_hh, real[::1] h0, real[::1] c0, real[
     g_step and c alternates between the two halves of cs (2 B_0 H,): step t writes half t % 2, so
     sequence b's final c is in half (L_b - 1) % 2.  gates is not touched.  This skips writing
     (N, 4H) + (N, H) elements and faulting their pages in."""
-    cdef Py_ssize_t t, r0, bt, rp, k, H4 = 4 * H, nblk = (H + ub - 1) // ub
-    cdef real* pxp = ptr_(xp)
-    cdef real* pw = ptr_(w_hh)
-    cdef real* py = ptr_(y)
-    cdef real* pc = ptr_(cs)
-    cdef real* pg = ptr_(gates)
-    cdef real* gs = ptr_(g_step)
+    cdef Py_ssize_t nblk = (H + ub - 1) // ub
+    cdef int tid, nt = max(1, min(num_threads, nblk))
+    if T == 0 or H == 0:
+        return
+    if nt == 1:         # no one-thread team: MKL would see no parallel region and nest its own
+        lstm_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(h0), ptr_(c0), ptr_(y), ptr_(cs), ptr_(gates), ptr_(g_step),
+                         &offs[0], T, H, ub, save, 0, 1)
+        return
+    with nogil, parallel(num_threads=nt):
+        tid = threadid()
+        lstm_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(h0), ptr_(c0), ptr_(y), ptr_(cs), ptr_(gates), ptr_(g_step),
+                         &offs[0], T, H, ub, save, tid, nt)
+
+
+cdef void lstm_fwd_thread_(const real* xp, const real* w, const real* h0, const real* c0, real* y, real* cs,
+                           real* gates, real* gs, const int64_t* offs, Py_ssize_t T, Py_ssize_t H, Py_ssize_t ub,
+                           bint save, int tid, int nt) noexcept nogil:
+    """Thread tid's part of lstm_forward, inside one parallel region for the whole sequence: the
+    unit blocks k = tid, tid + nt, ... at every step, then a barrier (step t + 1's GEMM reads all
+    of h_t).  Each thread writes only its own columns of every buffer."""
+    cdef Py_ssize_t t, k, r0, bt, rp, H4 = 4 * H, nblk = (H + ub - 1) // ub, B0 = offs[1] - offs[0]
     cdef const real* hprev
     cdef const real* cprev
     cdef real* act
     cdef real* c
-    cdef Py_ssize_t B0 = offs[1] - offs[0] if T > 0 else 0
-    cdef int nt = max(1, min(num_threads, nblk))
     for t in range(T):
-        r0, bt, rp = step_(offs, t)
-        if bt == 0 or H == 0:
-            continue
-        hprev = &h0[0] if t == 0 else py + rp * H
+        r0, bt, rp = offs[t], offs[t + 1] - offs[t], offs[t - 1] if t > 0 else 0
+        hprev = h0 if t == 0 else y + rp * H
         if save:
-            cprev = &c0[0] if t == 0 else pc + rp * H
-            act, c = pg + r0 * H4, pc + r0 * H
+            cprev = c0 if t == 0 else cs + rp * H
+            act, c = gates + r0 * H4, cs + r0 * H
         else:
-            cprev = &c0[0] if t == 0 else pc + ((t - 1) % 2) * B0 * H
-            act, c = gs, pc + (t % 2) * B0 * H
-        if nt > 1:
-            for k in prange(nblk, nogil=True, num_threads=nt, schedule="static", chunksize=1):
-                lstm_fwd_block_(pxp + r0 * H4, pw, hprev, cprev, gs, act, c, py + r0 * H, bt, H, ub, k)
-        else:       # no one-thread team: MKL would see no parallel region and nest its own
-            for k in range(nblk):
-                lstm_fwd_block_(pxp + r0 * H4, pw, hprev, cprev, gs, act, c, py + r0 * H, bt, H, ub, k)
+            cprev = c0 if t == 0 else cs + ((t - 1) % 2) * B0 * H
+            act, c = gs, cs + (t % 2) * B0 * H
+        k = tid
+        while k < nblk:
+            lstm_fwd_block_(xp + r0 * H4, w, hprev, cprev, gs, act, c, y + r0 * H, bt, H, ub, k)
+            k = k + nt
+        fs_barrier()
 
 
 cdef void lstm_fwd_block_(const real* xp, const real* w, const real* hprev, const real* cprev, real* gs, real* act,
@@ -249,31 +259,49 @@ def lstm_backward(real[::1] dy, real[::1] w_hh, real[::1] c0, real[::1] cs, real
 
     dy (N, H).  dh, dc (B_0, H): the carries (see the module docstring).  Writes dgates (N, 4H),
     the pre-activation gradients dG, from which the binding forms every weight gradient."""
-    cdef Py_ssize_t t, r0, bt, rp, k, b, j0, nb, col, H4 = 4 * H, nblk = (H + ub - 1) // ub
-    cdef real* pdy = ptr_(dy)
-    cdef real* pw = ptr_(w_hh)
-    cdef real* pc = ptr_(cs)
-    cdef real* pg = ptr_(gates)
-    cdef real* pdg = ptr_(dgates)
-    cdef real* pdh = ptr_(dh)
-    cdef real* pdc = ptr_(dc)
+    cdef Py_ssize_t nblk = (H + ub - 1) // ub
+    cdef int tid, nt = max(1, min(num_threads, nblk))
+    if T == 0 or H == 0:
+        return
+    if nt == 1:
+        lstm_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(c0), ptr_(cs), ptr_(gates), ptr_(dgates), ptr_(dh), ptr_(dc),
+                         &offs[0], T, H, ub, 0, 1)
+        return
+    with nogil, parallel(num_threads=nt):
+        tid = threadid()
+        lstm_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(c0), ptr_(cs), ptr_(gates), ptr_(dgates), ptr_(dh), ptr_(dc),
+                         &offs[0], T, H, ub, tid, nt)
+
+
+cdef void lstm_bwd_thread_(const real* dy, const real* w, const real* c0, const real* cs, const real* gates,
+                           real* dg, real* dh, real* dc, const int64_t* offs, Py_ssize_t T, Py_ssize_t H,
+                           Py_ssize_t ub, int tid, int nt) noexcept nogil:
+    """Thread tid's part of lstm_backward, inside one parallel region for the whole sequence.  Per
+    step: the gate gradients of its unit blocks k = tid, tid + nt, ...; a barrier (dh_next needs
+    every gate); then its own units' columns of dh_next = dG_t W_hh (a column slice of W_hh).
+    The next step reads only those columns of dh, so one barrier per step suffices: a thread
+    already at step t - 1 writes dG_{t-1} while the others still read dG_t."""
+    cdef Py_ssize_t t, k, b, j0, nb, col, r0, bt, H4 = 4 * H, nblk = (H + ub - 1) // ub
     cdef const real* cprev
-    cdef int nt = max(1, min(num_threads, nblk))
     for t in range(T - 1, -1, -1):
-        r0, bt, rp = step_(offs, t)
-        if bt == 0 or H == 0:
-            continue
-        cprev = &c0[0] if t == 0 else pc + rp * H
-        for k in prange(nblk, nogil=True, num_threads=nt, schedule="static", chunksize=1):
+        r0, bt = offs[t], offs[t + 1] - offs[t]
+        cprev = c0 if t == 0 else cs + offs[t - 1] * H
+        k = tid
+        while k < nblk:                                    # the gate gradients of this thread's blocks
             j0 = k * ub
             nb = min(ub, H - j0)
             col = 4 * j0
             for b in range(bt):
-                lstm_cell_bwd_(pg + (r0 + b) * H4 + col, nb, pc + (r0 + b) * H + j0, cprev + b * H + j0,
-                               pdy + (r0 + b) * H + j0, pdh + b * H + j0, pdc + b * H + j0,
-                               pdg + (r0 + b) * H4 + col, nb)
-        # dh_next = dG_t W_hh  (every unit needs every gate: after the region's barrier)
-        gemm_rm(False, False, <int> bt, <int> H, <int> H4, 1, pdg + r0 * H4, <int> H4, pw, <int> H, 0, pdh, <int> H)
+                lstm_cell_bwd_(gates + (r0 + b) * H4 + col, nb, cs + (r0 + b) * H + j0, cprev + b * H + j0,
+                               dy + (r0 + b) * H + j0, dh + b * H + j0, dc + b * H + j0, dg + (r0 + b) * H4 + col, nb)
+            k = k + nt
+        fs_barrier()
+        k = tid
+        while k < nblk:                                    # dh_next[:, its units] = dG_t W_hh[:, its units]
+            j0 = k * ub
+            gemm_rm(False, False, <int> bt, <int> min(ub, H - j0), <int> H4, 1, dg + r0 * H4, <int> H4, w + j0,
+                    <int> H, 0, dh + j0, <int> H)
+            k = k + nt
 
 
 # ============================================================================ GRU
