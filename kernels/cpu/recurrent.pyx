@@ -357,31 +357,48 @@ def gru_backward(real[::1] dy, real[::1] w_hh, real[::1] h0, real[::1] y, real[:
 
     dy (N, H); dh (B_0, H) the carry.  Writes dxp (N, 3H) (gradient of x W_ih^T + b_ih) and dgh
     (N, 3H) (of h W_hh^T + b_hh), blocked; the binding forms the weight gradients from them."""
-    cdef Py_ssize_t t, r0, bt, rp, k, b, j0, nb, col, H3 = 3 * H, nblk = (H + ub - 1) // ub
-    cdef real* pdy = ptr_(dy)
-    cdef real* pw = ptr_(w_hh)
-    cdef real* py = ptr_(y)
-    cdef real* pg = ptr_(gates)
-    cdef real* pn = ptr_(ghn)
-    cdef real* pdx = ptr_(dxp)
-    cdef real* pdgh = ptr_(dgh)
-    cdef real* pdh = ptr_(dh)
+    cdef Py_ssize_t nblk = (H + ub - 1) // ub
+    cdef int tid, nt = max(1, min(num_threads, nblk))
+    if T == 0 or H == 0:
+        return
+    if nt == 1:
+        gru_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(h0), ptr_(y), ptr_(gates), ptr_(ghn), ptr_(dxp), ptr_(dgh),
+                        ptr_(dh), &offs[0], T, H, ub, 0, 1)
+        return
+    with nogil, parallel(num_threads=nt):
+        tid = threadid()
+        gru_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(h0), ptr_(y), ptr_(gates), ptr_(ghn), ptr_(dxp), ptr_(dgh),
+                        ptr_(dh), &offs[0], T, H, ub, tid, nt)
+
+
+cdef void gru_bwd_thread_(const real* dy, const real* w, const real* h0, const real* y, const real* gates,
+                          const real* ghn, real* dxp, real* dgh, real* dh, const int64_t* offs, Py_ssize_t T,
+                          Py_ssize_t H, Py_ssize_t ub, int tid, int nt) noexcept nogil:
+    """Thread tid's part of gru_backward, one parallel region for the sequence (as lstm_bwd_thread_):
+    its blocks' gate gradients (leaving dh_t z in its columns of dh), a barrier, then its columns
+    of dh_next = dh_t z + dgh_t W_hh."""
+    cdef Py_ssize_t t, k, b, j0, nb, col, r0, bt, H3 = 3 * H, nblk = (H + ub - 1) // ub
     cdef const real* hprev
-    cdef int nt = max(1, min(num_threads, nblk))
     for t in range(T - 1, -1, -1):
-        r0, bt, rp = step_(offs, t)
-        if bt == 0 or H == 0:
-            continue
-        hprev = &h0[0] if t == 0 else py + rp * H
-        for k in prange(nblk, nogil=True, num_threads=nt, schedule="static", chunksize=1):
+        r0, bt = offs[t], offs[t + 1] - offs[t]
+        hprev = h0 if t == 0 else y + offs[t - 1] * H
+        k = tid
+        while k < nblk:
             j0 = k * ub
             nb = min(ub, H - j0)
             col = 3 * j0
             for b in range(bt):
-                gru_cell_bwd_(pg + (r0 + b) * H3 + col, pn + (r0 + b) * H + j0, nb, hprev + b * H + j0,
-                              pdy + (r0 + b) * H + j0, pdh + b * H + j0, pdx + (r0 + b) * H3 + col,
-                              pdgh + (r0 + b) * H3 + col, nb)
-        gemm_rm(False, False, <int> bt, <int> H, <int> H3, 1, pdgh + r0 * H3, <int> H3, pw, <int> H, 1, pdh, <int> H)
+                gru_cell_bwd_(gates + (r0 + b) * H3 + col, ghn + (r0 + b) * H + j0, nb, hprev + b * H + j0,
+                              dy + (r0 + b) * H + j0, dh + b * H + j0, dxp + (r0 + b) * H3 + col,
+                              dgh + (r0 + b) * H3 + col, nb)
+            k = k + nt
+        fs_barrier()
+        k = tid
+        while k < nblk:
+            j0 = k * ub
+            gemm_rm(False, False, <int> bt, <int> min(ub, H - j0), <int> H3, 1, dgh + r0 * H3, <int> H3, w + j0,
+                    <int> H, 1, dh + j0, <int> H)
+            k = k + nt
 
 
 # ============================================================================ Elman RNN
@@ -448,24 +465,40 @@ def rnn_backward(real[::1] dy, real[::1] w_hh, real[::1] y, real[::1] dg, real[:
                  Py_ssize_t T, Py_ssize_t H, Py_ssize_t ub, bint relu, int num_threads):
     """Backward through time of rnn_forward: dG_t = (dy_t + dh_next) act'(G_t) into dg (N, H),
     dh_next = dG_t W_hh (BLAS).  dh (B_0, H) is the carry."""
-    cdef Py_ssize_t t, r0, bt, rp, k, b, j0, nb, nblk = (H + ub - 1) // ub
-    cdef real* pdy = ptr_(dy)
-    cdef real* pw = ptr_(w_hh)
-    cdef real* py = ptr_(y)
-    cdef real* pdg = ptr_(dg)
-    cdef real* pdh = ptr_(dh)
-    cdef int nt = max(1, min(num_threads, nblk))
+    cdef Py_ssize_t nblk = (H + ub - 1) // ub
+    cdef int tid, nt = max(1, min(num_threads, nblk))
+    if T == 0 or H == 0:
+        return
+    if nt == 1:
+        rnn_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(y), ptr_(dg), ptr_(dh), &offs[0], T, H, ub, relu, 0, 1)
+        return
+    with nogil, parallel(num_threads=nt):
+        tid = threadid()
+        rnn_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(y), ptr_(dg), ptr_(dh), &offs[0], T, H, ub, relu, tid, nt)
+
+
+cdef void rnn_bwd_thread_(const real* dy, const real* w, const real* y, real* dg, real* dh, const int64_t* offs,
+                          Py_ssize_t T, Py_ssize_t H, Py_ssize_t ub, bint relu, int tid, int nt) noexcept nogil:
+    """Thread tid's part of rnn_backward (as lstm_bwd_thread_): its units' dG, a barrier, its
+    columns of dh_next = dG_t W_hh."""
+    cdef Py_ssize_t t, k, b, j0, nb, r0, bt, nblk = (H + ub - 1) // ub
     for t in range(T - 1, -1, -1):
-        r0, bt, rp = step_(offs, t)
-        if bt == 0 or H == 0:
-            continue
-        for k in prange(nblk, nogil=True, num_threads=nt, schedule="static", chunksize=1):
+        r0, bt = offs[t], offs[t + 1] - offs[t]
+        k = tid
+        while k < nblk:
             j0 = k * ub
             nb = min(ub, H - j0)
             for b in range(bt):
-                rnn_cell_bwd_(py + (r0 + b) * H + j0, pdy + (r0 + b) * H + j0, pdh + b * H + j0,
-                              pdg + (r0 + b) * H + j0, nb, relu)
-        gemm_rm(False, False, <int> bt, <int> H, <int> H, 1, pdg + r0 * H, <int> H, pw, <int> H, 0, pdh, <int> H)
+                rnn_cell_bwd_(y + (r0 + b) * H + j0, dy + (r0 + b) * H + j0, dh + b * H + j0, dg + (r0 + b) * H + j0,
+                              nb, relu)
+            k = k + nt
+        fs_barrier()
+        k = tid
+        while k < nblk:
+            j0 = k * ub
+            gemm_rm(False, False, <int> bt, <int> min(ub, H - j0), <int> H, 1, dg + r0 * H, <int> H, w + j0, <int> H,
+                    0, dh + j0, <int> H)
+            k = k + nt
 
 
 # ============================================================================ layer-normalized cells
