@@ -410,13 +410,20 @@ class LayerNormLSTMLayerFunction(torch.autograd.Function):
         dy = _grad_or_zeros(dy, N, H, y)
         dh, dc = _carry(dh_n, h0), _carry(dc_n, c0)
         dg, dgh, dcn = _empty(N, 4 * H, y), _empty(N, 4 * H, y), _empty(N, H, y)
-        _loops(dy).ln_lstm_backward(dy, w_hh, g_hh, g_c, b_c, c0, cs, gates, ghat, rstd_h, chat, rstd_c, dg,
-                                     dgh, dcn, dh, dc, rows.offs, rows.T, H, _dispatch.num_threads())
+        if _loops(dy) is _CPU_LOOPS:
+            nt = _dispatch.num_threads()
+            sums = torch.zeros(nt, 6 * H, dtype=y.dtype)      # per thread: sum dG ghat, dcn chat, dcn
+            _loops(dy).ln_lstm_backward(dy, w_hh, g_hh, g_c, b_c, c0, cs, gates, ghat, rstd_h, chat, rstd_c, dg,
+                                         dgh, dcn, dh, dc, sums, rows.offs, rows.T, H, nt)
+            dg_hh, dg_c, db_c = sums.sum(0).split([4 * H, H, H])
+        else:
+            _loops(dy).ln_lstm_backward(dy, w_hh, g_hh, g_c, b_c, c0, cs, gates, ghat, rstd_h, chat, rstd_c, dg,
+                                         dgh, dcn, dh, dc, rows.offs, rows.T, H)
+            dg_hh, dg_c, db_c = (dg * ghat).sum(0), (dcn * chat).sum(0), dcn.sum(0)
         dw_hh = dgh.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[5] else None
-        dg_hh = (dg * ghat).sum(0) if ctx.needs_input_grad[6] else None
-        dg_c = (dcn * chat).sum(0) if ctx.needs_input_grad[7] else None
-        db_c = dcn.sum(0) if ctx.needs_input_grad[8] else None
-        return None, None, dg, dh, dc, dw_hh, dg_hh, dg_c, db_c
+        keep = ctx.needs_input_grad
+        return (None, None, dg, dh, dc, dw_hh, dg_hh if keep[6] else None, dg_c if keep[7] else None,
+                db_c if keep[8] else None)
 
 
 class LayerNormGRULayerFunction(torch.autograd.Function):
@@ -444,12 +451,19 @@ class LayerNormGRULayerFunction(torch.autograd.Function):
         dy = _grad_or_zeros(dy, N, H, y)
         dh = _carry(dh_n, h0)
         dxp, da, dgh = _empty(N, 3 * H, y), _empty(N, 3 * H, y), _empty(N, 3 * H, y)
-        _loops(dy).ln_gru_backward(dy, w_hh, g_hh, h0, y, gates, ghat, rstd_h, ghn, dxp, da, dgh, dh, rows.offs, rows.T, H,
-                                   _dispatch.num_threads())
+        if _loops(dy) is _CPU_LOOPS:
+            nt = _dispatch.num_threads()
+            sums = torch.zeros(nt, 6 * H, dtype=y.dtype)      # per thread: sum da ghat, da
+            _loops(dy).ln_gru_backward(dy, w_hh, g_hh, h0, y, gates, ghat, rstd_h, ghn, dxp, da, dgh, dh, sums,
+                                       rows.offs, rows.T, H, nt)
+            dg_hh, db_hh = sums.sum(0).split([3 * H, 3 * H])
+        else:
+            _loops(dy).ln_gru_backward(dy, w_hh, g_hh, h0, y, gates, ghat, rstd_h, ghn, dxp, da, dgh, dh, rows.offs,
+                                       rows.T, H)
+            dg_hh, db_hh = (da * ghat).sum(0), da.sum(0)
         dw_hh = dgh.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[4] else None
-        dg_hh = (da * ghat).sum(0) if ctx.needs_input_grad[5] else None
-        db_hh = da.sum(0) if ctx.needs_input_grad[6] else None
-        return None, None, dxp, dh, dw_hh, dg_hh, db_hh
+        keep = ctx.needs_input_grad
+        return None, None, dxp, dh, dw_hh, dg_hh if keep[5] else None, db_hh if keep[6] else None
 
 
 def _sum_bias(a, b):
