@@ -490,3 +490,14 @@ def test_inference_sees_updated_weights():
         ref.load_state_dict(m.state_dict())
         torch.testing.assert_close(after, ref(x)[0], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(before, after)
+
+
+@pytest.mark.parametrize("kind", ["LayerNormLSTM", "LayerNormGRU"])
+def test_benchmark_peers_compute_the_same_function(kind):
+    """The Python-loop peers of the benchmarks (and their TorchScript versions) are the same layer."""
+    from fastseq.bench.recurrent import PythonLoopLayerNormGRU, PythonLoopLayerNormLSTM
+    m = ln_module(kind, 6, 5, torch.float32)
+    x = torch.randn(7, 3, 6)
+    loop = (PythonLoopLayerNormLSTM if kind == "LayerNormLSTM" else PythonLoopLayerNormGRU)(6, 5).load_from(m)
+    state = (torch.zeros(3, 5), torch.zeros(3, 5)) if kind == "LayerNormLSTM" else torch.zeros(3, 5)
+    torch.testing.assert_close(loop(x, state)[0], m(x)[0], rtol=1e-5, atol=1e-6)

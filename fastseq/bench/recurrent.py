@@ -2,9 +2,10 @@
 forward and training forward+backward.
 
 Peers: torch.nn.LSTM / GRU (oneDNN on the CPU, cuDNN on a GPU) for the plain cells; for the
-layer-normalized LSTM, which torch lacks, what users write today: a Python loop over time with
-nn.Linear and nn.LayerNorm on the gates and the cell (PythonLoopLayerNormLSTM below), and the same
-module compiled by TorchScript; plus fastseq's own plain LSTM, the cost the norms add.
+layer-normalized LSTM and GRU, which torch lacks, what users write today: a Python loop over
+time with nn.LayerNorm on the gate pre-activations (and the LSTM's cell) (PythonLoopLayerNorm*
+below), and the same module compiled by TorchScript; plus fastseq's own plain LSTM / GRU, the
+cost the norms add.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from ..nn import GRU, LSTM, LayerNormLSTM
+from ..nn import GRU, LSTM, LayerNormGRU, LayerNormLSTM
 from .registry import Case, Setup, register
 
 CONFIGS = [(128, 32, 256, 256), (256, 16, 512, 512), (64, 1, 256, 256), (512, 64, 128, 128)]
@@ -69,6 +70,42 @@ class PythonLoopLayerNormLSTM(nn.Module):
         return self
 
 
+class PythonLoopLayerNormGRU(nn.Module):
+    """A layer-normalized GRU as written without fused kernels: nn.LayerNorm on the input and
+    recurrent gate pre-activations, torch's GRU equations, one Python iteration per step.  Same
+    function as fastseq.nn.LayerNormGRU (load_from copies its parameters)."""
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__()
+        self.ih = nn.Linear(input_size, 3 * hidden_size)
+        self.hh = nn.Linear(hidden_size, 3 * hidden_size)
+        self.ln_ih = nn.LayerNorm(3 * hidden_size, elementwise_affine=True, bias=False)
+        self.ln_hh = nn.LayerNorm(3 * hidden_size, elementwise_affine=True, bias=False)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor):
+        xs = (self.ln_ih(x @ self.ih.weight.t()) + self.ih.bias).unbind(0)     # see PythonLoopLayerNormLSTM
+        ys = []
+        for xp_t in xs:
+            a = self.ln_hh(h @ self.hh.weight.t()) + self.hh.bias
+            xr, xz, xn = xp_t.chunk(3, 1)
+            ar, az, an = a.chunk(3, 1)
+            r, z = torch.sigmoid(xr + ar), torch.sigmoid(xz + az)
+            n = torch.tanh(xn + r * an)
+            h = (1 - z) * n + z * h
+            ys.append(h)
+        return torch.stack(ys), h
+
+    @torch.no_grad()
+    def load_from(self, m: LayerNormGRU):
+        self.ih.weight.copy_(m.weight_ih_l0)
+        self.ih.bias.copy_(m.bias_ih_l0)
+        self.hh.weight.copy_(m.weight_hh_l0)
+        self.hh.bias.copy_(m.bias_hh_l0)
+        self.ln_ih.weight.copy_(m.norm_ih_weight_l0)
+        self.ln_hh.weight.copy_(m.norm_hh_weight_l0)
+        return self
+
+
 def _runner(m, x, H, backward, state=None):
     """A callable running module m on x: forward under no_grad, or forward + backward to the
     input and every parameter."""
@@ -97,22 +134,25 @@ def _plain_case(kind, T, B, I, H, backward):
     return setup
 
 
-def _layer_norm_case(T, B, I, H, backward):
+def _layer_norm_case(kind, T, B, I, H, backward):
+    fast_cls, loop_cls, plain_cls, gates = {"lstm": (LayerNormLSTM, PythonLoopLayerNormLSTM, LSTM, 4),
+                                            "gru": (LayerNormGRU, PythonLoopLayerNormGRU, GRU, 3)}[kind]
+
     def setup():
         torch.manual_seed(0)
-        fast = LayerNormLSTM(I, H)
-        loop = PythonLoopLayerNormLSTM(I, H).load_from(fast)
+        fast = fast_cls(I, H)
+        loop = loop_cls(I, H).load_from(fast)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")                # TorchScript's deprecation notice
-            scripted = torch.jit.script(PythonLoopLayerNormLSTM(I, H).load_from(fast))
-        plain = LSTM(I, H)
+            scripted = torch.jit.script(loop_cls(I, H).load_from(fast))
+        plain = plain_cls(I, H)
         x = torch.randn(T, B, I, requires_grad=backward)
-        state = (torch.zeros(B, H), torch.zeros(B, H))
+        state = (torch.zeros(B, H), torch.zeros(B, H)) if kind == "lstm" else torch.zeros(B, H)
         return Setup(fastseq=_runner(fast, x, H, backward),
                      peers={"py-loop": _runner(loop, x, H, backward, state),
                             "torchscript": _runner(scripted, x, H, backward, state),
-                            "fs-LSTM": _runner(plain, x, H, backward)},
-                     flops=rnn_flops(T, B, I, H, 4, backward))
+                            f"fs-{kind.upper()}": _runner(plain, x, H, backward)},
+                     flops=rnn_flops(T, B, I, H, gates, backward))
     return setup
 
 
@@ -122,6 +162,7 @@ for _cfg in CONFIGS:
         for _kind in ("lstm", "gru"):
             register(Case("recurrent", f"{_kind} {_mode} (T,B,I,H)={_cfg}", "cpu", _plain_case(_kind, *_cfg, _bwd),
                           quick=_cfg in QUICK))
-for _cfg in CONFIGS:
-    register(Case("recurrent", f"ln-lstm train (T,B,I,H)={_cfg}", "cpu", _layer_norm_case(*_cfg, True),
-                  quick=_cfg in QUICK))
+for _kind in ("lstm", "gru"):
+    for _cfg in CONFIGS:
+        register(Case("recurrent", f"ln-{_kind} train (T,B,I,H)={_cfg}", "cpu", _layer_norm_case(_kind, *_cfg, True),
+                      quick=_cfg in QUICK))
