@@ -51,9 +51,10 @@ def _ln(v, gamma, eps):
     return F.layer_norm(v, v.shape[-1:], gamma, None, eps)
 
 
-def _step_ref(cell, p, eps, x, h, c=None):
+def _step_ref(cell, p, eps, x, h, c=None, w_hr=None):
     """One step of `cell` on rows x (b, C), h (b, H) (c (b, H) for the LSTMs) with parameters p
-    (w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c): the torch equations, no fusion."""
+    (w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c): the torch equations, no fusion.  w_hr (P, H):
+    the LSTM's projection (torch's proj_size): the state h is then (b, P)."""
     w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c = p
     b_ih, b_hh = _zero_if_none(b_ih, x), _zero_if_none(b_hh, x)
     if cell in ("lstm", "ln_lstm"):
@@ -64,7 +65,8 @@ def _step_ref(cell, p, eps, x, h, c=None):
         i, f, gg, o = g.chunk(4, dim=-1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(gg)
         u = c if cell == "lstm" else _ln(c, g_c, eps) + b_c
-        return torch.sigmoid(o) * torch.tanh(u), c
+        h = torch.sigmoid(o) * torch.tanh(u)
+        return (h if w_hr is None else h @ w_hr.t()), c
     if cell in ("gru", "ln_gru"):
         if cell == "gru":
             gi, gh = x @ w_ih.t() + b_ih, h @ w_hh.t() + b_hh
@@ -79,7 +81,7 @@ def _step_ref(cell, p, eps, x, h, c=None):
     return (torch.tanh(a) if cell == "rnn_tanh" else torch.relu(a)), None
 
 
-def recurrent_ref(cell: str, x, offs, h0, c0, params, eps: float = 1e-5):
+def recurrent_ref(cell: str, x, offs, h0, c0, params, eps: float = 1e-5, w_hr=None):
     """The layer step by step in torch over packed rows x (N, C) (layout of _Rows: step t owns
     rows offs[t]:offs[t+1], the sequences still running are the first ones).  Returns y (N, H)
     and the final states (h_n, c_n) (c_n None for GRU / RNN), each (B, H)."""
@@ -88,7 +90,7 @@ def recurrent_ref(cell: str, x, offs, h0, c0, params, eps: float = 1e-5):
     for t in range(len(offs) - 1):
         r0, r1 = int(offs[t]), int(offs[t + 1])
         bt = r1 - r0
-        h_new, c_new = _step_ref(cell, params, eps, x[r0:r1], h[:bt], None if c is None else c[:bt])
+        h_new, c_new = _step_ref(cell, params, eps, x[r0:r1], h[:bt], None if c is None else c[:bt], w_hr)
         ys.append(h_new)
         h = torch.cat([h_new, h[bt:]])
         if c is not None:
@@ -327,6 +329,37 @@ class LSTMLayerFunction(torch.autograd.Function):
         return None, None, dg, dh, dc, dw_hh
 
 
+class LSTMProjLayerFunction(torch.autograd.Function):
+    """LSTMLayerFunction with torch's proj_size: (xp, h0 (B, P), c0 (B, H), W_hh (4H, P), W_hr (P, H))
+    -> y (N, P), h_n (B, P), c_n (B, H), h_t = (o tanh(c_t)) W_hr^T.  Saves m = o tanh(c) too."""
+
+    @staticmethod
+    def forward(ctx, rows, ub, xp, h0, c0, w_hh, w_hr):
+        P, H = w_hr.shape
+        h0, c0, w_hh, w_hr = h0.contiguous(), c0.contiguous(), w_hh.contiguous(), w_hr.contiguous()
+        y, cs, m, gates = _empty(rows.N, P, xp), _empty(rows.N, H, xp), _empty(rows.N, H, xp), _empty(rows.N, 4 * H, xp)
+        step = torch.empty(rows.B * 4 * H, dtype=xp.dtype)
+        _CPU_LOOPS.lstm_proj_forward(xp, w_hh, w_hr, h0, c0, y, cs, gates, m, step, rows.offs, rows.T, H, P, ub,
+                                     _dispatch.num_threads())
+        ctx.save_for_backward(h0, c0, w_hh, w_hr, y, cs, gates, m)
+        ctx.rows, ctx.ub = rows, ub
+        return y, _final(rows, y, h0), _final(rows, cs, c0)
+
+    @staticmethod
+    def backward(ctx, dy, dh_n, dc_n):
+        h0, c0, w_hh, w_hr, y, cs, gates, m = ctx.saved_tensors
+        rows, (P, H) = ctx.rows, w_hr.shape
+        dy = _grad_or_zeros(dy, rows.N, P, y)
+        dh, dc = _carry(dh_n, h0), _carry(dc_n, c0)
+        dg, dhp = _empty(rows.N, 4 * H, y), _empty(rows.N, P, y)
+        dm = torch.empty(rows.B * H, dtype=y.dtype)
+        _CPU_LOOPS.lstm_proj_backward(dy, w_hh, w_hr, c0, cs, gates, dg, dhp, dm, dh, dc, rows.offs, rows.T, H, P,
+                                      ctx.ub, _dispatch.num_threads())
+        dw_hh = dg.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[5] else None
+        dw_hr = dhp.t() @ m if ctx.needs_input_grad[6] else None
+        return None, None, dg, dh, dc, dw_hh, dw_hr
+
+
 class GRULayerFunction(torch.autograd.Function):
     """The sequential part of one GRU layer: (xp = x W_ih^T + b_ih, h0, W_hh, b_hh) -> y, h_n,
     blocked gate layout.  Saves h, the activated gates and the recurrent n pre-activation."""
@@ -503,11 +536,11 @@ def _project(x, w, b):
     return ProjectionFunction.apply(x, w, b) if x.device.type == "cpu" else F.linear(x, w, b)
 
 
-def _fused_layer(cell: str, x, rows: _Rows, h0, c0, params, eps: float):
+def _fused_layer(cell: str, x, rows: _Rows, h0, c0, params, eps: float, w_hr=None):
     """One layer, one direction, on the fused kernels: packed rows x (N, C) -> y (N, H),
     (h_n, c_n).  params = (w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c)."""
     w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c = params
-    H = w_hh.shape[1]
+    H = w_ih.shape[0] // GATES[cell]                # (w_hh is (G H, P) with a projection)
     if cell in ("ln_lstm", "ln_gru"):
         shift = _sum_bias(b_ih, b_hh) if cell == "ln_lstm" else b_ih
         xp = _fused_layer_norm(_project(x, w_ih, None), (w_ih.shape[0],), g_ih, shift, eps)
@@ -520,7 +553,10 @@ def _fused_layer(cell: str, x, rows: _Rows, h0, c0, params, eps: float):
     perm = _gate_perm(H, ub, GATES[cell])
     if cell == "lstm":
         xp = _project(x, _permute(w_ih, perm), _permute(_sum_bias(b_ih, b_hh), perm))
-        y, h, c = LSTMLayerFunction.apply(rows, ub, xp, h0, c0, _permute(w_hh, perm))
+        if w_hr is not None:
+            y, h, c = LSTMProjLayerFunction.apply(rows, ub, xp, h0, c0, _permute(w_hh, perm), w_hr)
+        else:
+            y, h, c = LSTMLayerFunction.apply(rows, ub, xp, h0, c0, _permute(w_hh, perm))
         return y, (h, c)
     if cell == "gru":
         xp = _project(x, _permute(w_ih, perm), _permute(b_ih, perm))
@@ -531,10 +567,10 @@ def _fused_layer(cell: str, x, rows: _Rows, h0, c0, params, eps: float):
     return y, (h, None)
 
 
-def _layer(cell: str, x, rows: _Rows, h0, c0, params, eps: float, backend: str):
+def _layer(cell: str, x, rows: _Rows, h0, c0, params, eps: float, backend: str, w_hr=None):
     if backend == "torch":
-        return recurrent_ref(cell, x, rows.offs, h0, c0, params, eps)
-    return _fused_layer(cell, x.contiguous(), rows, h0, c0, params, eps)
+        return recurrent_ref(cell, x, rows.offs, h0, c0, params, eps, w_hr)
+    return _fused_layer(cell, x.contiguous(), rows, h0, c0, params, eps, w_hr)
 
 
 # ============================================================================ functional
@@ -767,7 +803,8 @@ class _FusedStack:
                              f"got {x.dtype}")
         dirs = 2 if self.bidirectional else 1
         L, B, H = self.num_layers, rows.B, self.hidden_size
-        h0, c0 = self._initial_states(hx, lstm, batched, sorted_idx, (L * dirs, B, H), x, name)
+        P = getattr(self, "proj_size", 0) or H                                  # the recurrent state's size
+        h0, c0 = self._initial_states(hx, lstm, batched, sorted_idx, (L * dirs, B, P), (L * dirs, B, H), x, name)
         hs, cs = [], []
         eps = getattr(self, "eps", self.EPS_DEFAULT)
         for layer in range(L):
@@ -776,8 +813,9 @@ class _FusedStack:
                 sfx = f"l{layer}" + ("_reverse" if d else "")
                 k = layer * dirs + d
                 xin = x.index_select(0, rows.reverse(x.device)) if d else x
+                w_hr = getattr(self, f"weight_hr_{sfx}") if getattr(self, "proj_size", 0) else None
                 y, (h, c) = _layer(cell, xin, rows, h0[k], c0[k] if lstm else None, self._params(sfx), eps,
-                                   backend)
+                                   backend, w_hr)
                 outs.append(y.index_select(0, rows.reverse(y.device)) if d else y)
                 hs.append(h)
                 cs.append(c)
@@ -798,10 +836,10 @@ class _FusedStack:
             return out.squeeze(1), state
         return (out.transpose(0, 1) if self.batch_first else out), state
 
-    def _initial_states(self, hx, lstm, batched, sorted_idx, shape, x, name):
+    def _initial_states(self, hx, lstm, batched, sorted_idx, shape, c_shape, x, name):
         if hx is None:
             z = torch.zeros(shape, dtype=x.dtype, device=x.device)
-            return z, z
+            return z, (torch.zeros(c_shape, dtype=x.dtype, device=x.device) if c_shape != shape else z)
         states = hx if lstm else (hx,)
         if lstm and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
             raise ValueError(f"{name}: expected hx to be a tuple (h_0, c_0), got {type(hx).__name__}")
@@ -814,9 +852,10 @@ class _FusedStack:
             s = s if batched else s.unsqueeze(1)
             if sorted_idx is not None:
                 s = s.index_select(1, sorted_idx)
-            if tuple(s.shape) != tuple(shape):
-                raise ValueError(f"{name}: expected {label} of shape {list(shape)} (num_layers * directions, "
-                                 f"batch, hidden), got {list(s.shape)}")
+            want = c_shape if i == 1 else shape
+            if tuple(s.shape) != tuple(want):
+                raise ValueError(f"{name}: expected {label} of shape {list(want)} (num_layers * directions, "
+                                 f"batch, {'proj_size' if want[-1] != c_shape[-1] else 'hidden'}), got {list(s.shape)}")
             if s.dtype != x.dtype or s.device != x.device:
                 raise ValueError(f"{name}: expected {label} as {x.dtype} on {x.device}, got {s.dtype} on {s.device}")
             out.append(s)
@@ -828,7 +867,7 @@ class _FusedStack:
             raise ValueError(f"{type(self).__name__}: expected a floating-point input tensor, got "
                              f"{getattr(data, 'dtype', type(input).__name__)}")
         backend = _dispatch.choose("recurrent", _facts(data, self._cell()))
-        if (backend == "torch" and not self._ln()) or getattr(self, "proj_size", 0) > 0:
+        if (backend == "torch" and not self._ln()) or (getattr(self, "proj_size", 0) > 0 and backend != "cpu"):
             return self._torch_forward(input, hx)
         return self._fused_forward(input, hx, backend)
 
@@ -838,7 +877,8 @@ class _FusedStack:
 
 class LSTM(_FusedStack, torch.nn.LSTM):
     """torch.nn.LSTM on fused whole-sequence layers: same constructor, parameters, state_dict,
-    forward (tensor or PackedSequence, hx) and returns.  proj_size > 0 runs torch's own forward."""
+    forward (tensor or PackedSequence, hx) and returns, proj_size included (fused on the CPU; on a
+    GPU proj_size > 0 runs torch's own forward)."""
     CELL = "lstm"
 
 

@@ -172,12 +172,22 @@ def test_functional_lengths_match_packed_torch():
     torch.testing.assert_close(h, h_r[0])
 
 
-def test_proj_size_runs_torchs_forward():
-    ref = torch.nn.LSTM(5, 8, proj_size=3)
-    fast = fastseq.nn.LSTM(5, 8, proj_size=3)
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lstm_proj_size_matches_torch(poison, layers, bidirectional, packed, dtype):
+    """proj_size: h_t = (o tanh(c_t)) W_hr^T recurs and is output (P wide), c stays H wide."""
+    ref = torch.nn.LSTM(5, 13, num_layers=layers, bidirectional=bidirectional, proj_size=4).to(dtype)
+    fast = fastseq.nn.LSTM(5, 13, num_layers=layers, bidirectional=bidirectional, proj_size=4).to(dtype)
     fast.load_state_dict(ref.state_dict())
-    x = torch.randn(4, 2, 5)
-    torch.testing.assert_close(fast(x)[0], ref(x)[0])
+    dirs = 2 if bidirectional else 1
+    x = torch.randn(7, 3, 5, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(layers * dirs, 3, 4, dtype=dtype, requires_grad=True)
+    c0 = torch.randn(layers * dirs, 3, 13, dtype=dtype, requires_grad=True)
+    lengths = torch.tensor([4, 7, 2]) if packed else None
+    assert_all_close(run(fast, x, (h0, c0), lengths), run(ref, x, (h0, c0), lengths), dtype)
+    with pytest.raises(ValueError, match=r"expected hx\[0\] of shape \[%d, 3, 4\].*proj_size" % (layers * dirs)):
+        fast(x, (c0, c0))
 
 
 # ---------------------------------------------------------------------------- cells

@@ -313,6 +313,148 @@ cdef void lstm_bwd_thread_(const real* dy, const real* w, const real* c0, const 
             k = k + nt
 
 
+# ============================================================================ LSTM with projection
+
+def lstm_proj_forward(real[::1] xp, real[::1] w_hh, real[::1] w_hr, real[::1] h0, real[::1] c0, real[::1] y,
+                      real[::1] cs, real[::1] gates, real[::1] m, real[::1] g_step, const int64_t[::1] offs,
+                      Py_ssize_t T, Py_ssize_t H, Py_ssize_t P, Py_ssize_t ub, int num_threads):
+    """lstm_forward with torch's proj_size P: the state that recurs and is output is the
+    projection h_t = m_t W_hr^T (P,) of m_t = o tanh(c_t) (H,).
+
+    w_hh (4H, P) blocked rows; w_hr (P, H).  h0 (B_0, P), c0 (B_0, H).  Writes y (N, P), cs, m
+    (N, H), gates (N, 4H).  Per step: the thread's unit blocks (GEMM slice, gates, m), a barrier,
+    its columns of h_t = m_t W_hr^T, a barrier."""
+    cdef Py_ssize_t nblk = (H + ub - 1) // ub
+    cdef int tid, nt = max(1, min(num_threads, nblk))
+    if T == 0 or H == 0:
+        return
+    if nt == 1:
+        lstm_proj_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(w_hr), ptr_(h0), ptr_(c0), ptr_(y), ptr_(cs), ptr_(gates),
+                              ptr_(m), ptr_(g_step), &offs[0], T, H, P, ub, 0, 1)
+        return
+    with nogil, parallel(num_threads=nt):
+        tid = threadid()
+        lstm_proj_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(w_hr), ptr_(h0), ptr_(c0), ptr_(y), ptr_(cs), ptr_(gates),
+                              ptr_(m), ptr_(g_step), &offs[0], T, H, P, ub, tid, nt)
+
+
+cdef void lstm_proj_fwd_thread_(const real* xp, const real* w, const real* wr, const real* h0, const real* c0,
+                                real* y, real* cs, real* gates, real* m, real* gs, const int64_t* offs, Py_ssize_t T,
+                                Py_ssize_t H, Py_ssize_t P, Py_ssize_t ub, int tid, int nt) noexcept nogil:
+    cdef Py_ssize_t t, k, b, j0, nb, col, r0, bt, rp, p0, p1, H4 = 4 * H, nblk = (H + ub - 1) // ub
+    cdef const real* hprev
+    cdef const real* cprev
+    for t in range(T):
+        r0, bt, rp = offs[t], offs[t + 1] - offs[t], offs[t - 1] if t > 0 else 0
+        hprev = h0 if t == 0 else y + rp * P
+        cprev = c0 if t == 0 else cs + rp * H
+        k = tid
+        while k < nblk:
+            j0 = k * ub
+            nb = min(ub, H - j0)
+            col = 4 * j0
+            for b in range(bt):
+                copy_(gs + b * H4 + col, xp + (r0 + b) * H4 + col, 4 * nb)
+            gemm_rm(False, True, <int> bt, <int> (4 * nb), <int> P, 1, hprev, <int> P, w + col * P, <int> P,
+                    1, gs + col, <int> H4)
+            for b in range(bt):
+                lstm_gates_(gs + b * H4 + col, nb, cprev + b * H + j0, cs + (r0 + b) * H + j0,
+                            gates + (r0 + b) * H4 + col, nb)
+                lstm_h_(gates + (r0 + b) * H4 + col + 3 * nb, cs + (r0 + b) * H + j0, m + (r0 + b) * H + j0, nb)
+            k = k + nt
+        fs_barrier()
+        p0, p1 = cols_(P, nt, tid)
+        if p1 > p0:                                      # h_t[:, p0:p1] = m_t W_hr[p0:p1]^T
+            gemm_rm(False, True, <int> bt, <int> (p1 - p0), <int> H, 1, m + r0 * H, <int> H, wr + p0 * H, <int> H,
+                    0, y + r0 * P + p0, <int> P)
+        fs_barrier()
+
+
+def lstm_proj_backward(real[::1] dy, real[::1] w_hh, real[::1] w_hr, real[::1] c0, real[::1] cs, real[::1] gates,
+                       real[::1] dgates, real[::1] dhp, real[::1] dm, real[::1] dh, real[::1] dc,
+                       const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H, Py_ssize_t P, Py_ssize_t ub,
+                       int num_threads):
+    """Backward through time of lstm_proj_forward.  With dhp_t = dy_t + dh_next (P,), the total
+    gradient at h_t:
+
+        dm_t = dhp_t W_hr  (H,);   then the LSTM cell backward with dm_t as dh_t;
+        dh_next = dG_t W_hh  (P,),  dW_hr = sum_t dhp_t^T m_t  (the binding, one GEMM)
+
+    dy (N, P); dh (B_0, P) and dc (B_0, H) the carries.  Writes dgates (N, 4H) and dhp (N, P);
+    dm (B_0 H,) is scratch.  Per step: the thread's units (dm columns, gate gradients), a barrier,
+    its P columns of dh_next and of the next step's dhp, a barrier."""
+    cdef Py_ssize_t nblk = (H + ub - 1) // ub
+    cdef int tid, nt = max(1, min(num_threads, nblk))
+    if T == 0 or H == 0:
+        return
+    if nt == 1:
+        lstm_proj_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(w_hr), ptr_(c0), ptr_(cs), ptr_(gates), ptr_(dgates),
+                              ptr_(dhp), ptr_(dm), ptr_(dh), ptr_(dc), &offs[0], T, H, P, ub, 0, 1)
+        return
+    with nogil, parallel(num_threads=nt):
+        tid = threadid()
+        lstm_proj_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(w_hr), ptr_(c0), ptr_(cs), ptr_(gates), ptr_(dgates),
+                              ptr_(dhp), ptr_(dm), ptr_(dh), ptr_(dc), &offs[0], T, H, P, ub, tid, nt)
+
+
+cdef void add_rows_(const real* a, const real* b, real* out, Py_ssize_t rows, Py_ssize_t p0, Py_ssize_t p1,
+                    Py_ssize_t P) noexcept nogil:
+    """out[:rows, p0:p1] = a[:rows, p0:p1] + b[:rows, p0:p1], row stride P."""
+    cdef Py_ssize_t r, j
+    for r in range(rows):
+        for j in range(p0, p1):
+            out[r * P + j] = a[r * P + j] + b[r * P + j]
+
+
+cdef void lstm_proj_bwd_thread_(const real* dy, const real* w, const real* wr, const real* c0, const real* cs,
+                                const real* gates, real* dg, real* dhp, real* dm, real* dh, real* dc,
+                                const int64_t* offs, Py_ssize_t T, Py_ssize_t H, Py_ssize_t P, Py_ssize_t ub, int tid,
+                                int nt) noexcept nogil:
+    cdef Py_ssize_t t, k, b, j0, nb, col, r0, bt, p0, p1, H4 = 4 * H, nblk = (H + ub - 1) // ub
+    cdef const real* cprev
+    p0, p1 = cols_(P, nt, tid)
+    r0, bt = offs[T - 1], offs[T] - offs[T - 1]
+    add_rows_(dy + r0 * P, dh, dhp + r0 * P, bt, p0, p1, P)          # dhp_{T-1} = dy + dh_n
+    fs_barrier()
+    for t in range(T - 1, -1, -1):
+        r0, bt = offs[t], offs[t + 1] - offs[t]
+        cprev = c0 if t == 0 else cs + offs[t - 1] * H
+        k = tid
+        while k < nblk:
+            j0 = k * ub
+            nb = min(ub, H - j0)
+            col = 4 * j0
+            # dm[:, its units] = dhp_t W_hr[:, its units]: the gradient at o tanh(c) of its units
+            gemm_rm(False, False, <int> bt, <int> nb, <int> P, 1, dhp + r0 * P, <int> P, wr + j0, <int> H, 0,
+                    dm + j0, <int> H)
+            for b in range(bt):
+                lstm_proj_cell_bwd_(gates + (r0 + b) * H4 + col, nb, cs + (r0 + b) * H + j0, cprev + b * H + j0,
+                                    dm + b * H + j0, dc + b * H + j0, dg + (r0 + b) * H4 + col, nb)
+            k = k + nt
+        fs_barrier()
+        if p1 > p0:                                      # dh_next[:, p0:p1] = dG_t W_hh[:, p0:p1]
+            gemm_rm(False, False, <int> bt, <int> (p1 - p0), <int> H4, 1, dg + r0 * H4, <int> H4, w + p0, <int> P,
+                    0, dh + p0, <int> P)
+            if t > 0:                                    # dhp_{t-1} = dy_{t-1} + dh_next, its columns
+                add_rows_(dy + offs[t - 1] * P, dh, dhp + offs[t - 1] * P, offs[t] - offs[t - 1], p0, p1, P)
+        fs_barrier()
+
+
+cdef void lstm_proj_cell_bwd_(const real* act, Py_ssize_t gs, const real* c, const real* cprev, const real* dmv,
+                              real* dc, real* dg, Py_ssize_t nb) noexcept nogil:
+    """lstm_cell_bwd_ with dh_t = dm (the gradient at o tanh(c)) and no separate carry."""
+    cdef Py_ssize_t j
+    cdef real og, tc
+    for j in range(nb):
+        dg[3 * gs + j] = tanh_(c[j])
+    for j in range(nb):
+        og = act[3 * gs + j]
+        tc = dg[3 * gs + j]
+        dg[j] = dc[j] + dmv[j] * og * (1 - tc * tc)
+        dg[3 * gs + j] = dmv[j] * tc * og * (1 - og)
+    lstm_gates_bwd_(act, gs, cprev, dg, dc, dg, nb)
+
+
 # ============================================================================ GRU
 
 def gru_forward(real[::1] xp, real[::1] w_hh, real[::1] b_hh, real[::1] h0, real[::1] y, real[::1] gates,
