@@ -120,17 +120,22 @@ def _runner(m, x, H, backward, state=None):
     return lambda: torch.autograd.grad(m(*args)[0], params, dy)
 
 
-def _plain_case(kind, T, B, I, H, backward):
+def _plain_case(kind, T, B, I, H, backward, proj=0):
     torch_cls, fast_cls, gates = {"lstm": (nn.LSTM, LSTM, 4), "gru": (nn.GRU, GRU, 3)}[kind]
 
     def setup():
         torch.manual_seed(0)
-        ref = torch_cls(I, H)
-        fast = fast_cls(I, H)
+        kw = {"proj_size": proj} if proj else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")            # torch: "LSTM with projections is not supported with oneDNN"
+            ref = torch_cls(I, H, **kw)
+        fast = fast_cls(I, H, **kw)
         fast.load_state_dict(ref.state_dict())
         x = torch.randn(T, B, I, requires_grad=backward)
-        return Setup(fastseq=_runner(fast, x, H, backward), peers={"torch": _runner(ref, x, H, backward)},
-                     flops=rnn_flops(T, B, I, H, gates, backward))
+        flops = rnn_flops(T, B, I, H, gates, backward) if not proj else \
+            (3 if backward else 1) * 2 * T * B * (4 * H * (I + proj) + proj * H)
+        return Setup(fastseq=_runner(fast, x, proj or H, backward), peers={"torch": _runner(ref, x, proj or H, backward)},
+                     flops=flops)
     return setup
 
 
@@ -162,6 +167,9 @@ for _cfg in CONFIGS:
         for _kind in ("lstm", "gru"):
             register(Case("recurrent", f"{_kind} {_mode} (T,B,I,H)={_cfg}", "cpu", _plain_case(_kind, *_cfg, _bwd),
                           quick=_cfg in QUICK))
+for _bwd in (False, True):                    # torch's proj_size (torch runs it without oneDNN)
+    register(Case("recurrent", f"lstm-proj128 {'train' if _bwd else 'infer'} (T,B,I,H)={CONFIGS[0]}", "cpu",
+                  _plain_case("lstm", *CONFIGS[0], _bwd, proj=128), quick=False))
 for _kind in ("lstm", "gru"):
     for _cfg in CONFIGS:
         register(Case("recurrent", f"ln-{_kind} train (T,B,I,H)={_cfg}", "cpu", _layer_norm_case(_kind, *_cfg, True),
