@@ -2,6 +2,7 @@
 step-by-step reference (the layer-normalized cells): outputs, final states and every gradient,
 fp32 and fp64, padded and packed (unsorted lengths), every constructor option; gradcheck of every
 fused layer; drop-in state_dicts and convert(); state across chunks; NaN; bad input."""
+import copy
 import itertools
 
 import pytest
@@ -255,14 +256,22 @@ def test_layer_norm_modules_match_the_reference(poison, kind, layers, bias, batc
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,B,C,H", [(7, 3, 11, 13), (20, 1, 16, 32), (3, 4, 781, 59)])
 def test_layer_norm_cells_sizes_and_dtypes(poison, kind, dtype, T, B, C, H):
+    """Against the reference run in float64 (the norms divide by row deviations, which magnifies
+    fp32 rounding in the weight gradients: fp32 is held to 1e-3 relative, 1e-4 absolute)."""
     m = ln_module(kind, C, H, dtype)
     x = torch.randn(T, B, C, dtype=dtype, requires_grad=True)
     h = torch.randn(1, B, H, dtype=dtype, requires_grad=True)
     hx = (h, torch.randn_like(h).requires_grad_()) if kind == "LayerNormLSTM" else h
     got = run(m, x, hx)
+    m64 = copy.deepcopy(m).double()
+    x64 = x.detach().double().requires_grad_()
+    hx64 = tuple(s.detach().double().requires_grad_() for s in hx) if isinstance(hx, tuple) else \
+        hx.detach().double().requires_grad_()
     with fastseq.use_backend("torch"):
-        exp = run(m, x, hx)
-    assert_all_close(got, exp, dtype)
+        exp = run(m64, x64, hx64)
+    t = dict(rtol=1e-3, atol=1e-4) if dtype == torch.float32 else tol(dtype)
+    for i, (g, e) in enumerate(zip(got, exp)):
+        torch.testing.assert_close(g.double(), e, **t, msg=lambda msg: f"item {i}: {msg}")
 
 
 def test_layer_norm_lstm_equations():
