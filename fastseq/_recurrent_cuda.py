@@ -1,11 +1,14 @@
 """The GPU time loop of the recurrent layers: per step a torch GEMM (cuBLAS) and one fused
 pointwise kernel of kernels/cuda/recurrent.py, both on torch's current stream, no host sync.
 
-Every function here has the signature of its CPU twin in kernels/cpu/recurrent.pyx (same buffers,
-same packed-row layout offs, same carries), taking torch tensors; the gate columns are in
-torch's order (the CPU's unit-block size ub is H: one block), and ub / num_threads are ignored.
-fastseq/recurrent.py calls one or the other through _loops().  Buffers are flat and contiguous;
-rows [r0, r1) of a (rows, K) buffer are the contiguous slice [r0 K, r1 K).
+Every function here takes the buffers of its CPU twin in kernels/cpu/recurrent.pyx (same
+packed-row layout offs, same carries), as torch tensors; the gate columns are in torch's order
+(the CPU's unit-block size ub is H: one block), and ub / num_threads are ignored.  Differences:
+the LSTM forward always saves (no inference-only mode), the layer-normalized backwards take no
+per-thread `sums` (the binding reduces the norm-weight gradients with torch), and there is no
+projected LSTM (proj_size runs torch's own forward on a GPU).  fastseq/recurrent.py calls one
+or the other through _loops().  Buffers are flat and contiguous; rows [r0, r1) of a (rows, K)
+buffer are the contiguous slice [r0 K, r1 K).
 
 A step of the sequence is a GEMM launch plus a kernel launch, so at small B and H the launch
 latency (a few us each) bounds it; the weights stream from L2 every step.

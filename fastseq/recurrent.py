@@ -27,12 +27,12 @@ b_ih / b_hh play the role of the norms' shifts.
 """
 from __future__ import annotations
 
-import weakref
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import PackedSequence
 
 from . import _alloc, _blas, _dispatch
@@ -116,8 +116,8 @@ class _Rows:
 
     def __init__(self, batch_sizes):
         bs = np.asarray(batch_sizes, dtype=np.int64).reshape(-1)
-        if bs.size and (bs.min() <= 0 or (np.diff(bs) > 0).any()):
-            raise ValueError(f"recurrent: batch_sizes must be positive and non-increasing, got {bs.tolist()}")
+        if bs.size and (bs.min() < 0 or (np.diff(bs) > 0).any()):
+            raise ValueError(f"recurrent: batch_sizes must be non-negative and non-increasing, got {bs.tolist()}")
         self.batch_sizes = bs
         self.offs = np.concatenate([np.zeros(1, np.int64), np.cumsum(bs)])
         self.T, self.B, self.N = len(bs), int(bs[0]) if len(bs) else 0, int(self.offs[-1])
@@ -252,27 +252,15 @@ def _gate_perm(H: int, ub: int, gates: int = 4) -> Optional[torch.Tensor]:
         for j0 in range(0, H, ub):
             for gate in range(gates):
                 rows.extend(range(gate * H + j0, gate * H + min(H, j0 + ub)))
-        _PERMS[key] = torch.tensor(rows, dtype=torch.int64)
+        with torch.inference_mode(False):           # a cached index must serve autograd later too
+            _PERMS[key] = torch.tensor(rows, dtype=torch.int64)
     return _PERMS[key]
 
 
-_BLOCKED = {}        # id(parameter) -> (weakref, its version, its rows in blocked order)
-
-
 def _permute(t, perm):
-    """t's rows in the blocked gate order.  Outside autograd (inference) the copy is kept until
-    the parameter changes, so a decoding loop does not permute the weights at every call."""
-    if t is None or perm is None:
-        return t
-    if t.requires_grad and torch.is_grad_enabled():
-        return t.index_select(0, perm)
-    key = (t._version, t.data_ptr(), perm.data_ptr())
-    hit = _BLOCKED.get(id(t))
-    if hit is None or hit[0]() is not t or hit[1] != key:
-        ref = weakref.ref(t, lambda _, i=id(t): _BLOCKED.pop(i, None))      # dies with the parameter
-        hit = (ref, key, t.detach().index_select(0, perm))
-        _BLOCKED[id(t)] = hit
-    return hit[2]
+    """t's rows in the blocked gate order (a copy per call: a cache keyed on the parameter's
+    version would miss writes through .data, which EMA and weight-averaging code make)."""
+    return t if t is None or perm is None else t.index_select(0, perm)
 
 
 def _empty(rows, cols, like):
@@ -295,7 +283,8 @@ def _grad_or_zeros(g, rows, H, like):
 
 class LSTMLayerFunction(torch.autograd.Function):
     """The sequential part of one LSTM layer: (xp, h0, c0, W_hh) -> y, h_n, c_n.  xp and W_hh in
-    the blocked gate layout of unit block ub.  Saves every step's h and c and the activated gates."""
+    the blocked gate layout of unit block ub.  Saves every step's h and c and the activated gates
+    for backward; when no input needs a gradient (inference) it keeps none of them."""
 
     @staticmethod
     def forward(ctx, rows, ub, xp, h0, c0, w_hh):
@@ -317,6 +306,7 @@ class LSTMLayerFunction(torch.autograd.Function):
         return y, _final(rows, y, h0), _final(rows, cs, c0)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, dh_n, dc_n):
         h0, c0, w_hh, y, cs, gates = ctx.saved_tensors
         rows, H = ctx.rows, w_hh.shape[1]
@@ -346,6 +336,7 @@ class LSTMProjLayerFunction(torch.autograd.Function):
         return y, _final(rows, y, h0), _final(rows, cs, c0)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, dh_n, dc_n):
         h0, c0, w_hh, w_hr, y, cs, gates, m = ctx.saved_tensors
         rows, (P, H) = ctx.rows, w_hr.shape
@@ -378,6 +369,7 @@ class GRULayerFunction(torch.autograd.Function):
         return y, _final(rows, y, h0)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, dh_n):
         h0, w_hh, y, gates, ghn = ctx.saved_tensors
         rows, H = ctx.rows, w_hh.shape[1]
@@ -405,6 +397,7 @@ class RNNLayerFunction(torch.autograd.Function):
         return y, _final(rows, y, h0)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, dh_n):
         h0, w_hh, y = ctx.saved_tensors
         rows, H = ctx.rows, w_hh.shape[1]
@@ -437,6 +430,7 @@ class LayerNormLSTMLayerFunction(torch.autograd.Function):
         return y, _final(rows, y, h0), _final(rows, cs, c0)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, dh_n, dc_n):
         h0, c0, w_hh, g_hh, g_c, b_c, y, cs, gates, ghat, rstd_h, chat, rstd_c = ctx.saved_tensors
         rows, H, N = ctx.rows, w_hh.shape[1], ctx.rows.N
@@ -478,6 +472,7 @@ class LayerNormGRULayerFunction(torch.autograd.Function):
         return y, _final(rows, y, h0)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, dh_n):
         h0, w_hh, g_hh, y, gates, ghat, rstd_h, ghn = ctx.saved_tensors
         rows, H, N = ctx.rows, w_hh.shape[1], ctx.rows.N
@@ -520,6 +515,7 @@ class ProjectionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dxp):
         x, w = ctx.saved_tensors
         dx = dw = db = None
@@ -587,6 +583,8 @@ def _check_layer(cell, x, h0, c0, params):
     if x.dim() != 3:
         raise ValueError(f"{op}: expected input to be 3D (T, B, C), got {x.dim()}D")
     T, B, C = x.shape
+    if T == 0:
+        raise ValueError(f"{op}: expected a sequence of at least one step, got T=0")
     w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c = params
     G = GATES[cell]
     if w_ih.dim() != 2 or w_ih.shape[0] % G or w_ih.shape[1] != C:
@@ -630,7 +628,7 @@ def _functional(cell, input, hx, params, batch_first, eps=1e-5, lengths=None):
         h0 = torch.zeros(B, H, dtype=x.dtype, device=x.device)
     if lstm and c0 is None:
         c0 = torch.zeros(B, H, dtype=x.dtype, device=x.device)
-    backend = _dispatch.choose("recurrent", _facts(x, cell))
+    backend = _dispatch.choose("recurrent", _facts(x, cell)) if B else "torch"      # B = 0: nothing to fuse
     if lengths is None:
         y, (h, c) = _layer(cell, x.reshape(T * B, C), _Rows.padded_rows(T, B), h0, c0, params, eps, backend)
         y = y.view(T, B, H)
@@ -867,6 +865,13 @@ class _FusedStack:
             raise ValueError(f"{type(self).__name__}: expected a floating-point input tensor, got "
                              f"{getattr(data, 'dtype', type(input).__name__)}")
         backend = _dispatch.choose("recurrent", _facts(data, self._cell()))
+        if not isinstance(input, PackedSequence) and data.dim() in (2, 3):
+            T, B = (data.shape[1], data.shape[0]) if data.dim() == 3 and self.batch_first else \
+                (data.shape[0], data.shape[1] if data.dim() == 3 else 1)
+            if T == 0:
+                raise ValueError(f"{type(self).__name__}: expected a sequence of at least one step, got T=0")
+            if B == 0:                                # an empty batch: nothing to fuse
+                backend = "torch"
         if (backend == "torch" and not self._ln()) or (getattr(self, "proj_size", 0) > 0 and backend != "cpu"):
             return self._torch_forward(input, hx)
         return self._fused_forward(input, hx, backend)
@@ -975,7 +980,7 @@ class _FusedCell:
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: expected input to be 1D or 2D, got {input.dim()}D")
         backend = _dispatch.choose("recurrent", _facts(input, cell))
-        if backend == "torch":
+        if backend == "torch" or (input.dim() == 2 and input.shape[0] == 0):      # (an empty batch: torch's)
             return super().forward(input, hx)
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
@@ -989,6 +994,9 @@ class _FusedCell:
                 s = s if batched else s.unsqueeze(0)
                 if tuple(s.shape) != (B, H):
                     raise ValueError(f"{name}: expected hidden state of shape {[B, H]}, got {list(s.shape)}")
+                if s.dtype != x.dtype or s.device != x.device:
+                    raise ValueError(f"{name}: expected hidden state as {x.dtype} on {x.device} (the input's), "
+                                     f"got {s.dtype} on {s.device}")
                 states[i] = s
         for i in range(2 if lstm else 1):
             if states[i] is None:

@@ -520,3 +520,86 @@ def test_benchmark_peers_compute_the_same_function(kind):
     loop = (PythonLoopLayerNormLSTM if kind == "LayerNormLSTM" else PythonLoopLayerNormGRU)(6, 5).load_from(m)
     state = (torch.zeros(3, 5), torch.zeros(3, 5)) if kind == "LayerNormLSTM" else torch.zeros(3, 5)
     torch.testing.assert_close(loop(x, state)[0], m(x)[0], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- edge cases (review of #4)
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_inference_mode_then_training(kind):
+    """torch.inference_mode works, and leaves nothing behind that breaks a later training step."""
+    ref, fast = pair(kind, 4, 16, torch.float32)
+    x = torch.randn(5, 2, 4)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x)[0], ref(x)[0], rtol=1e-5, atol=1e-6)
+    fast(x)[0].sum().backward()
+    assert fast.weight_hh_l0.grad is not None
+
+
+def test_weights_written_through_data_are_seen():
+    """In-place writes through .data (EMA, weight averaging) bump no version counter: no stale copy."""
+    ref, fast = pair("LSTM", 4, 16, torch.float32)
+    x = torch.randn(5, 2, 4)
+    with torch.no_grad():
+        fast(x)
+        new = torch.randn_like(fast.weight_hh_l0)
+        fast.weight_hh_l0.data.copy_(new)
+        ref.weight_hh_l0.data.copy_(new)
+        torch.testing.assert_close(fast(x)[0], ref(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_fewer_threads_than_asked(tmp_path):
+    """OpenMP may start a smaller team than asked (OMP_THREAD_LIMIT): every output is still written."""
+    import subprocess
+    import sys
+    code = (
+        "import torch, fastseq\n"
+        "torch.set_num_threads(2)\n"
+        "for cls, fcls in ((torch.nn.LSTM, fastseq.nn.LSTM), (torch.nn.GRU, fastseq.nn.GRU)):\n"
+        "    ref = cls(4, 40, proj_size=8) if cls is torch.nn.LSTM else cls(4, 40)\n"
+        "    fast = fcls(4, 40, proj_size=8) if cls is torch.nn.LSTM else fcls(4, 40)\n"
+        "    fast.load_state_dict(ref.state_dict())\n"
+        "    x = torch.randn(6, 3, 4, requires_grad=True)\n"
+        "    a, b = fast(x)[0], ref(x)[0]\n"
+        "    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)\n"
+        "    ga = torch.autograd.grad(a.sum(), [x] + list(fast.parameters()))\n"
+        "    gb = torch.autograd.grad(b.sum(), [x] + list(ref.parameters()))\n"
+        "    for u, v in zip(ga, gb): torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)\n"
+        "m = fastseq.nn.LayerNormLSTM(4, 40)\n"
+        "x = torch.randn(6, 3, 4)\n"
+        "with fastseq.use_backend('torch'): e = m(x)[0]\n"
+        "torch.testing.assert_close(m(x)[0], e, rtol=1e-4, atol=1e-5)\n")
+    import os
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kind", list(TWINS))
+def test_empty_batch_and_empty_sequence(kind):
+    ref, fast = pair(kind, 4, 6, torch.float32)
+    x = torch.randn(3, 0, 4)
+    out, st = fast(x)
+    out_r, st_r = ref(x)
+    assert out.shape == out_r.shape == (3, 0, 6)
+    with pytest.raises(ValueError, match=r"expected a sequence of at least one step, got T=0"):
+        fast(torch.randn(0, 2, 4))
+    w = list(ref.parameters())
+    op = {"LSTM": FF.lstm_layer, "GRU": FF.gru_layer, "RNN_TANH": FF.rnn_layer, "RNN_RELU": FF.rnn_layer}[kind]
+    with pytest.raises(ValueError, match=r"got T=0"):
+        op(torch.randn(0, 2, 4), None, *w)
+    y, _ = op(torch.randn(3, 0, 4), None, *w)
+    assert y.shape == (3, 0, 6)
+
+
+def test_cell_state_dtype_is_checked():
+    cell = fastseq.nn.LSTMCell(4, 6)
+    with pytest.raises(ValueError, match=r"LSTMCell: expected hidden state as torch.float32 on cpu"):
+        cell(torch.randn(2, 4), (torch.randn(2, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)))
+
+
+def test_double_backward_says_so():
+    m = fastseq.nn.GRU(4, 6)
+    x = torch.randn(3, 2, 4, requires_grad=True)
+    (g,) = torch.autograd.grad(m(x)[0].sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(g.sum(), x)

@@ -77,4 +77,12 @@ static inline void fs_barrier(void) {
 #pragma omp barrier
 }
 
+/* The number of threads in the current team (1 outside a region or without OpenMP). */
+#ifdef _OPENMP
+#include <omp.h>
+static inline int fs_team_size(void) { return omp_get_num_threads(); }
+#else
+static inline int fs_team_size(void) { return 1; }
+#endif
+
 #endif

@@ -21,16 +21,19 @@ units [k ub, (k + 1) ub), gate after gate.  Each OpenMP thread owns whole blocks
 step needs no barrier between the thread's own GEMM slice and the gate math of its units (MKL
 runs single-threaded inside the region).
 
-Threads.  The LSTM forward and every backward run the whole time loop inside one parallel
-region and meet at a barrier (fs_barrier) once per step; a region per step (fork and join)
-plus MKL's own threads for the backward's dh_next = dG W_hh cost a third more at (64, 1, 256)
-and a quarter more at (256, 16, 512).  In the backward each thread forms its own units' columns
-of dh_next from the whole dG_t (a column slice of W_hh), which are exactly the columns its next
-step reads: one barrier per step suffices.  The layer-normalized cells normalize whole rows, so
-they keep torch's column order and split each step in two phases with a barrier after each:
-columns (the GEMM) and rows (norms and gate math).  A one-thread team is never opened around MKL:
-MKL would see no enclosing parallel region and nest a team of its own per call (21 ms instead of
-9 us for a 4-step toy layer).
+Threads.  The forwards of the LSTM (plain and projected) and of the layer-normalized cells, and
+every backward, run the whole time loop inside one parallel region and meet at a barrier
+(fs_barrier) once per step; a region per step (fork and join) plus MKL's own threads for the
+backward's dh_next = dG W_hh cost a third more at (64, 1, 256) and a quarter more at
+(256, 16, 512).  In the backward each thread forms its own units' columns of dh_next from the
+whole dG_t (a column slice of W_hh), which are exactly the columns its next step reads: one
+barrier per step suffices.  The GRU and RNN forwards open a region per step (prange), which for
+the LSTM forward measured the same as one region.  The layer-normalized cells normalize whole rows, so they keep
+torch's column order and split each step in two phases with a barrier after each: columns (the
+GEMM) and rows (norms and gate math).  Work is shared out by the size of the team OpenMP actually
+started (fs_team_size), which OMP_THREAD_LIMIT or nesting can make smaller than asked.  A
+one-thread team is never opened around MKL: MKL would see no enclosing parallel region and nest
+a team of its own per call (21 ms instead of 9 us for a 4-step toy layer).
 
 Memory per step and row (fp32): the recurrent GEMM reads W_hh (G H, shared by the rows); the
 pointwise pass reads G gate columns and writes G + 2 columns (activations, c and h).  The weight
@@ -47,6 +50,7 @@ include "_blas.pxi"
 cdef extern from "_fastmath.h" nogil:
     float fs_expf(float x)
     void fs_barrier()
+    int fs_team_size()
 
 
 cdef inline real sigmoid_(real x) noexcept nogil:
@@ -265,7 +269,7 @@ def lstm_forward(real[::1] xp, real[::1] w_hh, real[::1] h0, real[::1] c0, real[
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         lstm_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(h0), ptr_(c0), ptr_(y), ptr_(cs), ptr_(gates), ptr_(g_step),
-                         &offs[0], T, H, ub, save, tid, nt)
+                         &offs[0], T, H, ub, save, tid, fs_team_size())
 
 
 cdef void lstm_fwd_thread_(const real* xp, const real* w, const real* h0, const real* c0, real* y, real* cs,
@@ -338,7 +342,7 @@ def lstm_backward(real[::1] dy, real[::1] w_hh, real[::1] c0, real[::1] cs, real
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         lstm_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(c0), ptr_(cs), ptr_(gates), ptr_(dgates), ptr_(dh), ptr_(dc),
-                         &offs[0], T, H, ub, tid, nt)
+                         &offs[0], T, H, ub, tid, fs_team_size())
 
 
 cdef void lstm_bwd_thread_(const real* dy, const real* w, const real* c0, const real* cs, const real* gates,
@@ -394,7 +398,7 @@ def lstm_proj_forward(real[::1] xp, real[::1] w_hh, real[::1] w_hr, real[::1] h0
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         lstm_proj_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(w_hr), ptr_(h0), ptr_(c0), ptr_(y), ptr_(cs), ptr_(gates),
-                              ptr_(m), ptr_(g_step), &offs[0], T, H, P, ub, tid, nt)
+                              ptr_(m), ptr_(g_step), &offs[0], T, H, P, ub, tid, fs_team_size())
 
 
 cdef void lstm_proj_fwd_thread_(const real* xp, const real* w, const real* wr, const real* h0, const real* c0,
@@ -453,7 +457,7 @@ def lstm_proj_backward(real[::1] dy, real[::1] w_hh, real[::1] w_hr, real[::1] c
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         lstm_proj_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(w_hr), ptr_(c0), ptr_(cs), ptr_(gates), ptr_(dgates),
-                              ptr_(dhp), ptr_(dm), ptr_(dh), ptr_(dc), &offs[0], T, H, P, ub, tid, nt)
+                              ptr_(dhp), ptr_(dm), ptr_(dh), ptr_(dc), &offs[0], T, H, P, ub, tid, fs_team_size())
 
 
 cdef void add_rows_(const real* a, const real* b, real* out, Py_ssize_t rows, Py_ssize_t p0, Py_ssize_t p1,
@@ -578,7 +582,7 @@ def gru_backward(real[::1] dy, real[::1] w_hh, real[::1] h0, real[::1] y, real[:
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         gru_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(h0), ptr_(y), ptr_(gates), ptr_(ghn), ptr_(dxp), ptr_(dgh),
-                        ptr_(dh), &offs[0], T, H, ub, tid, nt)
+                        ptr_(dh), &offs[0], T, H, ub, tid, fs_team_size())
 
 
 cdef void gru_bwd_thread_(const real* dy, const real* w, const real* h0, const real* y, const real* gates,
@@ -684,7 +688,7 @@ def rnn_backward(real[::1] dy, real[::1] w_hh, real[::1] y, real[::1] dg, real[:
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
-        rnn_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(y), ptr_(dg), ptr_(dh), &offs[0], T, H, ub, relu, tid, nt)
+        rnn_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(y), ptr_(dg), ptr_(dh), &offs[0], T, H, ub, relu, tid, fs_team_size())
 
 
 cdef void rnn_bwd_thread_(const real* dy, const real* w, const real* y, real* dg, real* dh, const int64_t* offs,
@@ -798,7 +802,7 @@ def ln_lstm_forward(real[::1] xp, real[::1] w_hh, real[::1] gamma_hh, real[::1] 
         tid = threadid()
         ln_lstm_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(gamma_hh), ptr_(gamma_c), ptr_(beta_c), ptr_(h0), ptr_(c0),
                             ptr_(y), ptr_(cs), ptr_(gates), ptr_(ghat), ptr_(rstd_h), ptr_(chat), ptr_(rstd_c),
-                            ptr_(g_step), &offs[0], T, H, eps, tid, nt)
+                            ptr_(g_step), &offs[0], T, H, eps, tid, fs_team_size())
 
 
 cdef void ln_lstm_fwd_thread_(const real* xp, const real* w, const real* ghh, const real* gc, const real* bc,
@@ -863,7 +867,7 @@ def ln_lstm_backward(real[::1] dy, real[::1] w_hh, real[::1] gamma_hh, real[::1]
         tid = threadid()
         ln_lstm_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(gamma_hh), ptr_(gamma_c), ptr_(beta_c), ptr_(c0), ptr_(cs),
                             ptr_(gates), ptr_(ghat), ptr_(rstd_h), ptr_(chat), ptr_(rstd_c), ptr_(dgates), ptr_(dgh),
-                            ptr_(dcn), ptr_(dh), ptr_(dc), ptr_(sums), &offs[0], T, H, tid, nt)
+                            ptr_(dcn), ptr_(dh), ptr_(dc), ptr_(sums), &offs[0], T, H, tid, fs_team_size())
 
 
 cdef void ln_lstm_bwd_thread_(const real* dy, const real* w, const real* ghh, const real* gc, const real* bc,
@@ -936,7 +940,7 @@ def ln_gru_forward(real[::1] xp, real[::1] w_hh, real[::1] gamma_hh, real[::1] b
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         ln_gru_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(gamma_hh), ptr_(b_hh), ptr_(h0), ptr_(y), ptr_(gates),
-                           ptr_(ghat), ptr_(rstd_h), ptr_(ghn), ptr_(g_step), &offs[0], T, H, eps, tid, nt)
+                           ptr_(ghat), ptr_(rstd_h), ptr_(ghn), ptr_(g_step), &offs[0], T, H, eps, tid, fs_team_size())
 
 
 cdef void ln_gru_fwd_thread_(const real* xp, const real* w, const real* ghh, const real* bhh, const real* h0,
@@ -983,7 +987,7 @@ def ln_gru_backward(real[::1] dy, real[::1] w_hh, real[::1] gamma_hh, real[::1] 
         tid = threadid()
         ln_gru_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(gamma_hh), ptr_(h0), ptr_(y), ptr_(gates), ptr_(ghat),
                            ptr_(rstd_h), ptr_(ghn), ptr_(dxp), ptr_(da), ptr_(dgh), ptr_(dh), ptr_(sums), &offs[0], T, H,
-                           tid, nt)
+                           tid, fs_team_size())
 
 
 cdef void ln_gru_bwd_thread_(const real* dy, const real* w, const real* ghh, const real* h0, const real* y,
