@@ -292,7 +292,7 @@ class LSTMLayerFunction(torch.autograd.Function):
         h0, c0, w_hh = h0.contiguous(), c0.contiguous(), w_hh.contiguous()
         step = torch.empty(rows.B * 4 * H, dtype=xp.dtype, device=xp.device)
         y = _empty(rows.N, H, xp)
-        if not any(ctx.needs_input_grad) and xp.device.type == "cpu":    # inference: keep nothing
+        if not any(ctx.needs_input_grad) and _loops(xp) is _CPU_LOOPS:    # inference: keep nothing
             cs = torch.empty(2 * rows.B, H, dtype=xp.dtype)                # c of steps t % 2 (the kernel's doc)
             _loops(xp).lstm_forward(xp, w_hh, h0, c0, y, cs, step, step, rows.offs, rows.T, H, ub,
                                     _dispatch.num_threads(), False)
