@@ -86,16 +86,22 @@ cdef inline (Py_ssize_t, Py_ssize_t, Py_ssize_t) step_(const int64_t[::1] offs, 
 
 # ============================================================================ the per-step GEMM
 
-cdef enum:
-    SMALL_M = 2         # at most this many rows: small_nt_ instead of BLAS (at 4 rows MKL wins)
+cdef int SMALL_M = 8    # at most this many rows: small_nt_ instead of BLAS (MKL wins from 16)
+
+
+def set_small_rows(int m):
+    """Benchmarks: route step GEMMs of at most m rows through small_nt_ (8 by default)."""
+    global SMALL_M
+    SMALL_M = m
 
 
 cdef void step_gemm_(bint ta, bint tb, int m, int n, int k, real alpha, const real* a, int lda, const real* b,
                      int ldb, real beta, real* c, int ldc) noexcept nogil:
     """gemm_rm (row-major C = alpha op(A) op(B) + beta C) for the recurrent steps.  The forward's
-    A B^T with at most SMALL_M rows is a few matrix-vector products, where MKL's sgemm reads the
-    weight slower than small_nt_ (a (64, 1, 256) forward: 0.94 -> 0.68 ms; B = 2: 1.81 -> 1.39).
-    The backward's A B keeps MKL: a plain axpy loop over B's rows was 2.4x slower."""
+    A B^T with at most SMALL_M rows (a small batch) goes through small_nt_, which beats MKL's sgemm
+    there: the (64, B, 256) LSTM forward kernel at B = 1, 2, 4, 8 takes 0.72, 0.86, 1.85, 2.80 ms
+    against MKL's 0.94, 1.81, 2.28, 3.25; from B = 16 MKL wins (its dot products need no
+    horizontal sums).  The backward's A B keeps MKL: a plain axpy loop was 2.4x slower."""
     if tb and not ta and alpha == 1 and m <= SMALL_M:
         small_nt_(m, n, k, a, lda, b, ldb, beta, c, ldc)
     else:
@@ -104,43 +110,68 @@ cdef void step_gemm_(bint ta, bint tb, int m, int n, int k, real alpha, const re
 
 cdef void small_nt_(int m, int n, int k, const real* a, int lda, const real* b, int ldb, real beta, real* c,
                     int ldc) noexcept nogil:
-    """C (m, n) = A (m, k) B^T + beta C, B (n, k) row-major: dot products along B's rows, four rows
-    at a time (four independent vector accumulators)."""
+    """C (m, n) = A (m, k) B^T + beta C, B (n, k) row-major: dot products along the rows, a block of
+    two rows of A against four rows of B at a time (eight independent vector accumulators, the
+    B rows reused from L1 by every pair of A rows)."""
     cdef int i, j, p
-    cdef real s0, s1, s2, s3, x
-    cdef const real* ai
+    cdef real s00, s01, s02, s03, s10, s11, s12, s13, x0, x1
+    cdef const real* a0
+    cdef const real* a1
     cdef const real* b0
     cdef const real* b1
     cdef const real* b2
     cdef const real* b3
-    cdef real* ci
-    for i in range(m):
-        ai = a + i * lda
-        ci = c + i * ldc
-        j = 0
-        while j + 4 <= n:
-            b0 = b + j * ldb
-            b1 = b0 + ldb
-            b2 = b1 + ldb
-            b3 = b2 + ldb
-            s0 = s1 = s2 = s3 = 0
+    j = 0
+    while j + 4 <= n:
+        b0 = b + j * ldb
+        b1 = b0 + ldb
+        b2 = b1 + ldb
+        b3 = b2 + ldb
+        i = 0
+        while i + 2 <= m:
+            a0 = a + i * lda
+            a1 = a0 + lda
+            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = 0
             for p in range(k):
-                x = ai[p]
-                s0 = s0 + b0[p] * x
-                s1 = s1 + b1[p] * x
-                s2 = s2 + b2[p] * x
-                s3 = s3 + b3[p] * x
-            if beta != 0:
-                s0, s1, s2, s3 = s0 + beta * ci[j], s1 + beta * ci[j + 1], s2 + beta * ci[j + 2], s3 + beta * ci[j + 3]
-            ci[j], ci[j + 1], ci[j + 2], ci[j + 3] = s0, s1, s2, s3
-            j = j + 4
-        while j < n:
-            b0 = b + j * ldb
-            s0 = 0
+                x0 = a0[p]
+                x1 = a1[p]
+                s00 = s00 + b0[p] * x0
+                s01 = s01 + b1[p] * x0
+                s02 = s02 + b2[p] * x0
+                s03 = s03 + b3[p] * x0
+                s10 = s10 + b0[p] * x1
+                s11 = s11 + b1[p] * x1
+                s12 = s12 + b2[p] * x1
+                s13 = s13 + b3[p] * x1
+            store4_(c + i * ldc + j, beta, s00, s01, s02, s03)
+            store4_(c + (i + 1) * ldc + j, beta, s10, s11, s12, s13)
+            i = i + 2
+        if i < m:
+            a0 = a + i * lda
+            s00 = s01 = s02 = s03 = 0
             for p in range(k):
-                s0 = s0 + b0[p] * ai[p]
-            ci[j] = s0 + beta * ci[j] if beta != 0 else s0
-            j = j + 1
+                x0 = a0[p]
+                s00 = s00 + b0[p] * x0
+                s01 = s01 + b1[p] * x0
+                s02 = s02 + b2[p] * x0
+                s03 = s03 + b3[p] * x0
+            store4_(c + i * ldc + j, beta, s00, s01, s02, s03)
+        j = j + 4
+    while j < n:                                         # the last n % 4 rows of B
+        b0 = b + j * ldb
+        for i in range(m):
+            a0 = a + i * lda
+            s00 = 0
+            for p in range(k):
+                s00 = s00 + b0[p] * a0[p]
+            c[i * ldc + j] = s00 + beta * c[i * ldc + j] if beta != 0 else s00
+        j = j + 1
+
+
+cdef inline void store4_(real* c, real beta, real s0, real s1, real s2, real s3) noexcept nogil:
+    if beta != 0:
+        s0, s1, s2, s3 = s0 + beta * c[0], s1 + beta * c[1], s2 + beta * c[2], s3 + beta * c[3]
+    c[0], c[1], c[2], c[3] = s0, s1, s2, s3
 
 
 # ============================================================================ gate math
