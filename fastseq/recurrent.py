@@ -257,6 +257,13 @@ def _gate_perm(H: int, ub: int, gates: int = 4) -> Optional[torch.Tensor]:
     return _PERMS[key]
 
 
+def _inverse_perm(perm):
+    return None if perm is None else _INVERSE.setdefault(id(perm), torch.argsort(perm))
+
+
+_INVERSE = {}
+
+
 def _permute(t, perm):
     """t's rows in the blocked gate order (a copy per call: a cache keyed on the parameter's
     version would miss writes through .data, which EMA and weight-averaging code make)."""
@@ -282,22 +289,25 @@ def _grad_or_zeros(g, rows, H, like):
 
 
 class LSTMLayerFunction(torch.autograd.Function):
-    """The sequential part of one LSTM layer: (xp, h0, c0, W_hh) -> y, h_n, c_n.  xp and W_hh in
-    the blocked gate layout of unit block ub.  Saves every step's h and c and the activated gates
-    for backward; when no input needs a gradient (inference) it keeps none of them."""
+    """The sequential part of one LSTM layer: (xp, h0, c0, W_hh) -> y, h_n, c_n.  W_hh in torch's
+    row order.  Training: xp in the blocked gate layout of unit block ub (the backward returns its
+    gradient dG blocked); saves every step's h and c and the activated gates.  infer=True (no
+    gradient wanted, the caller checked): xp in torch's order, and nothing is kept."""
 
     @staticmethod
-    def forward(ctx, rows, ub, xp, h0, c0, w_hh):
+    def forward(ctx, rows, ub, xp, h0, c0, w_hh, infer=False):
         H = w_hh.shape[1]
         h0, c0, w_hh = h0.contiguous(), c0.contiguous(), w_hh.contiguous()
         step = torch.empty(rows.B * 4 * H, dtype=xp.dtype, device=xp.device)
         y = _empty(rows.N, H, xp)
-        if not any(ctx.needs_input_grad) and _loops(xp) is _CPU_LOOPS:    # inference: keep nothing
+        if infer and _loops(xp) is _CPU_LOOPS:                              # inference: keep nothing
             cs = torch.empty(2 * rows.B, H, dtype=xp.dtype)                # c of steps t % 2 (the kernel's doc)
             _loops(xp).lstm_forward(xp, w_hh, h0, c0, y, cs, step, step, rows.offs, rows.T, H, ub,
-                                    _dispatch.num_threads(), False)
+                                    _dispatch.num_threads(), False, False)
             half = torch.from_numpy((rows.lengths() - 1) % 2 * rows.B + np.arange(rows.B))
             return y, _final(rows, y, h0), cs.index_select(0, half) if rows.N else c0.clone()
+        if infer and _gate_perm(H, ub, 4) is not None:
+            raise RuntimeError("LSTMLayerFunction: infer=True runs on the CPU loops only")
         cs, gates = _empty(rows.N, H, xp), _empty(rows.N, 4 * H, xp)
         _loops(xp).lstm_forward(xp, w_hh, h0, c0, y, cs, gates, step,
                                 rows.offs, rows.T, H, ub, _dispatch.num_threads())
@@ -310,13 +320,17 @@ class LSTMLayerFunction(torch.autograd.Function):
     def backward(ctx, dy, dh_n, dc_n):
         h0, c0, w_hh, y, cs, gates = ctx.saved_tensors
         rows, H = ctx.rows, w_hh.shape[1]
+        perm = _gate_perm(H, ctx.ub, 4)
         dy = _grad_or_zeros(dy, rows.N, H, y)
         dh, dc = _carry(dh_n, h0), _carry(dc_n, c0)
         dg = _empty(rows.N, 4 * H, y)
-        _loops(dy).lstm_backward(dy, w_hh, c0, cs, gates, dg, dh, dc,
+        _loops(dy).lstm_backward(dy, _permute(w_hh, perm), c0, cs, gates, dg, dh, dc,
                                  rows.offs, rows.T, H, ctx.ub, _dispatch.num_threads())
-        dw_hh = dg.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[5] else None
-        return None, None, dg, dh, dc, dw_hh
+        dw_hh = None
+        if ctx.needs_input_grad[5]:
+            dw_hh = dg.t() @ rows.h_prev(h0, y)                              # (4H, H), blocked rows
+            dw_hh = _permute(dw_hh, _inverse_perm(perm))
+        return None, None, dg, dh, dc, dw_hh, None
 
 
 class LSTMProjLayerFunction(torch.autograd.Function):
@@ -548,11 +562,17 @@ def _fused_layer(cell: str, x, rows: _Rows, h0, c0, params, eps: float, w_hr=Non
     ub = _unit_block(H, _dispatch.num_threads()) if x.device.type == "cpu" else H   # GPU: torch's order
     perm = _gate_perm(H, ub, GATES[cell])
     if cell == "lstm":
-        xp = _project(x, _permute(w_ih, perm), _permute(_sum_bias(b_ih, b_hh), perm))
         if w_hr is not None:
+            xp = _project(x, _permute(w_ih, perm), _permute(_sum_bias(b_ih, b_hh), perm))
             y, h, c = LSTMProjLayerFunction.apply(rows, ub, xp, h0, c0, _permute(w_hh, perm), w_hr)
-        else:
-            y, h, c = LSTMLayerFunction.apply(rows, ub, xp, h0, c0, _permute(w_hh, perm))
+            return y, (h, c)
+        infer = x.device.type == "cpu" and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)))
+        if infer:           # the kernel reads xp in torch's order: no weight is permuted
+            xp = _project(x, w_ih, _sum_bias(b_ih, b_hh))
+        else:               # xp blocked: the backward's dG, blocked, is its gradient
+            xp = _project(x, _permute(w_ih, perm), _permute(_sum_bias(b_ih, b_hh), perm))
+        y, h, c = LSTMLayerFunction.apply(rows, ub, xp, h0, c0, w_hh, infer)
         return y, (h, c)
     if cell == "gru":
         xp = _project(x, _permute(w_ih, perm), _permute(b_ih, perm))

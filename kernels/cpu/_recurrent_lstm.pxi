@@ -5,13 +5,14 @@
 
 def lstm_forward(real[::1] xp, real[::1] w_hh, real[::1] h0, real[::1] c0, real[::1] y, real[::1] cs,
                  real[::1] gates, real[::1] g_step, const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H,
-                 Py_ssize_t ub, int num_threads, bint save=True):
+                 Py_ssize_t ub, int num_threads, bint save=True, bint xp_blocked=True):
     """One LSTM layer over T steps, gates in blocks of ub units (see the module docstring).
 
         G = xp_t + h_{t-1} W_hh^T;  i, f, o = s(G_i, G_f, G_o), g = tanh(G_g)
         c_t = f c_{t-1} + i g;      h_t = o tanh(c_t)
 
-    xp (N, 4H): projected inputs with both biases, blocked columns.  w_hh (4H, H): blocked rows.
+    xp (N, 4H): projected inputs with both biases, blocked columns (torch's order with
+    xp_blocked=False).  w_hh (4H, H): torch's row order (lstm_backward takes it blocked).
     h0, c0 (B_0, H).  Writes y, cs (N, H): every step's h and c; gates (N, 4H): the activated
     gates (blocked).  g_step (B_0 4H,): one step's pre-activations.
 
@@ -24,18 +25,18 @@ def lstm_forward(real[::1] xp, real[::1] w_hh, real[::1] h0, real[::1] c0, real[
     if T == 0 or H == 0:
         return
     if nt == 1:         # no one-thread team: MKL would see no parallel region and nest its own
-        lstm_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(h0), ptr_(c0), ptr_(y), ptr_(cs), ptr_(gates), ptr_(g_step),
-                         &offs[0], T, H, ub, save, 0, 1)
+        lstm_fwd_thread_(ptr_(xp), xp_blocked, ptr_(w_hh), ptr_(h0), ptr_(c0), ptr_(y), ptr_(cs), ptr_(gates),
+                         ptr_(g_step), &offs[0], T, H, ub, save, 0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
-        lstm_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(h0), ptr_(c0), ptr_(y), ptr_(cs), ptr_(gates), ptr_(g_step),
-                         &offs[0], T, H, ub, save, tid, fs_team_size())
+        lstm_fwd_thread_(ptr_(xp), xp_blocked, ptr_(w_hh), ptr_(h0), ptr_(c0), ptr_(y), ptr_(cs), ptr_(gates),
+                         ptr_(g_step), &offs[0], T, H, ub, save, tid, fs_team_size())
 
 
-cdef void lstm_fwd_thread_(const real* xp, const real* w, const real* h0, const real* c0, real* y, real* cs,
-                           real* gates, real* gs, const int64_t* offs, Py_ssize_t T, Py_ssize_t H, Py_ssize_t ub,
-                           bint save, int tid, int nt) noexcept nogil:
+cdef void lstm_fwd_thread_(const real* xp, bint xp_blocked, const real* w, const real* h0, const real* c0, real* y,
+                           real* cs, real* gates, real* gs, const int64_t* offs, Py_ssize_t T, Py_ssize_t H,
+                           Py_ssize_t ub, bint save, int tid, int nt) noexcept nogil:
     """Thread tid's part of lstm_forward, inside one parallel region for the whole sequence: the
     unit blocks k = tid, tid + nt, ... at every step, then a barrier (step t + 1's GEMM reads all
     of h_t).  Each thread writes only its own columns of every buffer."""
@@ -55,21 +56,28 @@ cdef void lstm_fwd_thread_(const real* xp, const real* w, const real* h0, const 
             act, c = gs, cs + (t % 2) * B0 * H
         k = tid
         while k < nblk:
-            lstm_fwd_block_(xp + r0 * H4, w, hprev, cprev, gs, act, c, y + r0 * H, bt, H, ub, k)
+            lstm_fwd_block_(xp + r0 * H4, xp_blocked, w, hprev, cprev, gs, act, c, y + r0 * H, bt, H, ub, k)
             k = k + nt
         fs_barrier()
 
 
-cdef void lstm_fwd_block_(const real* xp, const real* w, const real* hprev, const real* cprev, real* gs, real* act,
-                          real* c, real* h, Py_ssize_t bt, Py_ssize_t H, Py_ssize_t ub, Py_ssize_t k) noexcept nogil:
+cdef void lstm_fwd_block_(const real* xp, bint xp_blocked, const real* w, const real* hprev, const real* cprev,
+                          real* gs, real* act, real* c, real* h, Py_ssize_t bt, Py_ssize_t H, Py_ssize_t ub,
+                          Py_ssize_t k) noexcept nogil:
     """Block k of one forward step (bt rows): G[:, block] = xp_t[:, block] + h_{t-1} W_block^T in
-    gs (bt, 4H), then the gate math of its units.  xp, act (bt, 4H), c, h (bt, H) of step t
-    (act may be gs itself: the gates activate in place)."""
-    cdef Py_ssize_t b, j0 = k * ub, nb = min(ub, H - k * ub), col = 4 * k * ub, H4 = 4 * H
+    gs (bt, 4H, blocked), then the gate math of its units.  W_hh in torch's row order (four
+    GEMMs, one per gate); xp (bt, 4H) blocked or in torch's order; act (bt, 4H), c, h (bt, H)
+    of step t (act may be gs itself: the gates activate in place)."""
+    cdef Py_ssize_t b, g, j0 = k * ub, nb = min(ub, H - k * ub), col = 4 * k * ub, H4 = 4 * H
     for b in range(bt):
-        copy_(gs + b * H4 + col, xp + b * H4 + col, 4 * nb)
-    step_gemm_(False, True, <int> bt, <int> (4 * nb), <int> H, 1, hprev, <int> H, w + col * H, <int> H,
-            1, gs + col, <int> H4)
+        if xp_blocked:
+            copy_(gs + b * H4 + col, xp + b * H4 + col, 4 * nb)
+        else:
+            for g in range(4):
+                copy_(gs + b * H4 + col + g * nb, xp + b * H4 + g * H + j0, nb)
+    for g in range(4):                                   # gate g of its units: rows g H + j0 .. of W_hh
+        step_gemm_(False, True, <int> bt, <int> nb, <int> H, 1, hprev, <int> H, w + (g * H + j0) * H, <int> H,
+                   1, gs + col + g * nb, <int> H4)
     for b in range(bt):
         lstm_gates_(gs + b * H4 + col, nb, cprev + b * H + j0, c + b * H + j0, act + b * H4 + col, nb)
         lstm_h_(act + b * H4 + col + 3 * nb, c + b * H + j0, h + b * H + j0, nb)
