@@ -505,8 +505,9 @@ def gpu_loops(monkeypatch):
     """fastseq.recurrent with the GPU's time loops (fastseq/_recurrent_cuda.py: torch GEMMs plus
     the simulator's step kernels) on CPU tensors, in torch's gate order as on a GPU."""
     import fastseq.recurrent as R
+    import fastseq.recurrent_functions as RF
 
-    monkeypatch.setattr(R, "_loops", lambda t: R._CUDA_LOOPS)
+    monkeypatch.setattr(RF, "_loops", lambda t: RF._CUDA_LOOPS)
     monkeypatch.setattr(R, "_unit_block", lambda H, threads: H)
     return R
 
