@@ -174,6 +174,21 @@ def choose(op: str, facts: dict) -> str:
     return "torch"
 
 
+_CHOICES: Dict[tuple, str] = {}
+
+
+def choose_cached(op: str, key: tuple, facts: Callable[[], dict]) -> str:
+    """choose(op, facts()) remembered by `key`, a tuple of everything the op's reasons read
+    (device type, dtype, flags): the per-call cost is one dict lookup.  The forced backend is
+    part of the key; a forced backend that cannot run raises every time (never cached)."""
+    stack = getattr(_state, "stack", None)
+    k = (op, key, stack[-1] if stack else None)
+    backend = _CHOICES.get(k)
+    if backend is None:
+        backend = _CHOICES[k] = choose(op, facts())
+    return backend
+
+
 def select(op: str, *args, **kwargs) -> str:
     """choose() from the functional op's own arguments."""
     return choose(op, _REGISTRY[op].facts(*args, **kwargs))
