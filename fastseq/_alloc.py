@@ -14,6 +14,7 @@ size raises).  bench/ reports kernel-only time beside the end-to-end time, so th
 stay apart.
 """
 import os
+import threading
 
 import numpy as np
 import torch
@@ -27,15 +28,30 @@ _ITEMSIZE = {torch.float32: 4, torch.float64: 8, torch.float16: 2}
 
 def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """torch.empty(shape, dtype=dtype, device=device), huge-page backed when large and on CPU."""
-    if ENABLED and dtype in _NP and torch.device(device).type == "cpu":
-        numel = 1
-        for d in shape:
-            numel *= d
-        if numel * _ITEMSIZE[dtype] >= HUGE_BYTES:
-            return torch.from_numpy(np.empty(tuple(shape), dtype=_NP[dtype]))
-    return torch.empty(tuple(shape), dtype=dtype, device=device)
+    numel = 1
+    for d in shape:
+        numel *= d
+    if ENABLED and numel * _ITEMSIZE.get(dtype, 0) >= HUGE_BYTES and torch.device(device).type == "cpu":
+        return torch.from_numpy(np.empty(tuple(shape), dtype=_NP[dtype]))
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def empty_like(t: torch.Tensor) -> torch.Tensor:
     """A contiguous uninitialized tensor of t's shape, dtype and device."""
     return empty(t.shape, t.dtype, t.device)
+
+
+_tls = threading.local()
+
+
+def scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU work buffer of at least `numel` elements, reused by the calling Python thread across
+    kernel calls (a buffer lives only for the kernel call that uses it, and the kernels release
+    the GIL, so each thread has its own).  Contents are undefined."""
+    bufs = getattr(_tls, "bufs", None)
+    if bufs is None:
+        bufs = _tls.bufs = {}
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[dtype] = torch.empty(max(numel, 1024), dtype=dtype)
+    return buf

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import _alloc, _dispatch
+from . import _alloc, _dispatch, _library
 
 ShapeLike = Union[int, Sequence[int], torch.Size]
 
@@ -65,20 +65,23 @@ def add_layer_norm_ref(x, residual, normalized_shape, weight=None, bias=None, ep
 # ============================================================================ input checks
 
 def _as_shape(normalized_shape: ShapeLike) -> Tuple[int, ...]:
-    if isinstance(normalized_shape, numbers.Integral):
+    t = type(normalized_shape)
+    if t is tuple or t is torch.Size:
+        return tuple(normalized_shape)
+    if t is int or isinstance(normalized_shape, numbers.Integral):
         return (int(normalized_shape),)
     return tuple(int(d) for d in normalized_shape)
 
 
-def _check(op, x, normalized_shape, weight, bias, residual=None) -> Tuple[int, int, Tuple[int, ...]]:
-    """Validate at the boundary; return (M, N, normalized_shape)."""
+def _check(op, x, shape, weight, bias, residual=None) -> Tuple[int, int]:
+    """Validate at the boundary (attribute reads and comparisons only: this runs on every call);
+    return (M, N).  `shape` is the normalized shape as a tuple of ints."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{op}: expected input to be a torch.Tensor, got {type(x).__name__}")
     if not x.dtype.is_floating_point:
         raise ValueError(f"{op}: expected a floating-point input, got {x.dtype}")
-    shape = _as_shape(normalized_shape)
     k = len(shape)
-    if k == 0 or x.dim() < k or tuple(x.shape[x.dim() - k:]) != shape:
+    if k == 0 or x.dim() < k or x.shape[x.dim() - k:] != shape:
         raise ValueError(f"{op}: normalized_shape {list(shape)} must match the trailing dims of the "
                          f"input, got input of shape {list(x.shape)}")
     for name, p in (("weight", weight), ("bias", bias)):
@@ -86,19 +89,30 @@ def _check(op, x, normalized_shape, weight, bias, residual=None) -> Tuple[int, i
             continue
         if not isinstance(p, torch.Tensor):
             raise ValueError(f"{op}: expected {name} to be a torch.Tensor or None, got {type(p).__name__}")
-        if tuple(p.shape) != shape:
+        if p.shape != shape:
             raise ValueError(f"{op}: expected {name} of shape {list(shape)}, got {list(p.shape)}")
         if p.device != x.device:
             raise ValueError(f"{op}: expected {name} on {x.device} (the input's), got {p.device}")
     if residual is not None:
         if not isinstance(residual, torch.Tensor):
             raise ValueError(f"{op}: expected residual to be a torch.Tensor, got {type(residual).__name__}")
-        if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
-            raise ValueError(f"{op}: expected residual like the input ({list(x.shape)}, {x.dtype}, "
-                             f"{x.device}), got ({list(residual.shape)}, {residual.dtype}, {residual.device})")
-    n = math.prod(shape)
-    m = x.numel() // n if n else 0
-    return m, n, shape
+        if residual.shape != x.shape or residual.device != x.device or not residual.dtype.is_floating_point:
+            raise ValueError(f"{op}: expected a floating-point residual of the input's shape and device "
+                             f"({list(x.shape)}, {x.device}), got ({list(residual.shape)}, {residual.dtype}, "
+                             f"{residual.device})")
+    n = 1
+    for d in shape:
+        n *= d
+    return (x.numel() // n if n else 0), n
+
+
+def _promote(x, residual):
+    """input + residual in torch's type promotion (an fp32 residual stream plus a bf16 block
+    output under autocast is fp32): both operands in the result dtype."""
+    if residual is None or residual.dtype == x.dtype:
+        return x, residual
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    return x.to(dtype), residual.to(dtype)
 
 
 # ============================================================================ dispatch
@@ -107,14 +121,32 @@ def _dtype_name(t):
     return str(t.dtype).replace("torch.", "")
 
 
-def _facts(x, normalized_shape=None, *args, **kwargs) -> dict:
-    """Facts of a call: layer_norm(x, shape, weight, bias) / add_layer_norm(x, r, shape, ...)."""
-    if isinstance(normalized_shape, torch.Tensor):          # add_*: (x, residual, shape, ...)
-        normalized_shape, args = (args[0] if args else kwargs.get("normalized_shape")), args[1:]
-    n = math.prod(_as_shape(normalized_shape)) if normalized_shape is not None else x.shape[-1]
-    params = [p for p in list(args[:2]) + [kwargs.get("weight"), kwargs.get("bias")] if isinstance(p, torch.Tensor)]
-    return {"device": x.device.type, "dtype": _dtype_name(x), "N": n, "M": x.numel() // n if n else 0,
+def _facts_of(op, x, residual, normalized_shape, weight, bias) -> dict:
+    """Facts of a call, after its boundary checks (a call that would raise, raises here too)."""
+    x, residual = _promote(x, residual) if isinstance(residual, torch.Tensor) and isinstance(x, torch.Tensor) \
+        else (x, residual)
+    m, n = _check(op, x, _as_shape(normalized_shape), weight, bias, residual)
+    params = [p for p in (weight, bias) if p is not None]
+    return {"device": x.device.type, "dtype": _dtype_name(x), "N": n, "M": m,
             "param_dtypes": sorted({_dtype_name(p) for p in params} - {_dtype_name(x)})}
+
+
+# one facts function per op, with the functional op's own signature (fastseq.explain passes the
+# call's arguments through unchanged, keywords included)
+def _facts_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    return _facts_of("layer_norm", input, None, normalized_shape, weight, bias)
+
+
+def _facts_rms_norm(input, normalized_shape, weight=None, eps=None):
+    return _facts_of("rms_norm", input, None, normalized_shape, weight, None)
+
+
+def _facts_add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5, return_sum=False):
+    return _facts_of("add_layer_norm", input, residual, normalized_shape, weight, bias)
+
+
+def _facts_add_rms_norm(input, residual, normalized_shape, weight=None, eps=None, return_sum=False):
+    return _facts_of("add_rms_norm", input, residual, normalized_shape, weight, None)
 
 
 def _kernel_reasons(f: dict, backend: str, dtypes) -> List[str]:
@@ -139,8 +171,17 @@ def _torch_reasons(f: dict) -> List[str]:
     return []
 
 
-for _op in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"):
-    _dispatch.register_op(_op, _facts, cpu=_cpu_reasons, cuda=_cuda_reasons, torch=_torch_reasons)
+for _op, _f in (("layer_norm", _facts_layer_norm), ("rms_norm", _facts_rms_norm),
+               ("add_layer_norm", _facts_add_layer_norm), ("add_rms_norm", _facts_add_rms_norm)):
+    _dispatch.register_op(_op, _f, cpu=_cpu_reasons, cuda=_cuda_reasons, torch=_torch_reasons)
+
+
+def _backend(op, x, weight, bias) -> str:
+    """The backend for this call, remembered by everything the reasons above read."""
+    return _dispatch.choose_cached(
+        op, (x.device.type, x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype),
+        lambda: {"device": x.device.type, "dtype": _dtype_name(x),
+                 "param_dtypes": sorted({_dtype_name(p) for p in (weight, bias) if p is not None} - {_dtype_name(x)})})
 
 
 # ============================================================================ kernel calls
@@ -158,30 +199,66 @@ def _np(t: Optional[torch.Tensor], dtype) -> np.ndarray:
     return t.detach().numpy().reshape(-1)
 
 
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+_KERNELS = []
+
+
+def _cpu_kernels():
+    """fastseq._cpu.layer_norm (looked up once)."""
+    if not _KERNELS:
+        _KERNELS.append(_dispatch.cpu_kernels("layer_norm"))
+    return _KERNELS[0]
+
+
+_ONES, _ZEROS = {}, {}
+
+
 def _affine(weight, bias, n, like):
-    w = weight.contiguous() if weight is not None else torch.ones(n, dtype=like.dtype, device=like.device)
-    b = bias.contiguous() if bias is not None else torch.zeros(n, dtype=like.dtype, device=like.device)
+    """weight and bias as contiguous n-vectors; absent ones as cached ones / zeros."""
+    w = weight.contiguous() if weight is not None else _constant(_ONES, 1.0, n, like)
+    b = bias.contiguous() if bias is not None else _constant(_ZEROS, 0.0, n, like)
     return w, b
+
+
+def _constant(cache, value, n, like):
+    key = (n, like.dtype, like.device)
+    t = cache.get(key)
+    if t is None:
+        with torch.inference_mode(False):          # usable by autograd later, whatever mode made it
+            t = cache[key] = torch.full((n,), value, dtype=like.dtype, device=like.device)
+    return t
 
 
 def _stat_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _forward(backend, x, r, w, b, m, n, eps, center, want_sum):
-    """Run the forward kernel; returns y, s (or None), mean, rstd.  x, r, w, b contiguous."""
-    y = _alloc.empty_like(x)
-    s = _alloc.empty_like(x) if want_sum else None
-    mean = _alloc.empty((m,), _stat_dtype(x), x.device)
-    rstd = _alloc.empty((m,), _stat_dtype(x), x.device)
+def _forward(backend, x, r, w, b, m, n, eps, center, want_sum, want_stats=True):
+    """Run the forward kernel; returns y, s (or None), mean, rstd (None unless want_stats: on the
+    CPU the row statistics of an inference call go to scratch).  x, r, w, b contiguous."""
+    y = _alloc.empty(x.shape, x.dtype, x.device)
+    s = _alloc.empty(x.shape, x.dtype, x.device) if want_sum else None
     if backend == "cpu":
-        npd = _NP_DTYPE[x.dtype]
         nt = _dispatch.num_threads()
-        scratch = torch.empty(nt * n, dtype=x.dtype) if r is not None and not want_sum else None
-        _dispatch.cpu_kernels("layer_norm").forward(
-            _np(x, npd), _np(r, npd), _np(w, npd), _np(b, npd), _np(y, npd), _np(s, npd),
-            _np(scratch, npd), _np(mean, npd), _np(rstd, npd), m, n, float(eps), center, nt)
+        need_scr = r is not None and not want_sum
+        if want_stats:
+            mean, rstd = torch.empty(m, dtype=x.dtype), torch.empty(m, dtype=x.dtype)
+            p_mean, p_rstd = mean.data_ptr(), rstd.data_ptr()
+            p_scr = _alloc.scratch(nt * n, x.dtype).data_ptr() if need_scr else 0
+        else:                                       # [mean | rstd | per-thread rows] in one buffer
+            mean = rstd = None
+            p_mean = _alloc.scratch(2 * m + (nt * n if need_scr else 0), x.dtype).data_ptr()
+            p_rstd = p_mean + m * x.element_size()
+            p_scr = p_rstd + m * x.element_size() if need_scr else 0
+        _cpu_kernels().forward_ptr(
+            x.data_ptr(), _ptr(r), w.data_ptr(), b.data_ptr(), y.data_ptr(), _ptr(s), p_scr,
+            p_mean, p_rstd, m, n, eps, center, nt, x.dtype == torch.float64)
     else:
+        mean = _alloc.empty((m,), _stat_dtype(x), x.device)
+        rstd = _alloc.empty((m,), _stat_dtype(x), x.device)
         k = _dispatch.cuda_kernels("layer_norm")
         from fastseq._cuda._common import as_array, on_device, torch_stream
         with on_device(x.device):
@@ -290,6 +367,78 @@ def _double_differentiable_backward(ctx, v, r, weight, bias, dy, ds, shape, eps,
     return ds_total, (ds_total if has_r else None), dw, db, None, None, None, None, None
 
 
+# ============================================================================ registered ops
+# The same kernels as torch.library ops, for graph capture (fastseq/_library.py): forward returns
+# (y, s, mean, rstd), s empty unless return_sum; backward is an op too, so a compiled graph
+# holds both as opaque kernel calls.
+
+@torch.library.custom_op("fastseq::norm_forward", mutates_args=())
+def _norm_forward_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor], n: int, eps: float, center: bool, return_sum: bool,
+                     backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    m = x.numel() // n if n else 0
+    w, b = _affine(weight, bias, n, x)
+    y, s, mean, rstd = _forward(backend, x.contiguous(), residual.contiguous() if residual is not None else None,
+                                w, b, m, n, eps, center, return_sum)
+    return y.view(x.shape), (s.view(x.shape) if s is not None else x.new_empty(0)), mean, rstd
+
+
+@_norm_forward_op.register_fake
+def _(x, residual, weight, bias, n, eps, center, return_sum, backend):
+    m = x.numel() // n if n else 0
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format) if return_sum else x.new_empty(0),
+            x.new_empty((m,), dtype=_stat_dtype(x)), x.new_empty((m,), dtype=_stat_dtype(x)))
+
+
+@torch.library.custom_op("fastseq::norm_backward", mutates_args=())
+def _norm_backward_op(v: torch.Tensor, residual: Optional[torch.Tensor], dy: torch.Tensor, ds: Optional[torch.Tensor],
+                      weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, n: int, center: bool,
+                      want_dw: bool, want_db: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    m = v.numel() // n if n else 0
+    w, _ = _affine(weight, None, n, v)
+    dx, dw, db = _backward(backend, v.contiguous(), residual.contiguous() if residual is not None else None,
+                           dy.contiguous(), ds.contiguous() if ds is not None else None, w, mean, rstd, m, n, center,
+                           want_dw, want_db)
+    return dx.view(v.shape), (dw if dw is not None else v.new_empty(0)), (db if db is not None else v.new_empty(0))
+
+
+@_norm_backward_op.register_fake
+def _(v, residual, dy, ds, weight, mean, rstd, n, center, want_dw, want_db, backend):
+    return (torch.empty_like(v, memory_format=torch.contiguous_format), v.new_empty((n,) if want_dw else (0,)),
+            v.new_empty((n,) if want_db else (0,)))
+
+
+def _norm_setup_context(ctx, inputs, output):
+    x, residual, weight, bias, n, eps, center, return_sum, backend = inputs
+    y, s, mean, rstd = output
+    if return_sum:
+        ctx.save_for_backward(s, None, weight, mean, rstd)
+    else:
+        ctx.save_for_backward(x, residual, weight, mean, rstd)
+    ctx.meta = (n, center, backend, residual is not None, bias is not None)
+
+
+def _norm_op_backward(ctx, dy, ds, dmean, drstd):
+    n, center, backend, has_r, has_b = ctx.meta
+    v, r, weight, mean, rstd = ctx.saved_tensors
+    want_dw = weight is not None and ctx.needs_input_grad[2]
+    want_db = has_b and ctx.needs_input_grad[3]
+    dx, dw, db = _norm_backward_op(v, r, dy, ds if ds.numel() else None, weight, mean, rstd, n, center,
+                                   want_dw, want_db, backend)
+    shape = weight.shape if weight is not None else v.shape[-1:]
+    return (dx, dx if has_r else None, dw.view(shape) if want_dw else None, db.view(shape) if want_db else None,
+            None, None, None, None, None)
+
+
+_norm_forward_op.register_autograd(_norm_op_backward, setup_context=_norm_setup_context)
+
+
+def _run_captured(x, residual, n, weight, bias, eps, center, return_sum, backend):
+    y, s, _, _ = _norm_forward_op(x, residual, weight, bias, n, eps, center, return_sum, backend)
+    return (y, s) if return_sum else y
+
+
 # ============================================================================ functional
 
 def _torch_native(x, residual, shape, weight, bias, eps, center, return_sum):
@@ -300,16 +449,25 @@ def _torch_native(x, residual, shape, weight, bias, eps, center, return_sum):
 
 
 def _run(op, x, residual, normalized_shape, weight, bias, eps, center, return_sum):
-    m, n, shape = _check(op, x, normalized_shape, weight, bias, residual)
-    backend = _dispatch.choose(op, _facts(x, shape, weight, bias))
+    shape = _as_shape(normalized_shape)
+    if residual is not None and isinstance(x, torch.Tensor) and isinstance(residual, torch.Tensor) \
+            and residual.dtype != x.dtype:
+        x, residual = _promote(x, residual)
+    m, n = _check(op, x, shape, weight, bias, residual)
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):      # torch's CUDA autocast runs norms in fp32
+        x, residual, weight, bias = (t.float() if t is not None else None for t in (x, residual, weight, bias))
+    backend = "torch" if _library.transformed() else _backend(op, x, weight, bias)
     if backend == "torch":
         return _torch_native(x, residual, shape, weight, bias, eps, center, return_sum)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
+    if _library.captured(x):
+        return _run_captured(x, residual, n, weight, bias, eps, center, return_sum, backend)
+    if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad) or
+                                    (weight is not None and weight.requires_grad) or
+                                    (bias is not None and bias.requires_grad)):
         return LayerNormFunction.apply(x, residual, weight, bias, shape, eps, center, return_sum, backend)
-    n = math.prod(shape)                        # inference: no autograd node, nothing saved
-    w, b = _affine(weight, bias, n, x)
+    w, b = _affine(weight, bias, n, x)              # inference: no autograd node, nothing saved
     y, s, _, _ = _forward(backend, x.contiguous(), residual.contiguous() if residual is not None else None,
-                          w, b, m, n, eps, center, return_sum)
+                          w, b, m, n, eps, center, return_sum, want_stats=False)
     return (y, s) if return_sum else y
 
 

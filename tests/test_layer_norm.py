@@ -310,7 +310,7 @@ def test_float16_on_cpu_falls_back_to_torch():
      r"expected bias of shape \[4\], got \[2, 2\]"),
     (lambda: layer_norm(torch.randn(2, 4), (4,), torch.randn(4, device="meta")),
      "expected weight on cpu \\(the input's\\), got meta"),
-    (lambda: add_layer_norm(torch.randn(2, 4), torch.randn(2, 5), (4,)), r"expected residual like the input"),
+    (lambda: add_layer_norm(torch.randn(2, 4), torch.randn(2, 5), (4,)), r"expected a floating-point residual of the input's shape"),
     (lambda: rms_norm([1.0, 2.0], (2,)), "expected input to be a torch.Tensor, got list"),
 ])
 def test_bad_input_raises_a_clear_error(call, match):

@@ -250,3 +250,40 @@ def backward(real[::1] x, real[::1] r, real[::1] dy, real[::1] ds, real[::1] w,
             for k in range(nt):
                 acc = acc + pdbp[k * n + j]
             db[j] = acc
+
+
+# ---------------------------------------------------------------------------------------------
+# pointer entry: the same forward on raw addresses (tensor.data_ptr()), for the per-call path.
+# A typed-memoryview argument costs ~0.5-1 us to acquire and a tensor's .numpy() view ~1-2 us;
+# for a (1, 512) row the kernel itself takes ~0.3 us, so a decoding step pays for the plumbing,
+# not the math.  One row (or one thread) runs without opening an OpenMP region.
+# ---------------------------------------------------------------------------------------------
+
+cdef void forward_core_(const real* px, const real* pr, const real* pw, const real* pb, real* py, real* ps,
+                        real* pscr, real* pmean, real* prstd, Py_ssize_t m, Py_ssize_t n, real e,
+                        bint center, int num_threads) noexcept nogil:
+    cdef Py_ssize_t t, lo, hi, nt = max(1, min(num_threads, m))
+    if m == 0 or n == 0:
+        return
+    if nt == 1:
+        fwd_rows_(px, pr, pw, pb, py, ps, pscr, pmean, prstd, 0, m, n, e, center)
+        return
+    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+        lo, hi = chunk_(m, nt, t)
+        fwd_rows_(px, pr, pw, pb, py, ps, (pscr + t * n) if pscr != NULL else NULL,
+                  pmean, prstd, lo, hi, n, e, center)
+
+
+def forward_ptr(size_t x, size_t r, size_t w, size_t b, size_t y, size_t s, size_t scratch, size_t mean,
+                size_t rstd, Py_ssize_t m, Py_ssize_t n, double eps, bint center, int num_threads, bint dbl):
+    """forward() on addresses (0 for an absent buffer); dbl: the buffers hold doubles, else floats.
+    Releases the GIL for the whole call."""
+    with nogil:
+        if dbl:
+            forward_core_(<const double*> x, <const double*> r, <const double*> w, <const double*> b,
+                          <double*> y, <double*> s, <double*> scratch, <double*> mean, <double*> rstd,
+                          m, n, <double> eps, center, num_threads)
+        else:
+            forward_core_(<const float*> x, <const float*> r, <const float*> w, <const float*> b,
+                          <float*> y, <float*> s, <float*> scratch, <float*> mean, <float*> rstd,
+                          m, n, <float> eps, center, num_threads)

@@ -1,0 +1,57 @@
+"""fastseq's kernels as registered torch.library ops (namespace `fastseq`), for graph capture.
+
+Two paths reach the same kernels (DESIGN.md sections 2 and 3):
+
+* eager: the functional op calls its binding directly (a few microseconds between the call and
+  the kernel).  A registered op costs ~10 us more per call in its Python wrapper, which the
+  decoding loops that call an op once per token would pay thousands of times.
+* graph capture: under torch.compile (Dynamo / AOTAutograd), torch.jit.trace and torch.export
+  the functional op calls the registered op instead.  Each op has a
+  fake implementation (output shapes and dtypes, no data: what the tracers run) and registered
+  autograd whose backward is itself a registered op, so a compiled graph keeps forward and
+  backward as opaque kernel calls and `torch.library.opcheck` passes.
+
+`captured(t)` says which path a call takes; it costs a few hundred nanoseconds.  Under the
+torch.func transforms (`transformed()`) the ops run on the "torch" backend instead.
+"""
+from __future__ import annotations
+
+import torch
+
+NAMESPACE = "fastseq"
+
+_is_tracing = torch._C._is_tracing
+_functorch_active = torch._C._are_functorch_transforms_active
+_is_compiling = torch.compiler.is_compiling
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def captured(t: torch.Tensor) -> bool:
+    """True when a call on `t` is being captured into a graph (Dynamo, jit.trace, export, a
+    FakeTensor or other tensor subclass): the functional op must then go through its registered
+    op, which the capturing machinery understands.  (Dynamo answers the first test itself.)"""
+    return _is_compiling() or type(t) not in _PLAIN or _is_tracing()
+
+
+def transformed() -> bool:
+    """True under a torch.func transform (grad, vjp, jacrev, vmap, ...).  torch 2.13 runs the
+    registered autograd of a custom op under these only for autograd.Functions it generates with
+    setup_context, which register_autograd's are not, so the ops run on the "torch" backend
+    there: torch's own ops, which every transform supports."""
+    return _functorch_active()
+
+
+def op_name(name: str) -> str:
+    return f"{NAMESPACE}::{name}"
+
+
+def seed_tensor() -> torch.Tensor:
+    """A dropout seed drawn from torch's (CPU) generator as a 0-dim int64 tensor, the same draw
+    as the eager path's: inside a captured graph the draw is a graph node (no .item(), hence no
+    graph break), and the registered op reads it."""
+    return torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64)
+
+
+def autocast_dtype(device_type: str):
+    """The autocast dtype in force for `device_type`, or None when autocast is off there."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
