@@ -36,5 +36,25 @@ for _torch_cls, _twin, _fix in [
 ]:
     register_converter(_torch_cls, (lambda twin, fix: lambda m: (fix or (lambda x: x))(rebind(m, twin)))(_twin, _fix))
 
+
+def _warn_if_uncompiled():
+    """A source checkout imported in place (python run inside the repository, or `python -m
+    pytest` there) has no compiled kernels: every op would silently run on torch.  Say so once."""
+    missing = _dispatch_module.backend_missing("cpu")
+    if missing:
+        import os
+        import warnings
+        warnings.warn(
+            f"fastseq imported from {os.path.dirname(__file__)} has no compiled CPU kernels "
+            f"({missing}): every fastseq op runs on torch's own ops here, not on fastseq's kernels. "
+            "Build them: `pip install .` and run from outside the source tree (or `pip install -e .` "
+            "to work inside it); inside a checkout run `pytest`, not `python -m pytest`.",
+            RuntimeWarning, stacklevel=3)
+
+
+from . import _dispatch as _dispatch_module  # noqa: E402
+
+_warn_if_uncompiled()
+
 __version__ = "0.1.0"
 __all__ = ["functional", "nn", "convert", "available_backends", "use_backend", "explain"]

@@ -209,13 +209,20 @@ def explain(op: Optional[str] = None, *args, **kwargs) -> str:
         return "\n".join(lines)
     if op not in _REGISTRY:
         raise ValueError(f"explain: unknown op {op!r}; registered ops: {', '.join(registered_ops())}")
-    facts = _REGISTRY[op].facts(*args, **kwargs)
-    chosen = choose(op, facts)
+    try:                    # the facts functions run the op's own boundary checks first
+        facts = _REGISTRY[op].facts(*args, **kwargs)
+    except (ValueError, TypeError, RuntimeError, IndexError) as e:
+        return f"{op}: this call raises {type(e).__name__} before any backend runs: {e}"
     shown = ", ".join(f"{k}={v}" for k, v in facts.items())
-    lines = [f"{op}({shown}) runs on backend {chosen!r}"]
-    forced = forced_backend()
-    if forced:
-        lines[0] += " (forced by use_backend)"
+    try:
+        chosen = choose(op, facts)
+    except NotImplementedError as e:
+        chosen = None
+        lines = [f"{op}({shown}) raises NotImplementedError: {e}"]
+    else:
+        lines = [f"{op}({shown}) runs on backend {chosen!r}"]
+        if forced_backend():
+            lines[0] += " (forced by use_backend)"
     order = PRIORITY.get(facts.get("device", "cpu"), ()) + tuple(b for b in BACKENDS if b not in
                                                                    PRIORITY.get(facts.get("device", "cpu"), ()))
     for b in order:
