@@ -1,16 +1,8 @@
-"""pytest-benchmark view of the recurrent cases that fastseq-bench runs (same registry).
+"""pytest-benchmark view of the recurrent cases that fastseq-bench runs (same registry, cases
+and peers: fastseq/bench/recurrent.py).
 
-    pytest bench/bench_recurrent.py --benchmark-columns=median,iqr
+    pytest bench/bench_recurrent.py --benchmark-columns=median,iqr -k "infer"
 """
-import pytest
+from fastseq.bench.pytest_view import family_test
 
-from fastseq.bench import recurrent as _cases  # noqa: F401  (registers the cases)
-from fastseq.bench.pytest_view import family_cases, run
-
-CASES = family_cases("recurrent")
-
-
-@pytest.mark.parametrize("impl", ["fastseq", "torch"])
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_recurrent(benchmark, case, impl):
-    run(benchmark, case, impl, rounds=5)
+test_recurrent = family_test("recurrent", rounds=5)

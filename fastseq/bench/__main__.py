@@ -2,36 +2,50 @@
 
     fastseq-bench --quick                 # CPU, every family, under 2 minutes on 2 cores
     fastseq-bench --device cuda --only layer_norm --out results/
+    fastseq-bench --quick --only overhead  # per-call cost of tiny calls, µs, against torch's ops
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
+import traceback
 
 import torch
 
-from . import attention as _attention, layer_norm as _layer_norm, recurrent as _recurrent  # noqa: F401
 from .machine import describe
-from .registry import cases, families
+from .registry import cases, check_setup, families, load
 from .report import table, write
-from .timing import interleaved_medians
+from .timing import calls_for, interleaved_medians
+
+load()                                    # every family's cases (--only's choices)
 
 
 def run_case(case, reps: int, max_seconds: float, device: str, quick: bool = False) -> list:
     s = case.setup()
+    check_setup(case, s)
     if quick and case.meta.get("quick_peers"):
         s.peers = {k: v for k, v in s.peers.items() if k in case.meta["quick_peers"]}
     fns = {"fastseq": s.fastseq, **{f"peer:{k}": v for k, v in s.peers.items()}}
     if s.kernel is not None:
         fns["kernel"] = s.kernel
-    med = interleaved_medians(fns, device, warmup=2, reps=reps, max_seconds=max_seconds)
+    grad = torch.set_grad_enabled(s.grad_enabled) if s.grad_enabled is not None else contextlib.nullcontext()
+    with grad:
+        calls = 1
+        if case.calls_per_sample > 1:     # tiny calls: a sample loops over many (about 20 / 50 ms a sample)
+            calls = calls_for(fns, device, case.calls_per_sample, 0.02 if quick else 0.05)
+        med = interleaved_medians(fns, device, warmup=1 if calls > 1 else 2, reps=reps, max_seconds=max_seconds,
+                                  calls_per_sample=calls)
     rows = []
     for peer in s.peers:
         row = {"family": case.family, "case": case.name, "peer": peer,
                "peer_ms": med[f"peer:{peer}"] * 1e3, "fastseq_ms": med["fastseq"] * 1e3,
                "ratio": med[f"peer:{peer}"] / med["fastseq"]}
+        if case.calls_per_sample > 1:     # per-call figures in µs
+            row.update(peer_us=med[f"peer:{peer}"] * 1e6, fastseq_us=med["fastseq"] * 1e6,
+                       calls_per_sample=calls, grad_enabled=s.grad_enabled)
         if s.bytes:
             row["gbs"] = s.bytes / med["fastseq"] / 1e9
         if s.flops:
@@ -78,11 +92,15 @@ def main(argv=None) -> int:
         it = tqdm(todo, desc="cases", unit="case", file=sys.stderr)
     except ImportError:
         it = todo
-    rows = []
+    rows, failed = [], []
     for case in it:
         if hasattr(it, "set_postfix_str"):
             it.set_postfix_str(case.name)
-        rows += run_case(case, reps, 3.0 if args.quick else 20.0, args.device, args.quick)
+        try:
+            rows += run_case(case, reps, 3.0 if args.quick else 20.0, args.device, args.quick)
+        except Exception:                 # one broken case must not lose the others' results
+            failed.append(case.name)
+            print(f"\ncase {case.name!r} failed:\n{traceback.format_exc()}", file=sys.stderr)
     if rows:
         print(table(rows, machine))
         for path in write(rows, machine, args.out):
@@ -98,6 +116,9 @@ def main(argv=None) -> int:
         for path in scaling.write(sweep, args.out):
             print("wrote", path)
     print(f"{len(todo)} cases in {time.perf_counter() - t0:.0f} s")
+    if failed:
+        print(f"{len(failed)} case(s) failed: {'; '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -19,7 +19,7 @@ def naive_attention(q, k, v, mask=None, is_causal=False):
     """What a user writes by hand: the T x S scores, softmax, weighted sum."""
     s = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
     if is_causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     return torch.softmax(s, -1) @ v
@@ -54,7 +54,7 @@ def _runner(fn, q, k, v, backward, **kw):
             with torch.no_grad():
                 return fn(q, k, v, **kw)
         return run
-    do = torch.randn(q.shape[:-1] + (v.shape[-1],))
+    do = torch.randn(q.shape[:-1] + (v.shape[-1],), device=q.device)
 
     def run():
         return torch.autograd.grad(fn(q, k, v, **kw), (q, k, v), do)
@@ -75,8 +75,8 @@ def _masked_case(B, H, T, D, backward, window=None, lengths=None, device="cpu"):
     """fastseq's window / key_lengths extras against torch's SDPA given the same T x S mask."""
     def setup():
         q, k, v = _inputs(B, H, T, T, D, device, backward)
-        kl = torch.tensor(lengths) if lengths is not None else None
-        keep = visible_keys(T, T, False, window, kl)
+        kl = torch.tensor(lengths, device=device) if lengths is not None else None
+        keep = visible_keys(T, T, False, window, kl, device=device)
         visible = visible_count(T, T, False, window, kl) * (B if kl is None else 1) * H
         return Setup(fastseq=_runner(fast_sdpa, q, k, v, backward, window=window, key_lengths=kl),
                      peers={"torch+mask": _runner(torch_sdpa, q, k, v, backward, mask=keep)},
@@ -86,21 +86,30 @@ def _masked_case(B, H, T, D, backward, window=None, lengths=None, device="cpu"):
 
 PEERS = {"torch": torch_sdpa, "math": torch_math, "naive": naive_attention}
 QUICK = {"quick_peers": ["torch"]}        # --quick times only torch's SDPA beside fastseq
+ALL, TORCH = tuple(PEERS), ("torch",)
 
-for _bwd in (False, True):
-    _mode = "fwd+bwd" if _bwd else "fwd"
-    for _causal in (False, True):
-        register(Case("attention", f"sdpa {_mode} T=S=4096 B=1 H=8 D=64" + (" causal" if _causal else ""), "cpu",
-                      _case(1, 8, 4096, 4096, 64, _causal, _bwd, PEERS), meta=QUICK, quick=not _bwd))
-    register(Case("attention", f"sdpa {_mode} BERT B=8 H=12 T=512 D=64", "cpu",
-                  _case(8, 12, 512, 512, 64, False, _bwd, PEERS), meta=QUICK))
-register(Case("attention", "sdpa fwd+bwd dropout=0.1 BERT B=8 H=12 T=512", "cpu",
-              _case(8, 12, 512, 512, 64, False, True, {"torch": torch_sdpa}, dropout=0.1)))
-register(Case("attention", "sdpa fwd+bwd dropout=0.1 T=S=4096 B=1 H=8", "cpu",
-              _case(1, 8, 4096, 4096, 64, False, True, {"torch": torch_sdpa}, dropout=0.1), quick=False))
-register(Case("attention", "sdpa decode T=1 S=4096 B=1 H=8 D=64", "cpu", _case(1, 8, 1, 4096, 64, False, False, PEERS)))
-register(Case("attention", "sdpa decode T=1 S=4096 B=8 H=8 D=64", "cpu", _case(8, 8, 1, 4096, 64, False, False, PEERS)))
-register(Case("attention", "sdpa fwd window=(512,0) T=8192 H=8", "cpu",
-              _masked_case(1, 8, 8192, 64, False, window=(512, 0)), quick=False))   # the quick sweep has it
-register(Case("attention", "sdpa fwd+bwd key_lengths B=4 T=2048 H=8", "cpu",
-              _masked_case(4, 8, 2048, 64, True, lengths=[2048, 1500, 700, 300]), quick=False))
+for _dev in ("cpu", "cuda"):              # the same cases on a GPU (fastseq's Numba kernels against torch's)
+    for _bwd in (False, True):
+        _mode = "fwd+bwd" if _bwd else "fwd"
+        for _causal in (False, True):
+            register(Case("attention", f"sdpa {_mode} T=S=4096 B=1 H=8 D=64" + (" causal" if _causal else ""), _dev,
+                          _case(1, 8, 4096, 4096, 64, _causal, _bwd, PEERS, _dev), peers=ALL, meta=QUICK,
+                          quick=not _bwd))
+        register(Case("attention", f"sdpa {_mode} BERT B=8 H=12 T=512 D=64", _dev,
+                      _case(8, 12, 512, 512, 64, False, _bwd, PEERS, _dev), peers=ALL, meta=QUICK))
+    if _dev == "cpu":                      # fastseq's CUDA kernels have no dropout yet
+        register(Case("attention", "sdpa fwd+bwd dropout=0.1 BERT B=8 H=12 T=512", _dev,
+                      _case(8, 12, 512, 512, 64, False, True, {"torch": torch_sdpa}, _dev, dropout=0.1), peers=TORCH))
+        register(Case("attention", "sdpa fwd+bwd dropout=0.1 T=S=4096 B=1 H=8", _dev,
+                      _case(1, 8, 4096, 4096, 64, False, True, {"torch": torch_sdpa}, _dev, dropout=0.1),
+                      peers=TORCH, quick=False))
+    register(Case("attention", "sdpa decode T=1 S=4096 B=1 H=8 D=64", _dev,
+                  _case(1, 8, 1, 4096, 64, False, False, PEERS, _dev), peers=ALL))
+    register(Case("attention", "sdpa decode T=1 S=4096 B=8 H=8 D=64", _dev,
+                  _case(8, 8, 1, 4096, 64, False, False, PEERS, _dev), peers=ALL))
+    register(Case("attention", "sdpa fwd window=(512,0) T=8192 H=8", _dev,
+                  _masked_case(1, 8, 8192, 64, False, window=(512, 0), device=_dev), peers=("torch+mask",),
+                  quick=_dev == "cuda"))           # on the CPU the quick sweep has it
+    register(Case("attention", "sdpa fwd+bwd key_lengths B=4 T=2048 H=8", _dev,
+                  _masked_case(4, 8, 2048, 64, True, lengths=[2048, 1500, 700, 300], device=_dev),
+                  peers=("torch+mask",), quick=False))

@@ -105,9 +105,13 @@ def _rms_fwd_bwd(device, shape):
 
 
 for _device in ("cpu", "cuda"):
+    _kern = _device == "cpu"                       # the kernel-alone timing calls the CPU kernels
     for _shape in SHAPES:
-        register(Case("layer_norm", f"layer_norm fwd {_shape}", _device, _fwd(_device, _shape)))
-        register(Case("layer_norm", f"layer_norm fwd+bwd {_shape}", _device, _fwd_bwd(_device, _shape)))
-        register(Case("layer_norm", f"add_layer_norm fwd+bwd {_shape}", _device, _add_fwd_bwd(_device, _shape)))
+        register(Case("layer_norm", f"layer_norm fwd {_shape}", _device, _fwd(_device, _shape),
+                      peers=("torch", "naive"), kernel=_kern))
+        register(Case("layer_norm", f"layer_norm fwd+bwd {_shape}", _device, _fwd_bwd(_device, _shape),
+                      peers=("torch", "naive"), kernel=_kern))
+        register(Case("layer_norm", f"add_layer_norm fwd+bwd {_shape}", _device, _add_fwd_bwd(_device, _shape),
+                      peers=("torch",), kernel=_kern))
         register(Case("layer_norm", f"rms_norm fwd+bwd {_shape}", _device, _rms_fwd_bwd(_device, _shape),
-                      quick=_shape == SHAPES[1]))
+                      peers=("torch",), kernel=_kern, quick=_shape == SHAPES[1]))

@@ -116,11 +116,11 @@ def _runner(m, x, H, backward, state=None):
                 return m(*args)
         return run
     params = [x] + list(m.parameters())
-    dy = torch.randn(x.shape[0], x.shape[1], H)
+    dy = torch.randn(x.shape[0], x.shape[1], H, device=x.device)
     return lambda: torch.autograd.grad(m(*args)[0], params, dy)
 
 
-def _plain_case(kind, T, B, I, H, backward, proj=0):
+def _plain_case(kind, T, B, I, H, backward, proj=0, device="cpu"):
     torch_cls, fast_cls, gates = {"lstm": (nn.LSTM, LSTM, 4), "gru": (nn.GRU, GRU, 3)}[kind]
 
     def setup():
@@ -128,10 +128,10 @@ def _plain_case(kind, T, B, I, H, backward, proj=0):
         kw = {"proj_size": proj} if proj else {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")            # torch: "LSTM with projections is not supported with oneDNN"
-            ref = torch_cls(I, H, **kw)
-        fast = fast_cls(I, H, **kw)
+            ref = torch_cls(I, H, **kw).to(device)
+        fast = fast_cls(I, H, **kw).to(device)
         fast.load_state_dict(ref.state_dict())
-        x = torch.randn(T, B, I, requires_grad=backward)
+        x = torch.randn(T, B, I, device=device, requires_grad=backward)
         flops = rnn_flops(T, B, I, H, gates, backward) if not proj else \
             (3 if backward else 1) * 2 * T * B * (4 * H * (I + proj) + proj * H)
         return Setup(fastseq=_runner(fast, x, proj or H, backward), peers={"torch": _runner(ref, x, proj or H, backward)},
@@ -139,20 +139,21 @@ def _plain_case(kind, T, B, I, H, backward, proj=0):
     return setup
 
 
-def _layer_norm_case(kind, T, B, I, H, backward):
+def _layer_norm_case(kind, T, B, I, H, backward, device="cpu"):
     fast_cls, loop_cls, plain_cls, gates = {"lstm": (LayerNormLSTM, PythonLoopLayerNormLSTM, LSTM, 4),
                                             "gru": (LayerNormGRU, PythonLoopLayerNormGRU, GRU, 3)}[kind]
 
     def setup():
         torch.manual_seed(0)
         fast = fast_cls(I, H)
-        loop = loop_cls(I, H).load_from(fast)
+        loop = loop_cls(I, H).load_from(fast).to(device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")                # TorchScript's deprecation notice
-            scripted = torch.jit.script(loop_cls(I, H).load_from(fast))
-        plain = plain_cls(I, H)
-        x = torch.randn(T, B, I, requires_grad=backward)
-        state = (torch.zeros(B, H), torch.zeros(B, H)) if kind == "lstm" else torch.zeros(B, H)
+            scripted = torch.jit.script(loop_cls(I, H).load_from(fast).to(device))
+        fast, plain = fast.to(device), plain_cls(I, H).to(device)
+        x = torch.randn(T, B, I, device=device, requires_grad=backward)
+        z = lambda: torch.zeros(B, H, device=device)          # noqa: E731
+        state = (z(), z()) if kind == "lstm" else z()
         return Setup(fastseq=_runner(fast, x, H, backward),
                      peers={"py-loop": _runner(loop, x, H, backward, state),
                             "torchscript": _runner(scripted, x, H, backward, state),
@@ -161,16 +162,18 @@ def _layer_norm_case(kind, T, B, I, H, backward):
     return setup
 
 
-for _cfg in CONFIGS:
-    for _bwd in (False, True):
-        _mode = "train" if _bwd else "infer"
-        for _kind in ("lstm", "gru"):
-            register(Case("recurrent", f"{_kind} {_mode} (T,B,I,H)={_cfg}", "cpu", _plain_case(_kind, *_cfg, _bwd),
-                          quick=_cfg in QUICK))
-for _bwd in (False, True):                    # torch's proj_size (torch runs it without oneDNN)
-    register(Case("recurrent", f"lstm-proj128 {'train' if _bwd else 'infer'} (T,B,I,H)={CONFIGS[0]}", "cpu",
-                  _plain_case("lstm", *CONFIGS[0], _bwd, proj=128), quick=False))
-for _kind in ("lstm", "gru"):
+for _dev in ("cpu", "cuda"):              # on a GPU: fastseq's step kernels against cuDNN
     for _cfg in CONFIGS:
-        register(Case("recurrent", f"ln-{_kind} train (T,B,I,H)={_cfg}", "cpu", _layer_norm_case(_kind, *_cfg, True),
-                      quick=_cfg in QUICK))
+        for _bwd in (False, True):
+            _mode = "train" if _bwd else "infer"
+            for _kind in ("lstm", "gru"):
+                register(Case("recurrent", f"{_kind} {_mode} (T,B,I,H)={_cfg}", _dev,
+                              _plain_case(_kind, *_cfg, _bwd, device=_dev), peers=("torch",), quick=_cfg in QUICK))
+    for _bwd in (False, True):                # torch's proj_size (torch runs it without oneDNN)
+        register(Case("recurrent", f"lstm-proj128 {'train' if _bwd else 'infer'} (T,B,I,H)={CONFIGS[0]}", _dev,
+                      _plain_case("lstm", *CONFIGS[0], _bwd, proj=128, device=_dev), peers=("torch",), quick=False))
+    for _kind in ("lstm", "gru"):
+        for _cfg in CONFIGS:
+            register(Case("recurrent", f"ln-{_kind} train (T,B,I,H)={_cfg}", _dev,
+                          _layer_norm_case(_kind, *_cfg, True, device=_dev),
+                          peers=("py-loop", "torchscript", f"fs-{_kind.upper()}"), quick=_cfg in QUICK))

@@ -2,12 +2,19 @@
 
 A Case builds its inputs lazily (setup() runs only when the case is selected) and returns a
 Setup: the fastseq callable, one or more peers, and optionally the kernel alone on preallocated
-buffers, plus the bytes and FLOPs one call moves / performs, for GB/s and GFLOP/s.
+buffers, plus the bytes and FLOPs one call moves / performs, for GB/s and GFLOP/s.  The case
+declares its peers' names (and whether it has a kernel-alone callable) when it is registered,
+so listings (the pytest-benchmark views, --help) need not build any inputs; the harness checks
+that setup() returns exactly those.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
+
+# The case files, one per family; importing one registers its cases.
+FAMILY_MODULES = ("layer_norm", "attention", "recurrent", "overhead")
 
 
 @dataclass
@@ -17,6 +24,7 @@ class Setup:
     bytes: float = 0.0                              # memory traffic of one fastseq call
     flops: float = 0.0                              # arithmetic of one fastseq call
     kernel: Optional[Callable[[], object]] = None   # fastseq's kernels alone, outputs preallocated
+    grad_enabled: Optional[bool] = None             # grad mode every call runs in (None: the caller's)
 
 
 @dataclass
@@ -25,16 +33,34 @@ class Case:
     name: str                     # "layer_norm fwd+bwd (8192, 1024)"
     device: str                   # "cpu" or "cuda"
     setup: Callable[[], Setup]
+    peers: Tuple[str, ...] = ()   # the names setup() returns in Setup.peers, in order
+    kernel: bool = False          # setup() returns a kernel-alone callable
     quick: bool = True            # part of --quick
+    calls_per_sample: int = 1     # > 1: a sample loops over up to this many calls (per-call timings in µs)
     meta: dict = field(default_factory=dict)
+
+    @property
+    def impls(self) -> Tuple[str, ...]:
+        """Every implementation the case times: fastseq, its peers, the kernel alone."""
+        return ("fastseq",) + tuple(self.peers) + (("kernel",) if self.kernel else ())
 
 
 _CASES: List[Case] = []
 
 
 def register(case: Case) -> Case:
+    if not case.peers:
+        raise ValueError(f"benchmark case {case.name!r}: declare its peers' names (Case.peers)")
     _CASES.append(case)
     return case
+
+
+def load(families: Optional[List[str]] = None) -> None:
+    """Import the case files of these families (default: all), registering their cases."""
+    for f in families or FAMILY_MODULES:
+        if f not in FAMILY_MODULES:
+            raise ValueError(f"no benchmark family {f!r}; families: {', '.join(FAMILY_MODULES)}")
+        importlib.import_module(f"{__package__}.{f}")
 
 
 def cases(device: str, only: Optional[List[str]] = None, quick: bool = False) -> List[Case]:
@@ -44,3 +70,10 @@ def cases(device: str, only: Optional[List[str]] = None, quick: bool = False) ->
 
 def families() -> List[str]:
     return sorted({c.family for c in _CASES})
+
+
+def check_setup(case: Case, s: Setup) -> None:
+    """setup() returned what the case declared (its peers' names, a kernel or none)."""
+    if tuple(s.peers) != tuple(case.peers) or (s.kernel is not None) != case.kernel:
+        raise RuntimeError(f"benchmark case {case.name!r} declares peers {list(case.peers)}, kernel={case.kernel}; "
+                           f"its setup returned peers {list(s.peers)}, kernel={s.kernel is not None}")

@@ -187,42 +187,65 @@ def write(rows: List[dict], out_dir: str) -> List[str]:
             f.write(f"{r['mode']},{r['impl']},{r['T']},{r['ms']:.4f},{r['gflops']:.2f},"
                     f"{'' if r['peak_mib'] is None else round(r['peak_mib'], 2)}\n")
     paths.append(p)
+    fig = figure(rows)
+    if fig is None:
+        return paths
+    import matplotlib.pyplot as plt
+
+    p = os.path.join(out_dir, "attention_scaling.png")
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def figure(rows: List[dict]):
+    """The sweep as log-log panels, one per (forward / forward+backward) x (time / peak extra
+    memory) that has data: quick mode (forward only) draws two, a run without memory figures
+    one per mode.  None without matplotlib or points."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return paths
+        return None
+    sl_t, sl_m = slopes(rows, "ms"), slopes(rows, "peak_mib")
     colors = {"fastseq": "tab:blue", "torch": "tab:orange", "math": "tab:green", "naive": "tab:red",
               "torch+mask": "tab:purple"}
-    fig, axes = plt.subplots(2, 2, figsize=(14, 10))
+    panels: Dict[tuple, list] = {}                    # (mode row, column) -> [(xs, ys, label, style kw)]
     for (mode, impl) in sorted({(r["mode"], r["impl"]) for r in rows}):
         pts = [r for r in rows if r["mode"] == mode and r["impl"] == impl]
-        row = 1 if mode.startswith("fwd+bwd") else 0
+        kind = "forward + backward" if mode.startswith("fwd+bwd") else "forward"
         style = ":" if "window" in mode else ("--" if "causal" in mode else "-")
         variant = mode.split(" ", 1)[1] if " " in mode else "full"
         kw = dict(color=colors.get(impl), linestyle=style, marker="o", ms=3)
-        axes[row][0].plot([r["T"] for r in pts], [r["ms"] for r in pts],
-                          label=f"{impl}, {variant} (slope {sl_t.get((mode, impl), float('nan')):.2f})", **kw)
-        mem = [r for r in pts if r["peak_mib"]]
+        panels.setdefault((kind, "time per call (ms)"), []).append(
+            ([r["T"] for r in pts], [r["ms"] for r in pts],
+             f"{impl}, {variant} (slope {sl_t.get((mode, impl), float('nan')):.2f})", kw))
+        mem = [r for r in pts if r.get("peak_mib")]              # log axis: zero (or unknown) is no point
         if mem:
-            axes[row][1].plot([r["T"] for r in mem], [r["peak_mib"] for r in mem],
-                              label=f"{impl}, {variant} (slope {sl_m.get((mode, impl), float('nan')):.2f})", **kw)
-    for row, mode in enumerate(("forward", "forward + backward")):
-        for col, label in enumerate(("time per call (ms)", "peak extra memory (MiB)")):
-            ax = axes[row][col]
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("T = S (B=1, 8 heads, D=64, fp32)")
-            ax.set_ylabel(label)
-            ax.set_title(f"{mode}: {label.split(' (')[0]}", fontsize=10)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=6)
+            panels.setdefault((kind, "peak extra memory (MiB)"), []).append(
+                ([r["T"] for r in mem], [r["peak_mib"] for r in mem],
+                 f"{impl}, {variant} (slope {sl_m.get((mode, impl), float('nan')):.2f})", kw))
+    if not panels:
+        return None
+    order = [(k, c) for k in ("forward", "forward + backward")
+             for c in ("time per call (ms)", "peak extra memory (MiB)") if (k, c) in panels]
+    ncols = min(2, len(order))
+    nrows = (len(order) + ncols - 1) // ncols
+    fig = plt.figure(figsize=(7 * ncols, 5 * nrows))
+    for i, (kind, label) in enumerate(order):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        for xs, ys, name, kw in panels[(kind, label)]:
+            ax.plot(xs, ys, label=name, **kw)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(f"T = S (B={B}, {H} heads, D={D}, fp32)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{kind}: {label.split(' (')[0]}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
     fig.suptitle("attention: long-context scaling on the CPU (solid: full, dashed: causal, dotted: window (512, 0))")
     fig.tight_layout()
-    p = os.path.join(out_dir, "attention_scaling.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
-    return paths
+    return fig
