@@ -77,7 +77,8 @@ def _masked_case(B, H, T, D, backward, window=None, lengths=None, device="cpu"):
         q, k, v = _inputs(B, H, T, T, D, device, backward)
         kl = torch.tensor(lengths, device=device) if lengths is not None else None
         keep = visible_keys(T, T, False, window, kl, device=device)
-        visible = visible_count(T, T, False, window, kl) * (B if kl is None else 1) * H
+        counted = visible_count(T, T, False, window, kl.cpu() if kl is not None else None)    # counts on the CPU
+        visible = counted * (B if kl is None else 1) * H
         return Setup(fastseq=_runner(fast_sdpa, q, k, v, backward, window=window, key_lengths=kl),
                      peers={"torch+mask": _runner(torch_sdpa, q, k, v, backward, mask=keep)},
                      flops=4 * visible * D * (3.5 if backward else 1))
