@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import _alloc, _blas, _dispatch
+from . import _alloc, _blas, _dispatch, _library
 
 Window = Optional[Tuple[int, int]]
 
@@ -157,8 +157,6 @@ def _check(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, 
                 raise ValueError(f"{op}: enable_gqa needs key heads ({hk}) to divide query heads ({hq})")
     if not 0.0 <= float(dropout_p) <= 1.0:
         raise ValueError(f"{op}: dropout_p must be in [0, 1], got {dropout_p}")
-    if q.shape[-1] == 0 or v.shape[-1] == 0:
-        raise ValueError(f"{op}: head dims must be at least 1, got D={q.shape[-1]}, Dv={v.shape[-1]}")
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise ValueError(f"{op}: expected attn_mask to be a torch.Tensor or None, got {type(attn_mask).__name__}")
@@ -180,7 +178,8 @@ def _check(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, 
             raise ValueError(f"{op}: pass either attn_mask or is_causal=True, not both (torch's rule)")
     if window is not None:
         if not (isinstance(window, (tuple, list)) and len(window) == 2) or \
-                any(w is not None and (not isinstance(w, numbers.Integral) or w < -1) for w in window):
+                any(w is not None and (isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < -1)
+                    for w in window):
             raise ValueError(f"{op}: window must be (left, right) of ints >= 0 (None or -1: unbounded), "
                              f"got {window!r}")
     if key_lengths is not None:
@@ -189,6 +188,9 @@ def _check(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, 
             raise ValueError(f"{op}: key_lengths must be a 1-D integer tensor (B,), got "
                              f"{getattr(key_lengths, 'dtype', type(key_lengths).__name__)} "
                              f"of shape {list(getattr(key_lengths, 'shape', []))}")
+        if key_lengths.device != q.device and key_lengths.device.type != "cpu":
+            raise ValueError(f"{op}: expected key_lengths on {q.device} (the query's) or the CPU, got "
+                             f"{key_lengths.device}")
         b = _fold(q).shape[0]
         if key_lengths.shape[0] != b:
             raise ValueError(f"{op}: key_lengths has {key_lengths.shape[0]} entries for a batch of {b}")
@@ -212,17 +214,36 @@ def _bounds(is_causal: bool, window: Window, T: int, S: int) -> Tuple[int, int]:
 
 # ============================================================================ dispatch
 
-def _facts(q, k=None, v=None, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-           enable_gqa=False, window=None, key_lengths=None) -> dict:
-    return {"device": q.device.type, "dtype": str(q.dtype).replace("torch.", ""),
-            "dropout": float(dropout_p) > 0, "dropout_p": float(dropout_p),
-            "mask_needs_grad": bool(attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()),
-            "T": q.shape[-2], "S": k.shape[-2] if k is not None else None, "D": q.shape[-1],
-            "Dv": v.shape[-1] if v is not None else q.shape[-1]}
+def _facts(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+           enable_gqa=False, *, window=None, key_lengths=None) -> dict:
+    """Facts of a call, after its boundary checks (a call that would raise, raises here too);
+    the functional op's own signature, so fastseq.explain takes the call's arguments."""
+    _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, key_lengths)
+    return _facts_of_key(_key(query, value, attn_mask, dropout_p))
+
+
+def _key(q, v, attn_mask, dropout_p) -> tuple:
+    """Everything the backends' reasons read, as a hashable key (one dict lookup per call)."""
+    return (q.device.type, q.dtype, float(dropout_p), attn_mask is not None and attn_mask.requires_grad and
+            torch.is_grad_enabled(), q.shape[-1], v.shape[-1])
+
+
+def _facts_of_key(key: tuple) -> dict:
+    device, dtype, p, mask_grad, D, Dv = key
+    return {"device": device, "dtype": str(dtype).replace("torch.", ""), "dropout": p > 0, "dropout_p": p,
+            "mask_needs_grad": mask_grad, "D": D, "Dv": Dv}
+
+
+def _backend(q, v, attn_mask, dropout_p) -> str:
+    key = _key(q, v, attn_mask, dropout_p)
+    return _dispatch.choose_cached("scaled_dot_product_attention", key, lambda: _facts_of_key(key))
 
 
 def _cpu_reasons(f: dict) -> List[str]:
     out = []
+    if min(f["D"], f["Dv"]) == 0:
+        out.append(f"a head dim of 0 has nothing to fuse (torch's SDPA returns its empty or zero result), "
+                   f"got D={f['D']}, Dv={f['Dv']}")
     if f["dropout_p"] >= 1:
         out.append("dropout_p=1 drops every probability (torch's SDPA returns zeros)")
     if f["dtype"] not in ("float32", "float64"):
@@ -235,6 +256,8 @@ def _cpu_reasons(f: dict) -> List[str]:
 
 def _cuda_reasons(f: dict) -> List[str]:
     out = []
+    if min(f["D"], f["Dv"]) == 0:
+        out.append(f"a head dim of 0 has nothing to fuse, got D={f['D']}, Dv={f['Dv']}")
     if f["dropout_p"] >= 1:
         out.append("dropout_p=1 drops every probability (torch's SDPA returns zeros)")
     if f["dtype"] not in ("float16", "float32", "float64"):
@@ -311,16 +334,17 @@ class _Call:
                 + tuple(self.strides) + (self.dropout_p, self.seed))
 
 
+def _kv_for(k, v, backend):
+    """k, v as the kernels read them: the CPU forward reads row-strided views in place."""
+    if backend == "cpu" and _row_strided(k) and _row_strided(v):
+        return k, v
+    return k.contiguous(), v.contiguous()
+
+
 def _row_strided(t: torch.Tensor) -> bool:
     """A 4-D tensor whose rows are contiguous (a slice of a longer cache, say): the CPU forward
     reads it in place through its strides."""
     return t.stride(-1) == 1 and t.stride(-2) >= t.shape[-1] and all(st >= 0 for st in t.stride())
-
-
-def _flat_span(t: torch.Tensor):
-    """A 1-D view of the storage span a strided tensor covers, and its element strides."""
-    span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0) if t.numel() else 0
-    return torch.as_strided(t, (span,), (1,), t.storage_offset()), t.stride()
 
 
 def _cuda_args(c: _Call, q):
@@ -336,11 +360,17 @@ def _cuda_args(c: _Call, q):
             (c.add is not None, c.keep is not None, c.key_lengths is not None))
 
 
-def _forward(c: _Call, q, k, v, backend="cpu"):
+def _lse_dtype(q, backend):
+    return torch.float64 if q.dtype == torch.float64 else (torch.float32 if backend == "cuda" else q.dtype)
+
+
+def _forward(c: _Call, q, k, v, backend="cpu", want_lse=True):
+    """o (B, Hq, T, Dv) and the per-row logsumexp lse (B, Hq, T) (None unless want_lse: on the CPU
+    an inference call's lse goes to scratch).  q contiguous; k, v contiguous or, on the CPU,
+    row-strided views (a KV cache slice), read in place through their strides."""
     o = _alloc.empty((c.B, c.Hq, c.T, c.Dv), q.dtype, q.device)
-    lse = _alloc.empty((c.B, c.Hq, c.T), torch.float64 if q.dtype == torch.float64 else
-                       (torch.float32 if backend == "cuda" else q.dtype), q.device)
     if backend == "cuda":
+        lse = _alloc.empty((c.B, c.Hq, c.T), _lse_dtype(q, backend), q.device)
         from fastseq._cuda._common import as_array, on_device, torch_stream
         kern = _dispatch.cuda_kernels("attention")
         with on_device(q.device):
@@ -349,15 +379,22 @@ def _forward(c: _Call, q, k, v, backend="cpu"):
                          stream=torch_stream())
         return o, lse
     kern = _cpu()
-    npd = _NP[q.dtype]
     nt = _dispatch.num_threads()
-    work = torch.empty(nt * kern.work_size(c.D, c.Dv, False), dtype=q.dtype)
-    kv_strides = None
-    if not (k.is_contiguous() and v.is_contiguous()):
-        (k, ks), (v, vs) = _flat_span(k), _flat_span(v)
-        kv_strides = (ks[0], ks[1], ks[2], vs[0], vs[1], vs[2])
-    kern.forward(_np(q, npd), _np(k, npd), _np(v, npd), _np(o, npd), _np(lse, npd), *c.common(npd),
-                 _np(work, npd), nt, kv_strides)
+    rows = c.B * c.Hq * c.T
+    ws = nt * kern.work_size(c.D, c.Dv, False)
+    if want_lse:
+        lse = _alloc.empty((c.B, c.Hq, c.T), q.dtype, q.device)
+        p_lse, p_work = lse.data_ptr(), _alloc.scratch(ws, q.dtype).data_ptr()
+    else:                                           # [lse | work] in one scratch buffer
+        lse = None
+        p_lse = _alloc.scratch(rows + ws, q.dtype).data_ptr()
+        p_work = p_lse + rows * q.element_size()
+    ks, vs = k.stride(), v.stride()
+    kern.forward_ptr(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), p_lse,
+                     c.add.data_ptr() if c.add is not None else 0, c.keep.data_ptr() if c.keep is not None else 0,
+                     c.key_lengths.data_ptr() if c.key_lengths is not None else 0,
+                     c.B, c.Hq, c.Hk, c.T, c.S, c.D, c.Dv, c.scale, c.left, c.right, *c.strides, c.dropout_p,
+                     c.seed, p_work, nt, ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], q.dtype == torch.float64)
     return o, lse
 
 
@@ -406,6 +443,69 @@ class AttentionFunction(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _backward(ctx.call, q, k.contiguous(), v.contiguous(), o, do.contiguous(), lse, ctx.backend)
         return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+# ============================================================================ registered ops
+# The same kernels as torch.library ops, for graph capture (fastseq/_library.py).  q, k, v are
+# the folded 4-D tensors; the window travels as two ints (-1: unbounded side) and the dropout
+# seed as a 0-dim int64 tensor (drawn in the graph: no .item(), no graph break).
+
+def _window(left: int, right: int) -> Window:
+    return None if left < 0 and right < 0 else (left, right)
+
+
+@torch.library.custom_op("fastseq::attention_forward", mutates_args=())
+def _attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                          key_lengths: Optional[torch.Tensor], is_causal: bool, scale: Optional[float],
+                          window_left: int, window_right: int, dropout_p: float, seed: torch.Tensor,
+                          backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    c = _Call(q, k, v, attn_mask, is_causal, scale, _window(window_left, window_right), key_lengths, dropout_p,
+              int(seed))
+    return _forward(c, q.contiguous(), *_kv_for(k, v, backend), backend)
+
+
+@_attention_forward_op.register_fake
+def _(q, k, v, attn_mask, key_lengths, is_causal, scale, window_left, window_right, dropout_p, seed, backend):
+    B, Hq, T, _ = q.shape
+    return q.new_empty((B, Hq, T, v.shape[-1])), q.new_empty((B, Hq, T), dtype=_lse_dtype(q, backend))
+
+
+@torch.library.custom_op("fastseq::attention_backward", mutates_args=())
+def _attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, do: torch.Tensor,
+                           lse: torch.Tensor, attn_mask: Optional[torch.Tensor], key_lengths: Optional[torch.Tensor],
+                           is_causal: bool, scale: Optional[float], window_left: int, window_right: int,
+                           dropout_p: float, seed: torch.Tensor,
+                           backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    c = _Call(q, k, v, attn_mask, is_causal, scale, _window(window_left, window_right), key_lengths, dropout_p,
+              int(seed))
+    return _backward(c, q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous(), do.contiguous(), lse,
+                     backend)
+
+
+@_attention_backward_op.register_fake
+def _(q, k, v, o, do, lse, attn_mask, key_lengths, is_causal, scale, window_left, window_right, dropout_p, seed,
+      backend):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, key_lengths, is_causal, scale, left, right, dropout_p, seed, backend = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, attn_mask, key_lengths, seed)
+    ctx.meta = (is_causal, scale, left, right, dropout_p, backend)
+
+
+def _attention_op_backward(ctx, do, dlse):
+    q, k, v, o, lse, attn_mask, key_lengths, seed = ctx.saved_tensors
+    is_causal, scale, left, right, dropout_p, backend = ctx.meta
+    dq, dk, dv = _attention_backward_op(q, k, v, o, do, lse, attn_mask, key_lengths, is_causal, scale, left, right,
+                                        dropout_p, seed, backend)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+_attention_forward_op.register_autograd(_attention_op_backward, setup_context=_attention_setup_context)
 
 
 # ============================================================================ functional
@@ -468,16 +568,23 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         3-D inputs (B, T, D) are one head; leading dims beyond (B, H) fold into the batch.
     """
     _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, key_lengths)
-    backend = _dispatch.choose("scaled_dot_product_attention",
-                               _facts(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                      window, key_lengths))
+    cast = _library.autocast_dtype(query.device.type)
+    if cast is not None:             # as torch's autocast: SDPA runs in the lower precision
+        query, key, value = query.to(cast), key.to(cast), value.to(cast)
+        if attn_mask is not None and attn_mask.dtype.is_floating_point:
+            attn_mask = attn_mask.to(cast)
+    backend = "torch" if _library.transformed() else _backend(query, value, attn_mask, dropout_p)
     if backend == "torch":
         return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, key_lengths)
     q = _fold(query).contiguous()
-    k, v = _fold(key), _fold(value)            # views into a KV cache stay views (CPU forward)
-    if not (_row_strided(k) and _row_strided(v)) or query.device.type != "cpu":
-        k, v = k.contiguous(), v.contiguous()
+    k, v = _kv_for(_fold(key), _fold(value), backend)   # views into a KV cache stay views (CPU forward)
     mask = _fold_mask(attn_mask, query, key)
+    if _library.captured(query):
+        left, right = (-1 if w is None else int(w) for w in (window if window is not None else (None, None)))
+        seed = _library.seed_tensor() if dropout_p > 0 else torch.zeros((), dtype=torch.int64)
+        o, _ = _attention_forward_op(q, k, v, mask, key_lengths, is_causal, scale, left, right, float(dropout_p),
+                                     seed, backend)
+        return o.view(query.shape[:-1] + (value.shape[-1],))
     seed = 0
     if dropout_p > 0:                # drawn from torch's generator: torch.manual_seed reproduces runs
         seed = int(torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64))
@@ -485,5 +592,5 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         o = AttentionFunction.apply(q, k, v, mask, key_lengths, is_causal, scale, window, dropout_p, seed, backend)
     else:
         c = _Call(q, k, v, mask, is_causal, scale, window, key_lengths, dropout_p, seed)
-        o, _ = _forward(c, q, k, v, backend)
+        o, _ = _forward(c, q, k, v, backend, want_lse=False)
     return o.view(query.shape[:-1] + (value.shape[-1],))
