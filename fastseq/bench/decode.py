@@ -1,0 +1,91 @@
+"""Benchmark cases of a decoding loop (issue #8): a small GPT-style model decoded token by token
+with a preallocated KV cache, the same loop run on torch's ops and on fastseq's.
+
+The model is GPT-2's block written out with functional ops (6 pre-norm layers, E = 512, 8 heads,
+vocab 8192, tanh-GELU, tied head, random weights): per layer two layer norms, one attention over
+the cache slice, four GEMMs.  The loop prefills a 32-token prompt in one causal pass, then
+decodes greedily; per step every op is called once per layer, so at batch 1 the time is the
+GEMMs' weight reads (~94 MB of fp32 weights: bytes below) plus ~20 calls' per-call cost.  The
+two loops differ only in `layer_norm` and `scaled_dot_product_attention` (fastseq's or torch's);
+both produce the same tokens (checked once in setup).  Reported: ms per generation; tokens/s =
+B * new tokens / time.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import functional as FF
+from .registry import Case, Setup, register
+
+LAYERS, E, NH, V, CTX = 6, 512, 8, 8192, 256
+PROMPT = 32
+
+
+class TinyGPT:
+    """GPT-2's decoder with functional ops and a preallocated (L, B, NH, CTX, D) KV cache."""
+
+    def __init__(self, device, seed=0):
+        g = torch.Generator().manual_seed(seed)
+
+        def p(*shape, std=0.02):
+            return (torch.randn(*shape, generator=g) * std).to(device)
+
+        self.wte, self.wpe = p(V, E), p(CTX, E, std=0.01)
+        self.layers = [dict(ln1=(1 + p(E), p(E)), qkv=(p(3 * E, E), p(3 * E)), proj=(p(E, E), p(E)),
+                            ln2=(1 + p(E), p(E)), fc=(p(4 * E, E), p(4 * E)), out=(p(E, 4 * E), p(E)))
+                       for _ in range(LAYERS)]
+        self.lnf = (1 + p(E), p(E))
+        self.device = device
+
+    def forward(self, tokens, pos, cache, ln, sdpa):
+        """tokens (B, T) at positions pos..pos+T-1 -> logits of the last position (B, V); writes
+        the T new keys/values into the cache and attends over cache[..., :pos + T]."""
+        B, T = tokens.shape
+        D = E // NH
+        x = self.wte[tokens] + self.wpe[pos:pos + T]                        # (B, T, E)
+        for i, L in enumerate(self.layers):
+            h = ln(x, (E,), *L["ln1"])
+            q, k, v = F.linear(h, *L["qkv"]).view(B, T, 3, NH, D).permute(2, 0, 3, 1, 4)   # 3 x (B, NH, T, D)
+            cache[0][i, :, :, pos:pos + T] = k
+            cache[1][i, :, :, pos:pos + T] = v
+            a = sdpa(q, cache[0][i, :, :, :pos + T], cache[1][i, :, :, :pos + T], is_causal=T > 1)
+            x = x + F.linear(a.transpose(1, 2).reshape(B, T, E), *L["proj"])  # (B, T, E)
+            h = ln(x, (E,), *L["ln2"])
+            x = x + F.linear(F.gelu(F.linear(h, *L["fc"]), approximate="tanh"), *L["out"])
+        return F.linear(ln(x[:, -1], (E,), *self.lnf), self.wte)            # (B, V)
+
+    @torch.no_grad()
+    def generate(self, prompt, new_tokens, ln, sdpa):
+        """Greedy decoding: prompt (B, PROMPT) -> (B, PROMPT + new_tokens)."""
+        B = prompt.shape[0]
+        cache = torch.empty(2, LAYERS, B, NH, CTX, E // NH, device=self.device)
+        out = [prompt]
+        tok = self.forward(prompt, 0, cache, ln, sdpa).argmax(-1, keepdim=True)   # (B, 1)
+        for step in range(new_tokens):
+            out.append(tok)
+            if step + 1 < new_tokens:
+                tok = self.forward(tok, PROMPT + step, cache, ln, sdpa).argmax(-1, keepdim=True)
+        return torch.cat(out, 1)
+
+
+def _case(device, B, new_tokens):
+    def setup():
+        model = TinyGPT(device)
+        prompt = torch.randint(0, V, (B, PROMPT), generator=torch.Generator().manual_seed(1)).to(device)
+        fast = lambda: model.generate(prompt, new_tokens, FF.layer_norm, FF.scaled_dot_product_attention)  # noqa
+        peer = lambda: model.generate(prompt, new_tokens, F.layer_norm, F.scaled_dot_product_attention)    # noqa
+        if not torch.equal(fast(), peer()):
+            raise AssertionError("decode: fastseq's and torch's loops chose different tokens")
+        weights = sum(t.numel() for L in model.layers for pair in L.values() for t in pair) + model.wte.numel()
+        return Setup(fastseq=fast, peers={"torch ops": peer}, bytes=4.0 * weights * new_tokens,
+                     flops=2.0 * weights * B * new_tokens)
+    return setup
+
+
+for _dev in ("cpu", "cuda"):
+    for _B in (1, 8):
+        register(Case("decode", f"GPT-style decode B={_B}, 128 new tokens", _dev, _case(_dev, _B, 128),
+                      peers=("torch ops",), quick=False, meta={"B": _B, "new_tokens": 128}))
+        register(Case("decode", f"GPT-style decode B={_B}, 32 new tokens", _dev, _case(_dev, _B, 32),
+                      peers=("torch ops",), meta={"B": _B, "new_tokens": 32}))
