@@ -92,9 +92,16 @@ def test_mha_dropout_in_training():
 
 
 def test_mha_is_causal_needs_a_mask_as_in_torch():
-    fast = fastseq.nn.MultiheadAttention(8, 2)
+    ref, fast = twins(torch.nn.MultiheadAttention, fastseq.nn.MultiheadAttention, 8, 2)
     x = torch.randn(3, 1, 8)
-    with pytest.raises(ValueError, match="is_causal=True is a hint"):
+    with pytest.raises(RuntimeError, match="is_causal hint"):
+        ref(x, x, x, is_causal=True)
+    with pytest.raises(RuntimeError, match="is_causal=True is a hint"):
+        fast(x, x, x, is_causal=True)
+    # torch's native fast path (eval, batch_first self-attention, no grad) ignores the hint and
+    # attends to every key; fastseq raises there too rather than return a non-causal result
+    fast = fastseq.nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="is_causal=True is a hint"):
         fast(x, x, x, is_causal=True)
 
 
