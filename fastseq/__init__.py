@@ -14,6 +14,7 @@ import torch as _torch
 
 
 def _no_nested(m):
+    m._torch_nested = m.use_nested_tensor     # what torch would do: fastseq's encoder mirrors its outputs
     m.use_nested_tensor = False     # torch's nested-tensor fast path would bypass the layers' forward
     return m
 

@@ -27,6 +27,11 @@ PRIORITY = {"cuda": ("cuda", "torch"), "cpu": ("cpu", "torch")}
 Reasons = Callable[[dict], List[str]]
 
 
+class ShapeError(ValueError, RuntimeError):
+    """Bad input where torch's own op raises RuntimeError: fastseq's errors are ValueErrors
+    (DESIGN.md section 5) and code written against torch catches RuntimeError, so both work."""
+
+
 def num_threads() -> int:
     """The thread count every CPU kernel uses: torch's, so torch.set_num_threads applies."""
     return max(1, torch.get_num_threads())
@@ -212,7 +217,8 @@ def explain(op: Optional[str] = None, *args, **kwargs) -> str:
     try:                    # the facts functions run the op's own boundary checks first
         facts = _REGISTRY[op].facts(*args, **kwargs)
     except (ValueError, TypeError, RuntimeError, IndexError) as e:
-        return f"{op}: this call raises {type(e).__name__} before any backend runs: {e}"
+        kind = "ValueError" if isinstance(e, ValueError) else type(e).__name__
+        return f"{op}: this call raises {kind} before any backend runs: {e}"
     shown = ", ".join(f"{k}={v}" for k, v in facts.items())
     try:
         chosen = choose(op, facts)

@@ -9,8 +9,6 @@ who falls back expects.
 Every op normalizes over the last k dims (`normalized_shape`); the input is viewed as
 (M, N) with N = prod(normalized_shape).  Forward saves only per-row mean and rstd.
 """
-from __future__ import annotations
-
 import math
 import numbers
 from typing import List, Optional, Sequence, Tuple, Union
@@ -82,7 +80,7 @@ def _check(op, x, shape, weight, bias, residual=None) -> Tuple[int, int]:
         raise ValueError(f"{op}: expected a floating-point input, got {x.dtype}")
     k = len(shape)
     if k == 0 or x.dim() < k or x.shape[x.dim() - k:] != shape:
-        raise ValueError(f"{op}: normalized_shape {list(shape)} must match the trailing dims of the "
+        raise _dispatch.ShapeError(f"{op}: normalized_shape {list(shape)} must match the trailing dims of the "
                          f"input, got input of shape {list(x.shape)}")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
@@ -90,7 +88,7 @@ def _check(op, x, shape, weight, bias, residual=None) -> Tuple[int, int]:
         if not isinstance(p, torch.Tensor):
             raise ValueError(f"{op}: expected {name} to be a torch.Tensor or None, got {type(p).__name__}")
         if p.shape != shape:
-            raise ValueError(f"{op}: expected {name} of shape {list(shape)}, got {list(p.shape)}")
+            raise _dispatch.ShapeError(f"{op}: expected {name} of shape {list(shape)}, got {list(p.shape)}")
         if p.device != x.device:
             raise ValueError(f"{op}: expected {name} on {x.device} (the input's), got {p.device}")
     if residual is not None:
@@ -550,8 +548,8 @@ class LayerNorm(torch.nn.LayerNorm):
 class RMSNorm(torch.nn.RMSNorm):
     """torch.nn.RMSNorm on fastseq kernels: same constructor, parameters and state_dict."""
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return rms_norm(input, self.normalized_shape, self.weight, self.eps)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
 
 class AddLayerNorm(LayerNorm):
