@@ -1,7 +1,7 @@
 """Drop-in torch.nn modules on fastseq kernels (re-exports)."""
 from .layer_norm import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm
 from .multihead_attention import MultiheadAttention
-from .recurrent_nn import GRU, LSTM, RNN, GRUCell, LayerNormGRU, LayerNormLSTM, LSTMCell, RNNCell
+from .recurrent.nn import GRU, LSTM, RNN, GRUCell, LayerNormGRU, LayerNormLSTM, LSTMCell, RNNCell
 from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
                           TransformerEncoderLayer)
 

@@ -154,9 +154,9 @@ def test_packed_input_costs_only_its_rows(monkeypatch):
     seen = []
     real = R.LSTMLayerFunction.forward
 
-    def spy(ctx, rows, *args):
-        seen.append(rows.N)
-        return real(ctx, rows, *args)
+    def spy(ctx, backend, offs, ub, xp, *args):
+        seen.append(xp.shape[0])
+        return real(ctx, backend, offs, ub, xp, *args)
     monkeypatch.setattr(R.LSTMLayerFunction, "forward", staticmethod(spy))
     x = torch.randn(50, 4, 3)
     fastseq.nn.LSTM(3, 5)(pack_padded_sequence(x, torch.tensor([50, 2, 3, 1]), enforce_sorted=False))
@@ -410,7 +410,7 @@ def test_backend_torch_runs_torchs_own_forward():
     x = torch.randn(3, 2, 4)
     with fastseq.use_backend("torch"):
         torch.testing.assert_close(fast(x)[0], ref(x)[0], rtol=0, atol=0)
-    assert "runs on backend 'cpu'" in fastseq.explain("recurrent", x, "gru")
+    assert "runs on backend 'cpu'" in fastseq.explain("gru_layer", x, None, *ref.parameters())
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -502,14 +502,15 @@ def test_ln_gru_sequence(dtype):
 
 @pytest.fixture
 def gpu_loops(monkeypatch):
-    """fastseq.recurrent with the GPU's time loops (fastseq/_recurrent_cuda.py: torch GEMMs plus
-    the simulator's step kernels) on CPU tensors, in torch's gate order as on a GPU."""
-    import fastseq.recurrent as R
-    import fastseq.recurrent_functions as RF
+    """fastseq.recurrent with dispatch answering "cuda" for CPU tensors: the GPU's table of time
+    loops (fastseq/recurrent/cuda.py: torch GEMMs plus the simulator's step kernels) runs, in
+    torch's gate order as on a GPU, through the same Functions and the same ctx.backend."""
+    import fastseq.recurrent.functional as RF
 
-    monkeypatch.setattr(RF, "_loops", lambda t: RF._CUDA_LOOPS)
-    monkeypatch.setattr(R, "_unit_block", lambda H, threads: H)
-    return R
+    real = RF.choose
+    monkeypatch.setattr(RF, "choose", lambda cell, x, proj=False: "cuda" if real(cell, x, proj) == "cpu" else
+                        real(cell, x, proj))
+    return RF
 
 
 MODULES = {"LSTM": (torch.nn.LSTM, {}), "GRU": (torch.nn.GRU, {}), "RNN_TANH": (torch.nn.RNN, {}),

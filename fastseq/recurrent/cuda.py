@@ -1,25 +1,29 @@
-"""The GPU time loop of the recurrent layers: per step a torch GEMM (cuBLAS) and one fused
-pointwise kernel of kernels/cuda/recurrent.py, both on torch's current stream, no host sync.
+"""The GPU table of time loops: per step a torch GEMM (cuBLAS) and one fused pointwise kernel of
+kernels/cuda/recurrent.py, both on torch's current stream, no host sync.  Numba is imported on
+the first call only (importing this module imports torch alone).
 
-Every function here takes the buffers of its CPU twin in kernels/cpu/recurrent.pyx (same
-packed-row layout offs, same carries), as torch tensors; the gate columns are in torch's order
-(the CPU's unit-block size ub is H: one block), and ub / num_threads are ignored.  Differences:
-the LSTM forward always saves (no inference-only mode), the layer-normalized backwards take no
-per-thread `sums` (the binding reduces the norm-weight gradients with torch), and there is no
-projected LSTM (proj_size runs torch's own forward on a GPU).  fastseq/recurrent.py calls one
-or the other through _loops().  Buffers are flat and contiguous; rows [r0, r1) of a (rows, K)
-buffer are the contiguous slice [r0 K, r1 K).
+Every function has its CPU twin's signature (cpu.py): the layout, then buffers as torch tensors.
+Gate columns are in torch's order (the caller passes ub = H: one block) and ub is ignored.
+Differences: lstm_infer runs the saving forward into temporaries (there is no inference-only
+kernel), the layer-normalized backwards reduce the norm-weight gradients with torch, and there
+is no projected LSTM (proj_size runs torch's own forward on a GPU).  Buffers are flat and
+contiguous; rows [r0, r1) of a (rows, K) buffer are the contiguous slice [r0 K, r1 K).
 
 A step of the sequence is a GEMM launch plus a kernel launch, so at small B and H the launch
 latency (a few us each) bounds it; the weights stream from L2 every step.
+
+The CUDA simulator's tests run these loops on CPU tensors (numpy views stand in for device
+arrays), so nothing here assumes a CUDA tensor.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
 
 def _k():
-    from ._dispatch import cuda_kernels
+    from .._dispatch import cuda_kernels
 
     return cuda_kernels("recurrent")
 
@@ -29,7 +33,7 @@ def _arr(t):
     is viewed as numpy, which the simulator takes as a device array."""
     if t.device.type == "cpu":
         return t.detach().numpy().reshape(-1)
-    from ._cuda._common import as_array
+    from .._cuda._common import as_array
 
     return as_array(t.reshape(-1))
 
@@ -37,9 +41,22 @@ def _arr(t):
 def _stream(t):
     if t.device.type == "cpu":
         return 0
-    from ._cuda._common import torch_stream
+    from .._cuda._common import torch_stream
 
     return torch_stream()
+
+
+def _on_device(fn):
+    """Run fn with torch's and Numba's current device set to its first buffer's."""
+    @functools.wraps(fn)
+    def call(rows, *args):
+        first = next(a for a in args if isinstance(a, torch.Tensor))
+        if not first.is_cuda:
+            return fn(rows, *args)
+        from .._cuda._common import on_device
+        with on_device(first.device):
+            return fn(rows, *args)
+    return call
 
 
 def _rows(buf, width, r0, r1):
@@ -47,13 +64,14 @@ def _rows(buf, width, r0, r1):
     return buf.view(-1)[r0 * width:r1 * width].view(r1 - r0, width)
 
 
-def _steps(offs, T, reverse=False):
+def _steps(rows, reverse=False):
     """(t, r0, r1, rp) per step: its rows [r0, r1) and the first row of step t - 1."""
-    order = range(T - 1, -1, -1) if reverse else range(T)
+    offs = rows.offs_list
+    order = range(rows.T - 1, -1, -1) if reverse else range(rows.T)
     for t in order:
-        r0, r1 = int(offs[t]), int(offs[t + 1])
+        r0, r1 = offs[t], offs[t + 1]
         if r1 > r0:
-            yield t, r0, r1, int(offs[t - 1]) if t > 0 else 0
+            yield t, r0, r1, offs[t - 1] if t > 0 else 0
 
 
 def _prev(t, rp, bt, first, seq, H):
@@ -61,10 +79,12 @@ def _prev(t, rp, bt, first, seq, H):
     return _rows(first, H, 0, bt) if t == 0 else _rows(seq, H, rp, rp + bt)
 
 
-def lstm_forward(xp, w_hh, h0, c0, y, cs, gates, g_step, offs, T, H, ub=0, num_threads=0):
-    K, s = _k(), _stream(xp)
+@_on_device
+def lstm_forward(rows, ub, xp, w_hh, h0, c0, y, cs, gates):
+    K, s, H = _k(), _stream(xp), w_hh.shape[1]
+    g_step = torch.empty(rows.B * 4 * H, dtype=xp.dtype, device=xp.device)
     w = w_hh.view(4 * H, H)
-    for t, r0, r1, rp in _steps(offs, T):
+    for t, r0, r1, rp in _steps(rows):
         bt = r1 - r0
         g = _rows(g_step, 4 * H, 0, bt)
         torch.addmm(_rows(xp, 4 * H, r0, r1), _prev(t, rp, bt, h0, y, H), w.t(), out=g)
@@ -72,10 +92,19 @@ def lstm_forward(xp, w_hh, h0, c0, y, cs, gates, g_step, offs, T, H, ub=0, num_t
                             _arr(_rows(y, H, r0, r1)), _arr(_rows(gates, 4 * H, r0, r1)), bt, H, s)
 
 
-def lstm_backward(dy, w_hh, c0, cs, gates, dgates, dh, dc, offs, T, H, ub=0, num_threads=0):
-    K, s = _k(), _stream(dy)
+def lstm_infer(rows, ub, xp, w_hh, h0, c0, y):
+    H = w_hh.shape[1]
+    cs = torch.empty(rows.N, H, dtype=xp.dtype, device=xp.device)
+    gates = torch.empty(rows.N, 4 * H, dtype=xp.dtype, device=xp.device)
+    lstm_forward(rows, ub, xp, w_hh, h0, c0, y, cs, gates)
+    return rows.final(cs, c0)
+
+
+@_on_device
+def lstm_backward(rows, ub, dy, w_hh, c0, cs, gates, dgates, dh, dc):
+    K, s, H = _k(), _stream(dy), w_hh.shape[1]
     w = w_hh.view(4 * H, H)
-    for t, r0, r1, rp in _steps(offs, T, reverse=True):
+    for t, r0, r1, rp in _steps(rows, reverse=True):
         bt = r1 - r0
         dg = _rows(dgates, 4 * H, r0, r1)
         K.lstm_step_backward(_arr(_rows(gates, 4 * H, r0, r1)), _arr(_rows(cs, H, r0, r1)),
@@ -84,10 +113,12 @@ def lstm_backward(dy, w_hh, c0, cs, gates, dgates, dh, dc, offs, T, H, ub=0, num
         torch.mm(dg, w, out=_rows(dh, H, 0, bt))                    # dh_next = dG_t W_hh
 
 
-def gru_forward(xp, w_hh, b_hh, h0, y, gates, ghn, g_step, offs, T, H, ub=0, num_threads=0):
-    K, s = _k(), _stream(xp)
+@_on_device
+def gru_forward(rows, ub, xp, w_hh, b_hh, h0, y, gates, ghn):
+    K, s, H = _k(), _stream(xp), w_hh.shape[1]
+    g_step = torch.empty(rows.B * 3 * H, dtype=xp.dtype, device=xp.device)
     w = w_hh.view(3 * H, H)
-    for t, r0, r1, rp in _steps(offs, T):
+    for t, r0, r1, rp in _steps(rows):
         bt = r1 - r0
         hprev = _prev(t, rp, bt, h0, y, H)
         gh = _rows(g_step, 3 * H, 0, bt)
@@ -96,10 +127,11 @@ def gru_forward(xp, w_hh, b_hh, h0, y, gates, ghn, g_step, offs, T, H, ub=0, num
                            _arr(_rows(gates, 3 * H, r0, r1)), _arr(_rows(ghn, H, r0, r1)), bt, H, s)
 
 
-def gru_backward(dy, w_hh, h0, y, gates, ghn, dxp, dgh, dh, offs, T, H, ub=0, num_threads=0):
-    K, s = _k(), _stream(dy)
+@_on_device
+def gru_backward(rows, ub, dy, w_hh, h0, y, gates, ghn, dxp, dgh, dh):
+    K, s, H = _k(), _stream(dy), w_hh.shape[1]
     w = w_hh.view(3 * H, H)
-    for t, r0, r1, rp in _steps(offs, T, reverse=True):
+    for t, r0, r1, rp in _steps(rows, reverse=True):
         bt = r1 - r0
         d = _rows(dh, H, 0, bt)
         dgh_t = _rows(dgh, 3 * H, r0, r1)
@@ -109,20 +141,22 @@ def gru_backward(dy, w_hh, h0, y, gates, ghn, dxp, dgh, dh, offs, T, H, ub=0, nu
         d.addmm_(dgh_t, w)                                      # dh_next = dh_t z + dgh_t W_hh
 
 
-def rnn_forward(xp, w_hh, h0, y, offs, T, H, ub=0, relu=False, num_threads=0):
-    K, s = _k(), _stream(xp)
+@_on_device
+def rnn_forward(rows, ub, relu, xp, w_hh, h0, y):
+    K, s, H = _k(), _stream(xp), w_hh.shape[1]
     w = w_hh.view(H, H)
-    for t, r0, r1, rp in _steps(offs, T):
+    for t, r0, r1, rp in _steps(rows):
         bt = r1 - r0
         h = _rows(y, H, r0, r1)
         torch.addmm(_rows(xp, H, r0, r1), _prev(t, rp, bt, h0, y, H), w.t(), out=h)
         K.rnn_step_forward(_arr(h), _arr(h), bt, H, bool(relu), s)
 
 
-def rnn_backward(dy, w_hh, y, dg, dh, offs, T, H, ub=0, relu=False, num_threads=0):
-    K, s = _k(), _stream(dy)
+@_on_device
+def rnn_backward(rows, ub, relu, dy, w_hh, y, dg, dh):
+    K, s, H = _k(), _stream(dy), w_hh.shape[1]
     w = w_hh.view(H, H)
-    for t, r0, r1, rp in _steps(offs, T, reverse=True):
+    for t, r0, r1, rp in _steps(rows, reverse=True):
         bt = r1 - r0
         dg_t = _rows(dg, H, r0, r1)
         K.rnn_step_backward(_arr(_rows(y, H, r0, r1)), _arr(_rows(dy, H, r0, r1)), _arr(_rows(dh, H, 0, bt)),
@@ -130,11 +164,12 @@ def rnn_backward(dy, w_hh, y, dg, dh, offs, T, H, ub=0, relu=False, num_threads=
         torch.mm(dg_t, w, out=_rows(dh, H, 0, bt))
 
 
-def ln_lstm_forward(xp, w_hh, g_hh, g_c, b_c, h0, c0, y, cs, gates, ghat, rstd_h, chat, rstd_c, g_step, offs,
-                    T, H, eps, num_threads=0):
-    K, s = _k(), _stream(xp)
+@_on_device
+def ln_lstm_forward(rows, eps, xp, w_hh, g_hh, g_c, b_c, h0, c0, y, cs, gates, ghat, rstd_h, chat, rstd_c):
+    K, s, H = _k(), _stream(xp), w_hh.shape[1]
+    g_step = torch.empty(rows.B * 4 * H, dtype=xp.dtype, device=xp.device)
     w = w_hh.view(4 * H, H)
-    for t, r0, r1, rp in _steps(offs, T):
+    for t, r0, r1, rp in _steps(rows):
         bt = r1 - r0
         gh = _rows(g_step, 4 * H, 0, bt)
         torch.mm(_prev(t, rp, bt, h0, y, H), w.t(), out=gh)
@@ -145,11 +180,12 @@ def ln_lstm_forward(xp, w_hh, g_hh, g_c, b_c, h0, c0, y, cs, gates, ghat, rstd_h
                                float(eps), s)
 
 
-def ln_lstm_backward(dy, w_hh, g_hh, g_c, b_c, c0, cs, gates, ghat, rstd_h, chat, rstd_c, dgates, dgh, dcn, dh, dc,
-                     offs, T, H, num_threads=0):
-    K, s = _k(), _stream(dy)
+@_on_device
+def ln_lstm_backward(rows, dy, w_hh, g_hh, g_c, b_c, c0, cs, gates, ghat, rstd_h, chat, rstd_c, dgates, dgh, dcn,
+                     dh, dc):
+    K, s, H = _k(), _stream(dy), w_hh.shape[1]
     w = w_hh.view(4 * H, H)
-    for t, r0, r1, rp in _steps(offs, T, reverse=True):
+    for t, r0, r1, rp in _steps(rows, reverse=True):
         bt = r1 - r0
         dgh_t = _rows(dgh, 4 * H, r0, r1)
         K.ln_lstm_step_backward(_arr(_rows(gates, 4 * H, r0, r1)), _arr(_rows(ghat, 4 * H, r0, r1)),
@@ -158,12 +194,15 @@ def ln_lstm_backward(dy, w_hh, g_hh, g_c, b_c, c0, cs, gates, ghat, rstd_h, chat
                                 _arr(_rows(dy, H, r0, r1)), _arr(_rows(dh, H, 0, bt)), _arr(_rows(dc, H, 0, bt)),
                                 _arr(_rows(dgates, 4 * H, r0, r1)), _arr(dgh_t), _arr(_rows(dcn, H, r0, r1)), bt, H, s)
         torch.mm(dgh_t, w, out=_rows(dh, H, 0, bt))
+    return (dgates * ghat).sum(0), (dcn * chat).sum(0), dcn.sum(0)
 
 
-def ln_gru_forward(xp, w_hh, g_hh, b_hh, h0, y, gates, ghat, rstd_h, ghn, g_step, offs, T, H, eps, num_threads=0):
-    K, s = _k(), _stream(xp)
+@_on_device
+def ln_gru_forward(rows, eps, xp, w_hh, g_hh, b_hh, h0, y, gates, ghat, rstd_h, ghn):
+    K, s, H = _k(), _stream(xp), w_hh.shape[1]
+    g_step = torch.empty(rows.B * 3 * H, dtype=xp.dtype, device=xp.device)
     w = w_hh.view(3 * H, H)
-    for t, r0, r1, rp in _steps(offs, T):
+    for t, r0, r1, rp in _steps(rows):
         bt = r1 - r0
         hprev = _prev(t, rp, bt, h0, y, H)
         gh = _rows(g_step, 3 * H, 0, bt)
@@ -174,10 +213,11 @@ def ln_gru_forward(xp, w_hh, g_hh, b_hh, h0, y, gates, ghat, rstd_h, ghn, g_step
                               bt, H, float(eps), s)
 
 
-def ln_gru_backward(dy, w_hh, g_hh, h0, y, gates, ghat, rstd_h, ghn, dxp, da, dgh, dh, offs, T, H, num_threads=0):
-    K, s = _k(), _stream(dy)
+@_on_device
+def ln_gru_backward(rows, dy, w_hh, g_hh, h0, y, gates, ghat, rstd_h, ghn, dxp, da, dgh, dh):
+    K, s, H = _k(), _stream(dy), w_hh.shape[1]
     w = w_hh.view(3 * H, H)
-    for t, r0, r1, rp in _steps(offs, T, reverse=True):
+    for t, r0, r1, rp in _steps(rows, reverse=True):
         bt = r1 - r0
         d = _rows(dh, H, 0, bt)
         dgh_t = _rows(dgh, 3 * H, r0, r1)
@@ -186,4 +226,4 @@ def ln_gru_backward(dy, w_hh, g_hh, h0, y, gates, ghat, rstd_h, ghn, dxp, da, dg
                                _arr(g_hh), _arr(_rows(dy, H, r0, r1)), _arr(d), _arr(_rows(dxp, 3 * H, r0, r1)),
                                _arr(_rows(da, 3 * H, r0, r1)), _arr(dgh_t), _arr(d), bt, H, s)
         d.addmm_(dgh_t, w)
-
+    return (da * ghat).sum(0), da.sum(0)

@@ -1,0 +1,186 @@
+"""One record per cell type (Cell): what the rest of the family needs to know about a cell, and
+its fused layer: one layer, one direction, on packed rows, built from its autograd Function.
+
+A fused layer runs in three parts:
+  1. the input projection of every step at once, under torch autograd: xp = x W_ih^T + b
+     (for the layer-normalized cells xp = LN(x W_ih^T) gamma_ih + b, through fastseq.layer_norm);
+  2. the sequential part in one call of the backend's time loop (functions.py): per step the
+     recurrent GEMM and a fused pass over the gates; its backward returns the gradient of xp and
+     forms dW_hh = sum_t dG_t^T h_{t-1} as one GEMM over all steps;
+  3. autograd of part 1 gives dx, dW_ih and the input bias and norm gradients as large GEMMs.
+
+Every fused layer has the signature fused(x, rows, h0, c0, params, eps, backend, w_hr) ->
+y (N, H), (h_n, c_n) with x (N, C) contiguous packed rows, rows a rows.Rows, c0 / c_n None for the
+cells without a cell state, params = (w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c) (absent
+biases and norms None), w_hr the LSTM's projection (torch's proj_size) or None.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+
+from .. import _dispatch
+from ..layer_norm import layer_norm as _fused_layer_norm
+from . import reference as ref
+from .functions import (GRULayerFunction, LayerNormGRULayerFunction, LayerNormLSTMLayerFunction, LSTMLayerFunction,
+                        LSTMProjLayerFunction, RNNLayerFunction, gate_perm, permute, project, project_blocked)
+
+
+@dataclass(frozen=True, eq=False)
+class Cell:
+    name: str                    # "lstm", "gru", "rnn_tanh", "rnn_relu", "ln_lstm", "ln_gru"
+    op: str                      # the functional op (and its dispatch entry): "lstm_layer", ...
+    gates: int                   # G: rows of W_ih / W_hh per hidden unit
+    has_c: bool                  # a cell state c besides h (the LSTMs)
+    layer_norm: bool             # layer-normalized (no torch twin: its torch backend is the reference)
+    function: type               # its autograd Function
+    fused: Callable              # its fused layer (module docstring)
+    step_ref: Callable           # one step in plain torch (reference.py)
+    native: Optional[Callable] = None   # torch's own op for one layer (the "torch" backend), or None
+    relu: bool = False
+
+    def __repr__(self):
+        return f"Cell({self.name})"
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd must record this call."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
+_UB = {}
+
+
+def unit_block(H: int) -> int:
+    """Hidden units per gate block on the CPU: one block per thread, a multiple of 8 (a vector of
+    floats)."""
+    threads = _dispatch.num_threads()
+    ub = _UB.get((H, threads))
+    if ub is None:
+        per_thread = -(-H // max(1, threads))                        # ceil(H / threads)
+        ub = _UB[(H, threads)] = max(8, -(-per_thread // 8) * 8)     # rounded up to a multiple of 8
+    return ub
+
+
+def _ub(backend: str, H: int, rows, permutes: bool) -> int:
+    """The unit block of this call: H (one block, torch's order) on a GPU, and on the CPU where
+    blocks would permute weights for a layer of at most 4 rows (T B <= 4, a decoding step): the
+    copy would read and write more than the loop's one thread reads."""
+    if backend != "cpu" or (permutes and rows.N <= 4):
+        return H
+    return unit_block(H)
+
+
+def _apply(fn, grad, *args):
+    return fn.apply(*args) if grad else fn.compute(*args)[0]
+
+
+# ============================================================================ LSTM
+
+def _lstm_fused(x, rows, h0, c0, p, eps, backend, w_hr=None):
+    w_ih, w_hh, b_ih, b_hh = p[:4]
+    H = w_ih.shape[0] // 4                                    # (w_hh is (4H, P) with a projection)
+    bias = None if b_ih is None else b_ih + b_hh
+    grad = needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
+    ub = _ub(backend, H, rows, permutes=grad or w_hr is not None)
+    if w_hr is not None:
+        perm = gate_perm(H, ub, 4)
+        xp = project_blocked(x, w_ih, bias, perm, grad)
+        y, h, c = _apply(LSTMProjLayerFunction, grad, backend, rows.offs, ub, xp, h0, c0, permute(w_hh, perm), w_hr)
+        return y, (h, c)
+    if not grad:                # xp in torch's order, nothing kept: no weight is permuted
+        y, h, c = LSTMLayerFunction.infer(backend, rows.offs, ub, project(x, w_ih, bias, False), h0, c0, w_hh)
+        return y, (h, c)
+    xp = project_blocked(x, w_ih, bias, gate_perm(H, ub, 4), True)      # blocked: the backward's dG is its gradient
+    y, h, c = LSTMLayerFunction.apply(backend, rows.offs, ub, xp, h0, c0, w_hh)
+    return y, (h, c)
+
+
+def _ln_lstm_fused(x, rows, h0, c0, p, eps, backend, w_hr=None):
+    w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c = p
+    grad = needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c)
+    shift = None if b_ih is None else b_ih + b_hh
+    xp = _fused_layer_norm(project(x, w_ih, None, grad), (w_ih.shape[0],), g_ih, shift, eps)
+    y, h, c = _apply(LayerNormLSTMLayerFunction, grad, backend, rows.offs, float(eps), xp, h0, c0, w_hh, g_hh, g_c,
+                     b_c)
+    return y, (h, c)
+
+
+# ============================================================================ GRU
+
+def _gru_fused(x, rows, h0, c0, p, eps, backend, w_hr=None):
+    w_ih, w_hh, b_ih, b_hh = p[:4]
+    H = w_hh.shape[1]
+    ub = _ub(backend, H, rows, permutes=True)
+    perm = gate_perm(H, ub, 3)
+    grad = needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh)
+    xp = project_blocked(x, w_ih, b_ih, perm, grad)
+    y, h = _apply(GRULayerFunction, grad, backend, rows.offs, ub, xp, h0, permute(w_hh, perm), permute(b_hh, perm))
+    return y, (h, None)
+
+
+def _ln_gru_fused(x, rows, h0, c0, p, eps, backend, w_hr=None):
+    w_ih, w_hh, b_ih, b_hh, g_ih, g_hh = p[:6]
+    grad = needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, g_hh)
+    xp = _fused_layer_norm(project(x, w_ih, None, grad), (w_ih.shape[0],), g_ih, b_ih, eps)
+    y, h = _apply(LayerNormGRULayerFunction, grad, backend, rows.offs, float(eps), xp, h0, w_hh, g_hh, b_hh)
+    return y, (h, None)
+
+
+# ============================================================================ RNN
+
+def _rnn_fused(relu):
+    def fused(x, rows, h0, c0, p, eps, backend, w_hr=None):
+        w_ih, w_hh, b_ih, b_hh = p[:4]
+        ub = _ub(backend, w_hh.shape[1], rows, permutes=False)
+        grad = needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh)
+        xp = project(x, w_ih, None if b_ih is None else b_ih + b_hh, grad)
+        y, h = _apply(RNNLayerFunction, grad, backend, rows.offs, ub, relu, xp, h0, w_hh)
+        return y, (h, None)
+    return fused
+
+
+# ============================================================================ torch's own ops
+
+def _native(vf_op):
+    """One layer of torch's own op (torch.lstm / gru / rnn_tanh / rnn_relu, what torch.nn.LSTM
+    etc. call) on packed rows: the "torch" backend of the plain cells (under autocast too, where
+    it returns what torch.nn's modules return)."""
+    def run(x, rows, h0, c0, p, eps, backend, w_hr=None):
+        w = [t for t in p[:4] if t is not None]
+        if w_hr is not None:
+            w.append(w_hr)
+        hx = (h0.unsqueeze(0), c0.unsqueeze(0)) if c0 is not None else h0.unsqueeze(0)
+        bias = len(w) - (w_hr is not None) == 4
+        if rows.padded:
+            out = vf_op(x.view(rows.T, rows.B, x.shape[-1]), hx, w, bias, 1, 0.0, False, False, False)
+        else:
+            out = vf_op(x, rows.sizes, hx, w, bias, 1, 0.0, False, False)
+        y, st = out[0], out[1:]
+        y = y.reshape(rows.N, y.shape[-1])
+        return (y, (st[0][0], st[1][0])) if c0 is not None else (y, (st[0][0], None))
+    return run
+
+
+# ============================================================================ the records
+
+LSTM = Cell("lstm", "lstm_layer", 4, True, False, LSTMLayerFunction, _lstm_fused, ref.lstm_step_ref,
+            _native(torch.lstm))
+GRU = Cell("gru", "gru_layer", 3, False, False, GRULayerFunction, _gru_fused, ref.gru_step_ref, _native(torch.gru))
+RNN_TANH = Cell("rnn_tanh", "rnn_layer", 1, False, False, RNNLayerFunction, _rnn_fused(False), ref.rnn_tanh_step_ref,
+                _native(torch.rnn_tanh))
+RNN_RELU = Cell("rnn_relu", "rnn_layer", 1, False, False, RNNLayerFunction, _rnn_fused(True), ref.rnn_relu_step_ref,
+                _native(torch.rnn_relu), relu=True)
+LN_LSTM = Cell("ln_lstm", "layer_norm_lstm_layer", 4, True, True, LayerNormLSTMLayerFunction, _ln_lstm_fused,
+               ref.layer_norm_lstm_step_ref)
+LN_GRU = Cell("ln_gru", "layer_norm_gru_layer", 3, False, True, LayerNormGRULayerFunction, _ln_gru_fused,
+              ref.layer_norm_gru_step_ref)
+
+CELLS: Dict[str, Cell] = {c.name: c for c in (LSTM, GRU, RNN_TANH, RNN_RELU, LN_LSTM, LN_GRU)}
