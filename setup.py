@@ -43,6 +43,31 @@ if sys.platform != "win32":
     else:
         warnings.warn("fastseq: the C compiler has no OpenMP; CPU kernels build single-threaded")
 
+
+def _cimport_tree():
+    """An include directory in which fastseq/_cpu is kernels/cpu.
+
+    The kernel modules cimport the compiled module fastseq._cpu._blas by its full name (the name
+    it is imported by at run time); Cython finds a cimported module's .pxd by package layout, and
+    the sources live in kernels/cpu, installed as fastseq._cpu.  A link (or, where links are not
+    allowed, a copy of the .pxd files) under build/ gives it that layout."""
+    root = os.path.join("build", "cython_include")
+    pkg = os.path.join(root, "fastseq", "_cpu")
+    src = os.path.abspath(os.path.join("kernels", "cpu"))
+    if os.path.islink(pkg) and os.path.realpath(pkg) != os.path.realpath(src):
+        os.remove(pkg)
+    if not os.path.exists(pkg):
+        os.makedirs(os.path.dirname(pkg), exist_ok=True)
+        try:
+            os.symlink(src, pkg, target_is_directory=True)
+        except OSError:
+            os.makedirs(pkg, exist_ok=True)
+    if not os.path.islink(pkg):
+        for f in glob.glob(os.path.join(src, "*.pxd")):
+            shutil.copy2(f, pkg)
+    return root
+
+
 extensions = [
     Extension(
         "fastseq._cpu." + os.path.splitext(os.path.basename(p))[0],
@@ -57,7 +82,7 @@ extensions = [
 setup(
     ext_modules=cythonize(
         extensions,
-        include_path=["kernels/cpu"],
+        include_path=["kernels/cpu", _cimport_tree()],
         compiler_directives={"language_level": 3, "boundscheck": False, "wraparound": False,
                              "cdivision": True, "initializedcheck": False},
     ),

@@ -33,3 +33,29 @@ cdef inline (Py_ssize_t, Py_ssize_t) chunk_(Py_ssize_t n, Py_ssize_t parts, Py_s
     cdef Py_ssize_t q = n // parts, r = n % parts
     cdef Py_ssize_t lo = k * q + (k if k < r else r)
     return lo, lo + q + (1 if k < r else 0)
+
+
+# ---------------------------------------------------------------------------- pointer helpers
+# The `def` entries take typed memoryviews; the nogil cores take raw pointers.
+
+cdef inline real* ptr_(real[::1] a) noexcept nogil:
+    """The first element's address, NULL for an empty view (an absent optional buffer)."""
+    return &a[0] if a.shape[0] > 0 else NULL
+
+
+cdef inline void copy_(real* dst, const real* src, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        dst[i] = src[i]
+
+
+cdef inline void fixed_order_col_sums_(const real* part, Py_ssize_t rows, Py_ssize_t n, real* out) noexcept nogil:
+    """out[j] = sum over k < rows of part[k n + j], added in row order: per-thread partial sums
+    reduced the same way every call (the same bits for the same thread count)."""
+    cdef Py_ssize_t j, k
+    cdef real acc
+    for j in range(n):
+        acc = 0
+        for k in range(rows):
+            acc = acc + part[k * n + j]
+        out[j] = acc

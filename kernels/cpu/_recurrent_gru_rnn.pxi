@@ -21,17 +21,22 @@ def gru_forward(real[::1] xp, real[::1] w_hh, real[::1] b_hh, real[::1] h0, real
     cdef real* gs = ptr_(g_step)
     cdef const real* hprev
     cdef int nt = max(1, min(num_threads, nblk))
-    for t in range(T):
-        r0, bt, rp = step_(offs, t)
-        if bt == 0 or H == 0:
-            continue
-        hprev = &h0[0] if t == 0 else py + rp * H
-        if nt > 1:
-            for k in prange(nblk, nogil=True, num_threads=nt, schedule="static", chunksize=1):
-                gru_fwd_block_(pxp + r0 * H3, pw, pb, hprev, gs, pg + r0 * H3, pn + r0 * H, py + r0 * H, bt, H, ub, k)
-        else:
-            for k in range(nblk):
-                gru_fwd_block_(pxp + r0 * H3, pw, pb, hprev, gs, pg + r0 * H3, pn + r0 * H, py + r0 * H, bt, H, ub, k)
+    if T == 0 or H == 0:
+        return
+    with nogil:                                          # at every thread count
+        for t in range(T):
+            r0, bt, rp = step_(offs, t)
+            if bt == 0:
+                continue
+            hprev = &h0[0] if t == 0 else py + rp * H
+            if nt > 1:
+                for k in prange(nblk, num_threads=nt, schedule="static", chunksize=1):
+                    gru_fwd_block_(pxp + r0 * H3, pw, pb, hprev, gs, pg + r0 * H3, pn + r0 * H, py + r0 * H, bt, H,
+                                   ub, k)
+            else:                                        # no one-thread team (see the module docstring)
+                for k in range(nblk):
+                    gru_fwd_block_(pxp + r0 * H3, pw, pb, hprev, gs, pg + r0 * H3, pn + r0 * H, py + r0 * H, bt, H,
+                                   ub, k)
 
 
 cdef void gru_fwd_block_(const real* xp, const real* w, const real* bias, const real* hprev, real* gs, real* act,
@@ -59,8 +64,9 @@ def gru_backward(real[::1] dy, real[::1] w_hh, real[::1] h0, real[::1] y, real[:
     if T == 0 or H == 0:
         return
     if nt == 1:
-        gru_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(h0), ptr_(y), ptr_(gates), ptr_(ghn), ptr_(dxp), ptr_(dgh),
-                        ptr_(dh), &offs[0], T, H, ub, 0, 1)
+        with nogil:
+            gru_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(h0), ptr_(y), ptr_(gates), ptr_(ghn), ptr_(dxp), ptr_(dgh),
+                            ptr_(dh), &offs[0], T, H, ub, 0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
@@ -121,17 +127,20 @@ def rnn_forward(real[::1] xp, real[::1] w_hh, real[::1] h0, real[::1] y, const i
     cdef real* py = ptr_(y)
     cdef const real* hprev
     cdef int nt = max(1, min(num_threads, nblk))
-    for t in range(T):
-        r0, bt, rp = step_(offs, t)
-        if bt == 0 or H == 0:
-            continue
-        hprev = &h0[0] if t == 0 else py + rp * H
-        if nt > 1:
-            for k in prange(nblk, nogil=True, num_threads=nt, schedule="static", chunksize=1):
-                rnn_fwd_block_(pxp + r0 * H, pw, hprev, py + r0 * H, bt, H, ub, k, relu)
-        else:
-            for k in range(nblk):
-                rnn_fwd_block_(pxp + r0 * H, pw, hprev, py + r0 * H, bt, H, ub, k, relu)
+    if T == 0 or H == 0:
+        return
+    with nogil:                                          # at every thread count
+        for t in range(T):
+            r0, bt, rp = step_(offs, t)
+            if bt == 0:
+                continue
+            hprev = &h0[0] if t == 0 else py + rp * H
+            if nt > 1:
+                for k in prange(nblk, num_threads=nt, schedule="static", chunksize=1):
+                    rnn_fwd_block_(pxp + r0 * H, pw, hprev, py + r0 * H, bt, H, ub, k, relu)
+            else:                                        # no one-thread team (see the module docstring)
+                for k in range(nblk):
+                    rnn_fwd_block_(pxp + r0 * H, pw, hprev, py + r0 * H, bt, H, ub, k, relu)
 
 
 cdef void rnn_fwd_block_(const real* xp, const real* w, const real* hprev, real* h, Py_ssize_t bt, Py_ssize_t H,
@@ -167,7 +176,8 @@ def rnn_backward(real[::1] dy, real[::1] w_hh, real[::1] y, real[::1] dg, real[:
     if T == 0 or H == 0:
         return
     if nt == 1:
-        rnn_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(y), ptr_(dg), ptr_(dh), &offs[0], T, H, ub, relu, 0, 1)
+        with nogil:
+            rnn_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(y), ptr_(dg), ptr_(dh), &offs[0], T, H, ub, relu, 0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()

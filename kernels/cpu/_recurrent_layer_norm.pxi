@@ -5,32 +5,11 @@
 # Torch's column order (no blocks): the row norms need whole rows, so a step has a columns
 # phase (the recurrent GEMM) and a rows phase (norms and gate math); see ln_lstm_forward.
 
-cdef void row_norm_(const real* v, real* vhat, real* rstd, Py_ssize_t n, real eps) noexcept nogil:
-    """vhat = (v - mean) rstd over the row (biased variance, two passes); writes rstd[0]."""
-    cdef Py_ssize_t j
-    cdef real s = 0, q = 0, mu, rs
-    for j in range(n):
-        s = s + v[j]
-    mu = s / n
-    for j in range(n):
-        q = q + (v[j] - mu) * (v[j] - mu)
-    rs = rsqrt_(q / n + eps)
-    for j in range(n):
-        vhat[j] = (v[j] - mu) * rs
-    rstd[0] = rs
-
-
-cdef void row_norm_bwd_(const real* dvhat, const real* vhat, real rstd, real* dv, Py_ssize_t n) noexcept nogil:
-    """Gradient through vhat = (v - mean) rstd:  dv = rstd (dvhat - mean(dvhat) - vhat mean(dvhat vhat))."""
-    cdef Py_ssize_t j
-    cdef real s = 0, sx = 0
-    for j in range(n):
-        s = s + dvhat[j]
-        sx = sx + dvhat[j] * vhat[j]
-    s = s / n
-    sx = sx / n
-    for j in range(n):
-        dv[j] = rstd * (dvhat[j] - s - vhat[j] * sx)
+cdef inline void row_norm_(const real* v, real* vhat, real* rstd, Py_ssize_t n, real eps) noexcept nogil:
+    """vhat = (v - mean) rstd over the row (_row_norm.pxd's statistics); writes rstd[0]."""
+    cdef real mu
+    row_stats_(v, n, eps, True, &mu, rstd)
+    row_normalize_(v, mu, rstd[0], vhat, n)
 
 
 cdef inline void sum_prod_(real* acc, const real* a, const real* b, Py_ssize_t n) noexcept nogil:
@@ -80,9 +59,10 @@ def ln_lstm_forward(real[::1] xp, real[::1] w_hh, real[::1] gamma_hh, real[::1] 
     if T == 0 or H == 0:
         return
     if nt == 1:
-        ln_lstm_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(gamma_hh), ptr_(gamma_c), ptr_(beta_c), ptr_(h0), ptr_(c0),
-                            ptr_(y), ptr_(cs), ptr_(gates), ptr_(ghat), ptr_(rstd_h), ptr_(chat), ptr_(rstd_c),
-                            ptr_(g_step), &offs[0], T, H, eps, 0, 1)
+        with nogil:
+            ln_lstm_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(gamma_hh), ptr_(gamma_c), ptr_(beta_c), ptr_(h0), ptr_(c0),
+                                ptr_(y), ptr_(cs), ptr_(gates), ptr_(ghat), ptr_(rstd_h), ptr_(chat), ptr_(rstd_c),
+                                ptr_(g_step), &offs[0], T, H, eps, 0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
@@ -145,9 +125,10 @@ def ln_lstm_backward(real[::1] dy, real[::1] w_hh, real[::1] gamma_hh, real[::1]
     if T == 0 or H == 0:
         return
     if nt == 1:
-        ln_lstm_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(gamma_hh), ptr_(gamma_c), ptr_(beta_c), ptr_(c0), ptr_(cs),
-                            ptr_(gates), ptr_(ghat), ptr_(rstd_h), ptr_(chat), ptr_(rstd_c), ptr_(dgates), ptr_(dgh),
-                            ptr_(dcn), ptr_(dh), ptr_(dc), ptr_(sums), &offs[0], T, H, 0, 1)
+        with nogil:
+            ln_lstm_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(gamma_hh), ptr_(gamma_c), ptr_(beta_c), ptr_(c0), ptr_(cs),
+                                ptr_(gates), ptr_(ghat), ptr_(rstd_h), ptr_(chat), ptr_(rstd_c), ptr_(dgates), ptr_(dgh),
+                                ptr_(dcn), ptr_(dh), ptr_(dc), ptr_(sums), &offs[0], T, H, 0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
@@ -163,7 +144,7 @@ cdef void ln_lstm_bwd_thread_(const real* dy, const real* w, const real* ghh, co
                               Py_ssize_t H, int tid, int nt) noexcept nogil:
     """Rows phase (its rows: everything up to dgh), barrier, columns phase (its columns of
     dh_next = dgh_t W_hh), barrier (the next rows phase reads whole rows of dh)."""
-    cdef Py_ssize_t t, b, j, row, r0, bt, k0, k1, lo, hi, H4 = 4 * H
+    cdef Py_ssize_t t, b, row, r0, bt, k0, k1, lo, hi, H4 = 4 * H
     cdef const real* cprev
     for t in range(T - 1, -1, -1):
         r0, bt = offs[t], offs[t + 1] - offs[t]
@@ -173,9 +154,8 @@ cdef void ln_lstm_bwd_thread_(const real* dy, const real* w, const real* ghh, co
             row = r0 + b
             ln_lstm_row_bwd_(gates + row * H4, chat + row * H, rstd_c[row], cprev + b * H, gc, bc, dy + row * H,
                              dh + b * H, dc + b * H, dcn + row * H, dg + row * H4, H)
-            for j in range(H4):                         # dgh's row holds gamma_hh dG, then LN' of it
-                dgh[row * H4 + j] = ghh[j] * dg[row * H4 + j]
-            row_norm_bwd_(dgh + row * H4, ghat + row * H4, rstd_h[row], dgh + row * H4, H4)
+            # dgh = LN'(gamma_hh dG): the saved ghat is xhat (mu = 0, scale 1)
+            row_norm_bwd_(dg + row * H4, ghh, ghat + row * H4, 0, 1, rstd_h[row], dgh + row * H4, H4, True)
             sum_prod_(sums + tid * 6 * H, dg + row * H4, ghat + row * H4, H4)
             sum_prod_(sums + tid * 6 * H + H4, dcn + row * H, chat + row * H, H)
             sum_(sums + tid * 6 * H + 5 * H, dcn + row * H, H)
@@ -190,8 +170,8 @@ cdef void ln_lstm_bwd_thread_(const real* dy, const real* w, const real* ghh, co
 cdef void ln_lstm_row_bwd_(const real* act, const real* chat, real rstd_c, const real* cprev, const real* gc,
                            const real* bc, const real* dy, const real* dh, real* dc, real* dcn, real* dg,
                            Py_ssize_t H) noexcept nogil:
-    """One row of ln_lstm_backward up to dG.  dg's g slot is scratch for tanh(u), its f slot for
-    gamma_c dcn and its i slot for dc_t before the final gate gradients overwrite them."""
+    """One row of ln_lstm_backward up to dG.  dg's g slot is scratch for tanh(u) and its i slot
+    holds dc_t before the final gate gradients overwrite them."""
     cdef Py_ssize_t j
     cdef real og, tu, dhe
     for j in range(H):
@@ -202,8 +182,7 @@ cdef void ln_lstm_row_bwd_(const real* act, const real* chat, real rstd_c, const
         dhe = dy[j] + dh[j]
         dcn[j] = dhe * og * (1 - tu * tu)
         dg[3 * H + j] = dhe * tu * og * (1 - og)
-        dg[H + j] = gc[j] * dcn[j]
-    row_norm_bwd_(dg + H, chat, rstd_c, dg, H)           # dg[i slot] = LN'(gamma_c dcn)
+    row_norm_bwd_(dcn, gc, chat, 0, 1, rstd_c, dg, H, True)    # dg[i slot] = LN'(gamma_c dcn)
     for j in range(H):
         dg[j] = dg[j] + dc[j]
     lstm_gates_bwd_(act, H, cprev, dg, dc, dg, H)
@@ -220,8 +199,9 @@ def ln_gru_forward(real[::1] xp, real[::1] w_hh, real[::1] gamma_hh, real[::1] b
     if T == 0 or H == 0:
         return
     if nt == 1:
-        ln_gru_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(gamma_hh), ptr_(b_hh), ptr_(h0), ptr_(y), ptr_(gates),
-                           ptr_(ghat), ptr_(rstd_h), ptr_(ghn), ptr_(g_step), &offs[0], T, H, eps, 0, 1)
+        with nogil:
+            ln_gru_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(gamma_hh), ptr_(b_hh), ptr_(h0), ptr_(y), ptr_(gates),
+                               ptr_(ghat), ptr_(rstd_h), ptr_(ghn), ptr_(g_step), &offs[0], T, H, eps, 0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
@@ -265,9 +245,10 @@ def ln_gru_backward(real[::1] dy, real[::1] w_hh, real[::1] gamma_hh, real[::1] 
     if T == 0 or H == 0:
         return
     if nt == 1:
-        ln_gru_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(gamma_hh), ptr_(h0), ptr_(y), ptr_(gates), ptr_(ghat),
-                           ptr_(rstd_h), ptr_(ghn), ptr_(dxp), ptr_(da), ptr_(dgh), ptr_(dh), ptr_(sums), &offs[0], T, H,
-                           0, 1)
+        with nogil:
+            ln_gru_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(gamma_hh), ptr_(h0), ptr_(y), ptr_(gates), ptr_(ghat),
+                               ptr_(rstd_h), ptr_(ghn), ptr_(dxp), ptr_(da), ptr_(dgh), ptr_(dh), ptr_(sums), &offs[0], T, H,
+                               0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
@@ -280,7 +261,7 @@ cdef void ln_gru_bwd_thread_(const real* dy, const real* w, const real* ghh, con
                              const real* gates, const real* ghat, const real* rstd_h, const real* ghn, real* dxp,
                              real* da, real* dgh, real* dh, real* sums, const int64_t* offs, Py_ssize_t T, Py_ssize_t H,
                              int tid, int nt) noexcept nogil:
-    cdef Py_ssize_t t, b, j, row, r0, bt, k0, k1, lo, hi, H3 = 3 * H
+    cdef Py_ssize_t t, b, row, r0, bt, k0, k1, lo, hi, H3 = 3 * H
     cdef const real* hprev
     for t in range(T - 1, -1, -1):
         r0, bt = offs[t], offs[t + 1] - offs[t]
@@ -290,9 +271,8 @@ cdef void ln_gru_bwd_thread_(const real* dy, const real* w, const real* ghh, con
             row = r0 + b
             gru_cell_bwd_(gates + row * H3, ghn + row * H, H, hprev + b * H, dy + row * H, dh + b * H,
                           dxp + row * H3, da + row * H3, H)
-            for j in range(H3):
-                dgh[row * H3 + j] = ghh[j] * da[row * H3 + j]
-            row_norm_bwd_(dgh + row * H3, ghat + row * H3, rstd_h[row], dgh + row * H3, H3)
+            # dgh = LN'(gamma_hh da): the saved ghat is xhat (mu = 0, scale 1)
+            row_norm_bwd_(da + row * H3, ghh, ghat + row * H3, 0, 1, rstd_h[row], dgh + row * H3, H3, True)
             sum_prod_(sums + tid * 6 * H, da + row * H3, ghat + row * H3, H3)
             sum_(sums + tid * 6 * H + H3, da + row * H3, H3)
         fs_barrier()

@@ -25,8 +25,9 @@ def lstm_forward(real[::1] xp, real[::1] w_hh, real[::1] h0, real[::1] c0, real[
     if T == 0 or H == 0:
         return
     if nt == 1:         # no one-thread team: MKL would see no parallel region and nest its own
-        lstm_fwd_thread_(ptr_(xp), xp_blocked, ptr_(w_hh), ptr_(h0), ptr_(c0), ptr_(y), ptr_(cs), ptr_(gates),
-                         ptr_(g_step), &offs[0], T, H, ub, save, 0, 1)
+        with nogil:
+            lstm_fwd_thread_(ptr_(xp), xp_blocked, ptr_(w_hh), ptr_(h0), ptr_(c0), ptr_(y), ptr_(cs), ptr_(gates),
+                             ptr_(g_step), &offs[0], T, H, ub, save, 0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
@@ -105,8 +106,9 @@ def lstm_backward(real[::1] dy, real[::1] w_hh, real[::1] c0, real[::1] cs, real
     if T == 0 or H == 0:
         return
     if nt == 1:
-        lstm_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(c0), ptr_(cs), ptr_(gates), ptr_(dgates), ptr_(dh), ptr_(dc),
-                         &offs[0], T, H, ub, 0, 1)
+        with nogil:
+            lstm_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(c0), ptr_(cs), ptr_(gates), ptr_(dgates), ptr_(dh), ptr_(dc),
+                             &offs[0], T, H, ub, 0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
@@ -161,8 +163,9 @@ def lstm_proj_forward(real[::1] xp, real[::1] w_hh, real[::1] w_hr, real[::1] h0
     if T == 0 or H == 0:
         return
     if nt == 1:
-        lstm_proj_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(w_hr), ptr_(h0), ptr_(c0), ptr_(y), ptr_(cs), ptr_(gates),
-                              ptr_(m), ptr_(g_step), &offs[0], T, H, P, ub, 0, 1)
+        with nogil:
+            lstm_proj_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(w_hr), ptr_(h0), ptr_(c0), ptr_(y), ptr_(cs), ptr_(gates),
+                                  ptr_(m), ptr_(g_step), &offs[0], T, H, P, ub, 0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
@@ -220,8 +223,9 @@ def lstm_proj_backward(real[::1] dy, real[::1] w_hh, real[::1] w_hr, real[::1] c
     if T == 0 or H == 0:
         return
     if nt == 1:
-        lstm_proj_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(w_hr), ptr_(c0), ptr_(cs), ptr_(gates), ptr_(dgates),
-                              ptr_(dhp), ptr_(dm), ptr_(dh), ptr_(dc), &offs[0], T, H, P, ub, 0, 1)
+        with nogil:
+            lstm_proj_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(w_hr), ptr_(c0), ptr_(cs), ptr_(gates), ptr_(dgates),
+                                  ptr_(dhp), ptr_(dm), ptr_(dh), ptr_(dc), &offs[0], T, H, P, ub, 0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()

@@ -35,9 +35,8 @@ from cython.parallel cimport prange, threadid
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.math cimport INFINITY, log, exp
 
-from _common cimport real, chunk_
-
-include "_blas.pxi"
+from _common cimport real, chunk_, ptr_
+from fastseq._cpu._blas cimport gemm_rm, install_blas, blas_installed
 
 cdef extern from "_fastmath.h" nogil:
     float fs_expf(float x)
@@ -47,8 +46,6 @@ cdef extern from "_fastmath.h" nogil:
 cdef enum:
     BQ = 128       # queries per tile
     BK = 256      # keys per tile
-
-
 
 
 cdef inline real exp_(real x) noexcept nogil:
@@ -69,19 +66,28 @@ cdef inline real row_max_(const real* x, Py_ssize_t n) noexcept nogil:
     return m
 
 
-cdef inline real* ptr_(real[::1] a) noexcept nogil:
-    return &a[0] if a.shape[0] > 0 else NULL
+def set_blas(size_t sgemm_addr, size_t dgemm_addr):
+    """Install the GEMM of every kernel module (fastseq._cpu._blas owns it; see _blas.pyx)."""
+    install_blas(sgemm_addr, dgemm_addr)
+
+
+def has_blas():
+    return blas_installed()
 
 
 def tile_sizes():
     return BQ, BK
 
 
-def work_size(Py_ssize_t d, Py_ssize_t dv, bint backward):
-    """Elements of per-thread workspace forward / backward need."""
+cdef inline Py_ssize_t work_size_(Py_ssize_t d, Py_ssize_t dv, bint backward) noexcept nogil:
     if backward:
         return 2 * BQ * BK + BK * d + BK * dv + BQ
     return BQ * BK + BQ * dv + 2 * BQ
+
+
+def work_size(Py_ssize_t d, Py_ssize_t dv, bint backward):
+    """Elements of per-thread workspace forward / backward need."""
+    return work_size_(d, dv, backward)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,34 +285,68 @@ def forward(real[::1] q, real[::1] k, real[::1] v, real[::1] o, real[::1] lse,
     larger buffer (a KV cache); None for contiguous k, v.  mask_add / mask_keep / key_len: empty when absent; mask
     strides s0..s3 over (B, Hq, T, S).  left / right: visible key window per query (T + S for
     none; causal is right = 0).  work: (num_threads * work_size(D, Dv, False),)."""
-    cdef Mask mk
-    cdef Py_ssize_t u, b, h, i0, nqt = (T + BQ - 1) // BQ, units = B * Hq * nqt
-    cdef Py_ssize_t ws = work_size(D, Dv, False)
-    cdef int nt = max(1, min(num_threads, units))
-    cdef real* pq = ptr_(q)
-    cdef real* pk = ptr_(k)
-    cdef real* pv = ptr_(v)
-    cdef real* po = ptr_(o)
-    cdef real* plse = ptr_(lse)
-    cdef real* pw = ptr_(work)
-    cdef real sc = <real> scale
     cdef KVLayout kv
     if kv_strides is None:
         kv.kb, kv.kh, kv.ks = Hk * S * D, S * D, D
         kv.vb, kv.vh, kv.vs = Hk * S * Dv, S * Dv, Dv
     else:
         kv.kb, kv.kh, kv.ks, kv.vb, kv.vh, kv.vs = kv_strides
-    init_mask_(&mk, T, S, left, right, &key_len[0] if key_len.shape[0] > 0 else NULL,
-               <const void*> ptr_(mask_add), &mask_keep[0] if mask_keep.shape[0] > 0 else NULL,
-               s0, s1, s2, s3, dropout_p, seed)
+    with nogil:
+        forward_core_(ptr_(q), ptr_(k), ptr_(v), ptr_(o), ptr_(lse), <const void*> ptr_(mask_add),
+                      &mask_keep[0] if mask_keep.shape[0] > 0 else NULL,
+                      &key_len[0] if key_len.shape[0] > 0 else NULL, &kv, B, Hq, Hk, T, S, D, Dv, <real> scale,
+                      left, right, s0, s1, s2, s3, dropout_p, seed, ptr_(work), num_threads)
+
+
+def forward_ptr(size_t q, size_t k, size_t v, size_t o, size_t lse, size_t mask_add, size_t mask_keep,
+                size_t key_len, Py_ssize_t B, Py_ssize_t Hq, Py_ssize_t Hk, Py_ssize_t T, Py_ssize_t S,
+                Py_ssize_t D, Py_ssize_t Dv, double scale, Py_ssize_t left, Py_ssize_t right,
+                Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t s2, Py_ssize_t s3, double dropout_p, uint64_t seed,
+                size_t work, int num_threads, Py_ssize_t kb, Py_ssize_t kh, Py_ssize_t ks,
+                Py_ssize_t vb, Py_ssize_t vh, Py_ssize_t vs, bint dbl):
+    """forward() on addresses (tensor.data_ptr(), 0 for an absent buffer), for the per-call path
+    (a typed-memoryview argument costs ~0.5-1 us, a tensor's .numpy() view ~1-2 us; a decode
+    step's kernel takes a few us).  kb..vs: the K and V element strides (batch, head, key);
+    dbl: the buffers hold doubles, else floats."""
+    cdef KVLayout kv
+    kv.kb, kv.kh, kv.ks, kv.vb, kv.vh, kv.vs = kb, kh, ks, vb, vh, vs
+    with nogil:
+        if dbl:
+            forward_core_(<double*> q, <double*> k, <double*> v, <double*> o, <double*> lse,
+                          <const void*> mask_add, <const unsigned char*> mask_keep, <const int64_t*> key_len,
+                          &kv, B, Hq, Hk, T, S, D, Dv, <double> scale, left, right, s0, s1, s2, s3,
+                          dropout_p, seed, <double*> work, num_threads)
+        else:
+            forward_core_(<float*> q, <float*> k, <float*> v, <float*> o, <float*> lse,
+                          <const void*> mask_add, <const unsigned char*> mask_keep, <const int64_t*> key_len,
+                          &kv, B, Hq, Hk, T, S, D, Dv, <float> scale, left, right, s0, s1, s2, s3,
+                          dropout_p, seed, <float*> work, num_threads)
+
+
+cdef void forward_core_(real* pq, real* pk, real* pv, real* po, real* plse, const void* mask_add,
+                        const unsigned char* mask_keep, const int64_t* key_len, KVLayout* kv,
+                        Py_ssize_t B, Py_ssize_t Hq, Py_ssize_t Hk, Py_ssize_t T, Py_ssize_t S, Py_ssize_t D,
+                        Py_ssize_t Dv, real sc, Py_ssize_t left, Py_ssize_t right,
+                        Py_ssize_t s0, Py_ssize_t s1, Py_ssize_t s2, Py_ssize_t s3, double dropout_p,
+                        uint64_t seed, real* pw, int num_threads) noexcept nogil:
+    cdef Mask mk
+    cdef Py_ssize_t u, b, h, i0, nqt = (T + BQ - 1) // BQ, units = B * Hq * nqt
+    cdef Py_ssize_t ws = work_size_(D, Dv, False)
+    cdef int nt = max(1, min(num_threads, units))
+    init_mask_(&mk, T, S, left, right, key_len, mask_add, mask_keep, s0, s1, s2, s3, dropout_p, seed)
     if units == 0:
         return
+    if nt == 1:                       # one thread: no OpenMP region
+        for u in range(units):
+            fwd_unit_(pq, pk, pv, po, plse, &mk, kv, u // (Hq * nqt), (u // nqt) % Hq, (u % nqt) * BQ,
+                      Hq, Hk, T, S, D, Dv, sc, pw)
+        return
     # round-robin units: neighbouring query tiles (unequal under causal masks) go to different threads
-    for u in prange(units, nogil=True, num_threads=nt, schedule="static", chunksize=1):
+    for u in prange(units, num_threads=nt, schedule="static", chunksize=1):
         b = u // (Hq * nqt)
         h = (u // nqt) % Hq
         i0 = (u % nqt) * BQ
-        fwd_unit_(pq, pk, pv, po, plse, &mk, &kv, b, h, i0, Hq, Hk, T, S, D, Dv, sc,
+        fwd_unit_(pq, pk, pv, po, plse, &mk, kv, b, h, i0, Hq, Hk, T, S, D, Dv, sc,
                   pw + threadid() * ws)
 
 
@@ -415,35 +455,36 @@ def backward(real[::1] q, real[::1] k, real[::1] v, real[::1] o, real[::1] do_, 
     init_mask_(&mk, T, S, left, right, &key_len[0] if key_len.shape[0] > 0 else NULL,
                <const void*> ptr_(mask_add), &mask_keep[0] if mask_keep.shape[0] > 0 else NULL,
                s0, s1, s2, s3, dropout_p, seed)
-    if rows == 0:
-        for u in range(B * Hk * S * D):
-            pdk[u] = 0
-        for u in range(B * Hk * S * Dv):
-            pdv[u] = 0
-        return
-    # Delta = rowsum(dO o O); zero the dQ partials
-    for t in prange(nt, nogil=True, num_threads=nt, schedule="static", chunksize=1):
-        lo, hi = chunk_(rows, nt, t)
-        for r in range(lo, hi):
-            acc = 0
-            for c in range(Dv):
-                acc = acc + pdo[r * Dv + c] * po[r * Dv + c]
-            pdelta[r] = acc
-        lo, hi = chunk_(nq_el * nt, nt, t)
-        for r in range(lo, hi):
-            ppart[r] = 0
-    if units > 0:
-        for u in prange(units, nogil=True, num_threads=nt, schedule="static", chunksize=1):
-            b = u // (Hk * nkt)
-            hk = (u // nkt) % Hk
-            j0 = (u % nkt) * BK
-            bwd_unit_(pq, pk, pv, pdo, plse, pdelta, ppart + threadid() * nq_el, pdk, pdv, &mk,
-                      b, hk, j0, Hq, Hk, T, S, D, Dv, sc, pw + threadid() * ws)
-    # dQ = sum of the partials, in thread order
-    for t in prange(nt, nogil=True, num_threads=nt, schedule="static", chunksize=1):
-        lo, hi = chunk_(nq_el, nt, t)
-        for r in range(lo, hi):
-            acc = 0
-            for c in range(nt):
-                acc = acc + ppart[c * nq_el + r]
-            pdq[r] = acc
+    with nogil:                             # the whole computation, at every thread count
+        if rows == 0:
+            for u in range(B * Hk * S * D):
+                pdk[u] = 0
+            for u in range(B * Hk * S * Dv):
+                pdv[u] = 0
+        else:
+            # Delta = rowsum(dO o O); zero the dQ partials
+            for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+                lo, hi = chunk_(rows, nt, t)
+                for r in range(lo, hi):
+                    acc = 0
+                    for c in range(Dv):
+                        acc = acc + pdo[r * Dv + c] * po[r * Dv + c]
+                    pdelta[r] = acc
+                lo, hi = chunk_(nq_el * nt, nt, t)
+                for r in range(lo, hi):
+                    ppart[r] = 0
+            if units > 0:
+                for u in prange(units, num_threads=nt, schedule="static", chunksize=1):
+                    b = u // (Hk * nkt)
+                    hk = (u // nkt) % Hk
+                    j0 = (u % nkt) * BK
+                    bwd_unit_(pq, pk, pv, pdo, plse, pdelta, ppart + threadid() * nq_el, pdk, pdv, &mk,
+                              b, hk, j0, Hq, Hk, T, S, D, Dv, sc, pw + threadid() * ws)
+            # dQ = sum of the partials, in thread order
+            for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+                lo, hi = chunk_(nq_el, nt, t)
+                for r in range(lo, hi):
+                    acc = 0
+                    for c in range(nt):
+                        acc = acc + ppart[c * nq_el + r]
+                    pdq[r] = acc

@@ -9,88 +9,23 @@ thread count.
 
 Per row, forward (v = x, or v = x + r for the fused residual, built in a per-thread scratch row
 that stays in L1 unless the caller asks for the sum s):
-    mu   = mean(v)                          (0 for RMSNorm)
+    mu   = v[0] + mean(v - v[0])                (0 for RMSNorm)
     rstd = 1 / sqrt(mean((v - mu)^2) + eps)
     y    = (v - mu) * rstd * w + b
+The statistics and the row backward are _row_norm.pxd's (shared with the layer-normalized
+recurrent cells); the shift by the row's own first value makes a constant row exactly the bias.
 The row is read from memory once; the later passes over it run from L1/L2.
 Memory traffic per element: forward reads x (and r), writes y (and s = x + r if asked);
 backward reads v (or x and r), dy (and ds), writes dx.
 
 Missing affine parameters are passed by the caller as w = 1, b = 0 (an N-vector that stays in L1).
-The kernels never allocate, never validate: fastseq/layer_norm.py does both.
+The kernels never allocate, never validate: fastseq/layer_norm.py does both.  Every entry runs
+without the GIL, at every thread count.
 """
 from cython.parallel cimport prange
 
-from _common cimport real, rsqrt_, chunk_, LANES
-
-
-cdef inline real* ptr_(real[::1] a) noexcept nogil:
-    return &a[0] if a.shape[0] > 0 else NULL
-
-
-# ---------------------------------------------------------------------------------------------
-# row reductions.  A single running sum is one long chain of dependent adds (latency-bound);
-# these keep LANES independent partial sums, which gcc turns into several vector accumulators.
-# ---------------------------------------------------------------------------------------------
-
-cdef inline real row_sum_(const real* a, Py_ssize_t n) noexcept nogil:
-    cdef real part[LANES]
-    cdef real acc = 0
-    cdef Py_ssize_t j, k, nb = n - n % LANES
-    for k in range(LANES):
-        part[k] = 0
-    for j in range(0, nb, 32):                  # step LANES (a literal for a C loop)
-        for k in range(LANES):
-            part[k] = part[k] + a[j + k]
-    for j in range(nb, n):
-        acc = acc + a[j]
-    for k in range(LANES):
-        acc = acc + part[k]
-    return acc
-
-
-cdef inline real row_sq_dev_(const real* a, real mu, Py_ssize_t n) noexcept nogil:
-    cdef real part[LANES]
-    cdef real acc = 0, d
-    cdef Py_ssize_t j, k, nb = n - n % LANES
-    for k in range(LANES):
-        part[k] = 0
-    for j in range(0, nb, 32):                  # step LANES (a literal for a C loop)
-        for k in range(LANES):
-            d = a[j + k] - mu
-            part[k] = part[k] + d * d
-    for j in range(nb, n):
-        d = a[j] - mu
-        acc = acc + d * d
-    for k in range(LANES):
-        acc = acc + part[k]
-    return acc
-
-
-cdef inline void row_grad_sums_(const real* v, const real* dy, const real* w, real rs, real nmr,
-                                Py_ssize_t n, real* sg, real* sgx) noexcept nogil:
-    """sg = sum(g), sgx = sum(g * xhat) with g = dy * w, xhat = v * rs + nmr."""
-    cdef real pg[LANES]
-    cdef real pgx[LANES]
-    cdef real ag = 0, agx = 0, g
-    cdef Py_ssize_t j, k, nb = n - n % LANES
-    for k in range(LANES):
-        pg[k] = 0
-        pgx[k] = 0
-    for j in range(0, nb, 32):                  # step LANES (a literal for a C loop)
-        for k in range(LANES):
-            g = dy[j + k] * w[j + k]
-            pg[k] = pg[k] + g
-            pgx[k] = pgx[k] + g * (v[j + k] * rs + nmr)
-    for j in range(nb, n):
-        g = dy[j] * w[j]
-        ag = ag + g
-        agx = agx + g * (v[j] * rs + nmr)
-    for k in range(LANES):
-        ag = ag + pg[k]
-        agx = agx + pgx[k]
-    sg[0] = ag
-    sgx[0] = agx
+from _common cimport real, chunk_, fixed_order_col_sums_, ptr_
+from _row_norm cimport row_norm_bwd_, row_stats_
 
 
 cdef inline const real* row_input_(const real* x, const real* r, real* dst, Py_ssize_t n) noexcept nogil:
@@ -113,20 +48,35 @@ cdef void fwd_rows_(const real* x, const real* r, const real* w, const real* b,
     cdef Py_ssize_t i, j
     cdef const real* v
     cdef real* yi
-    cdef real mu, rs, nmr
+    cdef real mu, rs
     for i in range(lo, hi):
         v = row_input_(x + i * n, NULL if r == NULL else r + i * n,
                        scratch if s == NULL else s + i * n, n)
-        # two passes (exact mean, then centered squares): a one-pass shifted formula loses
-        # ~n ulps of the variance when the shift is an outlier channel, which real models have
-        mu = row_sum_(v, n) / n if center else 0
-        rs = rsqrt_(row_sq_dev_(v, mu, n) / n + eps)
+        # two passes (shifted mean, then centered squares): a one-pass formula loses ~n ulps of
+        # the variance when the shift is an outlier channel, which real models have
+        row_stats_(v, n, eps, center, &mu, &rs)
         mean[i] = mu
         rstd[i] = rs
-        nmr = -mu * rs                          # y = (v * rs + nmr) * w + b: two FMAs
         yi = y + i * n
-        for j in range(n):
-            yi[j] = (v[j] * rs + nmr) * w[j] + b[j]
+        for j in range(n):                      # (v - mu) first: exact zeros for a constant row
+            yi[j] = ((v[j] - mu) * rs) * w[j] + b[j]
+
+
+cdef void forward_core_(const real* px, const real* pr, const real* pw, const real* pb, real* py, real* ps,
+                        real* pscr, real* pmean, real* prstd, Py_ssize_t m, Py_ssize_t n, real e,
+                        bint center, int num_threads) noexcept nogil:
+    """forward() on pointers (NULL for an absent buffer).  One row (or one thread) runs without
+    opening an OpenMP region."""
+    cdef Py_ssize_t t, lo, hi, nt = max(1, min(num_threads, m))
+    if m == 0 or n == 0:
+        return
+    if nt == 1:
+        fwd_rows_(px, pr, pw, pb, py, ps, pscr, pmean, prstd, 0, m, n, e, center)
+        return
+    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+        lo, hi = chunk_(m, nt, t)
+        fwd_rows_(px, pr, pw, pb, py, ps, (pscr + t * n) if pscr != NULL else NULL,
+                  pmean, prstd, lo, hi, n, e, center)
 
 
 def forward(real[::1] x, real[::1] r, real[::1] w, real[::1] b,
@@ -137,23 +87,9 @@ def forward(real[::1] x, real[::1] r, real[::1] w, real[::1] b,
     x, y: (m*n,).  r: (m*n,) or empty.  w, b: (n,).  mean, rstd: (m,) outputs.
     s: (m*n,) receives x + r, or empty.  scratch: (num_threads*n,) when r is given without s.
     """
-    cdef Py_ssize_t t, lo, hi, nt = max(1, min(num_threads, m))
-    cdef real* px = ptr_(x)
-    cdef real* pr = ptr_(r)
-    cdef real* pw = ptr_(w)
-    cdef real* pb = ptr_(b)
-    cdef real* py = ptr_(y)
-    cdef real* ps = ptr_(s)
-    cdef real* pscr = ptr_(scratch)
-    cdef real* pmean = ptr_(mean)
-    cdef real* prstd = ptr_(rstd)
-    cdef real e = <real> eps
-    if m == 0 or n == 0:
-        return
-    for t in prange(nt, nogil=True, num_threads=nt, schedule="static", chunksize=1):
-        lo, hi = chunk_(m, nt, t)
-        fwd_rows_(px, pr, pw, pb, py, ps, (pscr + t * n) if pscr != NULL else NULL,
-                  pmean, prstd, lo, hi, n, e, center)
+    with nogil:
+        forward_core_(ptr_(x), ptr_(r), ptr_(w), ptr_(b), ptr_(y), ptr_(s), ptr_(scratch), ptr_(mean),
+                      ptr_(rstd), m, n, <real> eps, center, num_threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,9 +98,10 @@ def forward(real[::1] x, real[::1] r, real[::1] w, real[::1] b,
 # With xhat = (v - mu) * rstd and g = dy * w, the normalized output is y = xhat * w + b, and
 #     dv      = rstd * (g - mean(g) - xhat * mean(g * xhat))          (LayerNorm)
 #     dv      = rstd * (g - xhat * mean(g * xhat))                     (RMSNorm: mu = 0, no mean(g))
-# because d mu / dv = 1/N and d rstd / dv = -rstd^3 (v - mu) / N.  For the fused residual the
-# same dv is the gradient of both x and r; a gradient ds arriving at the returned sum adds to it.
+# (row_norm_bwd_ in _row_norm.pxd).  For the fused residual the same dv is the gradient of both
+# x and r; a gradient ds arriving at the returned sum adds to it.
 #     dw = sum_rows dy * xhat,   db = sum_rows dy
+# xhat is rebuilt from the saved mean and rstd exactly as the forward formed it.
 # Traffic per element: read v (or x and r), dy (and ds), write dv; the partials stay in cache.
 # ---------------------------------------------------------------------------------------------
 
@@ -176,28 +113,52 @@ cdef void bwd_rows_(const real* x, const real* r, const real* dy, const real* ds
     cdef const real* dyi
     cdef const real* dsi
     cdef real* dxi
-    cdef real rs, nmr, sg, sgx, c1, c2
+    cdef real mu, rs
     for i in range(lo, hi):
         v = row_input_(x + i * n, NULL if r == NULL else r + i * n, scratch, n)
         dyi = dy + i * n
         dxi = dx + i * n
+        mu = mean[i]
         rs = rstd[i]
-        nmr = -mean[i] * rs
-        row_grad_sums_(v, dyi, w, rs, nmr, n, &sg, &sgx)
-        c1 = sg / n if center else 0
-        c2 = sgx / n
+        row_norm_bwd_(dyi, w, v, mu, rs, rs, dxi, n, center)
         # separate loops: each has one store stream, so gcc vectorizes with cheap alias checks
-        for j in range(n):
-            dxi[j] = rs * (dyi[j] * w[j] - c1 - (v[j] * rs + nmr) * c2)
         if dwp != NULL:
             for j in range(n):
-                dwp[j] = dwp[j] + dyi[j] * (v[j] * rs + nmr)
+                dwp[j] = dwp[j] + dyi[j] * ((v[j] - mu) * rs)
             for j in range(n):
                 dbp[j] = dbp[j] + dyi[j]
         if ds != NULL:
             dsi = ds + i * n
             for j in range(n):
                 dxi[j] = dxi[j] + dsi[j]
+
+
+cdef void backward_core_(const real* px, const real* pr, const real* pdy, const real* pds, const real* pw,
+                         const real* pmean, const real* prstd, real* pdx, real* ppart, real* pscr, real* pdw,
+                         real* pdb, Py_ssize_t m, Py_ssize_t n, bint center, int num_threads) noexcept nogil:
+    """backward() on pointers (NULL for an absent buffer; ppart NULL when neither dw nor db is
+    wanted)."""
+    cdef Py_ssize_t t, lo, hi, j, nt = max(1, min(num_threads, m))
+    cdef real* pdbp = (ppart + nt * n) if ppart != NULL else NULL
+    if n == 0:
+        return
+    if ppart != NULL:
+        for j in range(2 * nt * n):
+            ppart[j] = 0
+    if nt == 1:
+        bwd_rows_(px, pr, pdy, pds, pw, pmean, prstd, pdx, ppart, pdbp, pscr, 0, m, n, center)
+    else:
+        for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
+            lo, hi = chunk_(m, nt, t)
+            bwd_rows_(px, pr, pdy, pds, pw, pmean, prstd, pdx,
+                      (ppart + t * n) if ppart != NULL else NULL,
+                      (pdbp + t * n) if pdbp != NULL else NULL,
+                      (pscr + t * n) if pscr != NULL else NULL,
+                      lo, hi, n, center)
+    if pdw != NULL:
+        fixed_order_col_sums_(ppart, nt, n, pdw)
+    if pdb != NULL:
+        fixed_order_col_sums_(pdbp, nt, n, pdb)
 
 
 def backward(real[::1] x, real[::1] r, real[::1] dy, real[::1] ds, real[::1] w,
@@ -210,46 +171,11 @@ def backward(real[::1] x, real[::1] r, real[::1] dy, real[::1] ds, real[::1] w,
     dw, db: (n,) outputs, or empty when not wanted; partial: (2*num_threads*n,) scratch when
     either is wanted.
     """
-    cdef Py_ssize_t t, lo, hi, j, k, nt = max(1, min(num_threads, m))
-    cdef bint want_dw = dw.shape[0] > 0, want_db = db.shape[0] > 0
-    cdef real* px = ptr_(x)
-    cdef real* pr = ptr_(r)
-    cdef real* pdy = ptr_(dy)
-    cdef real* pds = ptr_(ds)
-    cdef real* pw = ptr_(w)
-    cdef real* pmean = ptr_(mean)
-    cdef real* prstd = ptr_(rstd)
-    cdef real* pdx = ptr_(dx)
-    cdef real* pscr = ptr_(scratch)
-    cdef real* pdwp = ptr_(partial) if (want_dw or want_db) else NULL
-    cdef real* pdbp = (pdwp + nt * n) if pdwp != NULL else NULL
-    cdef real acc
-    if n == 0:
-        return
-    if pdwp != NULL:
-        for j in range(2 * nt * n):
-            pdwp[j] = 0
-    if m > 0:
-        for t in prange(nt, nogil=True, num_threads=nt, schedule="static", chunksize=1):
-            lo, hi = chunk_(m, nt, t)
-            bwd_rows_(px, pr, pdy, pds, pw, pmean, prstd, pdx,
-                      (pdwp + t * n) if pdwp != NULL else NULL,
-                      (pdbp + t * n) if pdbp != NULL else NULL,
-                      (pscr + t * n) if pscr != NULL else NULL,
-                      lo, hi, n, center)
-    # fixed-order reduction of the per-thread partial sums
-    if want_dw:
-        for j in range(n):
-            acc = 0
-            for k in range(nt):
-                acc = acc + pdwp[k * n + j]
-            dw[j] = acc
-    if want_db:
-        for j in range(n):
-            acc = 0
-            for k in range(nt):
-                acc = acc + pdbp[k * n + j]
-            db[j] = acc
+    cdef bint want = dw.shape[0] > 0 or db.shape[0] > 0
+    with nogil:
+        backward_core_(ptr_(x), ptr_(r), ptr_(dy), ptr_(ds), ptr_(w), ptr_(mean), ptr_(rstd), ptr_(dx),
+                       ptr_(partial) if want else NULL, ptr_(scratch), ptr_(dw), ptr_(db), m, n, center,
+                       num_threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,21 +184,6 @@ def backward(real[::1] x, real[::1] r, real[::1] dy, real[::1] ds, real[::1] w,
 # for a (1, 512) row the kernel itself takes ~0.3 us, so a decoding step pays for the plumbing,
 # not the math.  One row (or one thread) runs without opening an OpenMP region.
 # ---------------------------------------------------------------------------------------------
-
-cdef void forward_core_(const real* px, const real* pr, const real* pw, const real* pb, real* py, real* ps,
-                        real* pscr, real* pmean, real* prstd, Py_ssize_t m, Py_ssize_t n, real e,
-                        bint center, int num_threads) noexcept nogil:
-    cdef Py_ssize_t t, lo, hi, nt = max(1, min(num_threads, m))
-    if m == 0 or n == 0:
-        return
-    if nt == 1:
-        fwd_rows_(px, pr, pw, pb, py, ps, pscr, pmean, prstd, 0, m, n, e, center)
-        return
-    for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
-        lo, hi = chunk_(m, nt, t)
-        fwd_rows_(px, pr, pw, pb, py, ps, (pscr + t * n) if pscr != NULL else NULL,
-                  pmean, prstd, lo, hi, n, e, center)
-
 
 def forward_ptr(size_t x, size_t r, size_t w, size_t b, size_t y, size_t s, size_t scratch, size_t mean,
                 size_t rstd, Py_ssize_t m, Py_ssize_t n, double eps, bint center, int num_threads, bint dbl):

@@ -47,14 +47,24 @@ from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport exp, tanh
 from libc.stdint cimport int64_t
 
-from _common cimport chunk_, real, rsqrt_
-
-include "_blas.pxi"
+from _common cimport chunk_, copy_, ptr_, real
+from _row_norm cimport row_norm_bwd_, row_normalize_, row_stats_
+from fastseq._cpu._blas cimport gemm_rm, install_blas, blas_installed
 
 cdef extern from "_fastmath.h" nogil:
     float fs_expf(float x)
+    float fs_tanhf(float x)
     void fs_barrier()
     int fs_team_size()
+
+
+def set_blas(size_t sgemm_addr, size_t dgemm_addr):
+    """Install the GEMM of every kernel module (fastseq._cpu._blas owns it; see _blas.pyx)."""
+    install_blas(sgemm_addr, dgemm_addr)
+
+
+def has_blas():
+    return blas_installed()
 
 
 cdef inline real sigmoid_(real x) noexcept nogil:
@@ -66,21 +76,10 @@ cdef inline real sigmoid_(real x) noexcept nogil:
 
 
 cdef inline real tanh_(real x) noexcept nogil:
-    cdef real one = 1, two = 2
     if real is float:
-        return two / (one + fs_expf(-two * x)) - one      # 2 sigmoid(2x) - 1, in float
+        return fs_tanhf(x)          # branch-free, one exp: gcc vectorizes the loops that call it
     else:
         return tanh(x)
-
-
-cdef inline real* ptr_(real[::1] a) noexcept nogil:
-    return &a[0] if a.shape[0] > 0 else NULL
-
-
-cdef inline void copy_(real* dst, const real* src, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(n):
-        dst[i] = src[i]
 
 
 cdef inline (Py_ssize_t, Py_ssize_t, Py_ssize_t) step_(const int64_t[::1] offs, Py_ssize_t t) noexcept nogil:

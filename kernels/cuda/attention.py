@@ -18,7 +18,7 @@ import math
 
 from numba import cuda
 
-from ._common import accumulator
+from ._common import per_accumulator
 
 MAX_D = 128          # largest head dim (D and Dv) the kernels take
 SHARED_BYTES = 32 * 1024   # the forward's K and V tiles: within the 48 KiB static limit
@@ -29,13 +29,10 @@ def keys_per_tile(acc_bytes):
     (32 in fp32, 16 in fp64)."""
     return SHARED_BYTES // (2 * MAX_D * acc_bytes)
 
-_cache = {}
 
-
-def _kernels(dtype):
-    acc = accumulator(dtype)
-    if acc in _cache:
-        return _cache[acc]
+@per_accumulator
+def _kernels(acc):
+    """The kernels for the accumulator `acc` (fp32 for fp16 / fp32 data, fp64 for fp64)."""
     NEG_INF = -math.inf
     BK = keys_per_tile(acc.bitwidth // 8)
 
@@ -50,6 +47,19 @@ def _kernels(dtype):
         if has_add:
             s += acc(mask_add[off])
         return s
+
+    @cuda.jit(device=True)
+    def dot_(a, ia, b, ib, n):
+        """sum over d < n of a[ia + d] b[ib + d], in the accumulator."""
+        s = acc(0)
+        for d in range(n):
+            s += acc(a[ia + d]) * acc(b[ib + d])
+        return s
+
+    @cuda.jit(device=True)
+    def unflatten_(idx, inner, mid):
+        """(batch, head, position) of a flat row index over (batch, mid heads, inner positions)."""
+        return idx // (inner * mid), (idx // inner) % mid, idx % inner
 
     @cuda.jit
     def _attn_fwd_kernel(q, k, v, o, lse, mask_add, mask_keep, key_len, Hq, Hk, T, S, D, Dv, scale,
@@ -135,9 +145,7 @@ def _kernels(dtype):
         row = cuda.grid(1)
         if row >= B * Hq * T:
             return
-        i = row % T
-        h = (row // T) % Hq
-        b = row // (T * Hq)
+        b, h, i = unflatten_(row, T, Hq)
         hk = h // (Hq // Hk)
         klen = min(S, key_len[b]) if has_kl else S
         g = cuda.local.array(MAX_D, acc)
@@ -147,18 +155,12 @@ def _kernels(dtype):
         dl = acc(delta[row])
         for j in range(max(0, i - left), min(klen, i + right + 1)):
             kb = ((b * Hk + hk) * S + j)
-            s = acc(0)
-            for d in range(D):
-                s += acc(q[row * D + d]) * acc(k[kb * D + d])
-            s = score_(s * acc(scale), b, h, i, j, mask_add, mask_keep, s0, s1, s2, s3, has_add, has_keep,
+            s = score_(dot_(q, row * D, k, kb * D, D) * acc(scale), b, h, i, j, mask_add, mask_keep, s0, s1, s2, s3, has_add, has_keep,
                        left, right, klen)
             if s == NEG_INF:
                 continue
             p = math.exp(s - lr)
-            dp = acc(0)
-            for d in range(Dv):
-                dp += acc(do[row * Dv + d]) * acc(v[kb * Dv + d])
-            ds = p * (dp - dl) * acc(scale)
+            ds = p * (dot_(do, row * Dv, v, kb * Dv, Dv) - dl) * acc(scale)
             for d in range(D):
                 g[d] += ds * acc(k[kb * D + d])
         for d in range(D):
@@ -170,9 +172,7 @@ def _kernels(dtype):
         krow = cuda.grid(1)
         if krow >= B * Hk * S:
             return
-        j = krow % S
-        hk = (krow // S) % Hk
-        b = krow // (S * Hk)
+        b, hk, j = unflatten_(krow, S, Hk)
         klen = min(S, key_len[b]) if has_kl else S
         gk = cuda.local.array(MAX_D, acc)
         gv = cuda.local.array(MAX_D, acc)
@@ -185,10 +185,7 @@ def _kernels(dtype):
             for h in range(hk * group, (hk + 1) * group):
                 for i in range(max(0, j - right), min(T, j + left + 1)):
                     row = (b * Hq + h) * T + i
-                    s = acc(0)
-                    for d in range(D):
-                        s += acc(q[row * D + d]) * acc(k[krow * D + d])
-                    s = score_(s * acc(scale), b, h, i, j, mask_add, mask_keep, s0, s1, s2, s3, has_add,
+                    s = score_(dot_(q, row * D, k, krow * D, D) * acc(scale), b, h, i, j, mask_add, mask_keep, s0, s1, s2, s3, has_add,
                                has_keep, left, right, klen)
                     if s == NEG_INF:
                         continue
@@ -205,8 +202,7 @@ def _kernels(dtype):
         for d in range(Dv):
             dv[krow * Dv + d] = gv[d]
 
-    _cache[acc] = (_attn_fwd_kernel, _attn_delta_kernel, _attn_bwd_dq_kernel, _attn_bwd_dkdv_kernel)
-    return _cache[acc]
+    return _attn_fwd_kernel, _attn_delta_kernel, _attn_bwd_dq_kernel, _attn_bwd_dkdv_kernel
 
 
 def forward(q, k, v, o, lse, mask_add, mask_keep, key_len, B, Hq, Hk, T, S, D, Dv, scale, left, right,

@@ -15,17 +15,14 @@ import math
 
 from numba import cuda
 
-from ._common import MAX_THREADS, accumulator, block_size, make_block_sum
-
-_cache = {}
+from ._common import MAX_THREADS, block_size, make_block_sum, make_row_stats, per_accumulator
 
 
-def _kernels(dtype):
-    """Kernels specialized for the accumulator of `dtype` (built once per accumulator type)."""
-    acc = accumulator(dtype)
-    if acc in _cache:
-        return _cache[acc]
+@per_accumulator
+def _kernels(acc):
+    """Kernels specialized for the accumulator `acc` (built once per accumulator type)."""
     block_sum = make_block_sum(acc)
+    row_stats = make_row_stats(acc, block_sum)
 
     @cuda.jit
     def _ln_fwd_kernel(x, r, w, b, y, s, mean, rstd, n, eps, center, has_r, write_s):
@@ -34,29 +31,12 @@ def _kernels(dtype):
         nt = cuda.blockDim.x
         red = cuda.shared.array(MAX_THREADS, acc)
         base = row * n
-        nf = acc(n)                             # (float32 / int64 would promote to float64)
         if has_r and write_s:                   # s = x + r, rounded to storage, then normalize s
-            for j in range(tid, n, nt):
+            for j in range(tid, n, nt):         # (row_stats starts with a barrier)
                 s[base + j] = x[base + j] + r[base + j]
-            cuda.syncthreads()
         src = s if write_s else x
         add_r = has_r and not write_s
-        part = acc(0)
-        if center:
-            for j in range(tid, n, nt):
-                v = acc(src[base + j])
-                if add_r:
-                    v += acc(r[base + j])
-                part += v
-        mu = block_sum(red, part) / nf
-        part = acc(0)
-        for j in range(tid, n, nt):
-            v = acc(src[base + j])
-            if add_r:
-                v += acc(r[base + j])
-            d = v - mu
-            part += d * d
-        rs = acc(1.0) / math.sqrt(block_sum(red, part) / nf + acc(eps))
+        mu, rs = row_stats(red, src, r, base, n, eps, center, add_r)
         if tid == 0:
             mean[row] = mu
             rstd[row] = rs
@@ -130,8 +110,7 @@ def _kernels(dtype):
             a += part[k * n + j]
         out[j] = a
 
-    _cache[acc] = (_ln_fwd_kernel, _ln_bwd_dx_kernel, _ln_bwd_wb_partial_kernel, _col_sum_kernel)
-    return _cache[acc]
+    return _ln_fwd_kernel, _ln_bwd_dx_kernel, _ln_bwd_wb_partial_kernel, _col_sum_kernel
 
 
 def _threads(n, threads):

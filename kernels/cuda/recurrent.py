@@ -54,19 +54,16 @@ import math
 
 from numba import cuda
 
-from ._common import MAX_THREADS, accumulator, block_size, make_block_sum
+from ._common import MAX_THREADS, block_size, make_block_sum, make_row_stats, per_accumulator
 
 _THREADS = 128          # block of the plain (one thread per element) kernels
 
-_cache = {}
 
-
-def _kernels(dtype):
-    """The kernels for `dtype`'s accumulator (fp32 or fp64), built once per accumulator."""
-    acc = accumulator(dtype)
-    if acc in _cache:
-        return _cache[acc]
+@per_accumulator
+def _kernels(acc):
+    """The kernels for the accumulator `acc` (fp32 or fp64), built once per accumulator."""
     block_sum = make_block_sum(acc)
+    row_stats = make_row_stats(acc, block_sum)
 
     # ------------------------------------------------------------------ device helpers
 
@@ -228,22 +225,37 @@ def _kernels(dtype):
             dg[k] = dhe * (acc(1) - hv * hv)
 
     # ------------------------------------------------------------------ layer-norm helpers
+    # Row statistics: make_row_stats (_common.py).  The backward through ghat = LN(gh) over a row
+    # of G gate blocks of H, with dghat = d w_hh_norm:
+    #     dgh = rstd_h (dghat - mean(dghat) - ghat mean(dghat ghat))
+    # ln_bwd_sums adds one unit's G terms to the thread's partial sums, ln_bwd_finish forms the
+    # means and writes dgh for the thread's own units (j = tid, tid + blockDim.x, ...).
 
     @cuda.jit(device=True)
-    def row_stats(red, v, base, n, eps):
-        """(mean, rstd) of v[base : base + n] over the block: two passes, biased variance."""
-        tid = cuda.threadIdx.x
-        nt = cuda.blockDim.x
-        nf = acc(n)                                  # (float32 / int64 would promote to float64)
-        part = acc(0)
-        for j in range(tid, n, nt):
-            part += acc(v[base + j])
-        mu = block_sum(red, part) / nf
-        part = acc(0)
-        for j in range(tid, n, nt):
-            d = acc(v[base + j]) - mu
-            part += d * d
-        return mu, acc(1) / math.sqrt(block_sum(red, part) / nf + acc(eps))
+    def normalize(v, vhat, q, mu, rs):
+        """vhat[q] = (v[q] - mu) rs (the row statistics' (mu, rs)), returned."""
+        x = (acc(v[q]) - mu) * rs
+        vhat[q] = x
+        return x
+
+    @cuda.jit(device=True)
+    def ln_bwd_sums(d, w_hh_norm, ghat, q, j, H, G, s1, s2):
+        for k in range(G):
+            dghat = acc(d[q + k * H]) * acc(w_hh_norm[j + k * H])
+            s1 += dghat
+            s2 += dghat * acc(ghat[q + k * H])
+        return s1, s2
+
+    @cuda.jit(device=True)
+    def ln_bwd_finish(red, s1, s2, d, w_hh_norm, ghat, rs, dgh, gb, H, G):
+        ng = acc(G * H)
+        m1 = block_sum(red, s1) / ng
+        m2 = block_sum(red, s2) / ng
+        for j in range(cuda.threadIdx.x, H, cuda.blockDim.x):
+            for k in range(G):
+                q = gb + j + k * H
+                dghat = acc(d[q]) * acc(w_hh_norm[j + k * H])
+                dgh[q] = rs * (dghat - m1 - acc(ghat[q]) * m2)
 
     # ------------------------------------------------------------------ LayerNormLSTM
 
@@ -258,19 +270,14 @@ def _kernels(dtype):
         red = cuda.shared.array(MAX_THREADS, acc)
         gb = row * 4 * H
         cb = row * H
-        mu, rs = row_stats(red, gh, gb, 4 * H, eps)
-        # gates from G = xp + w_hh_norm ghat, then the cell; sum of c for its norm
-        part = acc(0)
+        mu, rs = row_stats(red, gh, gh, gb, 4 * H, eps, True, False)
+        # gates from G = xp + w_hh_norm ghat, then the cell
         for j in range(tid, H, nt):
             q = gb + j
-            gi = (acc(gh[q]) - mu) * rs
-            gf = (acc(gh[q + H]) - mu) * rs
-            gc = (acc(gh[q + 2 * H]) - mu) * rs
-            go = (acc(gh[q + 3 * H]) - mu) * rs
-            ghat[q] = gi
-            ghat[q + H] = gf
-            ghat[q + 2 * H] = gc
-            ghat[q + 3 * H] = go
+            gi = normalize(gh, ghat, q, mu, rs)
+            gf = normalize(gh, ghat, q + H, mu, rs)
+            gc = normalize(gh, ghat, q + 2 * H, mu, rs)
+            go = normalize(gh, ghat, q + 3 * H, mu, rs)
             i = sigmoid(acc(xp[q]) + acc(w_hh_norm[j]) * gi)
             f = sigmoid(acc(xp[q + H]) + acc(w_hh_norm[j + H]) * gf)
             gg = math.tanh(acc(xp[q + 2 * H]) + acc(w_hh_norm[j + 2 * H]) * gc)
@@ -279,22 +286,13 @@ def _kernels(dtype):
             act[q + H] = f
             act[q + 2 * H] = gg
             act[q + 3 * H] = o
-            cn = f * acc(cprev[cb + j]) + i * gg
-            c[cb + j] = cn
-            part += cn
-        nh = acc(H)
-        muc = block_sum(red, part) / nh
-        part = acc(0)
-        for j in range(tid, H, nt):                  # this thread's own c values
-            d = acc(c[cb + j]) - muc
-            part += d * d
-        rsc = acc(1) / math.sqrt(block_sum(red, part) / nh + acc(eps))
+            c[cb + j] = f * acc(cprev[cb + j]) + i * gg
+        muc, rsc = row_stats(red, c, c, cb, H, eps, True, False)     # (c in the accumulator type)
         if tid == 0:
             rstd_h[row] = rs
             rstd_c[row] = rsc
         for j in range(tid, H, nt):
-            ch = (acc(c[cb + j]) - muc) * rsc
-            chat[cb + j] = ch
+            ch = normalize(c, chat, cb + j, muc, rsc)
             h[cb + j] = acc(act[gb + 3 * H + j]) * math.tanh(acc(w_c[j]) * ch + acc(b_c[j]))
 
     # LayerNormLSTM backward.  Forward: ghat = LN(gh) (over 4H), G = xp + w_hh_norm ghat, gates as
@@ -350,20 +348,8 @@ def _kernels(dtype):
             dg[q + H] = dgf
             dg[q + 2 * H] = dgg
             dc[cb + j] = dce * f
-            for k in range(4):
-                dgk = acc(dg[q + k * H])
-                dghat = dgk * acc(w_hh_norm[j + k * H])
-                s1 += dghat
-                s2 += dghat * acc(ghat[q + k * H])
-        n4 = acc(4 * H)
-        m1 = block_sum(red, s1) / n4
-        m2 = block_sum(red, s2) / n4
-        rs = acc(rstd_h[row])
-        for j in range(tid, H, nt):
-            for k in range(4):
-                q = gb + j + k * H
-                dghat = acc(dg[q]) * acc(w_hh_norm[j + k * H])
-                dgh[q] = rs * (dghat - m1 - acc(ghat[q]) * m2)
+            s1, s2 = ln_bwd_sums(dg, w_hh_norm, ghat, q, j, H, 4, s1, s2)
+        ln_bwd_finish(red, s1, s2, dg, w_hh_norm, ghat, acc(rstd_h[row]), dgh, gb, H, 4)
 
     # ------------------------------------------------------------------ LayerNormGRU
 
@@ -377,17 +363,14 @@ def _kernels(dtype):
         red = cuda.shared.array(MAX_THREADS, acc)
         gb = row * 3 * H
         cb = row * H
-        mu, rs = row_stats(red, gh, gb, 3 * H, eps)
+        mu, rs = row_stats(red, gh, gh, gb, 3 * H, eps, True, False)
         if tid == 0:
             rstd_h[row] = rs
         for j in range(tid, H, nt):
             q = gb + j
-            gr = (acc(gh[q]) - mu) * rs
-            gz = (acc(gh[q + H]) - mu) * rs
-            gn = (acc(gh[q + 2 * H]) - mu) * rs
-            ghat[q] = gr
-            ghat[q + H] = gz
-            ghat[q + 2 * H] = gn
+            gr = normalize(gh, ghat, q, mu, rs)
+            gz = normalize(gh, ghat, q + H, mu, rs)
+            gn = normalize(gh, ghat, q + 2 * H, mu, rs)
             an = acc(w_hh_norm[j + 2 * H]) * gn + acc(b_hh[j + 2 * H])
             r, z, n, hn = gru_cell(acc(xp[q]), acc(xp[q + H]), acc(xp[q + 2 * H]),
                                    acc(w_hh_norm[j]) * gr + acc(b_hh[j]),
@@ -429,28 +412,16 @@ def _kernels(dtype):
             da[q] = da_r
             da[q + H] = da_z
             da[q + 2 * H] = da_n * r
-            for k in range(3):
-                dghat = acc(da[q + k * H]) * acc(w_hh_norm[j + k * H])
-                s1 += dghat
-                s2 += dghat * acc(ghat[q + k * H])
-        n3 = acc(3 * H)
-        m1 = block_sum(red, s1) / n3
-        m2 = block_sum(red, s2) / n3
-        rs = acc(rstd_h[row])
-        for j in range(tid, H, nt):
-            for k in range(3):
-                q = gb + j + k * H
-                dghat = acc(da[q]) * acc(w_hh_norm[j + k * H])
-                dgh[q] = rs * (dghat - m1 - acc(ghat[q]) * m2)
+            s1, s2 = ln_bwd_sums(da, w_hh_norm, ghat, q, j, H, 3, s1, s2)
+        ln_bwd_finish(red, s1, s2, da, w_hh_norm, ghat, acc(rstd_h[row]), dgh, gb, H, 3)
 
-    _cache[acc] = dict(
+    return dict(
         lstm_fwd=_lstm_step_fwd_kernel, lstm_bwd=_lstm_step_bwd_kernel,
         gru_fwd=_gru_step_fwd_kernel, gru_bwd=_gru_step_bwd_kernel,
         rnn_fwd=_rnn_step_fwd_kernel, rnn_bwd=_rnn_step_bwd_kernel,
         ln_lstm_fwd=_ln_lstm_step_fwd_kernel, ln_lstm_bwd=_ln_lstm_step_bwd_kernel,
         ln_gru_fwd=_ln_gru_step_fwd_kernel, ln_gru_bwd=_ln_gru_step_bwd_kernel,
     )
-    return _cache[acc]
 
 
 def _elementwise(name, dtype, B, H, stream):
