@@ -55,3 +55,20 @@ def seed_tensor() -> torch.Tensor:
 def autocast_dtype(device_type: str):
     """The autocast dtype in force for `device_type`, or None when autocast is off there."""
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+_rnn_modules_allowed = False
+
+
+def allow_dynamo_rnn_modules() -> None:
+    """Let Dynamo trace fastseq's recurrent modules.  It refuses any instance of torch.nn.LSTM /
+    GRU / RNN unless torch._dynamo.config.allow_rnn is set, and fastseq's modules subclass those
+    (isinstance and state_dict compatibility) while running plain Python over registered ops.
+    Called when one is built or converted; it sets that flag for the process (which also lets
+    Dynamo trace torch's own RNN modules instead of breaking the graph at them) and imports
+    torch._dynamo, once (~1.5 s)."""
+    global _rnn_modules_allowed
+    if not _rnn_modules_allowed:
+        import torch._dynamo.config
+        torch._dynamo.config.allow_rnn = True
+        _rnn_modules_allowed = True

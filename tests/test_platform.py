@@ -235,3 +235,83 @@ def test_import_without_compiled_kernels_warns_once():
             "print(sum('no compiled CPU kernels' in str(x.message) for x in w), fastseq.available_backends())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "1 ['torch']", out.stderr
+
+
+# ------------------------------------------------------------------ the recurrent family
+
+def _recurrent_args(name, T=4, B=3, H=8, P=5):
+    offs = torch.arange(T + 1, dtype=torch.int64) * B
+    G = {"lstm_layer": 4, "lstm_proj_layer": 4, "gru_layer": 3, "rnn_layer": 1, "layer_norm_lstm_layer": 4,
+         "layer_norm_gru_layer": 3}[name]
+    xp = _req(T * B, G * H)
+    if name == "lstm_layer":
+        return ("cpu", offs, 8, xp, _req(B, H), _req(B, H), _req(4 * H, H))
+    if name == "lstm_proj_layer":
+        return ("cpu", offs, 8, xp, _req(B, P), _req(B, H), _req(4 * H, P), _req(P, H))
+    if name == "gru_layer":
+        return ("cpu", offs, 8, xp, _req(B, H), _req(3 * H, H), _req(3 * H))
+    if name == "rnn_layer":
+        return ("cpu", offs, 8, True, xp, _req(B, H), _req(H, H))
+    if name == "layer_norm_lstm_layer":
+        return ("cpu", offs, 1e-5, xp, _req(B, H), _req(B, H), _req(4 * H, H), _req(4 * H), _req(H), _req(H))
+    return ("cpu", offs, 1e-5, xp, _req(B, H), _req(3 * H, H), _req(3 * H), _req(3 * H))
+
+
+@pytest.mark.parametrize("name", ["lstm_layer", "lstm_proj_layer", "gru_layer", "rnn_layer", "layer_norm_lstm_layer",
+                                  "layer_norm_gru_layer"])
+def test_opcheck_recurrent_ops(name):
+    opcheck(getattr(torch.ops.fastseq, f"{name}_forward").default, _recurrent_args(name))
+
+
+@pytest.mark.parametrize("name", ["lstm_layer", "gru_layer", "layer_norm_lstm_layer"])
+def test_recurrent_op_matches_its_function(name):
+    from fastseq.recurrent import ops
+    args = _recurrent_args(name)
+    tensors = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    out_op = ops.apply(name, *args)
+    out_fn = ops.FUNCTION[name].apply(*args)
+    g_op = torch.autograd.grad(sum(o.sin().sum() for o in out_op), tensors)
+    g_fn = torch.autograd.grad(sum(o.sin().sum() for o in out_fn), tensors)
+    for a, b in zip(list(out_op) + list(g_op), list(out_fn) + list(g_fn)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: fastseq.convert(torch.nn.LSTM(8, 16, batch_first=True)),
+    lambda: fastseq.convert(torch.nn.LSTM(8, 16, num_layers=2, bidirectional=True)),
+    lambda: fastseq.convert(torch.nn.LSTM(8, 16, proj_size=5)),
+    lambda: fastseq.convert(torch.nn.GRU(8, 16, batch_first=True)),
+    lambda: fastseq.convert(torch.nn.RNN(8, 16, nonlinearity="relu")),
+    lambda: fastseq.nn.LayerNormLSTM(8, 16, num_layers=2),
+    lambda: fastseq.nn.LayerNormGRU(8, 16),
+], ids=["lstm", "lstm-2layer-bidir", "lstm-proj", "gru", "rnn-relu", "ln-lstm", "ln-gru"])
+def test_compile_recurrent_modules_fullgraph_match_eager(build):
+    torch.manual_seed(0)
+    model = build()
+    x = _req(5, 3, 8, dtype=torch.float32)
+    out_c = _compiled(model)(x)
+    out_e = model(x)
+    flat = lambda o: [o[0]] + (list(o[1]) if isinstance(o[1], tuple) else [o[1]])   # noqa: E731
+    for a, e in zip(flat(out_c), flat(out_e)):
+        torch.testing.assert_close(a, e)
+    params = [x] + list(model.parameters())
+    gc = torch.autograd.grad(sum(t.sum() for t in flat(out_c)), params)
+    ge = torch.autograd.grad(sum(t.sum() for t in flat(out_e)), params)
+    for a, e in zip(gc, ge):
+        torch.testing.assert_close(a, e)
+
+
+def test_jit_trace_lstm_runs_the_registered_op():
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(8, 16)
+    fast = fastseq.convert(torch.nn.LSTM(8, 16))
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(fast, (x,))
+    assert "fastseq::lstm_layer_forward" in str(traced.inlined_graph)
+    x2 = torch.randn(5, 2, 8)
+    with torch.no_grad():
+        for a, e in zip([traced(x2)[0], *traced(x2)[1]], [ref(x2)[0], *ref(x2)[1]]):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)

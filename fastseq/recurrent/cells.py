@@ -21,8 +21,9 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from .. import _dispatch
+from .. import _dispatch, _library
 from ..layer_norm import layer_norm as _fused_layer_norm
+from . import ops
 from . import reference as ref
 from .functions import (GRULayerFunction, LayerNormGRULayerFunction, LayerNormLSTMLayerFunction, LSTMLayerFunction,
                         LSTMProjLayerFunction, RNNLayerFunction, gate_perm, permute, project, project_blocked)
@@ -58,6 +59,7 @@ def needs_grad(*tensors) -> bool:
 _UB = {}
 
 
+@torch.compiler.assume_constant_result      # under torch.compile: the block of the thread count at tracing
 def unit_block(H: int) -> int:
     """Hidden units per gate block on the CPU: one block per thread, a multiple of 8 (a vector of
     floats)."""
@@ -78,7 +80,13 @@ def _ub(backend: str, H: int, rows, permutes: bool) -> int:
     return unit_block(H)
 
 
-def _apply(fn, grad, *args):
+def _apply(name, grad, *args):
+    """The outputs of the Function ops.FUNCTION[name] ("lstm_layer", ...): through autograd when a
+    gradient is to be formed, as its registered op while a graph is captured (ops.py), else its
+    compute() alone."""
+    if _library.captured(args[ops.XP_ARG[name]]):
+        return ops.apply(name, *args)
+    fn = ops.FUNCTION[name]
     return fn.apply(*args) if grad else fn.compute(*args)[0]
 
 
@@ -93,13 +101,13 @@ def _lstm_fused(x, rows, h0, c0, p, eps, backend, w_hr=None):
     if w_hr is not None:
         perm = gate_perm(H, ub, 4)
         xp = project_blocked(x, w_ih, bias, perm, grad)
-        y, h, c = _apply(LSTMProjLayerFunction, grad, backend, rows.offs, ub, xp, h0, c0, permute(w_hh, perm), w_hr)
+        y, h, c = _apply("lstm_proj_layer", grad, backend, rows.offs, ub, xp, h0, c0, permute(w_hh, perm), w_hr)
         return y, (h, c)
-    if not grad:                # xp in torch's order, nothing kept: no weight is permuted
+    if not grad and not _library.captured(x):    # xp in torch's order, nothing kept: no weight is permuted
         y, h, c = LSTMLayerFunction.infer(backend, rows.offs, ub, project(x, w_ih, bias, False), h0, c0, w_hh)
         return y, (h, c)
-    xp = project_blocked(x, w_ih, bias, gate_perm(H, ub, 4), True)      # blocked: the backward's dG is its gradient
-    y, h, c = LSTMLayerFunction.apply(backend, rows.offs, ub, xp, h0, c0, w_hh)
+    xp = project_blocked(x, w_ih, bias, gate_perm(H, ub, 4), grad)      # blocked: the backward's dG is its gradient
+    y, h, c = _apply("lstm_layer", True, backend, rows.offs, ub, xp, h0, c0, w_hh)
     return y, (h, c)
 
 
@@ -108,7 +116,7 @@ def _ln_lstm_fused(x, rows, h0, c0, p, eps, backend, w_hr=None):
     grad = needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c)
     shift = None if b_ih is None else b_ih + b_hh
     xp = _fused_layer_norm(project(x, w_ih, None, grad), (w_ih.shape[0],), g_ih, shift, eps)
-    y, h, c = _apply(LayerNormLSTMLayerFunction, grad, backend, rows.offs, float(eps), xp, h0, c0, w_hh, g_hh, g_c,
+    y, h, c = _apply("layer_norm_lstm_layer", grad, backend, rows.offs, float(eps), xp, h0, c0, w_hh, g_hh, g_c,
                      b_c)
     return y, (h, c)
 
@@ -122,7 +130,7 @@ def _gru_fused(x, rows, h0, c0, p, eps, backend, w_hr=None):
     perm = gate_perm(H, ub, 3)
     grad = needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh)
     xp = project_blocked(x, w_ih, b_ih, perm, grad)
-    y, h = _apply(GRULayerFunction, grad, backend, rows.offs, ub, xp, h0, permute(w_hh, perm), permute(b_hh, perm))
+    y, h = _apply("gru_layer", grad, backend, rows.offs, ub, xp, h0, permute(w_hh, perm), permute(b_hh, perm))
     return y, (h, None)
 
 
@@ -130,7 +138,7 @@ def _ln_gru_fused(x, rows, h0, c0, p, eps, backend, w_hr=None):
     w_ih, w_hh, b_ih, b_hh, g_ih, g_hh = p[:6]
     grad = needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, g_hh)
     xp = _fused_layer_norm(project(x, w_ih, None, grad), (w_ih.shape[0],), g_ih, b_ih, eps)
-    y, h = _apply(LayerNormGRULayerFunction, grad, backend, rows.offs, float(eps), xp, h0, w_hh, g_hh, b_hh)
+    y, h = _apply("layer_norm_gru_layer", grad, backend, rows.offs, float(eps), xp, h0, w_hh, g_hh, b_hh)
     return y, (h, None)
 
 
@@ -142,7 +150,7 @@ def _rnn_fused(relu):
         ub = _ub(backend, w_hh.shape[1], rows, permutes=False)
         grad = needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh)
         xp = project(x, w_ih, None if b_ih is None else b_ih + b_hh, grad)
-        y, h = _apply(RNNLayerFunction, grad, backend, rows.offs, ub, relu, xp, h0, w_hh)
+        y, h = _apply("rnn_layer", grad, backend, rows.offs, ub, relu, xp, h0, w_hh)
         return y, (h, None)
     return fused
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .. import _alloc
+from .. import _alloc, _library
 from . import cpu, cuda
 from . import rows as R
 
@@ -114,7 +114,7 @@ def project(x, w, b, grad: bool):
     """x W^T + b (N, G H).  With a gradient to form, on the CPU, through ProjectionFunction: once
     differentiable like the loops' Functions, so that a double backward through the layer raises
     instead of returning the projection's part alone.  Else F.linear."""
-    if x.is_cuda:
+    if x.is_cuda or _library.captured(x):
         return F.linear(x, w, b)
     if grad:
         return ProjectionFunction.apply(x, w, b)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
+from .. import _library
 from . import functional as _fn
 from . import rows as R
 from .cells import GRU as _GRU, LN_GRU, LN_LSTM, LSTM as _LSTM, RNN_RELU, RNN_TANH, Cell
@@ -62,6 +63,10 @@ class _FusedStack:
         w = fw[k * s:(k + 1) * s]
         p = (w[0], w[1], w[2], w[3]) if self.bias else (w[0], w[1], None, None)
         return p + (None,) * 4, (w[-1] if self.proj_size else None)
+
+    def __new__(cls, *args, **kwargs):      # built, or converted by rebind(): either way through here
+        _library.allow_dynamo_rnn_modules()
+        return super().__new__(cls)
 
     def forward(self, input, hx=None):
         packed = isinstance(input, PackedSequence)

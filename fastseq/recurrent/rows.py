@@ -57,6 +57,8 @@ class Rows:
     def reverse(self, device) -> torch.Tensor:
         """(N,) the row holding step L_b - 1 - t of sequence b, for every row (t, b): each
         sequence reversed in time within its own length (its own inverse)."""
+        if self.padded and torch.compiler.is_compiling():    # traced: the index as graph ops, no numpy
+            return torch.arange(self.N, device=device).view(self.T, self.B).flip(0).reshape(-1)
         def make():
             L = self.lengths()
             rev = np.empty(self.N, np.int64)
@@ -89,6 +91,7 @@ _PACKED: "OrderedDict[bytes, Rows]" = OrderedDict()
 _PACKED_SIZE = 256                  # packed layouts remembered (a training run sees many)
 
 
+@torch.compiler.assume_constant_result      # under torch.compile: built while tracing, a constant of the graph
 def padded(T: int, B: int) -> Rows:
     """The layout of a padded (T, B) batch (cached)."""
     rows = _PADDED.get((T, B))
