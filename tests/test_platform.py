@@ -315,3 +315,19 @@ def test_jit_trace_lstm_runs_the_registered_op():
     with torch.no_grad():
         for a, e in zip([traced(x2)[0], *traced(x2)[1]], [ref(x2)[0], *ref(x2)[1]]):
             torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_gpt_style_encoder_training_with_dropout_is_one_graph():
+    """Pre-norm causal blocks with dropout 0.1 in training mode (GPT's shape): the attention
+    dropout seed is drawn inside the graph, so fullgraph=True holds."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True, norm_first=True,
+                                             activation="gelu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                       # torch's nested-tensor notice
+        enc = fastseq.convert(torch.nn.TransformerEncoder(layer, 2)).train()
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(7)
+    x = _req(2, 7, 32, dtype=torch.float32)
+    out = _compiled(lambda t: enc(t, mask=mask, is_causal=True))(x)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
