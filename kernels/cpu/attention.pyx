@@ -79,6 +79,36 @@ def tile_sizes():
     return BQ, BK
 
 
+# One query row (decode) reads each key and value row once: the BLAS calls' fixed costs (two per
+# key tile, each ~0.5-1 us at these sizes) would outweigh the row's own work.  The loops over D
+# vectorize (-fassociative-math).
+cdef inline void scores_1_(const real* q, const real* k, Py_ssize_t ks, Py_ssize_t nk, Py_ssize_t D, real scale,
+                           real* sc) noexcept nogil:
+    """sc[j] = scale * q . k_j for the nk key rows k_j = k + j ks."""
+    cdef Py_ssize_t j, c
+    cdef real s
+    cdef const real* kj
+    for j in range(nk):
+        kj = k + j * ks
+        s = 0
+        for c in range(D):
+            s = s + q[c] * kj[c]
+        sc[j] = scale * s
+
+
+cdef inline void accumulate_1_(const real* p, const real* v, Py_ssize_t vs, Py_ssize_t nk, Py_ssize_t Dv,
+                               real* acc) noexcept nogil:
+    """acc += sum_j p[j] v_j for the nk value rows v_j = v + j vs."""
+    cdef Py_ssize_t j, c
+    cdef real pj
+    cdef const real* vj
+    for j in range(nk):
+        pj = p[j]
+        vj = v + j * vs
+        for c in range(Dv):
+            acc[c] = acc[c] + pj * vj[c]
+
+
 cdef inline Py_ssize_t work_size_(Py_ssize_t d, Py_ssize_t dv, bint backward) noexcept nogil:
     if backward:
         return 2 * BQ * BK + BK * d + BK * dv + BQ
@@ -226,8 +256,11 @@ cdef void fwd_unit_(const real* q, const real* k, const real* v, real* o, real* 
     while j0 < jhi:
         j1 = jhi if j0 + bk > jhi else j0 + bk
         nk = j1 - j0
-        gemm_rm(False, True, <int> nq, <int> nk, <int> D, scale, qt, <int> D, kb + j0 * kv.ks, <int> kv.ks,
-                0, sc, <int> bk)
+        if nq == 1:                          # decode: one query row, no BLAS call per tile
+            scores_1_(qt, kb + j0 * kv.ks, kv.ks, nk, D, scale, sc)
+        else:
+            gemm_rm(False, True, <int> nq, <int> nk, <int> D, scale, qt, <int> D, kb + j0 * kv.ks, <int> kv.ks,
+                    0, sc, <int> bk)
         if not tile_is_plain_(mk, i0, i1, j0, j1, klen):
             apply_mask_(mk, sc, bk, b, h, i0, nq, j0, nk, klen)
         for r in range(nq):
@@ -253,8 +286,11 @@ cdef void fwd_unit_(const real* q, const real* k, const real* v, real* o, real* 
                     acc[r * Dv + c] = acc[r * Dv + c] * alpha
             if mk.drop:                      # l keeps the undropped sum: softmax, then dropout
                 dropout_row_(mk, row, nk, <uint64_t> (((b * Hq + h) * T + i0 + r) * S + j0))
-        gemm_rm(False, False, <int> nq, <int> Dv, <int> nk, 1, sc, <int> bk, vb + j0 * kv.vs, <int> kv.vs, 1, acc,
-                <int> Dv)
+        if nq == 1:
+            accumulate_1_(sc, vb + j0 * kv.vs, kv.vs, nk, Dv, acc)
+        else:
+            gemm_rm(False, False, <int> nq, <int> Dv, <int> nk, 1, sc, <int> bk, vb + j0 * kv.vs, <int> kv.vs, 1,
+                    acc, <int> Dv)
         j0 = j1
     for r in range(nq):
         row = o + ((b * Hq + h) * T + i0 + r) * Dv
