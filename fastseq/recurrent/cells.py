@@ -9,10 +9,11 @@ A fused layer runs in three parts:
      forms dW_hh = sum_t dG_t^T h_{t-1} as one GEMM over all steps;
   3. autograd of part 1 gives dx, dW_ih and the input bias and norm gradients as large GEMMs.
 
-Every fused layer has the signature fused(x, rows, h0, c0, params, eps, backend, w_hr) ->
+Every fused layer has the signature fused(x, rows, h0, c0, params, eps, backend, w_hr, alias) ->
 y (N, H), (h_n, c_n) with x (N, C) contiguous packed rows, rows a rows.Rows, c0 / c_n None for the
 cells without a cell state, params = (w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c) (absent
-biases and norms None), w_hr the LSTM's projection (torch's proj_size) or None.
+biases and norms None), w_hr the LSTM's projection (torch's proj_size) or None; alias=True lets
+h_n be a view of y where no gradient is formed (the cell modules, which drop y).
 """
 from __future__ import annotations
 
@@ -72,27 +73,29 @@ def unit_block(H: int) -> int:
 
 
 def _ub(backend: str, H: int, rows, permutes: bool) -> int:
-    """The unit block of this call: H (one block, torch's order) on a GPU, and on the CPU where
-    blocks would permute weights for a layer of at most 4 rows (T B <= 4, a decoding step): the
-    copy would read and write more than the loop's one thread reads."""
-    if backend != "cpu" or (permutes and rows.N <= 4):
+    """The unit block of this call: H (one block, torch's order) on a GPU, and on the CPU for a
+    layer of at most 4 rows (T B <= 4: a decoding step), which one thread runs faster than a
+    team (no fork and barrier; at (1, 1, 256) 14 us against 34 on the 2-core box), and for which
+    blocks would copy more weights than the loop reads.  `permutes`: whether blocks permute
+    weights (kept for the callers' clarity)."""
+    if backend != "cpu" or rows.N <= 4:
         return H
     return unit_block(H)
 
 
-def _apply(name, grad, *args):
+def _apply(name, grad, *args, alias=False):
     """The outputs of the Function ops.FUNCTION[name] ("lstm_layer", ...): through autograd when a
     gradient is to be formed, as its registered op while a graph is captured (ops.py), else its
-    compute() alone."""
+    compute() alone (alias: h_n may be a view of y, for callers that drop y)."""
     if _library.captured(args[ops.XP_ARG[name]]):
         return ops.apply(name, *args)
     fn = ops.FUNCTION[name]
-    return fn.apply(*args) if grad else fn.compute(*args)[0]
+    return fn.apply(*args) if grad else fn.compute(*args, alias=alias)[0]
 
 
 # ============================================================================ LSTM
 
-def _lstm_fused(x, rows, h0, c0, p, eps, backend, w_hr=None):
+def _lstm_fused(x, rows, h0, c0, p, eps, backend, w_hr=None, alias=False):
     w_ih, w_hh, b_ih, b_hh = p[:4]
     H = w_ih.shape[0] // 4                                    # (w_hh is (4H, P) with a projection)
     bias = None if b_ih is None else b_ih + b_hh
@@ -101,56 +104,60 @@ def _lstm_fused(x, rows, h0, c0, p, eps, backend, w_hr=None):
     if w_hr is not None:
         perm = gate_perm(H, ub, 4)
         xp = project_blocked(x, w_ih, bias, perm, grad)
-        y, h, c = _apply("lstm_proj_layer", grad, backend, rows.offs, ub, xp, h0, c0, permute(w_hh, perm), w_hr)
+        y, h, c = _apply("lstm_proj_layer", grad, backend, rows.offs, ub, xp, h0, c0, permute(w_hh, perm), w_hr,
+                         alias=alias)
         return y, (h, c)
     if not grad and not _library.captured(x):    # xp in torch's order, nothing kept: no weight is permuted
-        y, h, c = LSTMLayerFunction.infer(backend, rows.offs, ub, project(x, w_ih, bias, False), h0, c0, w_hh)
+        y, h, c = LSTMLayerFunction.infer(backend, rows.offs, ub, project(x, w_ih, bias, False), h0, c0, w_hh,
+                                            alias=alias)
         return y, (h, c)
     xp = project_blocked(x, w_ih, bias, gate_perm(H, ub, 4), grad)      # blocked: the backward's dG is its gradient
     y, h, c = _apply("lstm_layer", True, backend, rows.offs, ub, xp, h0, c0, w_hh)
     return y, (h, c)
 
 
-def _ln_lstm_fused(x, rows, h0, c0, p, eps, backend, w_hr=None):
+def _ln_lstm_fused(x, rows, h0, c0, p, eps, backend, w_hr=None, alias=False):
     w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c = p
     grad = needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh, g_ih, g_hh, g_c, b_c)
     shift = None if b_ih is None else b_ih + b_hh
     xp = _fused_layer_norm(project(x, w_ih, None, grad), (w_ih.shape[0],), g_ih, shift, eps)
     y, h, c = _apply("layer_norm_lstm_layer", grad, backend, rows.offs, float(eps), xp, h0, c0, w_hh, g_hh, g_c,
-                     b_c)
+                     b_c, alias=alias)
     return y, (h, c)
 
 
 # ============================================================================ GRU
 
-def _gru_fused(x, rows, h0, c0, p, eps, backend, w_hr=None):
+def _gru_fused(x, rows, h0, c0, p, eps, backend, w_hr=None, alias=False):
     w_ih, w_hh, b_ih, b_hh = p[:4]
     H = w_hh.shape[1]
     ub = _ub(backend, H, rows, permutes=True)
     perm = gate_perm(H, ub, 3)
     grad = needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh)
     xp = project_blocked(x, w_ih, b_ih, perm, grad)
-    y, h = _apply("gru_layer", grad, backend, rows.offs, ub, xp, h0, permute(w_hh, perm), permute(b_hh, perm))
+    y, h = _apply("gru_layer", grad, backend, rows.offs, ub, xp, h0, permute(w_hh, perm), permute(b_hh, perm),
+                  alias=alias)
     return y, (h, None)
 
 
-def _ln_gru_fused(x, rows, h0, c0, p, eps, backend, w_hr=None):
+def _ln_gru_fused(x, rows, h0, c0, p, eps, backend, w_hr=None, alias=False):
     w_ih, w_hh, b_ih, b_hh, g_ih, g_hh = p[:6]
     grad = needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh, g_ih, g_hh)
     xp = _fused_layer_norm(project(x, w_ih, None, grad), (w_ih.shape[0],), g_ih, b_ih, eps)
-    y, h = _apply("layer_norm_gru_layer", grad, backend, rows.offs, float(eps), xp, h0, w_hh, g_hh, b_hh)
+    y, h = _apply("layer_norm_gru_layer", grad, backend, rows.offs, float(eps), xp, h0, w_hh, g_hh, b_hh,
+                  alias=alias)
     return y, (h, None)
 
 
 # ============================================================================ RNN
 
 def _rnn_fused(relu):
-    def fused(x, rows, h0, c0, p, eps, backend, w_hr=None):
+    def fused(x, rows, h0, c0, p, eps, backend, w_hr=None, alias=False):
         w_ih, w_hh, b_ih, b_hh = p[:4]
         ub = _ub(backend, w_hh.shape[1], rows, permutes=False)
         grad = needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh)
         xp = project(x, w_ih, None if b_ih is None else b_ih + b_hh, grad)
-        y, h = _apply("rnn_layer", grad, backend, rows.offs, ub, relu, xp, h0, w_hh)
+        y, h = _apply("rnn_layer", grad, backend, rows.offs, ub, relu, xp, h0, w_hh, alias=alias)
         return y, (h, None)
     return fused
 
@@ -161,7 +168,7 @@ def _native(vf_op):
     """One layer of torch's own op (torch.lstm / gru / rnn_tanh / rnn_relu, what torch.nn.LSTM
     etc. call) on packed rows: the "torch" backend of the plain cells (under autocast too, where
     it returns what torch.nn's modules return)."""
-    def run(x, rows, h0, c0, p, eps, backend, w_hr=None):
+    def run(x, rows, h0, c0, p, eps, backend, w_hr=None, alias=False):
         w = [t for t in p[:4] if t is not None]
         if w_hr is not None:
             w.append(w_hr)

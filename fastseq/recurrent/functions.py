@@ -142,13 +142,13 @@ class LSTMLayerFunction(torch.autograd.Function):
     xp in torch's order) is infer() below, outside autograd."""
 
     @staticmethod
-    def compute(backend: str, offs, ub: int, xp, h0, c0, w_hh):
+    def compute(backend: str, offs, ub: int, xp, h0, c0, w_hh, alias: bool = False):
         rows = R.of(offs, h0.shape[0], xp.shape[0])
         H = w_hh.shape[1]
         h0, c0, w_hh = h0.contiguous(), c0.contiguous(), w_hh.contiguous()
         y, cs, gates = _empty(rows.N, H, xp), _empty(rows.N, H, xp), _empty(rows.N, 4 * H, xp)
         LOOPS[backend].lstm_forward(rows, ub, xp, w_hh, h0, c0, y, cs, gates)
-        return (y, rows.final(y, h0), rows.final(cs, c0)), (offs, h0, c0, w_hh, y, cs, gates)
+        return (y, rows.final(y, h0, alias), rows.final(cs, c0, alias)), (offs, h0, c0, w_hh, y, cs, gates)
 
     @staticmethod
     def forward(ctx, backend: str, offs, ub: int, xp, h0, c0, w_hh):
@@ -173,14 +173,14 @@ class LSTMLayerFunction(torch.autograd.Function):
         return None, None, None, dg, dh, dc, dw_hh
 
     @staticmethod
-    def infer(backend: str, offs, ub: int, xp, h0, c0, w_hh):
+    def infer(backend: str, offs, ub: int, xp, h0, c0, w_hh, alias: bool = False):
         """Forward keeping nothing, xp in torch's order: y, h_n, c_n."""
         rows = R.of(offs, h0.shape[0], xp.shape[0])
         H = w_hh.shape[1]
         h0, c0, w_hh = h0.contiguous(), c0.contiguous(), w_hh.contiguous()
         y = _empty(rows.N, H, xp)
         c_n = LOOPS[backend].lstm_infer(rows, ub, xp, w_hh, h0, c0, y)
-        return y, rows.final(y, h0), c_n
+        return y, rows.final(y, h0, alias), c_n
 
 
 class LSTMProjLayerFunction(torch.autograd.Function):
@@ -189,13 +189,13 @@ class LSTMProjLayerFunction(torch.autograd.Function):
     Saves m = o tanh(c) too."""
 
     @staticmethod
-    def compute(backend: str, offs, ub: int, xp, h0, c0, w_hh, w_hr):
+    def compute(backend: str, offs, ub: int, xp, h0, c0, w_hh, w_hr, alias: bool = False):
         rows = R.of(offs, h0.shape[0], xp.shape[0])
         P, H = w_hr.shape
         h0, c0, w_hh, w_hr = h0.contiguous(), c0.contiguous(), w_hh.contiguous(), w_hr.contiguous()
         y, cs, m, gates = _empty(rows.N, P, xp), _empty(rows.N, H, xp), _empty(rows.N, H, xp), _empty(rows.N, 4 * H, xp)
         LOOPS[backend].lstm_proj_forward(rows, ub, xp, w_hh, w_hr, h0, c0, y, cs, gates, m)
-        return (y, rows.final(y, h0), rows.final(cs, c0)), (offs, h0, c0, w_hh, w_hr, y, cs, gates, m)
+        return (y, rows.final(y, h0, alias), rows.final(cs, c0, alias)), (offs, h0, c0, w_hh, w_hr, y, cs, gates, m)
 
     @staticmethod
     def forward(ctx, backend: str, offs, ub: int, xp, h0, c0, w_hh, w_hr):
@@ -224,14 +224,14 @@ class GRULayerFunction(torch.autograd.Function):
     recurrent n pre-activation."""
 
     @staticmethod
-    def compute(backend: str, offs, ub: int, xp, h0, w_hh, b_hh):
+    def compute(backend: str, offs, ub: int, xp, h0, w_hh, b_hh, alias: bool = False):
         rows = R.of(offs, h0.shape[0], xp.shape[0])
         H = w_hh.shape[1]
         y, gates, ghn = _empty(rows.N, H, xp), _empty(rows.N, 3 * H, xp), _empty(rows.N, H, xp)
         h0, w_hh = h0.contiguous(), w_hh.contiguous()
         b_hh = b_hh.contiguous() if b_hh is not None else torch.zeros(3 * H, dtype=xp.dtype, device=xp.device)
         LOOPS[backend].gru_forward(rows, ub, xp, w_hh, b_hh, h0, y, gates, ghn)
-        return (y, rows.final(y, h0)), (offs, h0, w_hh, y, gates, ghn)
+        return (y, rows.final(y, h0, alias)), (offs, h0, w_hh, y, gates, ghn)
 
     @staticmethod
     def forward(ctx, backend: str, offs, ub: int, xp, h0, w_hh, b_hh):
@@ -258,12 +258,12 @@ class RNNLayerFunction(torch.autograd.Function):
     """The sequential part of one Elman RNN layer: (xp = x W_ih^T + b_ih + b_hh, h0, W_hh) -> y, h_n."""
 
     @staticmethod
-    def compute(backend: str, offs, ub: int, relu: bool, xp, h0, w_hh):
+    def compute(backend: str, offs, ub: int, relu: bool, xp, h0, w_hh, alias: bool = False):
         rows = R.of(offs, h0.shape[0], xp.shape[0])
         y = _empty(rows.N, w_hh.shape[1], xp)
         h0, w_hh = h0.contiguous(), w_hh.contiguous()
         LOOPS[backend].rnn_forward(rows, ub, relu, xp, w_hh, h0, y)
-        return (y, rows.final(y, h0)), (offs, h0, w_hh, y)
+        return (y, rows.final(y, h0, alias)), (offs, h0, w_hh, y)
 
     @staticmethod
     def forward(ctx, backend: str, offs, ub: int, relu: bool, xp, h0, w_hh):
@@ -291,7 +291,7 @@ class LayerNormLSTMLayerFunction(torch.autograd.Function):
     the gates, the normalized recurrent term and cell and their rstd."""
 
     @staticmethod
-    def compute(backend: str, offs, eps: float, xp, h0, c0, w_hh, g_hh, g_c, b_c):
+    def compute(backend: str, offs, eps: float, xp, h0, c0, w_hh, g_hh, g_c, b_c, alias: bool = False):
         rows = R.of(offs, h0.shape[0], xp.shape[0])
         H, N = w_hh.shape[1], rows.N
         y, cs, chat = _empty(N, H, xp), _empty(N, H, xp), _empty(N, H, xp)
@@ -300,7 +300,7 @@ class LayerNormLSTMLayerFunction(torch.autograd.Function):
         h0, c0, w_hh, g_hh, g_c, b_c = (t.contiguous() for t in (h0, c0, w_hh, g_hh, g_c, b_c))
         LOOPS[backend].ln_lstm_forward(rows, eps, xp, w_hh, g_hh, g_c, b_c, h0, c0, y, cs, gates, ghat, rstd_h, chat,
                                        rstd_c)
-        return ((y, rows.final(y, h0), rows.final(cs, c0)),
+        return ((y, rows.final(y, h0, alias), rows.final(cs, c0, alias)),
                 (offs, h0, c0, w_hh, g_hh, g_c, b_c, y, cs, gates, ghat, rstd_h, chat, rstd_c))
 
     @staticmethod
@@ -332,7 +332,7 @@ class LayerNormGRULayerFunction(torch.autograd.Function):
     h0, W_hh, gamma_hh, b_hh) -> y, h_n (torch's gate order)."""
 
     @staticmethod
-    def compute(backend: str, offs, eps: float, xp, h0, w_hh, g_hh, b_hh):
+    def compute(backend: str, offs, eps: float, xp, h0, w_hh, g_hh, b_hh, alias: bool = False):
         rows = R.of(offs, h0.shape[0], xp.shape[0])
         H, N = w_hh.shape[1], rows.N
         y, ghn = _empty(N, H, xp), _empty(N, H, xp)
@@ -341,7 +341,7 @@ class LayerNormGRULayerFunction(torch.autograd.Function):
         b_hh = b_hh if b_hh is not None else torch.zeros(3 * H, dtype=xp.dtype, device=xp.device)
         h0, w_hh, g_hh, b_hh = (t.contiguous() for t in (h0, w_hh, g_hh, b_hh))
         LOOPS[backend].ln_gru_forward(rows, eps, xp, w_hh, g_hh, b_hh, h0, y, gates, ghat, rstd_h, ghn)
-        return (y, rows.final(y, h0)), (offs, h0, w_hh, g_hh, y, gates, ghat, rstd_h, ghn)
+        return (y, rows.final(y, h0, alias)), (offs, h0, w_hh, g_hh, y, gates, ghat, rstd_h, ghn)
 
     @staticmethod
     def forward(ctx, backend: str, offs, eps: float, xp, h0, w_hh, g_hh, b_hh):

@@ -310,7 +310,7 @@ class _FusedCell:
             c0 = torch.zeros(B, H, dtype=x.dtype, device=x.device)
         params = (self._param("weight_ih"), self._param("weight_hh"), self._param("bias_ih"),
                   self._param("bias_hh"), None, None, None, None)
-        _, (h, c) = cell.fused(x.contiguous(), R.padded(1, B), h0, c0, params, 1e-5, backend)
+        _, (h, c) = cell.fused(x.contiguous(), R.padded(1, B), h0, c0, params, 1e-5, backend, alias=True)
         if dim == 1:
             h, c = h.squeeze(0), (c.squeeze(0) if lstm else None)
         return (h, c) if lstm else h

@@ -68,11 +68,14 @@ class Rows:
             return rev
         return self.index("reverse", make, device)
 
-    def final(self, seq: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
-        """(B, H): each sequence's row of its last step in seq (N, H), a copy; s0's copy if N = 0."""
+    def final(self, seq: torch.Tensor, s0: torch.Tensor, alias: bool = False) -> torch.Tensor:
+        """(B, H): each sequence's row of its last step in seq (N, H), a copy (a view of seq where
+        alias and the layout is padded); s0's copy if N = 0."""
         if self.N == 0:
             return s0.clone()
         if self.padded:
+            if alias:
+                return seq if self.T == 1 else seq[self.N - self.B:]
             return seq[self.N - self.B:].clone()
         return seq.index_select(0, self.last(seq.device))
 
