@@ -37,8 +37,11 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def empty_like(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous uninitialized tensor of t's shape, dtype and device."""
-    return empty(t.shape, t.dtype, t.device)
+    """A contiguous uninitialized tensor of t's shape, dtype and device.  (torch.empty_like costs
+    ~1 us where torch.empty(t.shape, dtype=..., device=...) costs ~2.5: parsing the arguments.)"""
+    if ENABLED and t.is_cpu and t.numel() * _ITEMSIZE.get(t.dtype, 0) >= HUGE_BYTES:
+        return torch.from_numpy(np.empty(tuple(t.shape), dtype=_NP[t.dtype]))
+    return torch.empty_like(t) if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 _tls = threading.local()

@@ -136,9 +136,10 @@ _state = threading.local()
 
 
 def _forced_stack() -> list:
-    if not hasattr(_state, "stack"):
-        _state.stack = []
-    return _state.stack
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    return stack
 
 
 def forced_backend() -> Optional[str]:
@@ -182,15 +183,15 @@ def choose(op: str, facts: dict) -> str:
 _CHOICES: Dict[tuple, str] = {}
 
 
-def choose_cached(op: str, key: tuple, facts: Callable[[], dict]) -> str:
-    """choose(op, facts()) remembered by `key`, a tuple of everything the op's reasons read
-    (device type, dtype, flags): the per-call cost is one dict lookup.  The forced backend is
-    part of the key; a forced backend that cannot run raises every time (never cached)."""
+def choose_cached(op: str, key: tuple, facts: Callable[..., dict], *args) -> str:
+    """choose(op, facts(*args)) remembered by `key`, a tuple of everything the op's reasons read
+    (device, dtype, flags): the per-call cost is one dict lookup.  The forced backend is part of
+    the key; a forced backend that cannot run raises every time (never cached)."""
     stack = getattr(_state, "stack", None)
     k = (op, key, stack[-1] if stack else None)
     backend = _CHOICES.get(k)
     if backend is None:
-        backend = _CHOICES[k] = choose(op, facts())
+        backend = _CHOICES[k] = choose(op, facts(*args))
     return backend
 
 

@@ -113,6 +113,8 @@ def attention_ref(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_g
 
 def _fold(t: torch.Tensor) -> torch.Tensor:
     """(..., H, L, E) -> (B, H, L, E); (L, E) -> (1, 1, L, E); (B, L, E) -> (B, 1, L, E)."""
+    if t.dim() == 4:
+        return t
     if t.dim() == 2:
         return t.view(1, 1, *t.shape)
     if t.dim() == 3:
@@ -121,6 +123,22 @@ def _fold(t: torch.Tensor) -> torch.Tensor:
 
 
 def _check(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, key_lengths):
+    """Validate at the boundary.  The common call (4-D q, k, v of one float dtype and device, no
+    extras) is accepted by comparisons alone; anything else gets every check, in order, so an
+    error names exactly what was received."""
+    if (attn_mask is None and window is None and key_lengths is None and type(q) is torch.Tensor
+            and type(k) is torch.Tensor and type(v) is torch.Tensor):
+        qs, ks, vs = q.shape, k.shape, v.shape
+        dt = q.dtype
+        if (len(qs) == 4 and len(ks) == 4 and len(vs) == 4 and dt.is_floating_point and k.dtype == dt
+                and v.dtype == dt and qs[3] == ks[3] and qs[0] == ks[0] == vs[0] and ks[1] == vs[1]
+                and ks[2] == vs[2] and ks[1] > 0 and (qs[1] == ks[1] or (enable_gqa and qs[1] % ks[1] == 0))
+                and 0.0 <= dropout_p <= 1.0 and q.device == k.device == v.device):
+            return
+    _check_all(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, key_lengths)
+
+
+def _check_all(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, key_lengths):
     op = "scaled_dot_product_attention"
     for name, t in (("query", q), ("key", k), ("value", v)):
         if not isinstance(t, torch.Tensor):
@@ -224,19 +242,20 @@ def _facts(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sc
 
 def _key(q, v, attn_mask, dropout_p) -> tuple:
     """Everything the backends' reasons read, as a hashable key (one dict lookup per call)."""
-    return (q.device.type, q.dtype, float(dropout_p), attn_mask is not None and attn_mask.requires_grad and
+    return (q.device.type, q.dtype, dropout_p, attn_mask is not None and attn_mask.requires_grad and
             torch.is_grad_enabled(), q.shape[-1], v.shape[-1])
 
 
 def _facts_of_key(key: tuple) -> dict:
     device, dtype, p, mask_grad, D, Dv = key
+    p = float(p)
     return {"device": device, "dtype": str(dtype).replace("torch.", ""), "dropout": p > 0, "dropout_p": p,
             "mask_needs_grad": mask_grad, "D": D, "Dv": Dv}
 
 
 def _backend(q, v, attn_mask, dropout_p) -> str:
     key = _key(q, v, attn_mask, dropout_p)
-    return _dispatch.choose_cached("scaled_dot_product_attention", key, lambda: _facts_of_key(key))
+    return _dispatch.choose_cached("scaled_dot_product_attention", key, _facts_of_key, key)
 
 
 def _cpu_reasons(f: dict) -> List[str]:
@@ -344,7 +363,8 @@ def _kv_for(k, v, backend):
 def _row_strided(t: torch.Tensor) -> bool:
     """A 4-D tensor whose rows are contiguous (a slice of a longer cache, say): the CPU forward
     reads it in place through its strides."""
-    return t.stride(-1) == 1 and t.stride(-2) >= t.shape[-1] and all(st >= 0 for st in t.stride())
+    st = t.stride()
+    return st[-1] == 1 and st[-2] >= t.shape[-1]
 
 
 def _cuda_args(c: _Call, q):
@@ -360,6 +380,12 @@ def _cuda_args(c: _Call, q):
             (c.add is not None, c.keep is not None, c.key_lengths is not None))
 
 
+# Below this many multiply-adds (~20 us of one core) a forward runs on one thread: waking a second
+# costs several microseconds, more than it saves on a decode step ((1, 8, 1, 64) against 64 keys
+# is 65 536), and on a busy machine a team waits for its slowest member's time slice.
+_PARALLEL_WORK = 1 << 18
+
+
 def _lse_dtype(q, backend):
     return torch.float64 if q.dtype == torch.float64 else (torch.float32 if backend == "cuda" else q.dtype)
 
@@ -368,7 +394,7 @@ def _forward(c: _Call, q, k, v, backend="cpu", want_lse=True):
     """o (B, Hq, T, Dv) and the per-row logsumexp lse (B, Hq, T) (None unless want_lse: on the CPU
     an inference call's lse goes to scratch).  q contiguous; k, v contiguous or, on the CPU,
     row-strided views (a KV cache slice), read in place through their strides."""
-    o = _alloc.empty((c.B, c.Hq, c.T, c.Dv), q.dtype, q.device)
+    o = _alloc.empty_like(q) if c.Dv == c.D else _alloc.empty((c.B, c.Hq, c.T, c.Dv), q.dtype, q.device)
     if backend == "cuda":
         lse = _alloc.empty((c.B, c.Hq, c.T), _lse_dtype(q, backend), q.device)
         from fastseq._cuda._common import as_array, on_device, torch_stream
@@ -379,7 +405,7 @@ def _forward(c: _Call, q, k, v, backend="cpu", want_lse=True):
                          stream=torch_stream())
         return o, lse
     kern = _cpu()
-    nt = _dispatch.num_threads()
+    nt = torch.get_num_threads() if c.B * c.Hq * c.T * c.S * (c.D + c.Dv) >= _PARALLEL_WORK else 1
     rows = c.B * c.Hq * c.T
     ws = nt * kern.work_size(c.D, c.Dv, False)
     if want_lse:
@@ -443,6 +469,9 @@ class AttentionFunction(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _backward(ctx.call, q, k.contiguous(), v.contiguous(), o, do.contiguous(), lse, ctx.backend)
         return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_apply_attention = _library.direct_apply(AttentionFunction)
 
 
 # ============================================================================ registered ops
@@ -589,7 +618,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if dropout_p > 0:                # drawn from torch's generator: torch.manual_seed reproduces runs
         seed = int(torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64))
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        o = AttentionFunction.apply(q, k, v, mask, key_lengths, is_causal, scale, window, dropout_p, seed, backend)
+        o = _apply_attention(q, k, v, mask, key_lengths, is_causal, scale, window, dropout_p, seed, backend)
     else:
         c = _Call(q, k, v, mask, is_causal, scale, window, key_lengths, dropout_p, seed)
         o, _ = _forward(c, q, k, v, backend, want_lse=False)

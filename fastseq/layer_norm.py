@@ -79,18 +79,20 @@ def _check(op, x, shape, weight, bias, residual=None) -> Tuple[int, int]:
     if not x.dtype.is_floating_point:
         raise ValueError(f"{op}: expected a floating-point input, got {x.dtype}")
     k = len(shape)
-    if k == 0 or x.dim() < k or x.shape[x.dim() - k:] != shape:
-        raise _dispatch.ShapeError(f"{op}: normalized_shape {list(shape)} must match the trailing dims of the "
-                         f"input, got input of shape {list(x.shape)}")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is None:
-            continue
-        if not isinstance(p, torch.Tensor):
-            raise ValueError(f"{op}: expected {name} to be a torch.Tensor or None, got {type(p).__name__}")
-        if p.shape != shape:
-            raise _dispatch.ShapeError(f"{op}: expected {name} of shape {list(shape)}, got {list(p.shape)}")
-        if p.device != x.device:
-            raise ValueError(f"{op}: expected {name} on {x.device} (the input's), got {p.device}")
+    if k == 1:                                       # the common case, without building a Size
+        n = shape[0]
+        if x.dim() == 0 or x.shape[-1] != n:
+            _shape_error(op, x, shape)
+    else:
+        if k == 0 or x.dim() < k or x.shape[x.dim() - k:] != shape:
+            _shape_error(op, x, shape)
+        n = 1
+        for d in shape:
+            n *= d
+    if weight is not None:
+        _check_param(op, "weight", weight, shape, x)
+    if bias is not None:
+        _check_param(op, "bias", bias, shape, x)
     if residual is not None:
         if not isinstance(residual, torch.Tensor):
             raise ValueError(f"{op}: expected residual to be a torch.Tensor, got {type(residual).__name__}")
@@ -98,10 +100,21 @@ def _check(op, x, shape, weight, bias, residual=None) -> Tuple[int, int]:
             raise ValueError(f"{op}: expected a floating-point residual of the input's shape and device "
                              f"({list(x.shape)}, {x.device}), got ({list(residual.shape)}, {residual.dtype}, "
                              f"{residual.device})")
-    n = 1
-    for d in shape:
-        n *= d
     return (x.numel() // n if n else 0), n
+
+
+def _shape_error(op, x, shape):
+    raise _dispatch.ShapeError(f"{op}: normalized_shape {list(shape)} must match the trailing dims of the "
+                               f"input, got input of shape {list(x.shape)}")
+
+
+def _check_param(op, name, p, shape, x):
+    if not isinstance(p, torch.Tensor):
+        raise ValueError(f"{op}: expected {name} to be a torch.Tensor or None, got {type(p).__name__}")
+    if p.shape != shape:
+        raise _dispatch.ShapeError(f"{op}: expected {name} of shape {list(shape)}, got {list(p.shape)}")
+    if p.device != x.device:
+        raise ValueError(f"{op}: expected {name} on {x.device} (the input's), got {p.device}")
 
 
 def _promote(x, residual):
@@ -176,10 +189,13 @@ for _op, _f in (("layer_norm", _facts_layer_norm), ("rms_norm", _facts_rms_norm)
 
 def _backend(op, x, weight, bias) -> str:
     """The backend for this call, remembered by everything the reasons above read."""
-    return _dispatch.choose_cached(
-        op, (x.device.type, x.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype),
-        lambda: {"device": x.device.type, "dtype": _dtype_name(x),
-                 "param_dtypes": sorted({_dtype_name(p) for p in (weight, bias) if p is not None} - {_dtype_name(x)})})
+    return _dispatch.choose_cached(op, (x.device, x.dtype, None if weight is None else weight.dtype,
+                                        None if bias is None else bias.dtype), _backend_facts, x, weight, bias)
+
+
+def _backend_facts(x, weight, bias) -> dict:
+    return {"device": x.device.type, "dtype": _dtype_name(x),
+            "param_dtypes": sorted({_dtype_name(p) for p in (weight, bias) if p is not None} - {_dtype_name(x)})}
 
 
 # ============================================================================ kernel calls
@@ -234,26 +250,33 @@ def _stat_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+# Below this many elements (~10 us of one core's memory traffic) a forward runs on one thread:
+# waking a second costs several microseconds, and on a busy machine a team waits for its slowest
+# member's time slice.
+_PARALLEL_ELEMENTS = 1 << 15
+
+
 def _forward(backend, x, r, w, b, m, n, eps, center, want_sum, want_stats=True):
     """Run the forward kernel; returns y, s (or None), mean, rstd (None unless want_stats: on the
     CPU the row statistics of an inference call go to scratch).  x, r, w, b contiguous."""
-    y = _alloc.empty(x.shape, x.dtype, x.device)
-    s = _alloc.empty(x.shape, x.dtype, x.device) if want_sum else None
+    y = _alloc.empty_like(x)
+    s = _alloc.empty_like(x) if want_sum else None
     if backend == "cpu":
-        nt = _dispatch.num_threads()
+        nt = torch.get_num_threads() if m * n >= _PARALLEL_ELEMENTS else 1
         need_scr = r is not None and not want_sum
+        dbl = x.dtype == torch.float64
         if want_stats:
-            mean, rstd = torch.empty(m, dtype=x.dtype), torch.empty(m, dtype=x.dtype)
+            mean, rstd = x.new_empty(m), x.new_empty(m)
             p_mean, p_rstd = mean.data_ptr(), rstd.data_ptr()
             p_scr = _alloc.scratch(nt * n, x.dtype).data_ptr() if need_scr else 0
         else:                                       # [mean | rstd | per-thread rows] in one buffer
             mean = rstd = None
             p_mean = _alloc.scratch(2 * m + (nt * n if need_scr else 0), x.dtype).data_ptr()
-            p_rstd = p_mean + m * x.element_size()
-            p_scr = p_rstd + m * x.element_size() if need_scr else 0
+            p_rstd = p_mean + m * (8 if dbl else 4)
+            p_scr = p_rstd + m * (8 if dbl else 4) if need_scr else 0
         _cpu_kernels().forward_ptr(
-            x.data_ptr(), _ptr(r), w.data_ptr(), b.data_ptr(), y.data_ptr(), _ptr(s), p_scr,
-            p_mean, p_rstd, m, n, eps, center, nt, x.dtype == torch.float64)
+            x.data_ptr(), 0 if r is None else r.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(),
+            0 if s is None else s.data_ptr(), p_scr, p_mean, p_rstd, m, n, eps, center, nt, dbl)
     else:
         mean = _alloc.empty((m,), _stat_dtype(x), x.device)
         rstd = _alloc.empty((m,), _stat_dtype(x), x.device)
@@ -349,6 +372,9 @@ class LayerNormFunction(torch.autograd.Function):
             dw = dw.view(shape) if dw is not None else None
             db = db.view(shape) if db is not None else None
         return dx, (dx if has_r else None), dw, db, None, None, None, None, None
+
+
+_apply_layer_norm = _library.direct_apply(LayerNormFunction)
 
 
 def _double_differentiable_backward(ctx, v, r, weight, bias, dy, ds, shape, eps, center, has_r):
@@ -462,7 +488,7 @@ def _run(op, x, residual, normalized_shape, weight, bias, eps, center, return_su
     if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad) or
                                     (weight is not None and weight.requires_grad) or
                                     (bias is not None and bias.requires_grad)):
-        return LayerNormFunction.apply(x, residual, weight, bias, shape, eps, center, return_sum, backend)
+        return _apply_layer_norm(x, residual, weight, bias, shape, eps, center, return_sum, backend)
     w, b = _affine(weight, bias, n, x)              # inference: no autograd node, nothing saved
     y, s, _, _ = _forward(backend, x.contiguous(), residual.contiguous() if residual is not None else None,
                           w, b, m, n, eps, center, return_sum, want_stats=False)

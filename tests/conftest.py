@@ -20,7 +20,7 @@ def poison(monkeypatch):
     """Every fastseq output buffer starts as NaN, so an element a kernel forgets to write shows."""
     import fastseq._alloc as alloc
 
-    real_empty = alloc.empty
+    real_empty, real_empty_like = alloc.empty, alloc.empty_like
 
     def nan_empty(shape, dtype, device):
         t = real_empty(shape, dtype, device)
@@ -28,7 +28,14 @@ def poison(monkeypatch):
             t.fill_(float("nan"))
         return t
 
+    def nan_empty_like(like):
+        t = real_empty_like(like)
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        return t
+
     monkeypatch.setattr(alloc, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty_like", nan_empty_like)
     yield
 
 
