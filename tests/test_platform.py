@@ -331,3 +331,16 @@ def test_compile_gpt_style_encoder_training_with_dropout_is_one_graph():
     out = _compiled(lambda t: enc(t, mask=mask, is_causal=True))(x)
     out.sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_torch_func_grad_through_a_recurrent_module_runs_torch_ops():
+    from torch.func import functional_call, grad
+    torch.manual_seed(0)
+    ref = torch.nn.GRU(8, 16)
+    fast = fastseq.convert(torch.nn.GRU(8, 16))
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, 8)
+    g = grad(lambda p: functional_call(fast, p, (x,))[0].square().sum())(dict(fast.named_parameters()))
+    g_ref = grad(lambda p: functional_call(ref, p, (x,))[0].square().sum())(dict(ref.named_parameters()))
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name])

@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 import torch
 
-from .. import _dispatch
+from .. import _dispatch, _library
 from . import rows as R
 from .cells import CELLS, GRU, LN_GRU, LN_LSTM, LSTM, RNN_RELU, RNN_TANH, Cell
 from .reference import recurrent_ref
@@ -71,7 +71,10 @@ for _op, _ln in (("lstm_layer", False), ("gru_layer", False), ("rnn_layer", Fals
 
 
 def choose(cell: Cell, x: torch.Tensor, proj: bool = False) -> str:
-    """The backend that runs `cell` on tensors like x (cached by device type, dtype, autocast, proj)."""
+    """The backend that runs `cell` on tensors like x (cached by device type, dtype, autocast, proj).
+    Under a torch.func transform: "torch" (fastseq/_library.py, transformed())."""
+    if _library.transformed():
+        return "torch"
     dev = x.device.type
     ac = not cell.layer_norm and autocast_on(dev)
     dtype = x.dtype
