@@ -1,11 +1,15 @@
-"""The CPU table of time loops: kernels/cpu/recurrent.pyx (fastseq._cpu.recurrent) taking torch
+"""The CPU table of time loops: kernels/cpu/recurrent.pyx (fastseq._cpu.recurrent) on torch
 tensors.  cuda.py is the GPU's table, with the same functions and signatures; the autograd
 Functions (functions.py) call LOOPS[backend].<cell>_<pass>(rows, ...).
 
-Every function takes the layout (rows.Rows) and buffers: inputs, outputs allocated by the
-caller, contiguous.  Per-call scratch (a step's pre-activations, the layer-normalized backwards'
-per-thread sums) is this module's, one set per Python thread, reused.  The kernels take flat
-typed memoryviews; a tensor becomes one through a zero-copy numpy view (about 1 us each).
+Every function takes the layout (rows.Rows) and its input tensors (contiguous), allocates its
+outputs and returns them.  An output is a NumPy array wrapped as a tensor: the kernels take flat
+typed memoryviews, and allocating in NumPy hands them the array itself, where a torch.empty
+output would cost a second conversion (about 1 us each way; the 2-core dev box measures
+np.empty + torch.from_numpy at 0.9 us, torch.empty at 1.7 us, tensor -> numpy view at 1 us).
+Large outputs get NumPy's huge-page allocations, as fastseq._alloc gives the other families.
+Per-call scratch (a step's pre-activations, the layer-normalized backwards' per-thread sums) is
+this module's, one set per Python thread, reused.
 
 The gate columns of the plain cells (LSTM, GRU) are in blocks of `ub` units (recurrent.pyx's
 module docstring); the layer-normalized cells keep torch's order.
@@ -38,6 +42,24 @@ def _a(t: torch.Tensor) -> np.ndarray:
 
 
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def np_empty(shape, dtype) -> np.ndarray:
+    """Every output's allocation (tests poison it with NaN)."""
+    return np.empty(shape, dtype)
+
+
+def _out(n: int, width: int, dtype: torch.dtype):
+    """A new (n, width) output: (tensor, flat numpy view of it)."""
+    a = np_empty((n, width), _NP[dtype])
+    return torch.from_numpy(a), a.reshape(-1)
+
+
+def _vec(n: int, dtype: torch.dtype):
+    a = np_empty(n, _NP[dtype])
+    return torch.from_numpy(a), a
+
+
 _local = threading.local()
 
 
@@ -56,98 +78,134 @@ def scratch(n: int, dtype: torch.dtype, zero: bool = False) -> np.ndarray:
     return out
 
 
-def lstm_forward(rows, ub, xp, w_hh, h0, c0, y, cs, gates):
-    """Saves every step's h (y), c (cs) and activated gates (blocked); xp blocked."""
-    kernels().lstm_forward(_a(xp), _a(w_hh), _a(h0), _a(c0), _a(y), _a(cs), _a(gates),
-                           scratch(rows.B * gates.shape[1], xp.dtype), rows.offs_np, rows.T, w_hh.shape[1], ub,
-                           _dispatch.num_threads())
+def lstm_forward(rows, ub, xp, w_hh, h0, c0):
+    """-> y, cs (N, H): every step's h and c; gates (N, 4H): the activated gates (blocked).  xp blocked."""
+    N, H, dt = rows.N, w_hh.shape[1], xp.dtype
+    (y, y_), (cs, cs_), (gates, g_) = _out(N, H, dt), _out(N, H, dt), _out(N, 4 * H, dt)
+    kernels().lstm_forward(_a(xp), _a(w_hh), _a(h0), _a(c0), y_, cs_, g_, scratch(rows.B * 4 * H, dt), rows.offs_np,
+                           rows.T, H, ub, _dispatch.num_threads())
+    return y, cs, gates
 
 
-def lstm_infer(rows, ub, xp, w_hh, h0, c0, y):
-    """Inference: xp in torch's order, nothing kept; writes y, returns c_n (B, H)."""
-    B, H = rows.B, w_hh.shape[1]
-    cs = torch.empty(2 * B, H, dtype=xp.dtype)                        # c of steps t % 2 (the kernel's doc)
-    step = scratch(B * 4 * H, xp.dtype)
-    kernels().lstm_forward(_a(xp), _a(w_hh), _a(h0), _a(c0), _a(y), _a(cs), step, step, rows.offs_np, rows.T, H, ub,
-                           _dispatch.num_threads(), False, False)
+def lstm_infer(rows, ub, xp, w_hh, h0, c0):
+    """Inference: xp in torch's order, nothing kept -> y (N, H), c_n (B, H)."""
+    B, H, dt = rows.B, w_hh.shape[1], xp.dtype
+    y, y_ = _out(rows.N, H, dt)
+    cs = np_empty((2 * B, H), _NP[dt])                            # c of steps t % 2 (the kernel's doc)
+    step = scratch(B * 4 * H, dt)
+    kernels().lstm_forward(_a(xp), _a(w_hh), _a(h0), _a(c0), y_, cs.reshape(-1), step, step, rows.offs_np, rows.T, H,
+                           ub, _dispatch.num_threads(), False, False)
     if rows.padded:
         half = (rows.T - 1) % 2 * B
-        return cs[half:half + B]
-    return cs.index_select(0, rows.index("c_half", lambda: (rows.lengths() - 1) % 2 * B + np.arange(B), "cpu"))
+        return y, torch.from_numpy(cs[half:half + B])
+    return y, torch.from_numpy(cs[(rows.lengths() - 1) % 2 * B + np.arange(B)])
 
 
-def lstm_backward(rows, ub, dy, w_hh, c0, cs, gates, dgates, dh, dc):
+def lstm_backward(rows, ub, dy, w_hh, c0, cs, gates, dh, dc):
     """w_hh with blocked rows; dh, dc (B, H) the carries (in: gradients at the final state, out:
-    at the initial); writes dgates (N, 4H) blocked."""
-    kernels().lstm_backward(_a(dy), _a(w_hh), _a(c0), _a(cs), _a(gates), _a(dgates), _a(dh), _a(dc), rows.offs_np,
-                            rows.T, cs.shape[1], ub, _dispatch.num_threads())
+    at the initial) -> dgates (N, 4H) blocked."""
+    H = cs.shape[1]
+    dg, dg_ = _out(rows.N, 4 * H, dy.dtype)
+    kernels().lstm_backward(_a(dy), _a(w_hh), _a(c0), _a(cs), _a(gates), dg_, _a(dh), _a(dc), rows.offs_np, rows.T, H,
+                            ub, _dispatch.num_threads())
+    return dg
 
 
-def lstm_proj_forward(rows, ub, xp, w_hh, w_hr, h0, c0, y, cs, gates, m):
-    """torch's proj_size: h_t = (o tanh(c_t)) W_hr^T; also saves m = o tanh(c)."""
-    P, H = w_hr.shape
-    kernels().lstm_proj_forward(_a(xp), _a(w_hh), _a(w_hr), _a(h0), _a(c0), _a(y), _a(cs), _a(gates), _a(m),
-                                scratch(rows.B * 4 * H, xp.dtype), rows.offs_np, rows.T, H, P, ub,
-                                _dispatch.num_threads())
+def lstm_proj_forward(rows, ub, xp, w_hh, w_hr, h0, c0):
+    """torch's proj_size: h_t = (o tanh(c_t)) W_hr^T -> y (N, P), cs (N, H), gates (N, 4H), m = o tanh(c) (N, H)."""
+    (P, H), N, dt = w_hr.shape, rows.N, xp.dtype
+    (y, y_), (cs, cs_), (gates, g_), (m, m_) = _out(N, P, dt), _out(N, H, dt), _out(N, 4 * H, dt), _out(N, H, dt)
+    kernels().lstm_proj_forward(_a(xp), _a(w_hh), _a(w_hr), _a(h0), _a(c0), y_, cs_, g_, m_,
+                                scratch(rows.B * 4 * H, dt), rows.offs_np, rows.T, H, P, ub, _dispatch.num_threads())
+    return y, cs, gates, m
 
 
-def lstm_proj_backward(rows, ub, dy, w_hh, w_hr, c0, cs, gates, dgates, dhp, dh, dc):
-    P, H = w_hr.shape
-    kernels().lstm_proj_backward(_a(dy), _a(w_hh), _a(w_hr), _a(c0), _a(cs), _a(gates), _a(dgates), _a(dhp),
-                                 scratch(rows.B * H, dy.dtype), _a(dh), _a(dc), rows.offs_np, rows.T, H, P, ub,
+def lstm_proj_backward(rows, ub, dy, w_hh, w_hr, c0, cs, gates, dh, dc):
+    """-> dgates (N, 4H), dhp (N, P): the total gradient at each step's h."""
+    (P, H), N, dt = w_hr.shape, rows.N, dy.dtype
+    (dg, dg_), (dhp, dhp_) = _out(N, 4 * H, dt), _out(N, P, dt)
+    kernels().lstm_proj_backward(_a(dy), _a(w_hh), _a(w_hr), _a(c0), _a(cs), _a(gates), dg_, dhp_,
+                                 scratch(rows.B * H, dt), _a(dh), _a(dc), rows.offs_np, rows.T, H, P, ub,
                                  _dispatch.num_threads())
+    return dg, dhp
 
 
-def gru_forward(rows, ub, xp, w_hh, b_hh, h0, y, gates, ghn):
+def gru_forward(rows, ub, xp, w_hh, b_hh, h0):
+    """-> y (N, H), gates (N, 3H) activated, ghn (N, H): the recurrent n pre-activation."""
+    N, H, dt = rows.N, w_hh.shape[1], xp.dtype
+    (y, y_), (gates, g_), (ghn, ghn_) = _out(N, H, dt), _out(N, 3 * H, dt), _out(N, H, dt)
+    kernels().gru_forward(_a(xp), _a(w_hh), _a(b_hh), _a(h0), y_, g_, ghn_, scratch(rows.B * 3 * H, dt), rows.offs_np,
+                          rows.T, H, ub, _dispatch.num_threads())
+    return y, gates, ghn
+
+
+def gru_backward(rows, ub, dy, w_hh, h0, y, gates, ghn, dh):
+    """-> dxp (N, 3H) (gradient of x W_ih^T + b_ih), dgh (N, 3H) (of h W_hh^T + b_hh)."""
+    N, H, dt = rows.N, w_hh.shape[1], dy.dtype
+    (dxp, dxp_), (dgh, dgh_) = _out(N, 3 * H, dt), _out(N, 3 * H, dt)
+    kernels().gru_backward(_a(dy), _a(w_hh), _a(h0), _a(y), _a(gates), _a(ghn), dxp_, dgh_, _a(dh), rows.offs_np,
+                           rows.T, H, ub, _dispatch.num_threads())
+    return dxp, dgh
+
+
+def rnn_forward(rows, ub, relu, xp, w_hh, h0):
+    """-> y (N, H)."""
     H = w_hh.shape[1]
-    kernels().gru_forward(_a(xp), _a(w_hh), _a(b_hh), _a(h0), _a(y), _a(gates), _a(ghn),
-                          scratch(rows.B * 3 * H, xp.dtype), rows.offs_np, rows.T, H, ub, _dispatch.num_threads())
+    y, y_ = _out(rows.N, H, xp.dtype)
+    kernels().rnn_forward(_a(xp), _a(w_hh), _a(h0), y_, rows.offs_np, rows.T, H, ub, relu, _dispatch.num_threads())
+    return y
 
 
-def gru_backward(rows, ub, dy, w_hh, h0, y, gates, ghn, dxp, dgh, dh):
-    kernels().gru_backward(_a(dy), _a(w_hh), _a(h0), _a(y), _a(gates), _a(ghn), _a(dxp), _a(dgh), _a(dh),
-                           rows.offs_np, rows.T, w_hh.shape[1], ub, _dispatch.num_threads())
-
-
-def rnn_forward(rows, ub, relu, xp, w_hh, h0, y):
-    kernels().rnn_forward(_a(xp), _a(w_hh), _a(h0), _a(y), rows.offs_np, rows.T, w_hh.shape[1], ub, relu,
-                          _dispatch.num_threads())
-
-
-def rnn_backward(rows, ub, relu, dy, w_hh, y, dg, dh):
-    kernels().rnn_backward(_a(dy), _a(w_hh), _a(y), _a(dg), _a(dh), rows.offs_np, rows.T, w_hh.shape[1], ub, relu,
+def rnn_backward(rows, ub, relu, dy, w_hh, y, dh):
+    """-> dg (N, H): the pre-activation gradients."""
+    H = w_hh.shape[1]
+    dg, dg_ = _out(rows.N, H, dy.dtype)
+    kernels().rnn_backward(_a(dy), _a(w_hh), _a(y), dg_, _a(dh), rows.offs_np, rows.T, H, ub, relu,
                            _dispatch.num_threads())
+    return dg
 
 
-def ln_lstm_forward(rows, eps, xp, w_hh, g_hh, g_c, b_c, h0, c0, y, cs, gates, ghat, rstd_h, chat, rstd_c):
-    H = w_hh.shape[1]
-    kernels().ln_lstm_forward(_a(xp), _a(w_hh), _a(g_hh), _a(g_c), _a(b_c), _a(h0), _a(c0), _a(y), _a(cs),
-                              _a(gates), _a(ghat), _a(rstd_h), _a(chat), _a(rstd_c), scratch(rows.B * 4 * H, xp.dtype),
-                              rows.offs_np, rows.T, H, eps, _dispatch.num_threads())
+def ln_lstm_forward(rows, eps, xp, w_hh, g_hh, g_c, b_c, h0, c0):
+    """-> y, cs (N, H), gates, ghat (N, 4H), rstd_h (N,), chat (N, H), rstd_c (N,)."""
+    N, H, dt = rows.N, w_hh.shape[1], xp.dtype
+    (y, y_), (cs, cs_), (gates, g_), (ghat, ghat_) = _out(N, H, dt), _out(N, H, dt), _out(N, 4 * H, dt), \
+        _out(N, 4 * H, dt)
+    (rstd_h, rh_), (chat, chat_), (rstd_c, rc_) = _vec(N, dt), _out(N, H, dt), _vec(N, dt)
+    kernels().ln_lstm_forward(_a(xp), _a(w_hh), _a(g_hh), _a(g_c), _a(b_c), _a(h0), _a(c0), y_, cs_, g_, ghat_, rh_,
+                              chat_, rc_, scratch(rows.B * 4 * H, dt), rows.offs_np, rows.T, H, eps,
+                              _dispatch.num_threads())
+    return y, cs, gates, ghat, rstd_h, chat, rstd_c
 
 
-def ln_lstm_backward(rows, dy, w_hh, g_hh, g_c, b_c, c0, cs, gates, ghat, rstd_h, chat, rstd_c, dgates, dgh, dcn,
-                     dh, dc):
-    """Returns the norm parameters' gradients (dgamma_hh (4H,), dgamma_c (H,), dbeta_c (H,))."""
-    H, nt = w_hh.shape[1], _dispatch.num_threads()
-    sums = scratch(nt * 6 * H, dy.dtype, zero=True)          # per thread: sum dG ghat, dcn chat, dcn
+def ln_lstm_backward(rows, dy, w_hh, g_hh, g_c, b_c, c0, cs, gates, ghat, rstd_h, chat, rstd_c, dh, dc):
+    """-> dgates (N, 4H) (of the gate pre-activations), dgh (N, 4H) (of h W_hh^T), and the norm
+    parameters' gradients dgamma_hh (4H,), dgamma_c (H,), dbeta_c (H,)."""
+    N, H, dt, nt = rows.N, w_hh.shape[1], dy.dtype, _dispatch.num_threads()
+    (dg, dg_), (dgh, dgh_), dcn_ = _out(N, 4 * H, dt), _out(N, 4 * H, dt), np_empty(N * H, _NP[dt])
+    sums = scratch(nt * 6 * H, dt, zero=True)                  # per thread: sum dG ghat, dcn chat, dcn
     kernels().ln_lstm_backward(_a(dy), _a(w_hh), _a(g_hh), _a(g_c), _a(b_c), _a(c0), _a(cs), _a(gates), _a(ghat),
-                               _a(rstd_h), _a(chat), _a(rstd_c), _a(dgates), _a(dgh), _a(dcn), _a(dh), _a(dc), sums,
-                               rows.offs_np, rows.T, H, nt)
-    return torch.from_numpy(sums).view(nt, 6 * H).sum(0).split([4 * H, H, H])
+                               _a(rstd_h), _a(chat), _a(rstd_c), dg_, dgh_, dcn_, _a(dh), _a(dc), sums, rows.offs_np,
+                               rows.T, H, nt)
+    dg_hh, dg_c, db_c = torch.from_numpy(sums.reshape(nt, 6 * H).sum(0)).split([4 * H, H, H])
+    return dg, dgh, dg_hh, dg_c, db_c
 
 
-def ln_gru_forward(rows, eps, xp, w_hh, g_hh, b_hh, h0, y, gates, ghat, rstd_h, ghn):
-    H = w_hh.shape[1]
-    kernels().ln_gru_forward(_a(xp), _a(w_hh), _a(g_hh), _a(b_hh), _a(h0), _a(y), _a(gates), _a(ghat), _a(rstd_h),
-                             _a(ghn), scratch(rows.B * 3 * H, xp.dtype), rows.offs_np, rows.T, H, eps,
-                             _dispatch.num_threads())
+def ln_gru_forward(rows, eps, xp, w_hh, g_hh, b_hh, h0):
+    """-> y (N, H), gates, ghat (N, 3H), rstd_h (N,), ghn (N, H)."""
+    N, H, dt = rows.N, w_hh.shape[1], xp.dtype
+    (y, y_), (gates, g_), (ghat, ghat_), (rstd_h, rh_), (ghn, ghn_) = _out(N, H, dt), _out(N, 3 * H, dt), \
+        _out(N, 3 * H, dt), _vec(N, dt), _out(N, H, dt)
+    kernels().ln_gru_forward(_a(xp), _a(w_hh), _a(g_hh), _a(b_hh), _a(h0), y_, g_, ghat_, rh_, ghn_,
+                             scratch(rows.B * 3 * H, dt), rows.offs_np, rows.T, H, eps, _dispatch.num_threads())
+    return y, gates, ghat, rstd_h, ghn
 
 
-def ln_gru_backward(rows, dy, w_hh, g_hh, h0, y, gates, ghat, rstd_h, ghn, dxp, da, dgh, dh):
-    """Returns (dgamma_hh (3H,), db_hh (3H,))."""
-    H, nt = w_hh.shape[1], _dispatch.num_threads()
-    sums = scratch(nt * 6 * H, dy.dtype, zero=True)          # per thread: sum da ghat, da
+def ln_gru_backward(rows, dy, w_hh, g_hh, h0, y, gates, ghat, rstd_h, ghn, dh):
+    """-> dxp (N, 3H), dgh (N, 3H) (of h W_hh^T), dgamma_hh (3H,), db_hh (3H,)."""
+    N, H, dt, nt = rows.N, w_hh.shape[1], dy.dtype, _dispatch.num_threads()
+    (dxp, dxp_), (dgh, dgh_), da_ = _out(N, 3 * H, dt), _out(N, 3 * H, dt), np_empty(N * 3 * H, _NP[dt])
+    sums = scratch(nt * 6 * H, dt, zero=True)                  # per thread: sum da ghat, da
     kernels().ln_gru_backward(_a(dy), _a(w_hh), _a(g_hh), _a(h0), _a(y), _a(gates), _a(ghat), _a(rstd_h), _a(ghn),
-                              _a(dxp), _a(da), _a(dgh), _a(dh), sums, rows.offs_np, rows.T, H, nt)
-    return torch.from_numpy(sums).view(nt, 6 * H).sum(0).split([3 * H, 3 * H])
+                              dxp_, da_, dgh_, _a(dh), sums, rows.offs_np, rows.T, H, nt)
+    dg_hh, db_hh = torch.from_numpy(sums.reshape(nt, 6 * H).sum(0)).split([3 * H, 3 * H])
+    return dxp, dgh, dg_hh, db_hh

@@ -2,12 +2,13 @@
 kernels/cuda/recurrent.py, both on torch's current stream, no host sync.  Numba is imported on
 the first call only (importing this module imports torch alone).
 
-Every function has its CPU twin's signature (cpu.py): the layout, then buffers as torch tensors.
-Gate columns are in torch's order (the caller passes ub = H: one block) and ub is ignored.
-Differences: lstm_infer runs the saving forward into temporaries (there is no inference-only
-kernel), the layer-normalized backwards reduce the norm-weight gradients with torch, and there
-is no projected LSTM (proj_size runs torch's own forward on a GPU).  Buffers are flat and
-contiguous; rows [r0, r1) of a (rows, K) buffer are the contiguous slice [r0 K, r1 K).
+Every function has its CPU twin's signature and returns (cpu.py): the layout and the input
+tensors in, the outputs (allocated here, torch.empty on the inputs' device) out.  Gate columns
+are in torch's order (the caller passes ub = H: one block) and ub is ignored.  Differences:
+lstm_infer runs the saving forward into temporaries (there is no inference-only kernel), the
+layer-normalized backwards reduce the norm-weight gradients with torch, and there is no
+projected LSTM (proj_size runs torch's own forward on a GPU).  Buffers are contiguous; rows
+[r0, r1) of a (rows, K) buffer are the contiguous slice [r0 K, r1 K).
 
 A step of the sequence is a GEMM launch plus a kernel launch, so at small B and H the launch
 latency (a few us each) bounds it; the weights stream from L2 every step.
@@ -59,6 +60,10 @@ def _on_device(fn):
     return call
 
 
+def _new(like, *shape):
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
 def _rows(buf, width, r0, r1):
     """Rows [r0, r1) of the flat (rows, width) buffer, as a (r1 - r0, width) view."""
     return buf.view(-1)[r0 * width:r1 * width].view(r1 - r0, width)
@@ -79,8 +84,15 @@ def _prev(t, rp, bt, first, seq, H):
     return _rows(first, H, 0, bt) if t == 0 else _rows(seq, H, rp, rp + bt)
 
 
+def lstm_forward(rows, ub, xp, w_hh, h0, c0):
+    H = w_hh.shape[1]
+    y, cs, gates = _new(xp, rows.N, H), _new(xp, rows.N, H), _new(xp, rows.N, 4 * H)
+    _lstm_forward(rows, xp, w_hh, h0, c0, y, cs, gates)
+    return y, cs, gates
+
+
 @_on_device
-def lstm_forward(rows, ub, xp, w_hh, h0, c0, y, cs, gates):
+def _lstm_forward(rows, xp, w_hh, h0, c0, y, cs, gates):
     K, s, H = _k(), _stream(xp), w_hh.shape[1]
     g_step = torch.empty(rows.B * 4 * H, dtype=xp.dtype, device=xp.device)
     w = w_hh.view(4 * H, H)
@@ -92,17 +104,15 @@ def lstm_forward(rows, ub, xp, w_hh, h0, c0, y, cs, gates):
                             _arr(_rows(y, H, r0, r1)), _arr(_rows(gates, 4 * H, r0, r1)), bt, H, s)
 
 
-def lstm_infer(rows, ub, xp, w_hh, h0, c0, y):
-    H = w_hh.shape[1]
-    cs = torch.empty(rows.N, H, dtype=xp.dtype, device=xp.device)
-    gates = torch.empty(rows.N, 4 * H, dtype=xp.dtype, device=xp.device)
-    lstm_forward(rows, ub, xp, w_hh, h0, c0, y, cs, gates)
-    return rows.final(cs, c0)
+def lstm_infer(rows, ub, xp, w_hh, h0, c0):
+    y, cs, _ = lstm_forward(rows, ub, xp, w_hh, h0, c0)
+    return y, rows.final(cs, c0)
 
 
 @_on_device
-def lstm_backward(rows, ub, dy, w_hh, c0, cs, gates, dgates, dh, dc):
+def lstm_backward(rows, ub, dy, w_hh, c0, cs, gates, dh, dc):
     K, s, H = _k(), _stream(dy), w_hh.shape[1]
+    dgates = _new(dy, rows.N, 4 * H)
     w = w_hh.view(4 * H, H)
     for t, r0, r1, rp in _steps(rows, reverse=True):
         bt = r1 - r0
@@ -111,11 +121,13 @@ def lstm_backward(rows, ub, dy, w_hh, c0, cs, gates, dgates, dh, dc):
                              _arr(_prev(t, rp, bt, c0, cs, H)), _arr(_rows(dy, H, r0, r1)), _arr(_rows(dh, H, 0, bt)),
                              _arr(_rows(dc, H, 0, bt)), _arr(dg), bt, H, s)
         torch.mm(dg, w, out=_rows(dh, H, 0, bt))                    # dh_next = dG_t W_hh
+    return dgates
 
 
 @_on_device
-def gru_forward(rows, ub, xp, w_hh, b_hh, h0, y, gates, ghn):
+def gru_forward(rows, ub, xp, w_hh, b_hh, h0):
     K, s, H = _k(), _stream(xp), w_hh.shape[1]
+    y, gates, ghn = _new(xp, rows.N, H), _new(xp, rows.N, 3 * H), _new(xp, rows.N, H)
     g_step = torch.empty(rows.B * 3 * H, dtype=xp.dtype, device=xp.device)
     w = w_hh.view(3 * H, H)
     for t, r0, r1, rp in _steps(rows):
@@ -125,11 +137,13 @@ def gru_forward(rows, ub, xp, w_hh, b_hh, h0, y, gates, ghn):
         torch.addmm(b_hh.view(1, 3 * H), hprev, w.t(), out=gh)
         K.gru_step_forward(_arr(_rows(xp, 3 * H, r0, r1)), _arr(gh), _arr(hprev), _arr(_rows(y, H, r0, r1)),
                            _arr(_rows(gates, 3 * H, r0, r1)), _arr(_rows(ghn, H, r0, r1)), bt, H, s)
+    return y, gates, ghn
 
 
 @_on_device
-def gru_backward(rows, ub, dy, w_hh, h0, y, gates, ghn, dxp, dgh, dh):
+def gru_backward(rows, ub, dy, w_hh, h0, y, gates, ghn, dh):
     K, s, H = _k(), _stream(dy), w_hh.shape[1]
+    dxp, dgh = _new(dy, rows.N, 3 * H), _new(dy, rows.N, 3 * H)
     w = w_hh.view(3 * H, H)
     for t, r0, r1, rp in _steps(rows, reverse=True):
         bt = r1 - r0
@@ -139,22 +153,26 @@ def gru_backward(rows, ub, dy, w_hh, h0, y, gates, ghn, dxp, dgh, dh):
                             _arr(_prev(t, rp, bt, h0, y, H)), _arr(_rows(dy, H, r0, r1)), _arr(d),
                             _arr(_rows(dxp, 3 * H, r0, r1)), _arr(dgh_t), _arr(d), bt, H, s)
         d.addmm_(dgh_t, w)                                      # dh_next = dh_t z + dgh_t W_hh
+    return dxp, dgh
 
 
 @_on_device
-def rnn_forward(rows, ub, relu, xp, w_hh, h0, y):
+def rnn_forward(rows, ub, relu, xp, w_hh, h0):
     K, s, H = _k(), _stream(xp), w_hh.shape[1]
+    y = _new(xp, rows.N, H)
     w = w_hh.view(H, H)
     for t, r0, r1, rp in _steps(rows):
         bt = r1 - r0
         h = _rows(y, H, r0, r1)
         torch.addmm(_rows(xp, H, r0, r1), _prev(t, rp, bt, h0, y, H), w.t(), out=h)
         K.rnn_step_forward(_arr(h), _arr(h), bt, H, bool(relu), s)
+    return y
 
 
 @_on_device
-def rnn_backward(rows, ub, relu, dy, w_hh, y, dg, dh):
+def rnn_backward(rows, ub, relu, dy, w_hh, y, dh):
     K, s, H = _k(), _stream(dy), w_hh.shape[1]
+    dg = _new(dy, rows.N, H)
     w = w_hh.view(H, H)
     for t, r0, r1, rp in _steps(rows, reverse=True):
         bt = r1 - r0
@@ -162,11 +180,14 @@ def rnn_backward(rows, ub, relu, dy, w_hh, y, dg, dh):
         K.rnn_step_backward(_arr(_rows(y, H, r0, r1)), _arr(_rows(dy, H, r0, r1)), _arr(_rows(dh, H, 0, bt)),
                             _arr(dg_t), bt, H, bool(relu), s)
         torch.mm(dg_t, w, out=_rows(dh, H, 0, bt))
+    return dg
 
 
 @_on_device
-def ln_lstm_forward(rows, eps, xp, w_hh, g_hh, g_c, b_c, h0, c0, y, cs, gates, ghat, rstd_h, chat, rstd_c):
-    K, s, H = _k(), _stream(xp), w_hh.shape[1]
+def ln_lstm_forward(rows, eps, xp, w_hh, g_hh, g_c, b_c, h0, c0):
+    K, s, H, N = _k(), _stream(xp), w_hh.shape[1], rows.N
+    y, cs, gates, ghat = _new(xp, N, H), _new(xp, N, H), _new(xp, N, 4 * H), _new(xp, N, 4 * H)
+    rstd_h, chat, rstd_c = _new(xp, N), _new(xp, N, H), _new(xp, N)
     g_step = torch.empty(rows.B * 4 * H, dtype=xp.dtype, device=xp.device)
     w = w_hh.view(4 * H, H)
     for t, r0, r1, rp in _steps(rows):
@@ -178,12 +199,13 @@ def ln_lstm_forward(rows, eps, xp, w_hh, g_hh, g_c, b_c, h0, c0, y, cs, gates, g
                                _arr(_rows(gates, 4 * H, r0, r1)), _arr(_rows(ghat, 4 * H, r0, r1)),
                                _arr(rstd_h[r0:r1]), _arr(_rows(chat, H, r0, r1)), _arr(rstd_c[r0:r1]), bt, H,
                                float(eps), s)
+    return y, cs, gates, ghat, rstd_h, chat, rstd_c
 
 
 @_on_device
-def ln_lstm_backward(rows, dy, w_hh, g_hh, g_c, b_c, c0, cs, gates, ghat, rstd_h, chat, rstd_c, dgates, dgh, dcn,
-                     dh, dc):
-    K, s, H = _k(), _stream(dy), w_hh.shape[1]
+def ln_lstm_backward(rows, dy, w_hh, g_hh, g_c, b_c, c0, cs, gates, ghat, rstd_h, chat, rstd_c, dh, dc):
+    K, s, H, N = _k(), _stream(dy), w_hh.shape[1], rows.N
+    dgates, dgh, dcn = _new(dy, N, 4 * H), _new(dy, N, 4 * H), _new(dy, N, H)
     w = w_hh.view(4 * H, H)
     for t, r0, r1, rp in _steps(rows, reverse=True):
         bt = r1 - r0
@@ -194,12 +216,13 @@ def ln_lstm_backward(rows, dy, w_hh, g_hh, g_c, b_c, c0, cs, gates, ghat, rstd_h
                                 _arr(_rows(dy, H, r0, r1)), _arr(_rows(dh, H, 0, bt)), _arr(_rows(dc, H, 0, bt)),
                                 _arr(_rows(dgates, 4 * H, r0, r1)), _arr(dgh_t), _arr(_rows(dcn, H, r0, r1)), bt, H, s)
         torch.mm(dgh_t, w, out=_rows(dh, H, 0, bt))
-    return (dgates * ghat).sum(0), (dcn * chat).sum(0), dcn.sum(0)
+    return dgates, dgh, (dgates * ghat).sum(0), (dcn * chat).sum(0), dcn.sum(0)
 
 
 @_on_device
-def ln_gru_forward(rows, eps, xp, w_hh, g_hh, b_hh, h0, y, gates, ghat, rstd_h, ghn):
-    K, s, H = _k(), _stream(xp), w_hh.shape[1]
+def ln_gru_forward(rows, eps, xp, w_hh, g_hh, b_hh, h0):
+    K, s, H, N = _k(), _stream(xp), w_hh.shape[1], rows.N
+    y, gates, ghat, rstd_h, ghn = _new(xp, N, H), _new(xp, N, 3 * H), _new(xp, N, 3 * H), _new(xp, N), _new(xp, N, H)
     g_step = torch.empty(rows.B * 3 * H, dtype=xp.dtype, device=xp.device)
     w = w_hh.view(3 * H, H)
     for t, r0, r1, rp in _steps(rows):
@@ -211,11 +234,13 @@ def ln_gru_forward(rows, eps, xp, w_hh, g_hh, b_hh, h0, y, gates, ghat, rstd_h, 
                               _arr(_rows(y, H, r0, r1)), _arr(_rows(gates, 3 * H, r0, r1)),
                               _arr(_rows(ghat, 3 * H, r0, r1)), _arr(rstd_h[r0:r1]), _arr(_rows(ghn, H, r0, r1)),
                               bt, H, float(eps), s)
+    return y, gates, ghat, rstd_h, ghn
 
 
 @_on_device
-def ln_gru_backward(rows, dy, w_hh, g_hh, h0, y, gates, ghat, rstd_h, ghn, dxp, da, dgh, dh):
-    K, s, H = _k(), _stream(dy), w_hh.shape[1]
+def ln_gru_backward(rows, dy, w_hh, g_hh, h0, y, gates, ghat, rstd_h, ghn, dh):
+    K, s, H, N = _k(), _stream(dy), w_hh.shape[1], rows.N
+    dxp, da, dgh = _new(dy, N, 3 * H), _new(dy, N, 3 * H), _new(dy, N, 3 * H)
     w = w_hh.view(3 * H, H)
     for t, r0, r1, rp in _steps(rows, reverse=True):
         bt = r1 - r0
@@ -226,4 +251,4 @@ def ln_gru_backward(rows, dy, w_hh, g_hh, h0, y, gates, ghat, rstd_h, ghn, dxp, 
                                _arr(g_hh), _arr(_rows(dy, H, r0, r1)), _arr(d), _arr(_rows(dxp, 3 * H, r0, r1)),
                                _arr(_rows(da, 3 * H, r0, r1)), _arr(dgh_t), _arr(d), bt, H, s)
         d.addmm_(dgh_t, w)
-    return (da * ghat).sum(0), da.sum(0)
+    return dxp, dgh, (da * ghat).sum(0), da.sum(0)

@@ -27,10 +27,6 @@ from . import rows as R
 LOOPS = {"cpu": cpu, "cuda": cuda}          # backend -> its table of time loops
 
 
-def _empty(n, width, like):
-    return _alloc.empty((n, width), like.dtype, like.device)
-
-
 def _carry(grad, like):
     """The backward carry (B, H), entering as the gradient at the final state."""
     return grad.contiguous().clone() if grad is not None else torch.zeros_like(like)
@@ -146,8 +142,7 @@ class LSTMLayerFunction(torch.autograd.Function):
         rows = R.of(offs, h0.shape[0], xp.shape[0])
         H = w_hh.shape[1]
         h0, c0, w_hh = h0.contiguous(), c0.contiguous(), w_hh.contiguous()
-        y, cs, gates = _empty(rows.N, H, xp), _empty(rows.N, H, xp), _empty(rows.N, 4 * H, xp)
-        LOOPS[backend].lstm_forward(rows, ub, xp, w_hh, h0, c0, y, cs, gates)
+        y, cs, gates = LOOPS[backend].lstm_forward(rows, ub, xp, w_hh, h0, c0)
         return (y, rows.final(y, h0, alias), rows.final(cs, c0, alias)), (offs, h0, c0, w_hh, y, cs, gates)
 
     @staticmethod
@@ -164,9 +159,8 @@ class LSTMLayerFunction(torch.autograd.Function):
         rows, H = R.of(offs, h0.shape[0], y.shape[0]), w_hh.shape[1]
         dy = _grad_or_zeros(dy, rows.N, H, y)
         dh, dc = _carry(dh_n, h0), _carry(dc_n, c0)
-        dg = _empty(rows.N, 4 * H, y)
-        LOOPS[ctx.backend].lstm_backward(rows, ctx.ub, dy, permute(w_hh, gate_perm(H, ctx.ub, 4)), c0, cs, gates, dg,
-                                         dh, dc)
+        dg = LOOPS[ctx.backend].lstm_backward(rows, ctx.ub, dy, permute(w_hh, gate_perm(H, ctx.ub, 4)), c0, cs, gates,
+                                              dh, dc)
         dw_hh = None
         if ctx.needs_input_grad[6]:
             dw_hh = permute(dg.t() @ rows.h_prev(h0, y), inverse_perm(H, ctx.ub, 4))     # (4H, H)
@@ -176,10 +170,7 @@ class LSTMLayerFunction(torch.autograd.Function):
     def infer(backend: str, offs, ub: int, xp, h0, c0, w_hh, alias: bool = False):
         """Forward keeping nothing, xp in torch's order: y, h_n, c_n."""
         rows = R.of(offs, h0.shape[0], xp.shape[0])
-        H = w_hh.shape[1]
-        h0, c0, w_hh = h0.contiguous(), c0.contiguous(), w_hh.contiguous()
-        y = _empty(rows.N, H, xp)
-        c_n = LOOPS[backend].lstm_infer(rows, ub, xp, w_hh, h0, c0, y)
+        y, c_n = LOOPS[backend].lstm_infer(rows, ub, xp, w_hh.contiguous(), h0.contiguous(), c0.contiguous())
         return y, rows.final(y, h0, alias), c_n
 
 
@@ -191,10 +182,8 @@ class LSTMProjLayerFunction(torch.autograd.Function):
     @staticmethod
     def compute(backend: str, offs, ub: int, xp, h0, c0, w_hh, w_hr, alias: bool = False):
         rows = R.of(offs, h0.shape[0], xp.shape[0])
-        P, H = w_hr.shape
         h0, c0, w_hh, w_hr = h0.contiguous(), c0.contiguous(), w_hh.contiguous(), w_hr.contiguous()
-        y, cs, m, gates = _empty(rows.N, P, xp), _empty(rows.N, H, xp), _empty(rows.N, H, xp), _empty(rows.N, 4 * H, xp)
-        LOOPS[backend].lstm_proj_forward(rows, ub, xp, w_hh, w_hr, h0, c0, y, cs, gates, m)
+        y, cs, gates, m = LOOPS[backend].lstm_proj_forward(rows, ub, xp, w_hh, w_hr, h0, c0)
         return (y, rows.final(y, h0, alias), rows.final(cs, c0, alias)), (offs, h0, c0, w_hh, w_hr, y, cs, gates, m)
 
     @staticmethod
@@ -211,8 +200,7 @@ class LSTMProjLayerFunction(torch.autograd.Function):
         rows, (P, H) = R.of(offs, h0.shape[0], y.shape[0]), w_hr.shape
         dy = _grad_or_zeros(dy, rows.N, P, y)
         dh, dc = _carry(dh_n, h0), _carry(dc_n, c0)
-        dg, dhp = _empty(rows.N, 4 * H, y), _empty(rows.N, P, y)
-        LOOPS[ctx.backend].lstm_proj_backward(rows, ctx.ub, dy, w_hh, w_hr, c0, cs, gates, dg, dhp, dh, dc)
+        dg, dhp = LOOPS[ctx.backend].lstm_proj_backward(rows, ctx.ub, dy, w_hh, w_hr, c0, cs, gates, dh, dc)
         dw_hh = dg.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[6] else None
         dw_hr = dhp.t() @ m if ctx.needs_input_grad[7] else None
         return None, None, None, dg, dh, dc, dw_hh, dw_hr
@@ -226,11 +214,9 @@ class GRULayerFunction(torch.autograd.Function):
     @staticmethod
     def compute(backend: str, offs, ub: int, xp, h0, w_hh, b_hh, alias: bool = False):
         rows = R.of(offs, h0.shape[0], xp.shape[0])
-        H = w_hh.shape[1]
-        y, gates, ghn = _empty(rows.N, H, xp), _empty(rows.N, 3 * H, xp), _empty(rows.N, H, xp)
         h0, w_hh = h0.contiguous(), w_hh.contiguous()
-        b_hh = b_hh.contiguous() if b_hh is not None else torch.zeros(3 * H, dtype=xp.dtype, device=xp.device)
-        LOOPS[backend].gru_forward(rows, ub, xp, w_hh, b_hh, h0, y, gates, ghn)
+        b_hh = b_hh.contiguous() if b_hh is not None else xp.new_zeros(w_hh.shape[0])
+        y, gates, ghn = LOOPS[backend].gru_forward(rows, ub, xp, w_hh, b_hh, h0)
         return (y, rows.final(y, h0, alias)), (offs, h0, w_hh, y, gates, ghn)
 
     @staticmethod
@@ -247,8 +233,7 @@ class GRULayerFunction(torch.autograd.Function):
         rows, H = R.of(offs, h0.shape[0], y.shape[0]), w_hh.shape[1]
         dy = _grad_or_zeros(dy, rows.N, H, y)
         dh = _carry(dh_n, h0)
-        dxp, dgh = _empty(rows.N, 3 * H, y), _empty(rows.N, 3 * H, y)
-        LOOPS[ctx.backend].gru_backward(rows, ctx.ub, dy, w_hh, h0, y, gates, ghn, dxp, dgh, dh)
+        dxp, dgh = LOOPS[ctx.backend].gru_backward(rows, ctx.ub, dy, w_hh, h0, y, gates, ghn, dh)
         dw_hh = dgh.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[5] else None
         db_hh = dgh.sum(0) if ctx.needs_input_grad[6] else None
         return None, None, None, dxp, dh, dw_hh, db_hh
@@ -260,9 +245,8 @@ class RNNLayerFunction(torch.autograd.Function):
     @staticmethod
     def compute(backend: str, offs, ub: int, relu: bool, xp, h0, w_hh, alias: bool = False):
         rows = R.of(offs, h0.shape[0], xp.shape[0])
-        y = _empty(rows.N, w_hh.shape[1], xp)
         h0, w_hh = h0.contiguous(), w_hh.contiguous()
-        LOOPS[backend].rnn_forward(rows, ub, relu, xp, w_hh, h0, y)
+        y = LOOPS[backend].rnn_forward(rows, ub, relu, xp, w_hh, h0)
         return (y, rows.final(y, h0, alias)), (offs, h0, w_hh, y)
 
     @staticmethod
@@ -279,8 +263,7 @@ class RNNLayerFunction(torch.autograd.Function):
         rows, H = R.of(offs, h0.shape[0], y.shape[0]), w_hh.shape[1]
         dy = _grad_or_zeros(dy, rows.N, H, y)
         dh = _carry(dh_n, h0)
-        dg = _empty(rows.N, H, y)
-        LOOPS[ctx.backend].rnn_backward(rows, ctx.ub, ctx.relu, dy, w_hh, y, dg, dh)
+        dg = LOOPS[ctx.backend].rnn_backward(rows, ctx.ub, ctx.relu, dy, w_hh, y, dh)
         dw_hh = dg.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[6] else None
         return None, None, None, None, dg, dh, dw_hh
 
@@ -293,13 +276,9 @@ class LayerNormLSTMLayerFunction(torch.autograd.Function):
     @staticmethod
     def compute(backend: str, offs, eps: float, xp, h0, c0, w_hh, g_hh, g_c, b_c, alias: bool = False):
         rows = R.of(offs, h0.shape[0], xp.shape[0])
-        H, N = w_hh.shape[1], rows.N
-        y, cs, chat = _empty(N, H, xp), _empty(N, H, xp), _empty(N, H, xp)
-        gates, ghat = _empty(N, 4 * H, xp), _empty(N, 4 * H, xp)
-        rstd_h, rstd_c = (torch.empty(N, dtype=xp.dtype, device=xp.device) for _ in range(2))
         h0, c0, w_hh, g_hh, g_c, b_c = (t.contiguous() for t in (h0, c0, w_hh, g_hh, g_c, b_c))
-        LOOPS[backend].ln_lstm_forward(rows, eps, xp, w_hh, g_hh, g_c, b_c, h0, c0, y, cs, gates, ghat, rstd_h, chat,
-                                       rstd_c)
+        y, cs, gates, ghat, rstd_h, chat, rstd_c = LOOPS[backend].ln_lstm_forward(rows, eps, xp, w_hh, g_hh, g_c, b_c,
+                                                                                  h0, c0)
         return ((y, rows.final(y, h0, alias), rows.final(cs, c0, alias)),
                 (offs, h0, c0, w_hh, g_hh, g_c, b_c, y, cs, gates, ghat, rstd_h, chat, rstd_c))
 
@@ -318,9 +297,8 @@ class LayerNormLSTMLayerFunction(torch.autograd.Function):
         N = rows.N
         dy = _grad_or_zeros(dy, N, H, y)
         dh, dc = _carry(dh_n, h0), _carry(dc_n, c0)
-        dg, dgh, dcn = _empty(N, 4 * H, y), _empty(N, 4 * H, y), _empty(N, H, y)
-        dg_hh, dg_c, db_c = LOOPS[ctx.backend].ln_lstm_backward(rows, dy, w_hh, g_hh, g_c, b_c, c0, cs, gates, ghat,
-                                                                 rstd_h, chat, rstd_c, dg, dgh, dcn, dh, dc)
+        dg, dgh, dg_hh, dg_c, db_c = LOOPS[ctx.backend].ln_lstm_backward(rows, dy, w_hh, g_hh, g_c, b_c, c0, cs, gates,
+                                                                          ghat, rstd_h, chat, rstd_c, dh, dc)
         dw_hh = dgh.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[6] else None
         keep = ctx.needs_input_grad
         return (None, None, None, dg, dh, dc, dw_hh, dg_hh if keep[7] else None, dg_c if keep[8] else None,
@@ -334,13 +312,9 @@ class LayerNormGRULayerFunction(torch.autograd.Function):
     @staticmethod
     def compute(backend: str, offs, eps: float, xp, h0, w_hh, g_hh, b_hh, alias: bool = False):
         rows = R.of(offs, h0.shape[0], xp.shape[0])
-        H, N = w_hh.shape[1], rows.N
-        y, ghn = _empty(N, H, xp), _empty(N, H, xp)
-        gates, ghat = _empty(N, 3 * H, xp), _empty(N, 3 * H, xp)
-        rstd_h = torch.empty(N, dtype=xp.dtype, device=xp.device)
-        b_hh = b_hh if b_hh is not None else torch.zeros(3 * H, dtype=xp.dtype, device=xp.device)
+        b_hh = b_hh if b_hh is not None else xp.new_zeros(w_hh.shape[0])
         h0, w_hh, g_hh, b_hh = (t.contiguous() for t in (h0, w_hh, g_hh, b_hh))
-        LOOPS[backend].ln_gru_forward(rows, eps, xp, w_hh, g_hh, b_hh, h0, y, gates, ghat, rstd_h, ghn)
+        y, gates, ghat, rstd_h, ghn = LOOPS[backend].ln_gru_forward(rows, eps, xp, w_hh, g_hh, b_hh, h0)
         return (y, rows.final(y, h0, alias)), (offs, h0, w_hh, g_hh, y, gates, ghat, rstd_h, ghn)
 
     @staticmethod
@@ -358,9 +332,8 @@ class LayerNormGRULayerFunction(torch.autograd.Function):
         N = rows.N
         dy = _grad_or_zeros(dy, N, H, y)
         dh = _carry(dh_n, h0)
-        dxp, da, dgh = _empty(N, 3 * H, y), _empty(N, 3 * H, y), _empty(N, 3 * H, y)
-        dg_hh, db_hh = LOOPS[ctx.backend].ln_gru_backward(rows, dy, w_hh, g_hh, h0, y, gates, ghat, rstd_h, ghn, dxp,
-                                                           da, dgh, dh)
+        dxp, dgh, dg_hh, db_hh = LOOPS[ctx.backend].ln_gru_backward(rows, dy, w_hh, g_hh, h0, y, gates, ghat, rstd_h,
+                                                                     ghn, dh)
         dw_hh = dgh.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[5] else None
         keep = ctx.needs_input_grad
         return None, None, None, dxp, dh, dw_hh, dg_hh if keep[6] else None, db_hh if keep[7] else None
