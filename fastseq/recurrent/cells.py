@@ -2,12 +2,14 @@
 its fused layer: one layer, one direction, on packed rows, built from its autograd Function.
 
 A fused layer runs in three parts:
-  1. the input projection of every step at once, under torch autograd: xp = x W_ih^T + b
-     (for the layer-normalized cells xp = LN(x W_ih^T) gamma_ih + b, through fastseq.layer_norm);
+  1. the input projection of every step at once: xp = x W_ih^T + b (for the layer-normalized
+     cells xp = LN(x W_ih^T) gamma_ih + b, through fastseq.layer_norm);
   2. the sequential part in one call of the backend's time loop (functions.py): per step the
      recurrent GEMM and a fused pass over the gates; its backward returns the gradient of xp and
      forms dW_hh = sum_t dG_t^T h_{t-1} as one GEMM over all steps;
-  3. autograd of part 1 gives dx, dW_ih and the input bias and norm gradients as large GEMMs.
+  3. the backward of part 1 gives dx, dW_ih and the input bias and norm gradients as large GEMMs.
+With a gradient to form, parts 1 and 2 of the plain cells are one autograd node
+(functions.ProjectedLayerFunction); without, the loop runs outside autograd (compute()).
 
 Every fused layer has the signature fused(x, rows, h0, c0, params, eps, backend, w_hr, alias) ->
 y (N, H), (h_n, c_n) with x (N, C) contiguous packed rows, rows a rows.Rows, c0 / c_n None for the
@@ -27,7 +29,8 @@ from ..layer_norm import layer_norm as _fused_layer_norm
 from . import ops
 from . import reference as ref
 from .functions import (GRULayerFunction, LayerNormGRULayerFunction, LayerNormLSTMLayerFunction, LSTMLayerFunction,
-                        LSTMProjLayerFunction, RNNLayerFunction, gate_perm, permute, project, project_blocked)
+                        LSTMProjLayerFunction, ProjectedLayerFunction, RNNLayerFunction, apply, gate_perm, permute,
+                        project, project_blocked)
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,13 +87,25 @@ def _ub(backend: str, H: int, rows, permutes: bool) -> int:
 
 
 def _apply(name, grad, *args, alias=False):
-    """The outputs of the Function ops.FUNCTION[name] ("lstm_layer", ...): through autograd when a
-    gradient is to be formed, as its registered op while a graph is captured (ops.py), else its
-    compute() alone (alias: h_n may be a view of y, for callers that drop y)."""
+    """The outputs of the Function ops.FUNCTION[name] ("layer_norm_lstm_layer", ...) on args, xp
+    included: through autograd when a gradient is to be formed, as its registered op while a graph
+    is captured (ops.py), else its compute() alone (alias: h_n may be a view of y, for callers
+    that drop y)."""
     if _library.captured(args[ops.XP_ARG[name]]):
         return ops.apply(name, *args)
     fn = ops.FUNCTION[name]
     return fn.apply(*args) if grad else fn.compute(*args, alias=alias)[0]
+
+
+def _project_and_apply(name, grad, x, w_ih, b_ih, b_hh, perm, *args, alias=False):
+    """_apply(name, ...) with args' xp slot (None) filled by the projection x W_ih^T + b_ih (+ b_hh),
+    its columns in the blocked order perm.  With a gradient to form on the eager path, projection
+    and loop are one autograd node (ProjectedLayerFunction)."""
+    k = ops.XP_ARG[name]
+    if grad and not _library.captured(x):
+        return apply(ProjectedLayerFunction, name, k, x, w_ih, b_ih, b_hh, perm, *args)
+    xp = project_blocked(x, w_ih, b_ih, perm, grad, b_hh)
+    return _apply(name, grad, *args[:k], xp, *args[k + 1:], alias=alias)
 
 
 # ============================================================================ LSTM
@@ -98,21 +113,20 @@ def _apply(name, grad, *args, alias=False):
 def _lstm_fused(x, rows, h0, c0, p, eps, backend, w_hr=None, alias=False):
     w_ih, w_hh, b_ih, b_hh = p[:4]
     H = w_ih.shape[0] // 4                                    # (w_hh is (4H, P) with a projection)
-    bias = None if b_ih is None else b_ih + b_hh
     grad = needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     ub = _ub(backend, H, rows, permutes=grad or w_hr is not None)
     if w_hr is not None:
         perm = gate_perm(H, ub, 4)
-        xp = project_blocked(x, w_ih, bias, perm, grad)
-        y, h, c = _apply("lstm_proj_layer", grad, backend, rows.offs, ub, xp, h0, c0, permute(w_hh, perm), w_hr,
-                         alias=alias)
+        y, h, c = _project_and_apply("lstm_proj_layer", grad, x, w_ih, b_ih, b_hh, perm, backend, rows.offs, ub, None,
+                                     h0, c0, permute(w_hh, perm), w_hr, alias=alias)
         return y, (h, c)
     if not grad and not _library.captured(x):    # xp in torch's order, nothing kept: no weight is permuted
-        y, h, c = LSTMLayerFunction.infer(backend, rows.offs, ub, project(x, w_ih, bias, False), h0, c0, w_hh,
+        y, h, c = LSTMLayerFunction.infer(backend, rows.offs, ub, project(x, w_ih, b_ih, False, b_hh), h0, c0, w_hh,
                                             alias=alias)
         return y, (h, c)
-    xp = project_blocked(x, w_ih, bias, gate_perm(H, ub, 4), grad)      # blocked: the backward's dG is its gradient
-    y, h, c = _apply("lstm_layer", True, backend, rows.offs, ub, xp, h0, c0, w_hh)
+    # xp blocked: the backward's dG is its gradient
+    y, h, c = _project_and_apply("lstm_layer", True, x, w_ih, b_ih, b_hh, gate_perm(H, ub, 4), backend, rows.offs, ub,
+                                 None, h0, c0, w_hh)
     return y, (h, c)
 
 
@@ -134,9 +148,8 @@ def _gru_fused(x, rows, h0, c0, p, eps, backend, w_hr=None, alias=False):
     ub = _ub(backend, H, rows, permutes=True)
     perm = gate_perm(H, ub, 3)
     grad = needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh)
-    xp = project_blocked(x, w_ih, b_ih, perm, grad)
-    y, h = _apply("gru_layer", grad, backend, rows.offs, ub, xp, h0, permute(w_hh, perm), permute(b_hh, perm),
-                  alias=alias)
+    y, h = _project_and_apply("gru_layer", grad, x, w_ih, b_ih, None, perm, backend, rows.offs, ub, None, h0,
+                              permute(w_hh, perm), permute(b_hh, perm), alias=alias)
     return y, (h, None)
 
 
@@ -156,8 +169,8 @@ def _rnn_fused(relu):
         w_ih, w_hh, b_ih, b_hh = p[:4]
         ub = _ub(backend, w_hh.shape[1], rows, permutes=False)
         grad = needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh)
-        xp = project(x, w_ih, None if b_ih is None else b_ih + b_hh, grad)
-        y, h = _apply("rnn_layer", grad, backend, rows.offs, ub, relu, xp, h0, w_hh, alias=alias)
+        y, h = _project_and_apply("rnn_layer", grad, x, w_ih, b_ih, b_hh, None, backend, rows.offs, ub, relu, None, h0,
+                                  w_hh, alias=alias)
         return y, (h, None)
     return fused
 

@@ -75,7 +75,7 @@ def choose(cell: Cell, x: torch.Tensor, proj: bool = False) -> str:
     Under a torch.func transform: "torch" (fastseq/_library.py, transformed())."""
     if _library.transformed():
         return "torch"
-    dev = x.device.type
+    dev = "cpu" if x.is_cpu else x.device.type
     ac = not cell.layer_norm and autocast_on(dev)
     dtype = x.dtype
     return _dispatch.choose_cached(cell.op, (dev, dtype, ac, proj), lambda: _facts_of(cell.op, dev, dtype, ac, proj))
