@@ -217,7 +217,7 @@ def explain(op: Optional[str] = None, *args, **kwargs) -> str:
         raise ValueError(f"explain: unknown op {op!r}; registered ops: {', '.join(registered_ops())}")
     try:                    # the facts functions run the op's own boundary checks first
         facts = _REGISTRY[op].facts(*args, **kwargs)
-    except (ValueError, TypeError, RuntimeError, IndexError) as e:
+    except (ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
         kind = "ValueError" if isinstance(e, ValueError) else type(e).__name__
         return f"{op}: this call raises {kind} before any backend runs: {e}"
     shown = ", ".join(f"{k}={v}" for k, v in facts.items())

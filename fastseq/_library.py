@@ -20,6 +20,8 @@ import torch
 
 NAMESPACE = "fastseq"
 
+# private torch entry points (torch 2.x), used for their cost: the public torch.jit.is_tracing()
+# and torch._functorch checks wrap these in Python
 _is_tracing = torch._C._is_tracing
 _functorch_active = torch._C._are_functorch_transforms_active
 _is_compiling = torch.compiler.is_compiling
@@ -46,10 +48,20 @@ def op_name(name: str) -> str:
 
 
 def seed_tensor() -> torch.Tensor:
-    """A dropout seed drawn from torch's (CPU) generator as a 0-dim int64 tensor, the same draw
-    as the eager path's: inside a captured graph the draw is a graph node (no .item(), hence no
-    graph break), and the registered op reads it."""
+    """A dropout seed drawn from torch's (CPU) generator as a 0-dim int64 tensor: inside a
+    captured graph the draw is a graph node (no .item(), hence no graph break), and the registered
+    op reads it.  The eager path makes the same draw; a compiled graph matches it under backends
+    that keep torch's RNG (aot_eager, or inductor with fallback_random), while inductor's own RNG
+    draws another seed (masks differ from eager's, statistics do not)."""
     return torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64)
+
+
+def autocast_to(t, dtype):
+    """t as autocast would pass it to a lower-precision op: floating tensors other than fp64 in
+    `dtype`; anything else unchanged."""
+    if t is None or not t.dtype.is_floating_point or t.dtype == torch.float64 or t.dtype == dtype:
+        return t
+    return t.to(dtype)
 
 
 def autocast_dtype(device_type: str):

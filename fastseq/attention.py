@@ -154,17 +154,17 @@ def _check_all(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, wind
     if not (q.dim() == k.dim() == v.dim()):
         raise ValueError(f"{op}: expected query, key and value of one rank, got {q.dim()}D, {k.dim()}D, {v.dim()}D")
     if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"{op}: query and key head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+        raise _dispatch.ShapeError(f"{op}: query and key head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
     if k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"{op}: key and value lengths differ: {k.shape[-2]} vs {v.shape[-2]}")
+        raise _dispatch.ShapeError(f"{op}: key and value lengths differ: {k.shape[-2]} vs {v.shape[-2]}")
     if k.shape[:-1] != v.shape[:-1]:
-        raise ValueError(f"{op}: key {list(k.shape)} and value {list(v.shape)} differ before the last dim")
+        raise _dispatch.ShapeError(f"{op}: key {list(k.shape)} and value {list(v.shape)} differ before the last dim")
     if q.shape[:-3] != k.shape[:-3]:
-        raise ValueError(f"{op}: batch dims of query {list(q.shape[:-3])} and key {list(k.shape[:-3])} differ")
+        raise _dispatch.ShapeError(f"{op}: batch dims of query {list(q.shape[:-3])} and key {list(k.shape[:-3])} differ")
     if q.dim() >= 3:
         hq, hk = (q.shape[-3], k.shape[-3]) if q.dim() >= 4 else (1, 1)
         if q.dim() == 3 and q.shape[0] != k.shape[0]:
-            raise ValueError(f"{op}: batch of query ({q.shape[0]}) and key ({k.shape[0]}) differ")
+            raise _dispatch.ShapeError(f"{op}: batch of query ({q.shape[0]}) and key ({k.shape[0]}) differ")
         if hk == 0 and hq > 0:
             raise ValueError(f"{op}: key has 0 heads for a query with {hq}")
         if hq != hk:
@@ -212,7 +212,8 @@ def _check_all(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, wind
         b = _fold(q).shape[0]
         if key_lengths.shape[0] != b:
             raise ValueError(f"{op}: key_lengths has {key_lengths.shape[0]} entries for a batch of {b}")
-        if key_lengths.numel() and (key_lengths.min() < 0 or key_lengths.max() > k.shape[-2]):
+        if key_lengths.numel() and not _library.captured(key_lengths) and \
+                (key_lengths.min() < 0 or key_lengths.max() > k.shape[-2]):      # (a value test: eager only)
             raise ValueError(f"{op}: key_lengths must lie in [0, {k.shape[-2]}], got "
                              f"[{int(key_lengths.min())}, {int(key_lengths.max())}]")
 
@@ -598,10 +599,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """
     _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, key_lengths)
     cast = _library.autocast_dtype(query.device.type)
-    if cast is not None:             # as torch's autocast: SDPA runs in the lower precision
-        query, key, value = query.to(cast), key.to(cast), value.to(cast)
-        if attn_mask is not None and attn_mask.dtype.is_floating_point:
-            attn_mask = attn_mask.to(cast)
+    if cast is not None:             # as torch's autocast: SDPA runs in the lower precision (fp64 stays)
+        query, key, value, attn_mask = (_library.autocast_to(t, cast) for t in (query, key, value, attn_mask))
     backend = "torch" if _library.transformed() else _backend(query, value, attn_mask, dropout_p)
     if backend == "torch":
         return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window, key_lengths)

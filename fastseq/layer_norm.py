@@ -440,17 +440,18 @@ def _norm_setup_context(ctx, inputs, output):
         ctx.save_for_backward(s, None, weight, mean, rstd)
     else:
         ctx.save_for_backward(x, residual, weight, mean, rstd)
-    ctx.meta = (n, center, backend, residual is not None, bias is not None)
+    affine = weight if weight is not None else bias
+    pshape = affine.shape if affine is not None else None         # normalized_shape, for dw / db
+    ctx.meta = (n, center, backend, residual is not None, bias is not None, pshape)
 
 
 def _norm_op_backward(ctx, dy, ds, dmean, drstd):
-    n, center, backend, has_r, has_b = ctx.meta
+    n, center, backend, has_r, has_b, shape = ctx.meta
     v, r, weight, mean, rstd = ctx.saved_tensors
     want_dw = weight is not None and ctx.needs_input_grad[2]
     want_db = has_b and ctx.needs_input_grad[3]
     dx, dw, db = _norm_backward_op(v, r, dy, ds if ds.numel() else None, weight, mean, rstd, n, center,
                                    want_dw, want_db, backend)
-    shape = weight.shape if weight is not None else v.shape[-1:]
     return (dx, dx if has_r else None, dw.view(shape) if want_dw else None, db.view(shape) if want_db else None,
             None, None, None, None, None)
 
@@ -479,7 +480,8 @@ def _run(op, x, residual, normalized_shape, weight, bias, eps, center, return_su
         x, residual = _promote(x, residual)
     m, n = _check(op, x, shape, weight, bias, residual)
     if x.is_cuda and torch.is_autocast_enabled("cuda"):      # torch's CUDA autocast runs norms in fp32
-        x, residual, weight, bias = (t.float() if t is not None else None for t in (x, residual, weight, bias))
+        x, residual, weight, bias = (t.float() if t is not None and t.dtype != torch.float64 else t
+                                     for t in (x, residual, weight, bias))
     backend = "torch" if _library.transformed() else _backend(op, x, weight, bias)
     if backend == "torch":
         return _torch_native(x, residual, shape, weight, bias, eps, center, return_sum)

@@ -121,7 +121,8 @@ def _register(spec: Spec):
         g = spec.function.backward(_Ctx(saved, full_needs, attrs), *grads)
         g = g[2 + len(spec.scalars):]
         shapes = _grad_shapes(spec, saved)
-        return [(t.contiguous() if t is not None else saved[1].new_zeros(s)) if need
+        # outputs of an op may not alias each other: views (split pieces of one buffer) are copied
+        return [(_own(t) if t is not None else saved[1].new_zeros(s)) if need
                 else saved[1].new_empty(0) for t, s, need in zip(g, shapes, needs)]
 
     def backward_fake(backend, *rest):
@@ -153,6 +154,11 @@ def _register(spec: Spec):
 
     torch.library.register_autograd(f"fastseq::{fwd}", backward, setup_context=setup_context, lib=_lib)
     return getattr(torch.ops.fastseq, fwd), n_out
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """t contiguous and owning its storage (not a view into a buffer another output shares)."""
+    return t.clone() if t._base is not None or not t.is_contiguous() else t
 
 
 def _n_extra(spec: Spec) -> int:
