@@ -556,3 +556,69 @@ def test_gpu_loops_layer_norm_modules_match_the_cpu(gpu_loops, kind):
         exp = _loss_and_grads(m, x, torch.tensor([3, 2]))
     for g, e in zip(got, exp):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------- autocast on the GPU path
+
+def test_autocast_cuda_cannot_be_entered_here_so_its_decision_is_tested_directly(monkeypatch):
+    """torch.autocast("cuda") needs a CUDA device: without one torch disables it (with a warning),
+    so the simulator cannot run a GPU autocast region.  The decision the GPU path makes under it is
+    tested directly: with autocast reported on for "cuda", the plain cells' cuda backend declines
+    (torch's own op runs and returns torch's dtypes) and the layer-normalized cells' does not
+    (they run in the parameters' dtype with autocast off)."""
+    import warnings
+
+    from fastseq import _dispatch
+    from fastseq.recurrent import functional as RF
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.autocast("cuda", dtype=torch.float16):
+            assert not torch.is_autocast_enabled("cuda")
+    real = torch.is_autocast_enabled
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda dev=None: dev == "cuda" or real(dev))
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda dev: torch.float16)
+    assert RF.autocast_on("cuda") and not RF.autocast_on("cpu") and not RF.autocast_on("meta")
+    for op, ln in (("lstm_layer", False), ("gru_layer", False), ("rnn_layer", False),
+                   ("layer_norm_lstm_layer", True), ("layer_norm_gru_layer", True)):
+        facts = RF._facts_of(op, "cuda", torch.float32, RF.autocast_on("cuda") and not ln)
+        why = _dispatch._REGISTRY[op].reasons["cuda"](facts)
+        assert (why == ["autocast (float16) is on: torch's own op runs, to return torch's dtypes"]) != ln, (op, why)
+
+
+@pytest.mark.parametrize("kind", ["GRU", "RNN", "GRUCell", "RNNCell", "LSTMCell"])
+def test_gpu_loops_under_autocast_fp16_run_torchs_own_forward(gpu_loops, monkeypatch, kind):
+    """With dispatch answering "cuda" (the GPU loops), fp16 autocast (on the CPU, the only device
+    here) sends the modules with a torch twin to torch's own forward: torch's dtypes and values."""
+    import fastseq
+    ref = getattr(torch.nn, kind)(3, 5)
+    fast = fastseq.convert(getattr(torch.nn, kind)(3, 5))
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(*((2, 3) if "Cell" in kind else (4, 2, 3)), requires_grad=True)
+    from fastseq.recurrent import functions
+    calls = []
+    for name in ("gru_forward", "rnn_forward", "lstm_forward", "lstm_infer"):
+        real = getattr(functions.LOOPS["cuda"], name)
+        monkeypatch.setattr(functions.LOOPS["cuda"], name, (lambda f: lambda *a: calls.append(f) or f(*a))(real))
+    with torch.autocast("cpu", dtype=torch.float16):
+        got, exp = fast(x), ref(x)
+    flat = lambda o: [o] if isinstance(o, torch.Tensor) else [t for s in o for t in flat(s)]   # noqa: E731
+    assert [t.dtype for t in flat(got)] == [t.dtype for t in flat(exp)]
+    for g, e in zip(flat(got), flat(exp)):
+        torch.testing.assert_close(g, e)
+    assert calls == []
+    fast(x)                                                   # autocast off: the GPU loops again
+    assert calls
+
+
+@pytest.mark.parametrize("kind", ["LayerNormLSTM", "LayerNormGRU"])
+def test_gpu_loops_layer_norm_cells_under_autocast_fp16_run_in_fp32(gpu_loops, kind):
+    import fastseq
+    m = getattr(fastseq.nn, kind)(3, 5)
+    x = torch.randn(4, 2, 3).half().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.float16):
+        out, st = m(x)
+    exp, _ = m(x.detach().float())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, exp)
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    assert gx.dtype == torch.float16
