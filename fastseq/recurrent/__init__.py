@@ -7,6 +7,7 @@ An op family that outgrew one file, read in this order:
   cpu.py         the CPU's table of time loops (kernels/cpu/recurrent.pyx on torch tensors)
   cuda.py        the GPU's table of time loops (torch GEMMs + kernels/cuda/recurrent.py), same signatures
   functions.py   the autograd Functions, one per cell, and the input projection
+  ops.py         the Functions as torch.library ops (graph capture: torch.compile, jit.trace)
   cells.py       one record per cell type (Cell) and its fused layer
   functional.py  dispatch, run_layer (the entry the modules share), the functional ops
   nn.py          the torch.nn drop-in modules and cells

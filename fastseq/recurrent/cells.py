@@ -75,12 +75,11 @@ def unit_block(H: int) -> int:
     return ub
 
 
-def _ub(backend: str, H: int, rows, permutes: bool) -> int:
+def _ub(backend: str, H: int, rows) -> int:
     """The unit block of this call: H (one block, torch's order) on a GPU, and on the CPU for a
     layer of at most 4 rows (T B <= 4: a decoding step), which one thread runs faster than a
     team (no fork and barrier; at (1, 1, 256) 14 us against 34 on the 2-core box), and for which
-    blocks would copy more weights than the loop reads.  `permutes`: whether blocks permute
-    weights (kept for the callers' clarity)."""
+    blocks would copy more weights (the LSTM's and GRU's gate permutation) than the loop reads."""
     if backend != "cpu" or rows.N <= 4:
         return H
     return unit_block(H)
@@ -114,7 +113,7 @@ def _lstm_fused(x, rows, h0, c0, p, eps, backend, w_hr=None, alias=False):
     w_ih, w_hh, b_ih, b_hh = p[:4]
     H = w_ih.shape[0] // 4                                    # (w_hh is (4H, P) with a projection)
     grad = needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    ub = _ub(backend, H, rows, permutes=grad or w_hr is not None)
+    ub = _ub(backend, H, rows)
     if w_hr is not None:
         perm = gate_perm(H, ub, 4)
         y, h, c = _project_and_apply("lstm_proj_layer", grad, x, w_ih, b_ih, b_hh, perm, backend, rows.offs, ub, None,
@@ -145,7 +144,7 @@ def _ln_lstm_fused(x, rows, h0, c0, p, eps, backend, w_hr=None, alias=False):
 def _gru_fused(x, rows, h0, c0, p, eps, backend, w_hr=None, alias=False):
     w_ih, w_hh, b_ih, b_hh = p[:4]
     H = w_hh.shape[1]
-    ub = _ub(backend, H, rows, permutes=True)
+    ub = _ub(backend, H, rows)
     perm = gate_perm(H, ub, 3)
     grad = needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh)
     y, h = _project_and_apply("gru_layer", grad, x, w_ih, b_ih, None, perm, backend, rows.offs, ub, None, h0,
@@ -167,7 +166,7 @@ def _ln_gru_fused(x, rows, h0, c0, p, eps, backend, w_hr=None, alias=False):
 def _rnn_fused(relu):
     def fused(x, rows, h0, c0, p, eps, backend, w_hr=None, alias=False):
         w_ih, w_hh, b_ih, b_hh = p[:4]
-        ub = _ub(backend, w_hh.shape[1], rows, permutes=False)
+        ub = _ub(backend, w_hh.shape[1], rows)
         grad = needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh)
         y, h = _project_and_apply("rnn_layer", grad, x, w_ih, b_ih, b_hh, None, backend, rows.offs, ub, relu, None, h0,
                                   w_hh, alias=alias)

@@ -118,7 +118,7 @@ class _FusedStack:
         P = self.proj_size or H                                                  # the recurrent state's size
         h0, c0 = self._initial_states(hx, lstm, batched, sorted_idx, (L * dirs, B, P), (L * dirs, B, H), x, name)
         hs, cs = [], []
-        eps = getattr(self, "eps", self.EPS_DEFAULT)
+        eps = self.__dict__.get("eps", self.EPS_DEFAULT)       # (a missing Module attribute costs an exception)
         for layer in range(L):
             outs = []
             for d in range(dirs):
