@@ -814,5 +814,6 @@ def test_autocast_cpu_layer_norm_cells_run_in_the_parameters_dtype(kind, x_dtype
     w += [m.norm_c_weight_l0, m.norm_c_bias_l0] if kind == "LayerNormLSTM" else []
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, _ = op(x, None, *w)
+        assert "(device=cpu, dtype=float32) runs on backend 'cpu'" in fastseq.explain(op.__name__, x, None, *w)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, op(x.detach().float(), None, *w)[0])

@@ -45,10 +45,17 @@ def _facts_of(op: str, device: str, dtype: torch.dtype, autocast: bool, proj: bo
     return f
 
 
-def _facts(input, *args, **kwargs) -> dict:
-    """Facts of a functional call, from its own arguments (explain)."""
-    dev = input.device.type
-    return _facts_of("", dev, input.dtype, autocast_on(dev))
+def _facts_fn(layer_norm: bool):
+    def facts(input, *args, **kwargs) -> dict:
+        """Facts of a functional call, from its own arguments (explain).  The layer-normalized
+        cells under autocast run in weight_ih's dtype (the module docstring)."""
+        dev = input.device.type
+        dtype, ac = input.dtype, autocast_on(dev)
+        if ac and layer_norm:
+            w_ih = args[1] if len(args) > 1 else kwargs["weight_ih"]
+            dtype, ac = w_ih.dtype, False
+        return _facts_of("", dev, dtype, ac)
+    return facts
 
 
 def _reasons(backend: str, op: str, layer_norm: bool):
@@ -66,7 +73,7 @@ def _reasons(backend: str, op: str, layer_norm: bool):
 
 for _op, _ln in (("lstm_layer", False), ("gru_layer", False), ("rnn_layer", False),
                  ("layer_norm_lstm_layer", True), ("layer_norm_gru_layer", True)):
-    _dispatch.register_op(_op, _facts, cpu=_reasons("cpu", _op, _ln), cuda=_reasons("cuda", _op, _ln),
+    _dispatch.register_op(_op, _facts_fn(_ln), cpu=_reasons("cpu", _op, _ln), cuda=_reasons("cuda", _op, _ln),
                           torch=lambda f: [])
 
 
