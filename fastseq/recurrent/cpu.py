@@ -3,11 +3,11 @@ tensors.  cuda.py is the GPU's table, with the same functions and signatures; th
 Functions (functions.py) call LOOPS[backend].<cell>_<pass>(rows, ...).
 
 Every function takes the layout (rows.Rows) and its input tensors (contiguous), allocates its
-outputs and returns them.  An output is a NumPy array wrapped as a tensor: the kernels take flat
-typed memoryviews, and allocating in NumPy hands them the array itself, where a torch.empty
-output would cost a second conversion (about 1 us each way; the 2-core dev box measures
-np.empty + torch.from_numpy at 0.9 us, torch.empty at 1.7 us, tensor -> numpy view at 1 us).
-Large outputs get NumPy's huge-page allocations, as fastseq._alloc gives the other families.
+outputs and returns them.  A small output is a NumPy array wrapped as a tensor: the kernels take
+flat typed memoryviews, and allocating in NumPy hands them the array itself, where a torch.empty
+output would cost a second conversion (the 2-core dev box measures np.empty + torch.from_numpy
+at 0.9 us, torch.empty at 1.7 us, tensor -> numpy view at 1 us).  Large ones come from
+fastseq._alloc, as the other families' (see _out).
 Per-call scratch (a step's pre-activations, the layer-normalized backwards' per-thread sums) is
 this module's, one set per Python thread, reused.
 
@@ -21,7 +21,7 @@ import threading
 import numpy as np
 import torch
 
-from .. import _blas, _dispatch
+from .. import _alloc, _blas, _dispatch
 
 _K = None
 
@@ -42,6 +42,7 @@ def _a(t: torch.Tensor) -> np.ndarray:
 
 
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
+_ITEMSIZE = {torch.float32: 4, torch.float64: 8}
 
 
 def np_empty(shape, dtype) -> np.ndarray:
@@ -49,15 +50,24 @@ def np_empty(shape, dtype) -> np.ndarray:
     return np.empty(shape, dtype)
 
 
+_SMALL = 1 << 20        # bytes: smaller outputs are NumPy's, larger ones fastseq._alloc's
+
+
 def _out(n: int, width: int, dtype: torch.dtype):
-    """A new (n, width) output: (tensor, flat numpy view of it)."""
-    a = np_empty((n, width), _NP[dtype])
-    return torch.from_numpy(a), a.reshape(-1)
+    """A new (n, width) output: (tensor, flat numpy view of it).  Below 1 MiB a NumPy array (the
+    cheapest allocation, ~1 us); above, fastseq._alloc's (torch's allocator, NumPy's huge pages
+    from 32 MiB): NumPy's own huge-page advice on every array of 4 MiB and more made the GRU
+    (128, 32, 256) backward 30% slower (fresh pages per call)."""
+    if n * width * _ITEMSIZE[dtype] < _SMALL:
+        a = np_empty((n, width), _NP[dtype])
+        return torch.from_numpy(a), a.reshape(-1)
+    t = _alloc.empty((n, width), dtype, "cpu")
+    return t, t.numpy().reshape(-1)
 
 
 def _vec(n: int, dtype: torch.dtype):
-    a = np_empty(n, _NP[dtype])
-    return torch.from_numpy(a), a
+    t, a = _out(n, 1, dtype)
+    return t.view(n), a
 
 
 _local = threading.local()
@@ -91,7 +101,7 @@ def lstm_infer(rows, ub, xp, w_hh, h0, c0):
     """Inference: xp in torch's order, nothing kept -> y (N, H), c_n (B, H)."""
     B, H, dt = rows.B, w_hh.shape[1], xp.dtype
     y, y_ = _out(rows.N, H, dt)
-    cs = np_empty((2 * B, H), _NP[dt])                            # c of steps t % 2 (the kernel's doc)
+    cs = np_empty((2 * B, H), _NP[dt])                            # c of steps t % 2 (the kernel's doc; B H small)
     step = scratch(B * 4 * H, dt)
     kernels().lstm_forward(_a(xp), _a(w_hh), _a(h0), _a(c0), y_, cs.reshape(-1), step, step, rows.offs_np, rows.T, H,
                            ub, _dispatch.num_threads(), False, False)
@@ -181,7 +191,7 @@ def ln_lstm_backward(rows, dy, w_hh, g_hh, g_c, b_c, c0, cs, gates, ghat, rstd_h
     """-> dgates (N, 4H) (of the gate pre-activations), dgh (N, 4H) (of h W_hh^T), and the norm
     parameters' gradients dgamma_hh (4H,), dgamma_c (H,), dbeta_c (H,)."""
     N, H, dt, nt = rows.N, w_hh.shape[1], dy.dtype, _dispatch.num_threads()
-    (dg, dg_), (dgh, dgh_), dcn_ = _out(N, 4 * H, dt), _out(N, 4 * H, dt), np_empty(N * H, _NP[dt])
+    (dg, dg_), (dgh, dgh_), (_, dcn_) = _out(N, 4 * H, dt), _out(N, 4 * H, dt), _out(N, H, dt)
     sums = scratch(nt * 6 * H, dt, zero=True)                  # per thread: sum dG ghat, dcn chat, dcn
     kernels().ln_lstm_backward(_a(dy), _a(w_hh), _a(g_hh), _a(g_c), _a(b_c), _a(c0), _a(cs), _a(gates), _a(ghat),
                                _a(rstd_h), _a(chat), _a(rstd_c), dg_, dgh_, dcn_, _a(dh), _a(dc), sums, rows.offs_np,
@@ -203,7 +213,7 @@ def ln_gru_forward(rows, eps, xp, w_hh, g_hh, b_hh, h0):
 def ln_gru_backward(rows, dy, w_hh, g_hh, h0, y, gates, ghat, rstd_h, ghn, dh):
     """-> dxp (N, 3H), dgh (N, 3H) (of h W_hh^T), dgamma_hh (3H,), db_hh (3H,)."""
     N, H, dt, nt = rows.N, w_hh.shape[1], dy.dtype, _dispatch.num_threads()
-    (dxp, dxp_), (dgh, dgh_), da_ = _out(N, 3 * H, dt), _out(N, 3 * H, dt), np_empty(N * 3 * H, _NP[dt])
+    (dxp, dxp_), (dgh, dgh_), (_, da_) = _out(N, 3 * H, dt), _out(N, 3 * H, dt), _out(N, 3 * H, dt)
     sums = scratch(nt * 6 * H, dt, zero=True)                  # per thread: sum da ghat, da
     kernels().ln_gru_backward(_a(dy), _a(w_hh), _a(g_hh), _a(h0), _a(y), _a(gates), _a(ghat), _a(rstd_h), _a(ghn),
                               dxp_, da_, dgh_, _a(dh), sums, rows.offs_np, rows.T, H, nt)
