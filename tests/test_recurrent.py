@@ -162,12 +162,12 @@ def test_packed_input_costs_only_its_rows(monkeypatch):
     """The kernel sees the packed rows only: sum of the lengths, not T * B."""
     import fastseq.recurrent as R
     seen = []
-    real = R.LSTMLayerFunction.forward
+    real = R.LSTMLayerFunction.compute
 
-    def spy(ctx, backend, offs, ub, xp, *args):
+    def spy(backend, offs, ub, xp, *args, **kwargs):
         seen.append(xp.shape[0])
-        return real(ctx, backend, offs, ub, xp, *args)
-    monkeypatch.setattr(R.LSTMLayerFunction, "forward", staticmethod(spy))
+        return real(backend, offs, ub, xp, *args, **kwargs)
+    monkeypatch.setattr(R.LSTMLayerFunction, "compute", staticmethod(spy))
     x = torch.randn(50, 4, 3)
     fastseq.nn.LSTM(3, 5)(pack_padded_sequence(x, torch.tensor([50, 2, 3, 1]), enforce_sorted=False))
     assert seen == [56]
@@ -695,9 +695,11 @@ def test_dispatch_is_cached_by_device_dtype_and_forced_backend():
 
 
 def test_functions_take_only_plain_arguments():
-    """Every autograd Function's forward takes tensors, ints, floats, bools, None and the backend's
-    name only (the layout travels as a CPU int64 tensor of step offsets)."""
+    """Every autograd Function's forward takes tensors, ints, floats, bools, None and strings (the
+    backend's, a cell Function's name) only; the layout travels as a CPU int64 tensor of step
+    offsets."""
     import inspect
+    import unittest.mock
 
     from fastseq.recurrent import functions
     for fn in set(functions.FUNCTION.values()):
@@ -705,22 +707,26 @@ def test_functions_take_only_plain_arguments():
         assert params[:3] == ["ctx", "backend", "offs"], fn
         assert "rows" not in params
     seen = []
-    real = functions.LSTMLayerFunction.forward
     plain = (torch.Tensor, int, float, bool, str, type(None))
 
-    def spy(ctx, *args):
-        seen.append(args)
-        return real(ctx, *args)
-    import unittest.mock
-    with unittest.mock.patch.object(functions.LSTMLayerFunction, "forward", staticmethod(spy)):
-        x = torch.randn(6, 3, 4, requires_grad=True)
+    def spying(cls):
+        real = cls.forward
+
+        def spy(ctx, *args):
+            seen.append((cls.__name__, args))
+            return real(ctx, *args)
+        return unittest.mock.patch.object(cls, "forward", staticmethod(spy))
+    x = torch.randn(6, 3, 4, requires_grad=True)
+    with spying(functions.ProjectedLayerFunction), spying(functions.LayerNormLSTMLayerFunction):
         m = fastseq.nn.LSTM(4, 16)
         m(x)[0].sum().backward()
         m(pack_padded_sequence(x, torch.tensor([6, 4, 2])))[0].data.sum().backward()
-    assert len(seen) == 2
-    for args in seen:
+        fastseq.nn.LayerNormLSTM(4, 16)(x)[0].sum().backward()
+    assert [name for name, _ in seen] == ["ProjectedLayerFunction"] * 2 + ["LayerNormLSTMLayerFunction"]
+    for _, args in seen:
         assert all(isinstance(a, plain) for a in args), [type(a) for a in args]
-        assert args[1].dtype == torch.int64 and args[1].device.type == "cpu"
+        offs = [a for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.int64 and a.dim() == 1]
+        assert offs and offs[0].device.type == "cpu"
 
 
 # ---------------------------------------------------------------------------- autocast

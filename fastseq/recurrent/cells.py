@@ -99,7 +99,7 @@ def _apply(name, grad, *args, alias=False):
 def _project_and_apply(name, grad, x, w_ih, b_ih, b_hh, perm, *args, alias=False):
     """_apply(name, ...) with args' xp slot (None) filled by the projection x W_ih^T + b_ih (+ b_hh),
     its columns in the blocked order perm.  With a gradient to form on the eager path, projection
-    and loop are one autograd node (ProjectedLayerFunction)."""
+    and loop are one autograd node (ProjectedLayerFunction; alias applies without a gradient only)."""
     k = ops.XP_ARG[name]
     if grad and not _library.captured(x):
         return apply(ProjectedLayerFunction, name, k, x, w_ih, b_ih, b_hh, perm, *args)

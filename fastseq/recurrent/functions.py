@@ -165,6 +165,16 @@ class _Ctx:
         self.saved_tensors = tensors
 
 
+def _keep(ctx, fn, args, alias=False):
+    """A cell Function's forward: its compute() on args, keeping on ctx what its backward needs
+    (the saved tensors and the arguments fn.CTX names)."""
+    out, saved = fn.compute(*args, alias=alias)
+    ctx.save_for_backward(*saved)
+    for attr, i in fn.CTX:
+        setattr(ctx, attr, args[i])
+    return out
+
+
 _C_APPLY = torch._C._FunctionBase.__dict__["apply"]
 _functorch_active = torch._C._are_functorch_transforms_active
 
@@ -184,14 +194,16 @@ class ProjectedLayerFunction(torch.autograd.Function):
     columns in the blocked gate order perm, then the cell Function FUNCTION[name] (below) on
     args with args[k] = xp, forward and backward.  The layers use it whenever a gradient is formed
     on the eager path: one autograd node per layer instead of two (ProjectionFunction and the
-    cell's), ~10 us less per call, and once differentiable as a whole."""
+    cell's), ~10 us less per call, and once differentiable as a whole.  (Its final states are
+    copies, never y itself: y is saved for backward, and an in-place change of a returned state
+    must not invalidate it, as it does not in torch's own cells.)"""
 
     @staticmethod
     def forward(ctx, name: str, k: int, x, w_ih, b_ih, b_hh, perm, *args):
         fn = FUNCTION[name]
         xp = project_blocked(x, w_ih, b_ih, perm, False, b_hh)
         inner = _Ctx()
-        out = fn.forward(inner, *args[:k], xp, *args[k + 1:])
+        out = _keep(inner, fn, (*args[:k], xp, *args[k + 1:]))
         ctx.save_for_backward(x, w_ih, perm, *inner.saved_tensors)
         del inner.saved_tensors
         ctx.name, ctx.k, ctx.inner = name, k, inner          # inner: the cell Function's ctx attributes
@@ -202,12 +214,13 @@ class ProjectedLayerFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grads):
         x, w_ih, perm, *saved = ctx.saved_tensors
-        inner, k, needs = ctx.inner, ctx.k, ctx.needs_input_grad
+        inner, k, needs = ctx.inner, ctx.k, ctx.needs_input_grad[7:]
         inner.saved_tensors = tuple(saved)
-        inner.needs_input_grad = needs[7:7 + k] + (any(needs[2:6]),) + needs[7 + k + 1:]
+        inner.needs_input_grad = needs[:k] + (any(ctx.needs_input_grad[2:6]),) + needs[k + 1:]
         g = FUNCTION[ctx.name].backward(inner, *grads)
-        dx, dw, db, db2 = _project_backward(g[k], x, w_ih, perm, (needs[2], needs[3], needs[4] and ctx.has_bias,
-                                                                  needs[5] and ctx.has_bias))
+        n = ctx.needs_input_grad
+        dx, dw, db, db2 = _project_backward(g[k], x, w_ih, perm, (n[2], n[3], n[4] and ctx.has_bias,
+                                                                  n[5] and ctx.has_bias))
         return (None, None, dx, dw, db, db2, None) + tuple(g[:k]) + (None,) + tuple(g[k + 1:])
 
 
@@ -219,6 +232,8 @@ class LSTMLayerFunction(torch.autograd.Function):
     dG blocked); saves every step's h and c and the activated gates.  Inference (nothing saved,
     xp in torch's order) is infer() below, outside autograd."""
 
+    CTX = (("backend", 0), ("ub", 2))        # what forward keeps on ctx: (attribute, argument index)
+
     @staticmethod
     def compute(backend: str, offs, ub: int, xp, h0, c0, w_hh, alias: bool = False):
         rows = R.of(offs, h0.shape[0], xp.shape[0])
@@ -229,10 +244,7 @@ class LSTMLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, backend: str, offs, ub: int, xp, h0, c0, w_hh):
-        out, saved = LSTMLayerFunction.compute(backend, offs, ub, xp, h0, c0, w_hh)
-        ctx.save_for_backward(*saved)
-        ctx.backend, ctx.ub = backend, ub
-        return out
+        return _keep(ctx, LSTMLayerFunction, (backend, offs, ub, xp, h0, c0, w_hh))
 
     @staticmethod
     @once_differentiable
@@ -261,6 +273,8 @@ class LSTMProjLayerFunction(torch.autograd.Function):
     blocked rows, W_hr (P, H)) -> y (N, P), h_n (B, P), c_n (B, H), h_t = (o tanh(c_t)) W_hr^T.
     Saves m = o tanh(c) too."""
 
+    CTX = (("backend", 0), ("ub", 2))        # what forward keeps on ctx: (attribute, argument index)
+
     @staticmethod
     def compute(backend: str, offs, ub: int, xp, h0, c0, w_hh, w_hr, alias: bool = False):
         rows = R.of(offs, h0.shape[0], xp.shape[0])
@@ -270,10 +284,7 @@ class LSTMProjLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, backend: str, offs, ub: int, xp, h0, c0, w_hh, w_hr):
-        out, saved = LSTMProjLayerFunction.compute(backend, offs, ub, xp, h0, c0, w_hh, w_hr)
-        ctx.save_for_backward(*saved)
-        ctx.backend, ctx.ub = backend, ub
-        return out
+        return _keep(ctx, LSTMProjLayerFunction, (backend, offs, ub, xp, h0, c0, w_hh, w_hr))
 
     @staticmethod
     @once_differentiable
@@ -293,6 +304,8 @@ class GRULayerFunction(torch.autograd.Function):
     blocked gate layout (W_hh's rows and b_hh too).  Saves h, the activated gates and the
     recurrent n pre-activation."""
 
+    CTX = (("backend", 0), ("ub", 2))        # what forward keeps on ctx: (attribute, argument index)
+
     @staticmethod
     def compute(backend: str, offs, ub: int, xp, h0, w_hh, b_hh, alias: bool = False):
         rows = R.of(offs, h0.shape[0], xp.shape[0])
@@ -303,10 +316,7 @@ class GRULayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, backend: str, offs, ub: int, xp, h0, w_hh, b_hh):
-        out, saved = GRULayerFunction.compute(backend, offs, ub, xp, h0, w_hh, b_hh)
-        ctx.save_for_backward(*saved)
-        ctx.backend, ctx.ub = backend, ub
-        return out
+        return _keep(ctx, GRULayerFunction, (backend, offs, ub, xp, h0, w_hh, b_hh))
 
     @staticmethod
     @once_differentiable
@@ -324,6 +334,8 @@ class GRULayerFunction(torch.autograd.Function):
 class RNNLayerFunction(torch.autograd.Function):
     """The sequential part of one Elman RNN layer: (xp = x W_ih^T + b_ih + b_hh, h0, W_hh) -> y, h_n."""
 
+    CTX = (("backend", 0), ("ub", 2), ("relu", 3))        # what forward keeps on ctx: (attribute, argument index)
+
     @staticmethod
     def compute(backend: str, offs, ub: int, relu: bool, xp, h0, w_hh, alias: bool = False):
         rows = R.of(offs, h0.shape[0], xp.shape[0])
@@ -333,10 +345,7 @@ class RNNLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, backend: str, offs, ub: int, relu: bool, xp, h0, w_hh):
-        out, saved = RNNLayerFunction.compute(backend, offs, ub, relu, xp, h0, w_hh)
-        ctx.save_for_backward(*saved)
-        ctx.backend, ctx.ub, ctx.relu = backend, ub, relu
-        return out
+        return _keep(ctx, RNNLayerFunction, (backend, offs, ub, relu, xp, h0, w_hh))
 
     @staticmethod
     @once_differentiable
@@ -355,6 +364,8 @@ class LayerNormLSTMLayerFunction(torch.autograd.Function):
     h0, c0, W_hh, gamma_hh, gamma_c, beta_c) -> y, h_n, c_n (torch's gate order).  Saves h, c,
     the gates, the normalized recurrent term and cell and their rstd."""
 
+    CTX = (("backend", 0),)        # what forward keeps on ctx: (attribute, argument index)
+
     @staticmethod
     def compute(backend: str, offs, eps: float, xp, h0, c0, w_hh, g_hh, g_c, b_c, alias: bool = False):
         rows = R.of(offs, h0.shape[0], xp.shape[0])
@@ -366,10 +377,7 @@ class LayerNormLSTMLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, backend: str, offs, eps: float, xp, h0, c0, w_hh, g_hh, g_c, b_c):
-        out, saved = LayerNormLSTMLayerFunction.compute(backend, offs, eps, xp, h0, c0, w_hh, g_hh, g_c, b_c)
-        ctx.save_for_backward(*saved)
-        ctx.backend = backend
-        return out
+        return _keep(ctx, LayerNormLSTMLayerFunction, (backend, offs, eps, xp, h0, c0, w_hh, g_hh, g_c, b_c))
 
     @staticmethod
     @once_differentiable
@@ -391,6 +399,8 @@ class LayerNormGRULayerFunction(torch.autograd.Function):
     """The sequential part of one layer-normalized GRU layer: (xp = LN(x W_ih^T) gamma_ih + b_ih,
     h0, W_hh, gamma_hh, b_hh) -> y, h_n (torch's gate order)."""
 
+    CTX = (("backend", 0),)        # what forward keeps on ctx: (attribute, argument index)
+
     @staticmethod
     def compute(backend: str, offs, eps: float, xp, h0, w_hh, g_hh, b_hh, alias: bool = False):
         rows = R.of(offs, h0.shape[0], xp.shape[0])
@@ -401,10 +411,7 @@ class LayerNormGRULayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, backend: str, offs, eps: float, xp, h0, w_hh, g_hh, b_hh):
-        out, saved = LayerNormGRULayerFunction.compute(backend, offs, eps, xp, h0, w_hh, g_hh, b_hh)
-        ctx.save_for_backward(*saved)
-        ctx.backend = backend
-        return out
+        return _keep(ctx, LayerNormGRULayerFunction, (backend, offs, eps, xp, h0, w_hh, g_hh, b_hh))
 
     @staticmethod
     @once_differentiable
