@@ -243,14 +243,14 @@ def _facts(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sc
 
 def _key(q, v, attn_mask, dropout_p) -> tuple:
     """Everything the backends' reasons read, as a hashable key (one dict lookup per call)."""
-    return (q.device.type, q.dtype, dropout_p, attn_mask is not None and attn_mask.requires_grad and
+    return (q.device, q.dtype, dropout_p, attn_mask is not None and attn_mask.requires_grad and
             torch.is_grad_enabled(), q.shape[-1], v.shape[-1])
 
 
 def _facts_of_key(key: tuple) -> dict:
     device, dtype, p, mask_grad, D, Dv = key
     p = float(p)
-    return {"device": device, "dtype": str(dtype).replace("torch.", ""), "dropout": p > 0, "dropout_p": p,
+    return {"device": device.type, "dtype": str(dtype).replace("torch.", ""), "dropout": p > 0, "dropout_p": p,
             "mask_needs_grad": mask_grad, "D": D, "Dv": Dv}
 
 
@@ -621,4 +621,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     else:
         c = _Call(q, k, v, mask, is_causal, scale, window, key_lengths, dropout_p, seed)
         o, _ = _forward(c, q, k, v, backend, want_lse=False)
-    return o.view(query.shape[:-1] + (value.shape[-1],))
+    if query.dim() == 4:
+        return o                                                        # (B, Hq, T, Dv)
+    return o.view(query.shape[:-1] + (value.shape[-1],))               # (..., Hq, T, Dv)
