@@ -47,7 +47,7 @@ def blas() -> Tuple[int, int, str]:
 
 
 def install(module) -> None:
-    """Give a compiled kernel module (one that includes _blas.pxi) its GEMM."""
+    """Give a compiled kernel module (one that cimports fastseq._cpu._blas) its GEMM."""
     s, d, _ = blas()
     module.set_blas(s, d)
 

@@ -3,7 +3,7 @@
 Cells (gate order as torch): LSTM (i, f, g, o), GRU (r, z, n), Elman RNN (tanh / relu), and the
 layer-normalized LSTM and GRU (Ba et al. 2016).  Same math as kernels/cpu/recurrent.pyx.
 
-Design.  The time loop lives in Python (fastseq/_recurrent_cuda.py).  Per step t the caller runs the
+Design.  The time loop lives in Python (fastseq/recurrent/cuda.py).  Per step t the caller runs the
 recurrent GEMM with torch (cuBLAS) on torch's current stream, then one launcher of this module on
 that same stream (`stream=_common.torch_stream()`), so the GEMM and the pointwise kernel queue
 one behind the other with no host synchronization.  The input projection of all steps is one
