@@ -29,7 +29,7 @@ from ..layer_norm import layer_norm as _fused_layer_norm
 from . import ops
 from . import reference as ref
 from .functions import (GRULayerFunction, LayerNormGRULayerFunction, LayerNormLSTMLayerFunction, LSTMLayerFunction,
-                        LSTMProjLayerFunction, ProjectedLayerFunction, RNNLayerFunction, apply, gate_perm, permute,
+                        RNNLayerFunction, apply_projected, gate_perm, permute,
                         project, project_blocked)
 
 
@@ -102,7 +102,7 @@ def _project_and_apply(name, grad, x, w_ih, b_ih, b_hh, perm, *args, alias=False
     and loop are one autograd node (ProjectedLayerFunction; alias applies without a gradient only)."""
     k = ops.XP_ARG[name]
     if grad and not _library.captured(x):
-        return apply(ProjectedLayerFunction, name, k, x, w_ih, b_ih, b_hh, perm, *args)
+        return apply_projected(name, k, x, w_ih, b_ih, b_hh, perm, *args)
     xp = project_blocked(x, w_ih, b_ih, perm, grad, b_hh)
     return _apply(name, grad, *args[:k], xp, *args[k + 1:], alias=alias)
 

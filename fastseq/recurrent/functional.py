@@ -85,7 +85,7 @@ def choose(cell: Cell, x: torch.Tensor, proj: bool = False) -> str:
     dev = "cpu" if x.is_cpu else x.device.type
     ac = not cell.layer_norm and autocast_on(dev)
     dtype = x.dtype
-    return _dispatch.choose_cached(cell.op, (dev, dtype, ac, proj), lambda: _facts_of(cell.op, dev, dtype, ac, proj))
+    return _dispatch.choose_cached(cell.op, (dev, dtype, ac, proj), _facts_of, cell.op, dev, dtype, ac, proj)
 
 
 # ============================================================================ one layer

@@ -175,20 +175,6 @@ def _keep(ctx, fn, args, alias=False):
     return out
 
 
-_C_APPLY = torch._C._FunctionBase.__dict__["apply"]
-_functorch_active = torch._C._are_functorch_transforms_active
-
-
-def apply(fn, *args):
-    """fn.apply(*args) without autograd.Function.apply's Python wrapper where it has nothing to do
-    (no torch.func transform active: it then only unwraps dead functorch wrappers, and costs
-    ~7 us per call for a dozen arguments on the 2-core box).  Only for Functions without
-    setup_context (the wrapper binds default arguments for those)."""
-    if _functorch_active():
-        return fn.apply(*args)
-    return _C_APPLY.__get__(None, fn)(*args)
-
-
 class ProjectedLayerFunction(torch.autograd.Function):
     """One layer as one autograd node: the input projection xp = x W_ih^T + b_ih (+ b_hh), its
     columns in the blocked gate order perm, then the cell Function FUNCTION[name] (below) on
@@ -222,6 +208,10 @@ class ProjectedLayerFunction(torch.autograd.Function):
         dx, dw, db, db2 = _project_backward(g[k], x, w_ih, perm, (n[2], n[3], n[4] and ctx.has_bias,
                                                                   n[5] and ctx.has_bias))
         return (None, None, dx, dw, db, db2, None) + tuple(g[:k]) + (None,) + tuple(g[k + 1:])
+
+
+# entered at the C++ apply (fastseq/_library.py, direct_apply): the layers reach it only outside torch.func
+apply_projected = _library.direct_apply(ProjectedLayerFunction)
 
 
 # ============================================================================ the cells' Functions
