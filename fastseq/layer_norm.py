@@ -302,7 +302,7 @@ def _backward(backend, x, r, dy, ds, w, mean, rstd, m, n, center, want_dw, want_
         npd = _NP_DTYPE[x.dtype]
         partial = torch.empty(2 * nt * n, dtype=x.dtype) if want_dw or want_db else None
         scratch = torch.empty(nt * n, dtype=x.dtype) if r is not None else None
-        _cpu_kernels().backward(
+        _dispatch.cpu_kernels("layer_norm").backward(
             _np(x, npd), _np(r, npd), _np(dy, npd), _np(ds, npd), _np(w, npd), _np(mean, npd),
             _np(rstd, npd), _np(dx, npd), _np(partial, npd), _np(scratch, npd), _np(dw, npd),
             _np(db, npd), m, n, center, nt)
