@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _alloc, _blas, _dispatch, _library
+from .dropout import dropout_keep
 
 Window = Optional[Tuple[int, int]]
 
@@ -44,31 +45,6 @@ def visible_keys(T: int, S: int, is_causal=False, window: Window = None, key_len
     if key_lengths is not None:
         keep = keep & (j.view(1, 1, 1, S) < key_lengths.to(device).view(-1, 1, 1, 1))
     return keep
-
-
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(x, c):
-    """(x * c) mod 2^32 for int64 tensors x < 2^32 without overflowing int64."""
-    return ((x & 0xFFFF) * c + (((x >> 16) * c) << 16)) & _M32
-
-
-def _mix32(x):
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def dropout_keep(seed: int, shape, p: float, device=None):
-    """The kernels' dropout mask over (B, H, T, S), in torch: element (b, h, i, j) is kept when
-    the keyed hash of its index ((b H + h) T + i) S + j is >= p 2^32 (kernels/cpu/_fastmath.h)."""
-    index = torch.arange(math.prod(shape), dtype=torch.int64, device=device).view(shape)
-    lo, hi = index & _M32, (index >> 32) & _M32
-    r = _mix32(_mix32(lo ^ (seed & _M32)) ^ hi ^ ((seed >> 32) & _M32))
-    return r >= min(int(p * 4294967296.0), _M32)
 
 
 def visible_count(T: int, S: int, is_causal=False, window: Window = None, key_lengths=None) -> int:
