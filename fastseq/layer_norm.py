@@ -13,11 +13,11 @@ import math
 import numbers
 from typing import List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import _alloc, _dispatch, _library
+from .dropout import _check_p, draw_seed, dropout_keep
 
 ShapeLike = Union[int, Sequence[int], torch.Size]
 
@@ -52,8 +52,12 @@ def rms_norm_ref(x, normalized_shape, weight=None, eps=None):
 
 
 def add_layer_norm_ref(x, residual, normalized_shape, weight=None, bias=None, eps=1e-5,
-                       return_sum=False, rms=False):
-    """norm(x + residual); with return_sum, also x + residual (the pre-norm residual stream)."""
+                       return_sum=False, rms=False, p=0.0, seed=0):
+    """norm(x + residual); with return_sum, also x + residual (the pre-norm residual stream).
+    p > 0: x is dropped first with the kernels' mask keyed by seed (fastseq.dropout.dropout_keep):
+    norm(x Z / (1 - p) + residual)."""
+    if p > 0:
+        x = x * (dropout_keep(seed, x.shape, p, x.device).to(x.dtype) * (1.0 / (1.0 - p) if p < 1 else 0.0))
     s = x + residual
     y = rms_norm_ref(s, normalized_shape, weight, eps) if rms else \
         layer_norm_ref(s, normalized_shape, weight, bias, eps)
@@ -160,6 +164,18 @@ def _facts_add_rms_norm(input, residual, normalized_shape, weight=None, eps=None
     return _facts_of("add_rms_norm", input, residual, normalized_shape, weight, None)
 
 
+def _facts_dropout_add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5, p=0.5,
+                                  training=True, return_sum=False):
+    _check_p("dropout_add_layer_norm", p)
+    return _facts_of("dropout_add_layer_norm", input, residual, normalized_shape, weight, bias)
+
+
+def _facts_dropout_add_rms_norm(input, residual, normalized_shape, weight=None, eps=None, p=0.5, training=True,
+                                return_sum=False):
+    _check_p("dropout_add_rms_norm", p)
+    return _facts_of("dropout_add_rms_norm", input, residual, normalized_shape, weight, None)
+
+
 def _kernel_reasons(f: dict, backend: str, dtypes) -> List[str]:
     out = []
     if f["dtype"] not in dtypes:
@@ -183,7 +199,9 @@ def _torch_reasons(f: dict) -> List[str]:
 
 
 for _op, _f in (("layer_norm", _facts_layer_norm), ("rms_norm", _facts_rms_norm),
-               ("add_layer_norm", _facts_add_layer_norm), ("add_rms_norm", _facts_add_rms_norm)):
+               ("add_layer_norm", _facts_add_layer_norm), ("add_rms_norm", _facts_add_rms_norm),
+               ("dropout_add_layer_norm", _facts_dropout_add_layer_norm),
+               ("dropout_add_rms_norm", _facts_dropout_add_rms_norm)):
     _dispatch.register_op(_op, _f, cpu=_cpu_reasons, cuda=_cuda_reasons, torch=_torch_reasons)
 
 
@@ -199,19 +217,6 @@ def _backend_facts(x, weight, bias) -> dict:
 
 
 # ============================================================================ kernel calls
-
-_EMPTY = {}
-_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
-
-
-def _np(t: Optional[torch.Tensor], dtype) -> np.ndarray:
-    """Flat zero-copy numpy view of a contiguous CPU tensor; an empty array for None."""
-    if t is None:
-        if dtype not in _EMPTY:
-            _EMPTY[dtype] = np.empty(0, dtype=dtype)
-        return _EMPTY[dtype]
-    return t.detach().numpy().reshape(-1)
-
 
 def _ptr(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
@@ -256,9 +261,10 @@ def _stat_dtype(x):
 _PARALLEL_ELEMENTS = 1 << 15
 
 
-def _forward(backend, x, r, w, b, m, n, eps, center, want_sum, want_stats=True):
+def _forward(backend, x, r, w, b, m, n, eps, center, want_sum, want_stats=True, p=0.0, seed=0):
     """Run the forward kernel; returns y, s (or None), mean, rstd (None unless want_stats: on the
-    CPU the row statistics of an inference call go to scratch).  x, r, w, b contiguous."""
+    CPU the row statistics of an inference call go to scratch).  x, r, w, b contiguous; p > 0
+    (with r): x is dropped with the mask keyed by seed before the add."""
     y = _alloc.empty_like(x)
     s = _alloc.empty_like(x) if want_sum else None
     if backend == "cpu":
@@ -276,7 +282,7 @@ def _forward(backend, x, r, w, b, m, n, eps, center, want_sum, want_stats=True):
             p_scr = p_rstd + m * (8 if dbl else 4) if need_scr else 0
         _cpu_kernels().forward_ptr(
             x.data_ptr(), 0 if r is None else r.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(),
-            0 if s is None else s.data_ptr(), p_scr, p_mean, p_rstd, m, n, eps, center, nt, dbl)
+            0 if s is None else s.data_ptr(), p_scr, p_mean, p_rstd, m, n, eps, center, nt, dbl, p, seed)
     else:
         mean = _alloc.empty((m,), _stat_dtype(x), x.device)
         rstd = _alloc.empty((m,), _stat_dtype(x), x.device)
@@ -288,24 +294,29 @@ def _forward(backend, x, r, w, b, m, n, eps, center, want_sum, want_stats=True):
                       as_array(w), as_array(b), as_array(y.view(-1)),
                       as_array(s.view(-1)) if s is not None else dummy,
                       as_array(mean), as_array(rstd), m, n, float(eps), center, r is not None, want_sum,
-                      stream=torch_stream())
+                      p=p, seed=seed, stream=torch_stream())
     return y, s, mean, rstd
 
 
-def _backward(backend, x, r, dy, ds, w, mean, rstd, m, n, center, want_dw, want_db):
-    """Run the backward kernel; returns dx, dw (or None), db (or None)."""
+def _backward(backend, x, r, dy, ds, w, mean, rstd, m, n, center, want_dw, want_db, p=0.0, seed=0, want_dxd=False):
+    """Run the backward kernel; returns dx, dxd (or None), dw (or None), db (or None).  dx is the
+    gradient of the sum's summands; with p > 0 it is the residual's, and dxd (want_dxd) the
+    dropped input's."""
     dx = _alloc.empty_like(x)
+    dxd = _alloc.empty_like(x) if want_dxd else None
     dw = _alloc.empty((n,), x.dtype, x.device) if want_dw else None
     db = _alloc.empty((n,), x.dtype, x.device) if want_db else None
     if backend == "cpu":
-        nt = _dispatch.num_threads()
-        npd = _NP_DTYPE[x.dtype]
-        partial = torch.empty(2 * nt * n, dtype=x.dtype) if want_dw or want_db else None
-        scratch = torch.empty(nt * n, dtype=x.dtype) if r is not None else None
-        _dispatch.cpu_kernels("layer_norm").backward(
-            _np(x, npd), _np(r, npd), _np(dy, npd), _np(ds, npd), _np(w, npd), _np(mean, npd),
-            _np(rstd, npd), _np(dx, npd), _np(partial, npd), _np(scratch, npd), _np(dw, npd),
-            _np(db, npd), m, n, center, nt)
+        nt = max(1, min(_dispatch.num_threads(), m))
+        size = x.element_size()
+        need_part, need_scr = want_dw or want_db, r is not None
+        work = _alloc.scratch((2 * nt * n if need_part else 0) + (nt * n if need_scr else 0), x.dtype).data_ptr()
+        p_part = work if need_part else 0                          # [dw partials | db partials | rows]
+        p_scr = work + (2 * nt * n * size if need_part else 0) if need_scr else 0
+        _cpu_kernels().backward_ptr(
+            x.data_ptr(), _ptr(r), dy.data_ptr(), _ptr(ds), w.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+            dx.data_ptr(), _ptr(dxd), p_part, p_scr, _ptr(dw), _ptr(db), m, n, center, nt,
+            x.dtype == torch.float64, p, seed)
     else:
         k = _dispatch.cuda_kernels("layer_norm")
         from fastseq._cuda._common import as_array, on_device, torch_stream
@@ -318,8 +329,9 @@ def _backward(backend, x, r, dy, ds, w, mean, rstd, m, n, center, want_dw, want_
                        as_array(w), as_array(mean), as_array(rstd), as_array(dx.view(-1)),
                        as_array(dw) if dw is not None else dummy, as_array(db) if db is not None else dummy,
                        as_array(part[0]), as_array(part[1]), m, n, center, r is not None, ds is not None,
-                       want_dw, want_db, stream=torch_stream())
-    return dx, dw, db
+                       want_dw, want_db, dxd=as_array(dxd.view(-1)) if dxd is not None else None, p=p, seed=seed,
+                       stream=torch_stream())
+    return dx, dxd, dw, db
 
 
 # ============================================================================ autograd
@@ -331,84 +343,114 @@ class LayerNormFunction(torch.autograd.Function):
     input: x (or x and residual, rebuilding the sum in backward, when the sum is not returned;
     the returned sum itself when it is).  Backward runs on the backend that ran forward.
     A backward under create_graph (double backward) differentiates the reference instead, so
-    higher-order gradients are right rather than fast.
+    higher-order gradients are right rather than fast.  p > 0 (with residual): x is dropped
+    before the add, the mask keyed by seed and regenerated in backward.
     """
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, normalized_shape, eps, center, return_sum, backend):
+    def forward(ctx, x, residual, weight, bias, normalized_shape, eps, center, return_sum, backend, p, seed):
         m, n = x.numel() // max(1, math.prod(normalized_shape)), math.prod(normalized_shape)
         xc = x.contiguous()
         rc = residual.contiguous() if residual is not None else None
         w, b = _affine(weight, bias, n, x)
-        y, s, mean, rstd = _forward(backend, xc, rc, w, b, m, n, eps, center, return_sum)
+        y, s, mean, rstd = _forward(backend, xc, rc, w, b, m, n, eps, center, return_sum, p=p, seed=seed)
         # the inputs themselves (not contiguous copies), so a double backward stays connected
         if return_sum:
             ctx.save_for_backward(s, None, weight, bias, mean, rstd)
         else:
             ctx.save_for_backward(x, residual, weight, bias, mean, rstd)
-        ctx.meta = (backend, m, n, tuple(normalized_shape), eps, center, residual is not None)
+        ctx.meta = (backend, m, n, tuple(normalized_shape), eps, center, residual is not None, p, seed)
         ctx.set_materialize_grads(False)
         return (y, s) if return_sum else y
 
     @staticmethod
     def backward(ctx, dy, ds=None):
-        backend, m, n, shape, eps, center, has_r = ctx.meta
+        backend, m, n, shape, eps, center, has_r, p, seed = ctx.meta
         v, r, weight, bias, mean, rstd = ctx.saved_tensors
         if dy is None and ds is None:
-            return (None,) * 9
+            return (None,) * 11
         if torch.is_grad_enabled():                 # create_graph=True
-            return _double_differentiable_backward(ctx, v, r, weight, bias, dy, ds, shape, eps, center, has_r)
+            return _double_differentiable_backward(ctx, v, r, weight, bias, dy, ds, shape, eps, center, has_r,
+                                                   p, seed)
+        dropped = p > 0 and has_r
         if dy is None:                              # only the returned sum was used downstream
             dx = ds
+            dxd = _dropout_grad(backend, ds, p, seed) if dropped and ctx.needs_input_grad[0] else None
             dw = torch.zeros(shape, dtype=v.dtype, device=v.device) if weight is not None else None
             db = torch.zeros(shape, dtype=v.dtype, device=v.device) if bias is not None else None
         else:
             w, _ = _affine(weight, None, n, v)
-            dx, dw, db = _backward(backend, v.contiguous(), r.contiguous() if r is not None else None,
-                                   dy.contiguous(), ds.contiguous() if ds is not None else None, w, mean,
-                                   rstd, m, n, center, weight is not None and ctx.needs_input_grad[2],
-                                   bias is not None and ctx.needs_input_grad[3])
+            dx, dxd, dw, db = _backward(backend, v.contiguous(), r.contiguous() if r is not None else None,
+                                        dy.contiguous(), ds.contiguous() if ds is not None else None, w, mean,
+                                        rstd, m, n, center, weight is not None and ctx.needs_input_grad[2],
+                                        bias is not None and ctx.needs_input_grad[3], p if dropped else 0.0, seed,
+                                        dropped and ctx.needs_input_grad[0])
             dx = dx.view(v.shape)
+            dxd = dxd.view(v.shape) if dxd is not None else None
             dw = dw.view(shape) if dw is not None else None
             db = db.view(shape) if db is not None else None
-        return dx, (dx if has_r else None), dw, db, None, None, None, None, None
+        if not dropped:
+            dxd = dx
+        return dxd, (dx if has_r else None), dw, db, None, None, None, None, None, None, None
 
 
 _apply_layer_norm = _library.direct_apply(LayerNormFunction)
 
 
-def _double_differentiable_backward(ctx, v, r, weight, bias, dy, ds, shape, eps, center, has_r):
+def _dropout_grad(backend, g, p, seed):
+    """g Z / (1 - p): the gradient of the dropped input from the sum's."""
+    from .dropout import _dropout_kernel
+    return _dropout_kernel(backend, g.contiguous(), None, p, seed).view(g.shape)
+
+
+def _double_differentiable_backward(ctx, v, r, weight, bias, dy, ds, shape, eps, center, has_r, p, seed):
     """First-order gradients as a differentiable graph of torch ops (the reference recomputed)."""
     s = v if r is None else v + r
+    if r is not None and p > 0:                 # v is the dropped input: rebuild the sum with its mask
+        s = v * (dropout_keep(seed, v.shape, p, v.device).to(v.dtype) * (1.0 / (1.0 - p) if p < 1 else 0.0)) + r
     y = layer_norm_ref(s, shape, weight, bias, eps) if center else rms_norm_ref(s, shape, weight, eps)
-    wants = [(s, True), (weight, weight is not None), (bias, bias is not None)]
-    live = [t for t, ok in wants if ok and t.requires_grad]
+    inputs = [v] if r is None else [v, r]
+    wants = [(weight, weight is not None), (bias, bias is not None)]
+    live = [t for t in inputs if t.requires_grad] + [t for t, ok in wants if ok and t.requires_grad]
     got = iter(torch.autograd.grad(y, live, dy, create_graph=True, allow_unused=True) if dy is not None
                else [None] * len(live))
-    ds_total, dw, db = [next(got) if ok and t.requires_grad else None for t, ok in wants]
-    if ds is not None:
-        ds_total = ds if ds_total is None else ds_total + ds
-    return ds_total, (ds_total if has_r else None), dw, db, None, None, None, None, None
+    grads = [next(got) if t.requires_grad else None for t in inputs]
+    dw, db = [next(got) if ok and t.requires_grad else None for t, ok in wants]
+    if r is None:                               # v is the returned sum (or the only input)
+        ds_total = grads[0]
+        if ds is not None:
+            ds_total = ds if ds_total is None else ds_total + ds
+        dxd = ds_total
+        if has_r and p > 0 and ds_total is not None:
+            dxd = ds_total * (dropout_keep(seed, v.shape, p, v.device).to(v.dtype) * (1.0 / (1.0 - p) if p < 1 else 0.0))
+        return dxd, (ds_total if has_r else None), dw, db, None, None, None, None, None, None, None
+    dxd, dr = grads
+    if ds is not None:                          # the sum was returned too: ds reaches both summands
+        dr = ds if dr is None else dr + ds
+        dsd = ds * (dropout_keep(seed, v.shape, p, v.device).to(v.dtype) * (1.0 / (1.0 - p))) if p > 0 else ds
+        dxd = dsd if dxd is None else dxd + dsd
+    return dxd, dr, dw, db, None, None, None, None, None, None, None
 
 
 # ============================================================================ registered ops
 # The same kernels as torch.library ops, for graph capture (fastseq/_library.py): forward returns
 # (y, s, mean, rstd), s empty unless return_sum; backward is an op too, so a compiled graph
-# holds both as opaque kernel calls.
+# holds both as opaque kernel calls.  The dropout seed is a 0-dim int64 tensor drawn in the graph.
 
 @torch.library.custom_op("fastseq::norm_forward", mutates_args=())
 def _norm_forward_op(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                      bias: Optional[torch.Tensor], n: int, eps: float, center: bool, return_sum: bool,
-                     backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     backend: str, p: float, seed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                        torch.Tensor]:
     m = x.numel() // n if n else 0
     w, b = _affine(weight, bias, n, x)
     y, s, mean, rstd = _forward(backend, x.contiguous(), residual.contiguous() if residual is not None else None,
-                                w, b, m, n, eps, center, return_sum)
+                                w, b, m, n, eps, center, return_sum, p=p, seed=int(seed))
     return y.view(x.shape), (s.view(x.shape) if s is not None else x.new_empty(0)), mean, rstd
 
 
 @_norm_forward_op.register_fake
-def _(x, residual, weight, bias, n, eps, center, return_sum, backend):
+def _(x, residual, weight, bias, n, eps, center, return_sum, backend, p, seed):
     m = x.numel() // n if n else 0
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             torch.empty_like(x, memory_format=torch.contiguous_format) if return_sum else x.new_empty(0),
@@ -418,62 +460,72 @@ def _(x, residual, weight, bias, n, eps, center, return_sum, backend):
 @torch.library.custom_op("fastseq::norm_backward", mutates_args=())
 def _norm_backward_op(v: torch.Tensor, residual: Optional[torch.Tensor], dy: torch.Tensor, ds: Optional[torch.Tensor],
                       weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, n: int, center: bool,
-                      want_dw: bool, want_db: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      want_dw: bool, want_db: bool, backend: str, p: float, seed: torch.Tensor,
+                      want_dxd: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     m = v.numel() // n if n else 0
     w, _ = _affine(weight, None, n, v)
-    dx, dw, db = _backward(backend, v.contiguous(), residual.contiguous() if residual is not None else None,
-                           dy.contiguous(), ds.contiguous() if ds is not None else None, w, mean, rstd, m, n, center,
-                           want_dw, want_db)
-    return dx.view(v.shape), (dw if dw is not None else v.new_empty(0)), (db if db is not None else v.new_empty(0))
+    dx, dxd, dw, db = _backward(backend, v.contiguous(), residual.contiguous() if residual is not None else None,
+                                dy.contiguous(), ds.contiguous() if ds is not None else None, w, mean, rstd, m, n,
+                                center, want_dw, want_db, p, int(seed), want_dxd)
+    empty = v.new_empty(0)
+    return (dx.view(v.shape), dxd.view(v.shape) if dxd is not None else empty,
+            dw if dw is not None else empty, db if db is not None else empty)
 
 
 @_norm_backward_op.register_fake
-def _(v, residual, dy, ds, weight, mean, rstd, n, center, want_dw, want_db, backend):
-    return (torch.empty_like(v, memory_format=torch.contiguous_format), v.new_empty((n,) if want_dw else (0,)),
-            v.new_empty((n,) if want_db else (0,)))
+def _(v, residual, dy, ds, weight, mean, rstd, n, center, want_dw, want_db, backend, p, seed, want_dxd):
+    return (torch.empty_like(v, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format) if want_dxd else v.new_empty(0),
+            v.new_empty((n,) if want_dw else (0,)), v.new_empty((n,) if want_db else (0,)))
 
 
 def _norm_setup_context(ctx, inputs, output):
-    x, residual, weight, bias, n, eps, center, return_sum, backend = inputs
+    x, residual, weight, bias, n, eps, center, return_sum, backend, p, seed = inputs
     y, s, mean, rstd = output
     if return_sum:
-        ctx.save_for_backward(s, None, weight, mean, rstd)
+        ctx.save_for_backward(s, None, weight, mean, rstd, seed)
     else:
-        ctx.save_for_backward(x, residual, weight, mean, rstd)
+        ctx.save_for_backward(x, residual, weight, mean, rstd, seed)
     affine = weight if weight is not None else bias
     pshape = affine.shape if affine is not None else None         # normalized_shape, for dw / db
-    ctx.meta = (n, center, backend, residual is not None, bias is not None, pshape)
+    ctx.meta = (n, center, backend, residual is not None, bias is not None, pshape, p)
 
 
 def _norm_op_backward(ctx, dy, ds, dmean, drstd):
-    n, center, backend, has_r, has_b, shape = ctx.meta
-    v, r, weight, mean, rstd = ctx.saved_tensors
+    n, center, backend, has_r, has_b, shape, p = ctx.meta
+    v, r, weight, mean, rstd, seed = ctx.saved_tensors
     want_dw = weight is not None and ctx.needs_input_grad[2]
     want_db = has_b and ctx.needs_input_grad[3]
-    dx, dw, db = _norm_backward_op(v, r, dy, ds if ds.numel() else None, weight, mean, rstd, n, center,
-                                   want_dw, want_db, backend)
-    return (dx, dx if has_r else None, dw.view(shape) if want_dw else None, db.view(shape) if want_db else None,
-            None, None, None, None, None)
+    dropped = has_r and p > 0
+    want_dxd = dropped and ctx.needs_input_grad[0]
+    dx, dxd, dw, db = _norm_backward_op(v, r, dy, ds if ds.numel() else None, weight, mean, rstd, n, center,
+                                        want_dw, want_db, backend, p if dropped else 0.0, seed, want_dxd)
+    return ((dxd if want_dxd else None) if dropped else dx, dx if has_r else None,
+            dw.view(shape) if want_dw else None, db.view(shape) if want_db else None,
+            None, None, None, None, None, None, None)
 
 
 _norm_forward_op.register_autograd(_norm_op_backward, setup_context=_norm_setup_context)
 
 
-def _run_captured(x, residual, n, weight, bias, eps, center, return_sum, backend):
-    y, s, _, _ = _norm_forward_op(x, residual, weight, bias, n, eps, center, return_sum, backend)
+def _run_captured(x, residual, n, weight, bias, eps, center, return_sum, backend, p):
+    seed = _library.seed_tensor() if p > 0 else torch.zeros((), dtype=torch.int64)
+    y, s, _, _ = _norm_forward_op(x, residual, weight, bias, n, eps, center, return_sum, backend, p, seed)
     return (y, s) if return_sum else y
 
 
 # ============================================================================ functional
 
-def _torch_native(x, residual, shape, weight, bias, eps, center, return_sum):
+def _torch_native(x, residual, shape, weight, bias, eps, center, return_sum, p=0.0):
     """The "torch" backend: torch's own ops (they handle autocast and mixed dtypes)."""
+    if p > 0:
+        x = F.dropout(x, p, True)
     v = x if residual is None else x + residual
     y = F.layer_norm(v, shape, weight, bias, eps) if center else F.rms_norm(v, shape, weight, eps)
     return (y, v) if return_sum else y
 
 
-def _run(op, x, residual, normalized_shape, weight, bias, eps, center, return_sum):
+def _run(op, x, residual, normalized_shape, weight, bias, eps, center, return_sum, p=0.0):
     shape = _as_shape(normalized_shape)
     if residual is not None and isinstance(x, torch.Tensor) and isinstance(residual, torch.Tensor) \
             and residual.dtype != x.dtype:
@@ -484,16 +536,17 @@ def _run(op, x, residual, normalized_shape, weight, bias, eps, center, return_su
                                      for t in (x, residual, weight, bias))
     backend = "torch" if _library.transformed() else _backend(op, x, weight, bias)
     if backend == "torch":
-        return _torch_native(x, residual, shape, weight, bias, eps, center, return_sum)
+        return _torch_native(x, residual, shape, weight, bias, eps, center, return_sum, p)
     if _library.captured(x):
-        return _run_captured(x, residual, n, weight, bias, eps, center, return_sum, backend)
+        return _run_captured(x, residual, n, weight, bias, eps, center, return_sum, backend, p)
+    seed = draw_seed() if p > 0 else 0
     if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad) or
                                     (weight is not None and weight.requires_grad) or
                                     (bias is not None and bias.requires_grad)):
-        return _apply_layer_norm(x, residual, weight, bias, shape, eps, center, return_sum, backend)
+        return _apply_layer_norm(x, residual, weight, bias, shape, eps, center, return_sum, backend, p, seed)
     w, b = _affine(weight, bias, n, x)              # inference: no autograd node, nothing saved
     y, s, _, _ = _forward(backend, x.contiguous(), residual.contiguous() if residual is not None else None,
-                          w, b, m, n, eps, center, return_sum, want_stats=False)
+                          w, b, m, n, eps, center, return_sum, want_stats=False, p=p, seed=seed)
     return (y, s) if return_sum else y
 
 
@@ -564,6 +617,40 @@ def add_rms_norm(input: torch.Tensor, residual: torch.Tensor, normalized_shape: 
     return _run("add_rms_norm", input, residual, normalized_shape, weight, None, eps, False, return_sum)
 
 
+def dropout_add_layer_norm(input: torch.Tensor, residual: torch.Tensor, normalized_shape: ShapeLike,
+                           weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                           eps: float = 1e-5, p: float = 0.5, training: bool = True, return_sum: bool = False):
+    """layer_norm(dropout(input, p) + residual) in one pass forward and one backward.
+
+    The Transformer's residual connection: `input` is a block's output (dropped), `residual` the
+    stream it joins.  The mask is fastseq.dropout's counter-based draw over input's flat element
+    index, keyed by a seed from torch's generator (torch.manual_seed reproduces it), regenerated
+    in backward and never stored; the dropped input and the sum are never written unless
+    return_sum.
+    Args:
+        input, residual: (*, *normalized_shape) tensors of one shape and device.
+        normalized_shape, weight, bias, eps: as layer_norm.
+        p: dropout probability on input, in [0, 1]; training=False (or p = 0) is add_layer_norm.
+        return_sum: also return dropout(input) + residual, for pre-norm residual streams.
+    Returns:
+        y, or (y, dropout(input) + residual) when return_sum; both of the input's shape.
+    Shapes:
+        input, residual (*, *normalized_shape) -> y (and the sum) of that shape.
+    """
+    p = _check_p("dropout_add_layer_norm", p) if training else 0.0
+    return _run("dropout_add_layer_norm", input, residual, normalized_shape, weight, bias, eps, True, return_sum, p)
+
+
+def dropout_add_rms_norm(input: torch.Tensor, residual: torch.Tensor, normalized_shape: ShapeLike,
+                         weight: Optional[torch.Tensor] = None, eps: Optional[float] = None, p: float = 0.5,
+                         training: bool = True, return_sum: bool = False):
+    """rms_norm(dropout(input, p) + residual), fused; see dropout_add_layer_norm."""
+    p = _check_p("dropout_add_rms_norm", p) if training else 0.0
+    if eps is None and isinstance(input, torch.Tensor) and input.dtype.is_floating_point:
+        eps = torch.finfo(input.dtype).eps
+    return _run("dropout_add_rms_norm", input, residual, normalized_shape, weight, None, eps, False, return_sum, p)
+
+
 # ============================================================================ modules
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -581,26 +668,36 @@ class RMSNorm(torch.nn.RMSNorm):
 
 
 class AddLayerNorm(LayerNorm):
-    """LayerNorm(input + residual) fused; forward(input, residual) -> y, or (y, sum) when the
-    module was built with return_sum=True.  Parameters and state_dict as torch.nn.LayerNorm."""
+    """LayerNorm(dropout(input) + residual) fused; forward(input, residual) -> y, or (y, sum) when
+    the module was built with return_sum=True.  dropout: the probability on input in training
+    mode (0 by default: LayerNorm(input + residual)).  Parameters and state_dict as
+    torch.nn.LayerNorm."""
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
-                 device=None, dtype=None, return_sum=False):
+                 device=None, dtype=None, return_sum=False, dropout=0.0):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
         self.return_sum = return_sum
+        self.dropout = _check_p("AddLayerNorm", dropout)
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor):
+        if self.training and self.dropout > 0:
+            return dropout_add_layer_norm(input, residual, self.normalized_shape, self.weight, self.bias, self.eps,
+                                          self.dropout, True, self.return_sum)
         return add_layer_norm(input, residual, self.normalized_shape, self.weight, self.bias,
                               self.eps, self.return_sum)
 
 
 class AddRMSNorm(RMSNorm):
-    """RMSNorm(input + residual) fused; see AddLayerNorm."""
+    """RMSNorm(dropout(input) + residual) fused; see AddLayerNorm."""
 
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None,
-                 return_sum=False):
+                 return_sum=False, dropout=0.0):
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
         self.return_sum = return_sum
+        self.dropout = _check_p("AddRMSNorm", dropout)
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor):
+        if self.training and self.dropout > 0:
+            return dropout_add_rms_norm(input, residual, self.normalized_shape, self.weight, self.eps, self.dropout,
+                                        True, self.return_sum)
         return add_rms_norm(input, residual, self.normalized_shape, self.weight, self.eps, self.return_sum)

@@ -1,11 +1,12 @@
 """Drop-in torch.nn modules on fastseq kernels (re-exports)."""
+from .dropout import Dropout
 from .layer_norm import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm
 from .multihead_attention import MultiheadAttention
 from .recurrent.nn import GRU, LSTM, RNN, GRUCell, LayerNormGRU, LayerNormLSTM, LSTMCell, RNNCell
 from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
                           TransformerEncoderLayer)
 
-__all__ = ["LayerNorm", "RMSNorm", "AddLayerNorm", "AddRMSNorm", "MultiheadAttention",
+__all__ = ["Dropout", "LayerNorm", "RMSNorm", "AddLayerNorm", "AddRMSNorm", "MultiheadAttention",
            "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder",
            "Transformer", "LSTM", "GRU", "RNN",
            "LSTMCell", "GRUCell", "RNNCell", "LayerNormLSTM", "LayerNormGRU"]

@@ -7,8 +7,10 @@ are the pages it first touches, and its weight/bias partial sums land in its own
 (threads, N) buffer that is reduced in a fixed order: no atomics, the same bits for the same
 thread count.
 
-Per row, forward (v = x, or v = x + r for the fused residual, built in a per-thread scratch row
-that stays in L1 unless the caller asks for the sum s):
+Per row, forward (v = x, or v = x + r for the fused residual, or v = x Z / (1 - p) + r with
+dropout on the branch x (_dropout_mask.pxd's counter-based mask over the element index; never
+stored, regenerated in backward), built in a per-thread scratch row that stays in L1 unless the
+caller asks for the sum s):
     mu   = v[0] + mean(v - v[0])                (0 for RMSNorm)
     rstd = 1 / sqrt(mean((v - mu)^2) + eps)
     y    = (v - mu) * rstd * w + b
@@ -23,19 +25,42 @@ The kernels never allocate, never validate: fastseq/layer_norm.py does both.  Ev
 without the GIL, at every thread count.
 """
 from cython.parallel cimport prange
+from libc.stdint cimport uint64_t
 
 from _common cimport real, chunk_, fixed_order_col_sums_, ptr_
+from _dropout_mask cimport Drop, drop_, keep_mul_, MASK_BLOCK
 from _row_norm cimport row_norm_bwd_, row_stats_
 
 
-cdef inline const real* row_input_(const real* x, const real* r, real* dst, Py_ssize_t n) noexcept nogil:
-    """The row to normalize: x itself, or x + r written to dst."""
-    cdef Py_ssize_t j
+cdef inline const real* row_input_(const real* x, const real* r, real* dst, Py_ssize_t n, uint64_t k0,
+                                   const Drop* dr) noexcept nogil:
+    """The row to normalize: x itself, or x + r written to dst, or x Z / (1 - p) + r when dr.on
+    (k0: the flat index of the row's first element)."""
+    cdef Py_ssize_t j, j0, nb
+    cdef real mul[MASK_BLOCK]
     if r == NULL:
         return x
-    for j in range(n):
-        dst[j] = x[j] + r[j]
+    if not dr.on:
+        for j in range(n):
+            dst[j] = x[j] + r[j]
+        return dst
+    for j0 in range(0, n, 512):                 # step MASK_BLOCK (a literal for a C loop)
+        nb = min(<Py_ssize_t> MASK_BLOCK, n - j0)
+        keep_mul_(mul, k0 + <uint64_t> j0, nb, dr)
+        for j in range(nb):
+            dst[j0 + j] = x[j0 + j] * mul[j] + r[j0 + j]
     return dst
+
+
+cdef inline void row_drop_(const real* g, real* out, Py_ssize_t n, uint64_t k0, const Drop* dr) noexcept nogil:
+    """out = g Z / (1 - p) over a row (the gradient of the dropped branch)."""
+    cdef Py_ssize_t j, j0, nb
+    cdef real mul[MASK_BLOCK]
+    for j0 in range(0, n, 512):                 # step MASK_BLOCK
+        nb = min(<Py_ssize_t> MASK_BLOCK, n - j0)
+        keep_mul_(mul, k0 + <uint64_t> j0, nb, dr)
+        for j in range(nb):
+            out[j0 + j] = g[j0 + j] * mul[j]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,14 +69,14 @@ cdef inline const real* row_input_(const real* x, const real* r, real* dst, Py_s
 
 cdef void fwd_rows_(const real* x, const real* r, const real* w, const real* b,
                     real* y, real* s, real* scratch, real* mean, real* rstd,
-                    Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t n, real eps, bint center) noexcept nogil:
+                    Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t n, real eps, bint center, const Drop* dr) noexcept nogil:
     cdef Py_ssize_t i, j
     cdef const real* v
     cdef real* yi
     cdef real mu, rs
     for i in range(lo, hi):
         v = row_input_(x + i * n, NULL if r == NULL else r + i * n,
-                       scratch if s == NULL else s + i * n, n)
+                       scratch if s == NULL else s + i * n, n, <uint64_t> (i * n), dr)
         # two passes (shifted mean, then centered squares): a one-pass formula loses ~n ulps of
         # the variance when the shift is an outlier channel, which real models have
         row_stats_(v, n, eps, center, &mu, &rs)
@@ -64,19 +89,20 @@ cdef void fwd_rows_(const real* x, const real* r, const real* w, const real* b,
 
 cdef void forward_core_(const real* px, const real* pr, const real* pw, const real* pb, real* py, real* ps,
                         real* pscr, real* pmean, real* prstd, Py_ssize_t m, Py_ssize_t n, real e,
-                        bint center, int num_threads) noexcept nogil:
+                        bint center, int num_threads, double p, uint64_t seed) noexcept nogil:
     """forward() on pointers (NULL for an absent buffer).  One row (or one thread) runs without
-    opening an OpenMP region."""
+    opening an OpenMP region.  p > 0 (with pr): dropout on x."""
     cdef Py_ssize_t t, lo, hi, nt = max(1, min(num_threads, m))
+    cdef Drop dr = drop_(p if pr != NULL else 0.0, seed)
     if m == 0 or n == 0:
         return
     if nt == 1:
-        fwd_rows_(px, pr, pw, pb, py, ps, pscr, pmean, prstd, 0, m, n, e, center)
+        fwd_rows_(px, pr, pw, pb, py, ps, pscr, pmean, prstd, 0, m, n, e, center, &dr)
         return
     for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
         lo, hi = chunk_(m, nt, t)
         fwd_rows_(px, pr, pw, pb, py, ps, (pscr + t * n) if pscr != NULL else NULL,
-                  pmean, prstd, lo, hi, n, e, center)
+                  pmean, prstd, lo, hi, n, e, center, &dr)
 
 
 def forward(real[::1] x, real[::1] r, real[::1] w, real[::1] b,
@@ -89,7 +115,7 @@ def forward(real[::1] x, real[::1] r, real[::1] w, real[::1] b,
     """
     with nogil:
         forward_core_(ptr_(x), ptr_(r), ptr_(w), ptr_(b), ptr_(y), ptr_(s), ptr_(scratch), ptr_(mean),
-                      ptr_(rstd), m, n, <real> eps, center, num_threads)
+                      ptr_(rstd), m, n, <real> eps, center, num_threads, 0.0, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,15 +125,17 @@ def forward(real[::1] x, real[::1] r, real[::1] w, real[::1] b,
 #     dv      = rstd * (g - mean(g) - xhat * mean(g * xhat))          (LayerNorm)
 #     dv      = rstd * (g - xhat * mean(g * xhat))                     (RMSNorm: mu = 0, no mean(g))
 # (row_norm_bwd_ in _row_norm.pxd).  For the fused residual the same dv is the gradient of both
-# x and r; a gradient ds arriving at the returned sum adds to it.
+# x and r; a gradient ds arriving at the returned sum adds to it.  With dropout on the branch
+# (v = x Z / (1 - p) + r) dv + ds is r's gradient and x's is (dv + ds) Z / (1 - p), written to
+# dxd in the same row pass (the mask regenerated from the element index).
 #     dw = sum_rows dy * xhat,   db = sum_rows dy
 # xhat is rebuilt from the saved mean and rstd exactly as the forward formed it.
 # Traffic per element: read v (or x and r), dy (and ds), write dv; the partials stay in cache.
 # ---------------------------------------------------------------------------------------------
 
 cdef void bwd_rows_(const real* x, const real* r, const real* dy, const real* ds, const real* w,
-                    const real* mean, const real* rstd, real* dx, real* dwp, real* dbp, real* scratch,
-                    Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t n, bint center) noexcept nogil:
+                    const real* mean, const real* rstd, real* dx, real* dxd, real* dwp, real* dbp, real* scratch,
+                    Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t n, bint center, const Drop* dr) noexcept nogil:
     cdef Py_ssize_t i, j
     cdef const real* v
     cdef const real* dyi
@@ -115,7 +143,7 @@ cdef void bwd_rows_(const real* x, const real* r, const real* dy, const real* ds
     cdef real* dxi
     cdef real mu, rs
     for i in range(lo, hi):
-        v = row_input_(x + i * n, NULL if r == NULL else r + i * n, scratch, n)
+        v = row_input_(x + i * n, NULL if r == NULL else r + i * n, scratch, n, <uint64_t> (i * n), dr)
         dyi = dy + i * n
         dxi = dx + i * n
         mu = mean[i]
@@ -131,14 +159,19 @@ cdef void bwd_rows_(const real* x, const real* r, const real* dy, const real* ds
             dsi = ds + i * n
             for j in range(n):
                 dxi[j] = dxi[j] + dsi[j]
+        if dxd != NULL:
+            row_drop_(dxi, dxd + i * n, n, <uint64_t> (i * n), dr)
 
 
 cdef void backward_core_(const real* px, const real* pr, const real* pdy, const real* pds, const real* pw,
-                         const real* pmean, const real* prstd, real* pdx, real* ppart, real* pscr, real* pdw,
-                         real* pdb, Py_ssize_t m, Py_ssize_t n, bint center, int num_threads) noexcept nogil:
+                         const real* pmean, const real* prstd, real* pdx, real* pdxd, real* ppart, real* pscr,
+                         real* pdw, real* pdb, Py_ssize_t m, Py_ssize_t n, bint center, int num_threads, double p,
+                         uint64_t seed) noexcept nogil:
     """backward() on pointers (NULL for an absent buffer; ppart NULL when neither dw nor db is
-    wanted)."""
+    wanted).  p > 0: the forward dropped x (pr given: the sum is rebuilt with the mask; pdxd
+    receives x's gradient)."""
     cdef Py_ssize_t t, lo, hi, j, nt = max(1, min(num_threads, m))
+    cdef Drop dr = drop_(p, seed)
     cdef real* pdbp = (ppart + nt * n) if ppart != NULL else NULL
     if n == 0:
         return
@@ -146,15 +179,15 @@ cdef void backward_core_(const real* px, const real* pr, const real* pdy, const 
         for j in range(2 * nt * n):
             ppart[j] = 0
     if nt == 1:
-        bwd_rows_(px, pr, pdy, pds, pw, pmean, prstd, pdx, ppart, pdbp, pscr, 0, m, n, center)
+        bwd_rows_(px, pr, pdy, pds, pw, pmean, prstd, pdx, pdxd, ppart, pdbp, pscr, 0, m, n, center, &dr)
     else:
         for t in prange(nt, num_threads=nt, schedule="static", chunksize=1):
             lo, hi = chunk_(m, nt, t)
-            bwd_rows_(px, pr, pdy, pds, pw, pmean, prstd, pdx,
+            bwd_rows_(px, pr, pdy, pds, pw, pmean, prstd, pdx, pdxd,
                       (ppart + t * n) if ppart != NULL else NULL,
                       (pdbp + t * n) if pdbp != NULL else NULL,
                       (pscr + t * n) if pscr != NULL else NULL,
-                      lo, hi, n, center)
+                      lo, hi, n, center, &dr)
     if pdw != NULL:
         fixed_order_col_sums_(ppart, nt, n, pdw)
     if pdb != NULL:
@@ -173,9 +206,9 @@ def backward(real[::1] x, real[::1] r, real[::1] dy, real[::1] ds, real[::1] w,
     """
     cdef bint want = dw.shape[0] > 0 or db.shape[0] > 0
     with nogil:
-        backward_core_(ptr_(x), ptr_(r), ptr_(dy), ptr_(ds), ptr_(w), ptr_(mean), ptr_(rstd), ptr_(dx),
+        backward_core_(ptr_(x), ptr_(r), ptr_(dy), ptr_(ds), ptr_(w), ptr_(mean), ptr_(rstd), ptr_(dx), NULL,
                        ptr_(partial) if want else NULL, ptr_(scratch), ptr_(dw), ptr_(db), m, n, center,
-                       num_threads)
+                       num_threads, 0.0, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,15 +219,37 @@ def backward(real[::1] x, real[::1] r, real[::1] dy, real[::1] ds, real[::1] w,
 # ---------------------------------------------------------------------------------------------
 
 def forward_ptr(size_t x, size_t r, size_t w, size_t b, size_t y, size_t s, size_t scratch, size_t mean,
-                size_t rstd, Py_ssize_t m, Py_ssize_t n, double eps, bint center, int num_threads, bint dbl):
+                size_t rstd, Py_ssize_t m, Py_ssize_t n, double eps, bint center, int num_threads, bint dbl,
+                double p=0.0, uint64_t seed=0):
     """forward() on addresses (0 for an absent buffer); dbl: the buffers hold doubles, else floats.
-    Releases the GIL for the whole call."""
+    p > 0 (with r): the normalized row is x Z / (1 - p) + r, Z the mask keyed by seed.  Releases
+    the GIL for the whole call."""
     with nogil:
         if dbl:
             forward_core_(<const double*> x, <const double*> r, <const double*> w, <const double*> b,
                           <double*> y, <double*> s, <double*> scratch, <double*> mean, <double*> rstd,
-                          m, n, <double> eps, center, num_threads)
+                          m, n, <double> eps, center, num_threads, p, seed)
         else:
             forward_core_(<const float*> x, <const float*> r, <const float*> w, <const float*> b,
                           <float*> y, <float*> s, <float*> scratch, <float*> mean, <float*> rstd,
-                          m, n, <float> eps, center, num_threads)
+                          m, n, <float> eps, center, num_threads, p, seed)
+
+
+def backward_ptr(size_t x, size_t r, size_t dy, size_t ds, size_t w, size_t mean, size_t rstd, size_t dx,
+                 size_t dxd, size_t partial, size_t scratch, size_t dw, size_t db, Py_ssize_t m, Py_ssize_t n,
+                 bint center, int num_threads, bint dbl, double p=0.0, uint64_t seed=0):
+    """backward() on addresses (0 for an absent buffer; partial is used when dw or db is given).
+    p > 0: the forward dropped x with the mask keyed by seed; dx is then the residual's gradient
+    and dxd (when given) x's.  Releases the GIL."""
+    cdef bint want = dw != 0 or db != 0
+    with nogil:
+        if dbl:
+            backward_core_(<const double*> x, <const double*> r, <const double*> dy, <const double*> ds,
+                           <const double*> w, <const double*> mean, <const double*> rstd, <double*> dx,
+                           <double*> dxd, <double*> partial if want else NULL, <double*> scratch, <double*> dw,
+                           <double*> db, m, n, center, num_threads, p, seed)
+        else:
+            backward_core_(<const float*> x, <const float*> r, <const float*> dy, <const float*> ds,
+                           <const float*> w, <const float*> mean, <const float*> rstd, <float*> dx,
+                           <float*> dxd, <float*> partial if want else NULL, <float*> scratch, <float*> dw,
+                           <float*> db, m, n, center, num_threads, p, seed)
