@@ -207,3 +207,26 @@ def test_gpu_script_stops_at_once_without_a_gpu():
     assert "no NVIDIA GPU" in r.stderr or "sees no CUDA device" in r.stderr
     assert time.perf_counter() - t0 < 30
     assert set(os.listdir(os.path.join(ROOT, "bench", "results"))) == before       # nothing written
+
+
+def test_models_family_tiny(monkeypatch):
+    """The models family at a tiny size (1 layer, E = 32, V = 64): setup() checks that torch's
+    and the converted model's losses agree at dropout 0, one training step of each gives the same
+    loss, and the harness's rows carry tokens/s (shown in the table)."""
+    from fastseq.bench import models
+    from fastseq.bench.__main__ import run_case
+
+    real = models.build
+    monkeypatch.setattr(models, "build", lambda model, B, T, p, layers=6, *a, device="cpu", **k:
+                        real(model, 2, 16, p, 1, 32, 4, 64, device=device))
+    quick = [c for c in cases("cpu", ["models"], quick=True) if c.meta["dropout"] == 0.0]
+    assert sorted(c.meta["model"] for c in quick) == ["bert", "gpt"]
+    for case in quick:
+        s = case.setup()
+        check_setup(case, s)
+        with torch.enable_grad():
+            fast, peer = s.fastseq().item(), s.peers["torch"]().item()
+        assert abs(fast - peer) <= 1e-4 * abs(peer), (case.name, fast, peer)
+    rows = run_case(quick[0], reps=1, max_seconds=1.0, device="cpu", quick=True)
+    assert rows[0]["fastseq_tokens_s"] > 0 and rows[0]["peer_tokens_s"] > 0
+    assert "tokens/s" in report.table(rows, MACHINE)

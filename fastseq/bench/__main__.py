@@ -50,6 +50,9 @@ def run_case(case, reps: int, max_seconds: float, device: str, quick: bool = Fal
             row["gbs"] = s.bytes / med["fastseq"] / 1e9
         if s.flops:
             row["gflops"] = s.flops / med["fastseq"] / 1e9
+        if case.meta.get("tokens"):       # model-level cases: tokens one call processes
+            row.update(fastseq_tokens_s=case.meta["tokens"] / med["fastseq"],
+                       peer_tokens_s=case.meta["tokens"] / med[f"peer:{peer}"])
         if "kernel" in med:
             row["kernel_ms"] = med["kernel"] * 1e3
             row["kernel_gbs"] = s.bytes / med["kernel"] / 1e9 if s.bytes else None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 # The case files, one per family; importing one registers its cases.
-FAMILY_MODULES = ("layer_norm", "attention", "recurrent", "overhead", "decode")
+FAMILY_MODULES = ("layer_norm", "attention", "recurrent", "overhead", "decode", "models")
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Case:
     kernel: bool = False          # setup() returns a kernel-alone callable
     quick: bool = True            # part of --quick
     calls_per_sample: int = 1     # > 1: a sample loops over up to this many calls (per-call timings in µs)
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # "tokens": tokens one call processes (rows get tokens/s)
 
     @property
     def impls(self) -> Tuple[str, ...]:

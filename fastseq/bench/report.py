@@ -2,7 +2,8 @@
 
 Rows of per-call cases (the `overhead` family: rows with "fastseq_us") are shown in µs per
 call, with the ratio torch / fastseq and flags where fastseq's call costs more than 1.2x / 2x
-torch's; the other rows in ms, with GB/s or GFLOP/s and the fraction of the machine's ceiling.
+torch's; the other rows in ms, with GB/s or GFLOP/s and the fraction of the machine's ceiling, and
+tokens/s of both where the case counts tokens (model-level cases: "fastseq_tokens_s").
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def _timed_table(rows: List[dict], machine: dict) -> str:
             + (f"{kern:9.3f} " + (f"{krate:9.1f} {krate / copy:7.0%}" if krate else "") if kern else ""))
         if r.get("gflops"):
             out[-1] += f"  {r['gflops']:.1f} GFLOP/s ({r['gflops'] / sgemm:.0%} of sgemm)"
+        if r.get("fastseq_tokens_s"):
+            out[-1] += f"  tokens/s: fastseq {r['fastseq_tokens_s']:.0f}, {r['peer']} {r['peer_tokens_s']:.0f}"
     out.append("ratio = peer time / fastseq time (>1: fastseq faster); medians of interleaved runs; "
                "GB/s = bytes moved by one fastseq call / its time; kernel = fastseq kernels alone on "
                "preallocated outputs (no allocation or page faults)")
@@ -85,7 +88,7 @@ def write(rows: List[dict], machine: dict, out_dir: str) -> List[str]:
     paths.append(p)
     p = os.path.join(out_dir, "results.csv")
     keys = ["family", "case", "peer", "peer_ms", "fastseq_ms", "ratio", "gbs", "kernel_ms", "kernel_gbs", "gflops",
-            "peer_us", "fastseq_us", "calls_per_sample", "grad_enabled"]
+            "peer_us", "fastseq_us", "calls_per_sample", "grad_enabled", "fastseq_tokens_s", "peer_tokens_s"]
     with open(p, "w", newline="") as f:
         w = csv.DictWriter(f, keys, extrasaction="ignore")
         w.writeheader()
