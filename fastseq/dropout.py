@@ -17,7 +17,6 @@ Why one family for plain dropout and bias + activation + dropout: both are one p
 row-major tensor that draws the same mask; the activation kernel is the dropout kernel with a
 bias and a pointwise function in front, so the mask code and the threading are written once.
 """
-from __future__ import annotations
 
 import math
 from typing import List, Optional, Tuple

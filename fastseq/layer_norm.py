@@ -313,7 +313,7 @@ def _backward(backend, x, r, dy, ds, w, mean, rstd, m, n, center, want_dw, want_
         work = _alloc.scratch((2 * nt * n if need_part else 0) + (nt * n if need_scr else 0), x.dtype).data_ptr()
         p_part = work if need_part else 0                          # [dw partials | db partials | rows]
         p_scr = work + (2 * nt * n * size if need_part else 0) if need_scr else 0
-        _cpu_kernels().backward_ptr(
+        _dispatch.cpu_kernels("layer_norm").backward_ptr(        # (looked up here: tests spy on it)
             x.data_ptr(), _ptr(r), dy.data_ptr(), _ptr(ds), w.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
             dx.data_ptr(), _ptr(dxd), p_part, p_scr, _ptr(dw), _ptr(db), m, n, center, nt,
             x.dtype == torch.float64, p, seed)
@@ -467,9 +467,8 @@ def _norm_backward_op(v: torch.Tensor, residual: Optional[torch.Tensor], dy: tor
     dx, dxd, dw, db = _backward(backend, v.contiguous(), residual.contiguous() if residual is not None else None,
                                 dy.contiguous(), ds.contiguous() if ds is not None else None, w, mean, rstd, m, n,
                                 center, want_dw, want_db, p, int(seed), want_dxd)
-    empty = v.new_empty(0)
-    return (dx.view(v.shape), dxd.view(v.shape) if dxd is not None else empty,
-            dw if dw is not None else empty, db if db is not None else empty)
+    return (dx.view(v.shape), dxd.view(v.shape) if dxd is not None else v.new_empty(0),
+            dw if dw is not None else v.new_empty(0), db if db is not None else v.new_empty(0))
 
 
 @_norm_backward_op.register_fake

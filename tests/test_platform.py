@@ -27,18 +27,22 @@ def _req(*shape, dtype=torch.float64):
 
 # ------------------------------------------------------------------ opcheck, op by op
 
-@pytest.mark.parametrize("residual,weight,bias,center,return_sum", [
-    (False, True, True, True, False), (True, True, True, True, True), (True, True, False, True, False),
-    (False, False, False, False, False), (True, True, False, False, True), (False, False, True, True, False)])
-def test_opcheck_norm_ops(residual, weight, bias, center, return_sum):
+@pytest.mark.parametrize("residual,weight,bias,center,return_sum,p", [
+    (False, True, True, True, False, 0.0), (True, True, True, True, True, 0.0), (True, True, False, True, False, 0.0),
+    (False, False, False, False, False, 0.0), (True, True, False, False, True, 0.0),
+    (False, False, True, True, False, 0.0), (True, True, True, True, False, 0.3), (True, True, False, False, True, 0.3)])
+def test_opcheck_norm_ops(residual, weight, bias, center, return_sum, p):
     x = _req(5, 3, 16)
+    seed = torch.tensor(987654321, dtype=torch.int64)
     args = (x, _req(5, 3, 16) if residual else None, _req(16) if weight else None, _req(16) if bias else None,
-            16, 1e-5, center, return_sum, "cpu")
+            16, 1e-5, center, return_sum, "cpu", p, seed)
     opcheck(torch.ops.fastseq.norm_forward.default, args)
     v, dy = torch.randn(15, 16, dtype=torch.float64), torch.randn(15, 16, dtype=torch.float64)
+    r = torch.randn(15, 16, dtype=torch.float64) if residual else None
     mean, rstd = torch.randn(15, dtype=torch.float64), torch.rand(15, dtype=torch.float64) + 0.5
     opcheck(torch.ops.fastseq.norm_backward.default,
-            (v, None, dy, None, torch.randn(16, dtype=torch.float64), mean, rstd, 16, center, True, True, "cpu"))
+            (v, r, dy, None, torch.randn(16, dtype=torch.float64), mean, rstd, 16, center, True, True, "cpu", p, seed,
+             residual and p > 0))
 
 
 @pytest.mark.parametrize("mask,causal,window,lengths,gqa,dropout", [
