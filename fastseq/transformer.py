@@ -8,6 +8,17 @@ and then normalizes, it calls the fused add_layer_norm: post-norm `norm(x + f(x)
 and in pre-norm layers the add that closes one block is fused with the norm that opens the next
 (`add_layer_norm(..., return_sum=True)` gives both the normalized input and the residual stream).
 
+In training mode every dropout of a layer is fused into the pass next to it (fastseq.dropout's
+counter-based masks, regenerated in backward, never stored):
+    post-norm   x = dropout_add_layer_norm(block(x), x)             norm(x + dropout(block(x)))
+    pre-norm    h, x = dropout_add_layer_norm(block(norm(x)), x, return_sum=True)
+                out = dropout_add(ff(h), x)                          the layer's last residual add
+    ff(x)       = linear2(bias_act_dropout(x W1^T, b1, activation, p))
+where block is self-attention or cross-attention (whose own probability dropout is fused into
+the attention kernel).  A layer whose dropouts are not nn.Dropout modules, whose activation is
+not relu / gelu / gelu_tanh / silu, or that has hooks on its submodules runs torch's
+_sa_block / _ff_block instead.  In eval mode the layers compute exactly what they did before.
+
 torch's fused inference paths (torch._transformer_encoder_layer_fwd, the nested-tensor
 encoder) never run: the layers' forward always runs fastseq's kernels.  Where torch would have
 taken them, fastseq gives what they give (padded positions of a nested-tensor encoder are 0)
@@ -24,13 +35,60 @@ from torch.nn import Module
 from torch.nn.modules.transformer import _detect_is_causal_mask, _get_seq_len
 
 from .convert import convert
-from .layer_norm import add_layer_norm
+from .dropout import Dropout, bias_act_dropout, dropout_add
+from .layer_norm import add_layer_norm, dropout_add_layer_norm
 from .multihead_attention import _check_mha, _devices_ok, _is_compiling
 
 
 def _add_norm(x: Tensor, y: Tensor, norm: torch.nn.LayerNorm, return_sum: bool = False):
     """norm(x + y) with the norm module's parameters, fused."""
     return add_layer_norm(x, y, norm.normalized_shape, norm.weight, norm.bias, norm.eps, return_sum)
+
+
+def _drop_add_norm(x: Tensor, residual: Tensor, norm: torch.nn.LayerNorm, p: float, return_sum: bool = False):
+    """norm(dropout(x, p) + residual) with the norm module's parameters, fused (training mode)."""
+    return dropout_add_layer_norm(x, residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps, p, True,
+                                  return_sum)
+
+
+def _activation_name(act) -> Optional[str]:
+    """The bias_act_dropout activation a layer's `activation` computes, or None if not one of them."""
+    if act is F.relu or act is torch.relu or type(act) is torch.nn.ReLU:
+        return "relu"
+    if act is F.gelu:
+        return "gelu"
+    if type(act) is torch.nn.GELU:
+        return "gelu" if act.approximate == "none" else "gelu_tanh"
+    if act is F.silu or type(act) is torch.nn.SiLU:
+        return "silu"
+    return None
+
+
+def _dropout_ps(layer, names) -> Optional[tuple]:
+    """The probabilities of the layer's dropout modules `names`, or None if one is not a plain
+    nn.Dropout (a custom module: the layer runs torch's unfused blocks)."""
+    ps = []
+    for name in names:
+        m = getattr(layer, name, None)
+        if type(m) not in (torch.nn.Dropout, Dropout):
+            return None
+        ps.append(float(m.p))
+    return tuple(ps)
+
+
+def _fused_training_plan(layer, dropout_names) -> Optional[tuple]:
+    """(activation, dropout probabilities) when the layer's training step can run fused, else None."""
+    act = _activation_name(layer.activation)
+    ps = _dropout_ps(layer, dropout_names)
+    if act is None or ps is None or type(layer.linear1) is not torch.nn.Linear or _hooked(layer):
+        return None
+    return act, ps
+
+
+def _ff_fused(layer, x: Tensor, act: str, p: float) -> Tensor:
+    """linear2(dropout(act(linear1(x)))) with bias + activation + dropout in one pass."""
+    h = F.linear(x, layer.linear1.weight)                                  # (*, F), bias added below
+    return layer.linear2(bias_act_dropout(h, layer.linear1.bias, act, p))  # (*, E)
 
 
 def _float_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -75,12 +133,28 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
             kpm = _float_mask(kpm, src.dtype) if kpm.dtype == torch.bool else kpm
             src_mask = _float_mask(src_mask, src.dtype) if src_mask.dtype == torch.bool else src_mask
         x = src
+        plan = _fused_training_plan(self, ("dropout1", "dropout", "dropout2")) if self.training else None
+        if plan is not None:
+            return self._fused_forward(x, src_mask, kpm, is_causal, *plan)
         if self.norm_first:
             x_sa = self._sa_block(self.norm1(x), src_mask, kpm, is_causal)
             h, x = _add_norm(x, x_sa, self.norm2, return_sum=True)     # norm2(x + sa), x + sa
             return x + self._ff_block(h)
         x = _add_norm(x, self._sa_block(x, src_mask, kpm, is_causal), self.norm1)
         return _add_norm(x, self._ff_block(x), self.norm2)
+
+    def _fused_forward(self, x, src_mask, kpm, is_causal, act, ps):
+        """Training mode with every dropout fused (module docstring); x (B, T, E) or (T, B, E)."""
+        p1, p, p2 = ps
+
+        def sa(h):
+            return self.self_attn(h, h, h, attn_mask=src_mask, key_padding_mask=kpm, need_weights=False,
+                                  is_causal=is_causal)[0]
+        if self.norm_first:
+            h, x = _drop_add_norm(sa(self.norm1(x)), x, self.norm2, p1, return_sum=True)   # norm2(x + sa), x + sa
+            return dropout_add(_ff_fused(self, h, act, p), x, p2)
+        x = _drop_add_norm(sa(x), x, self.norm1, p1)
+        return _drop_add_norm(_ff_fused(self, x, act, p), x, self.norm2, p2)
 
     def _torch_native(self, src, key, value, src_mask, src_key_padding_mask) -> bool:
         """Whether torch's TransformerEncoderLayer.forward would run this call on its fused path
@@ -122,6 +196,10 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
                 memory_key_padding_mask: Optional[Tensor] = None, tgt_is_causal: bool = False,
                 memory_is_causal: bool = False) -> Tensor:
         x = tgt
+        plan = _fused_training_plan(self, ("dropout1", "dropout2", "dropout", "dropout3")) if self.training else None
+        if plan is not None and not (self.norm_first and x.shape[-1] != self.self_attn.embed_dim):
+            return self._fused_forward(x, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask,
+                                       tgt_is_causal, memory_is_causal, *plan)
         if self.norm_first:
             if x.shape[-1] != self.self_attn.embed_dim:          # torch's norm1 raises first
                 raise RuntimeError(f"TransformerDecoderLayer: given normalized_shape=[{self.self_attn.embed_dim}], "
@@ -136,6 +214,26 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
         x = _add_norm(x, self._mha_block(x, memory, memory_mask, memory_key_padding_mask, memory_is_causal),
                       self.norm2)
         return _add_norm(x, self._ff_block(x), self.norm3)
+
+    def _fused_forward(self, x, memory, tgt_mask, memory_mask, tgt_kpm, memory_kpm, tgt_is_causal,
+                       memory_is_causal, act, ps):
+        """Training mode with every dropout fused (module docstring)."""
+        p1, p2, p, p3 = ps
+
+        def sa(h):
+            return self.self_attn(h, h, h, attn_mask=tgt_mask, key_padding_mask=tgt_kpm, is_causal=tgt_is_causal,
+                                  need_weights=False)[0]
+
+        def ca(h):
+            return self.multihead_attn(h, memory, memory, attn_mask=memory_mask, key_padding_mask=memory_kpm,
+                                       is_causal=memory_is_causal, need_weights=False)[0]
+        if self.norm_first:
+            h, x = _drop_add_norm(sa(self.norm1(x)), x, self.norm2, p1, return_sum=True)
+            h, x = _drop_add_norm(ca(h), x, self.norm3, p2, return_sum=True)
+            return dropout_add(_ff_fused(self, h, act, p), x, p3)
+        x = _drop_add_norm(sa(x), x, self.norm1, p1)
+        x = _drop_add_norm(ca(x), x, self.norm2, p2)
+        return _drop_add_norm(_ff_fused(self, x, act, p), x, self.norm3, p3)
 
 
 def _no_nesting_reason(layer) -> str:
