@@ -19,6 +19,7 @@ bias and a pointwise function in front, so the mask code and the threading are w
 """
 
 import math
+import numbers
 from typing import List, Optional, Tuple
 
 import torch
@@ -106,10 +107,20 @@ def bias_act_dropout_ref(x, bias, activation: str, p: float, seed: int):
 
 # ============================================================================ input checks
 
+class _NaNProbability(ValueError, RuntimeError):
+    """p = NaN: torch's F.dropout raises RuntimeError (from its kernel), fastseq's errors are
+    ValueErrors; code written against either catches this."""
+
+
 def _check_p(op: str, p) -> float:
-    """torch's rule and message (F.dropout raises ValueError for p outside [0, 1])."""
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"{op}: dropout probability has to be between 0 and 1, but got {p!r}")
+    """torch's rules and messages: F.dropout raises ValueError for p outside [0, 1], RuntimeError
+    for NaN, TypeError for a p that is not a number."""
+    if not isinstance(p, numbers.Real):
+        raise TypeError(f"{op}: dropout probability must be a real number, got {type(p).__name__} {p!r}")
+    if p != p:
+        raise _NaNProbability(f"{op}: dropout probability has to be between 0 and 1, but got {p}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{op}: dropout probability has to be between 0 and 1, but got {p}")
     return float(p)
 
 
