@@ -227,9 +227,10 @@ def _threads(numel: int) -> int:
     return _dispatch.num_threads() if numel >= _PARALLEL_ELEMENTS else 1
 
 
-def _dropout_kernel(backend, x, r, p, seed):
-    """x * Z / (1 - p) [+ r] for contiguous x (and r of x's dtype): a new tensor."""
-    y = _alloc.empty_like(x)
+def _dropout_kernel(backend, x, r, p, seed, kept=False):
+    """x * Z / (1 - p) [+ r] for contiguous x (and r of x's dtype): a new tensor (kept: autograd
+    keeps it, fastseq/_alloc.py)."""
+    y = _alloc.empty_like(x, kept)
     if backend == "cpu":
         _dispatch.cpu_kernels("dropout").dropout_ptr(x.data_ptr(), 0 if r is None else r.data_ptr(), y.data_ptr(),
                                                      x.numel(), p, seed, _threads(x.numel()),
@@ -243,9 +244,9 @@ def _dropout_kernel(backend, x, r, p, seed):
     return y
 
 
-def _bias_act_forward(backend, x, bias, act: int, p, seed):
-    """act(x + bias) * Z / (1 - p) for contiguous x (*, F): a new tensor."""
-    y = _alloc.empty_like(x)
+def _bias_act_forward(backend, x, bias, act: int, p, seed, kept=False):
+    """act(x + bias) * Z / (1 - p) for contiguous x (*, F): a new tensor (kept: autograd keeps it)."""
+    y = _alloc.empty_like(x, kept)
     n = x.shape[-1]
     m = x.numel() // n if n else 0
     if backend == "cpu":
@@ -299,7 +300,7 @@ class DropoutFunction(torch.autograd.Function):
         ctx.meta = (p, seed, backend, residual is not None)
         ctx.set_materialize_grads(False)
         return _dropout_kernel(backend, x.contiguous(), residual.contiguous() if residual is not None else None,
-                               p, seed).view(x.shape)
+                               p, seed, kept=True).view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
@@ -322,7 +323,7 @@ class BiasActDropoutFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, act, p, seed, backend):
         xc = x.contiguous()
-        y = _bias_act_forward(backend, xc, bias, act, p, seed)
+        y = _bias_act_forward(backend, xc, bias, act, p, seed, kept=True)
         ctx.save_for_backward(x, bias)
         ctx.meta = (act, p, seed, backend)
         ctx.set_materialize_grads(False)

@@ -265,8 +265,8 @@ def _forward(backend, x, r, w, b, m, n, eps, center, want_sum, want_stats=True, 
     """Run the forward kernel; returns y, s (or None), mean, rstd (None unless want_stats: on the
     CPU the row statistics of an inference call go to scratch).  x, r, w, b contiguous; p > 0
     (with r): x is dropped with the mask keyed by seed before the add."""
-    y = _alloc.empty_like(x)
-    s = _alloc.empty_like(x) if want_sum else None
+    y = _alloc.empty_like(x, want_stats)          # a training forward's outputs are kept (fastseq/_alloc.py)
+    s = _alloc.empty_like(x, want_stats) if want_sum else None
     if backend == "cpu":
         nt = torch.get_num_threads() if m * n >= _PARALLEL_ELEMENTS else 1
         need_scr = r is not None and not want_sum

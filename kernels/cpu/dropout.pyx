@@ -132,31 +132,35 @@ cdef inline real normpdf_(real u) noexcept nogil:
         return INV_SQRT_2PI * exp(-0.5 * u * u)
 
 
+# The loops below have no branch and no optional operand (an absent bias is a block of zeros, no
+# dropout a block of ones): a conditional load stops gcc from vectorizing, and a scalar exp /
+# erfc-based loop costs ~10x the vector one (4 ns against 0.4 ns an element, measured).
+
 cdef void act_fwd_(const real* x, const real* b, const real* mul, real* y, Py_ssize_t n, int act) noexcept nogil:
-    """y[j] = act(x[j] + b[j]) [* mul[j]] (b, mul: NULL when absent)."""
+    """y[j] = act(x[j] + b[j]) * mul[j]."""
     cdef Py_ssize_t j
     cdef real u, a, t
     cdef real k = <real> GELU_K, c = <real> GELU_A
     if act == RELU:
         for j in range(n):
-            u = x[j] + b[j] if b != NULL else x[j]
+            u = x[j] + b[j]
             a = 0 if u < 0 else u                           # NaN stays NaN, as torch.relu
-            y[j] = a * mul[j] if mul != NULL else a
+            y[j] = a * mul[j]
     elif act == GELU:
         for j in range(n):
-            u = x[j] + b[j] if b != NULL else x[j]
+            u = x[j] + b[j]
             a = u * normcdf_(u)
-            y[j] = a * mul[j] if mul != NULL else a
+            y[j] = a * mul[j]
     elif act == GELU_TANH:
         for j in range(n):
-            u = x[j] + b[j] if b != NULL else x[j]
+            u = x[j] + b[j]
             a = 0.5 * u * (1 + act_tanh_(k * (u + c * u * u * u)))
-            y[j] = a * mul[j] if mul != NULL else a
+            y[j] = a * mul[j]
     else:
         for j in range(n):
-            u = x[j] + b[j] if b != NULL else x[j]
+            u = x[j] + b[j]
             a = u / (1 + act_exp_(-u))                      # u sigmoid(u)
-            y[j] = a * mul[j] if mul != NULL else a
+            y[j] = a * mul[j]
 
 
 # Backward of y = act(u) * m, u = x + b, m = Z / (1 - p):   dx = dy * m * act'(u), db = sum_rows dx
@@ -166,30 +170,30 @@ cdef void act_fwd_(const real* x, const real* b, const real* mul, real* y, Py_ss
 #     silu'(u)      = s (1 + u (1 - s)),                                s = sigmoid(u)
 cdef void act_bwd_(const real* x, const real* b, const real* dy, const real* mul, real* dx, Py_ssize_t n,
                    int act) noexcept nogil:
-    """dx[j] = dy[j] [* mul[j]] * act'(x[j] + b[j])."""
+    """dx[j] = dy[j] * mul[j] * act'(x[j] + b[j])."""
     cdef Py_ssize_t j
     cdef real u, g, t, s
     cdef real k = <real> GELU_K, c = <real> GELU_A
     if act == RELU:
         for j in range(n):
-            u = x[j] + b[j] if b != NULL else x[j]
-            g = dy[j] * mul[j] if mul != NULL else dy[j]
+            u = x[j] + b[j]
+            g = dy[j] * mul[j]
             dx[j] = g if u > 0 else 0
     elif act == GELU:
         for j in range(n):
-            u = x[j] + b[j] if b != NULL else x[j]
-            g = dy[j] * mul[j] if mul != NULL else dy[j]
+            u = x[j] + b[j]
+            g = dy[j] * mul[j]
             dx[j] = g * (normcdf_(u) + u * normpdf_(u))
     elif act == GELU_TANH:
         for j in range(n):
-            u = x[j] + b[j] if b != NULL else x[j]
-            g = dy[j] * mul[j] if mul != NULL else dy[j]
+            u = x[j] + b[j]
+            g = dy[j] * mul[j]
             t = act_tanh_(k * (u + c * u * u * u))
             dx[j] = g * (0.5 * (1 + t) + 0.5 * u * (1 - t * t) * k * (1 + 3 * c * u * u))
     else:
         for j in range(n):
-            u = x[j] + b[j] if b != NULL else x[j]
-            g = dy[j] * mul[j] if mul != NULL else dy[j]
+            u = x[j] + b[j]
+            g = dy[j] * mul[j]
             s = 1 / (1 + act_exp_(-u))
             dx[j] = g * (s * (1 + u * (1 - s)))
 
@@ -203,20 +207,24 @@ cdef void bias_act_rows_(const real* x, const real* b, const real* dy, real* out
     """Forward (dy NULL): out = act(x + b) * m.  Backward: out = dx = dy * m * act'(x + b), and
     dbp[j] += dx[i, j] over the rows (when dbp is given)."""
     cdef real mul[MASK_BLOCK]
+    cdef real zeros[MASK_BLOCK]
     cdef Py_ssize_t i, j, j0, nb
     cdef const real* bj
     cdef real* o
+    for j in range(MASK_BLOCK):
+        mul[j] = 1                              # no dropout: multipliers of one
+        zeros[j] = 0                            # no bias: a bias of zeros
     for i in range(lo, hi):
         for j0 in range(0, n, 512):             # step MASK_BLOCK (a literal for a C loop)
             nb = min(<Py_ssize_t> MASK_BLOCK, n - j0)
             if dr.on:
                 keep_mul_(mul, <uint64_t> (i * n + j0), nb, dr)
-            bj = (b + j0) if b != NULL else NULL
+            bj = (b + j0) if b != NULL else zeros
             o = out + i * n + j0
             if dy == NULL:
-                act_fwd_(x + i * n + j0, bj, mul if dr.on else NULL, o, nb, act)
+                act_fwd_(x + i * n + j0, bj, mul, o, nb, act)
             else:
-                act_bwd_(x + i * n + j0, bj, dy + i * n + j0, mul if dr.on else NULL, o, nb, act)
+                act_bwd_(x + i * n + j0, bj, dy + i * n + j0, mul, o, nb, act)
                 if dbp != NULL:
                     for j in range(nb):
                         dbp[j0 + j] = dbp[j0 + j] + o[j]
