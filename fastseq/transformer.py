@@ -16,8 +16,8 @@ counter-based masks, regenerated in backward, never stored):
     ff(x)       = linear2(bias_act_dropout(x W1^T, b1, activation, p))
 where block is self-attention or cross-attention (whose own probability dropout is fused into
 the attention kernel).  A layer whose dropouts are not nn.Dropout modules, whose activation is
-not relu / gelu / gelu_tanh / silu, or that has hooks on its submodules runs torch's
-_sa_block / _ff_block instead.  In eval mode the layers compute exactly what they did before.
+not relu / gelu / gelu_tanh / silu, that has hooks on its submodules, or that runs under autocast
+runs torch's _sa_block / _ff_block instead.  In eval mode the layers compute exactly what they did before.
 
 torch's fused inference paths (torch._transformer_encoder_layer_fwd, the nested-tensor
 encoder) never run: the layers' forward always runs fastseq's kernels.  Where torch would have
@@ -76,8 +76,12 @@ def _dropout_ps(layer, names) -> Optional[tuple]:
     return tuple(ps)
 
 
-def _fused_training_plan(layer, dropout_names) -> Optional[tuple]:
-    """(activation, dropout probabilities) when the layer's training step can run fused, else None."""
+def _fused_training_plan(layer, dropout_names, x: Tensor) -> Optional[tuple]:
+    """(activation, dropout probabilities) when the layer's training step can run fused, else None.
+    Under autocast the feed-forward block stays torch's: its first linear adds the bias in the
+    autocast dtype (bf16 / fp16), which a separate bias + activation would not reproduce."""
+    if torch.is_autocast_enabled(x.device.type):
+        return None
     act = _activation_name(layer.activation)
     ps = _dropout_ps(layer, dropout_names)
     if act is None or ps is None or type(layer.linear1) is not torch.nn.Linear or _hooked(layer):
@@ -133,7 +137,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
             kpm = _float_mask(kpm, src.dtype) if kpm.dtype == torch.bool else kpm
             src_mask = _float_mask(src_mask, src.dtype) if src_mask.dtype == torch.bool else src_mask
         x = src
-        plan = _fused_training_plan(self, ("dropout1", "dropout", "dropout2")) if self.training else None
+        plan = _fused_training_plan(self, ("dropout1", "dropout", "dropout2"), x) if self.training else None
         if plan is not None:
             return self._fused_forward(x, src_mask, kpm, is_causal, *plan)
         if self.norm_first:
@@ -196,7 +200,7 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
                 memory_key_padding_mask: Optional[Tensor] = None, tgt_is_causal: bool = False,
                 memory_is_causal: bool = False) -> Tensor:
         x = tgt
-        plan = _fused_training_plan(self, ("dropout1", "dropout2", "dropout", "dropout3")) if self.training else None
+        plan = _fused_training_plan(self, ("dropout1", "dropout2", "dropout", "dropout3"), x) if self.training else None
         if plan is not None and not (self.norm_first and x.shape[-1] != self.self_attn.embed_dim):
             return self._fused_forward(x, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask,
                                        tgt_is_causal, memory_is_causal, *plan)
