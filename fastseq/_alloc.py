@@ -1,18 +1,13 @@
 """Output allocation for the CPU kernels.
 
-A fresh block of memory costs a page fault per 4 KiB page when the kernel first writes it: for a
-16 MiB output ~5 ms on the 2-core dev box, two to three times the kernel itself (a (2048, 2048)
-bias + GELU takes 1.8 ms).  NumPy asks the OS for transparent huge pages (madvise
-MADV_HUGEPAGE) on its allocations of 4 MiB and more, which turns 512 faults into one; such
-outputs are NumPy-owned memory wrapped zero-copy as torch tensors.  Which outputs get them:
-- every output of 32 MiB or more: glibc serves each such block with a new mmap, always fresh;
-- outputs autograd keeps for backward (`kept=True`) from 4 MiB: they are fresh too, because the
-  activations of earlier layers are still alive (measured on (2048, 2048) fp32 with the outputs
-  kept: bias + GELU forward 7.2 -> 2.5 ms, backward 8.3 -> 4.0 ms).
-Other outputs below 32 MiB come from torch.empty: glibc recycles them from its heap, where NumPy's
-fresh huge pages would cost more (the GRU (128, 32, 256) backward ran 30% slower that way).
-FASTSEQ_HUGEPAGES=0 sends everything to torch.empty.  torch gets the effect for all its tensors
-from THP_MEM_ALLOC_ENABLE=1, or from a preloaded tcmalloc (README, performance notes).
+glibc serves every block of 32 MiB or more with a fresh mmap, whose 4 KiB pages fault in one by
+one when the kernel first writes them: for an (8192, 1024) fp32 output that costs ~11 ms on the
+2-core dev box, four times the kernel itself.  NumPy asks the OS for transparent huge pages
+(madvise MADV_HUGEPAGE) on its large allocations, which cuts that cost 3-5x, so CPU outputs of
+32 MiB and more are NumPy-owned memory wrapped zero-copy as torch tensors.  Smaller outputs
+(which glibc mostly recycles from its heap), and every output when FASTSEQ_HUGEPAGES=0, come
+from torch.empty.  torch gets the same effect for all its tensors from THP_MEM_ALLOC_ENABLE=1,
+or from a preloaded tcmalloc (README, performance notes).
 
 The one visible difference: such a tensor's storage cannot be resized (`resize_` to a larger
 size raises).  bench/ reports kernel-only time beside the end-to-end time, so the two effects
@@ -24,8 +19,7 @@ import threading
 import numpy as np
 import torch
 
-HUGE_BYTES = 32 << 20           # glibc's largest mmap threshold: every block from here is fresh
-KEPT_BYTES = 4 << 20            # NumPy's own huge-page threshold
+HUGE_BYTES = 32 << 20
 ENABLED = os.environ.get("FASTSEQ_HUGEPAGES", "1") != "0"
 
 _NP = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
@@ -42,11 +36,10 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def empty_like(t: torch.Tensor, kept: bool = False) -> torch.Tensor:
-    """A contiguous uninitialized tensor of t's shape, dtype and device; kept: autograd will keep
-    it for backward (huge pages from KEPT_BYTES).  (torch.empty_like costs ~1 us where
-    torch.empty(t.shape, dtype=..., device=...) costs ~2.5: parsing the arguments.)"""
-    if ENABLED and t.is_cpu and t.numel() * _ITEMSIZE.get(t.dtype, 0) >= (KEPT_BYTES if kept else HUGE_BYTES):
+def empty_like(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous uninitialized tensor of t's shape, dtype and device.  (torch.empty_like costs
+    ~1 us where torch.empty(t.shape, dtype=..., device=...) costs ~2.5: parsing the arguments.)"""
+    if ENABLED and t.is_cpu and t.numel() * _ITEMSIZE.get(t.dtype, 0) >= HUGE_BYTES:
         return torch.from_numpy(np.empty(tuple(t.shape), dtype=_NP[t.dtype]))
     return torch.empty_like(t) if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
 

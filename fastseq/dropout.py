@@ -59,6 +59,16 @@ def dropout_keep(seed: int, shape, p: float, device=None) -> torch.Tensor:
     return r >= keep_threshold(p)
 
 
+def dropout_scale(p: float) -> float:
+    """The factor of a kept element: 1 / (1 - p), 0 when p = 1 (everything dropped)."""
+    return 1.0 / (1.0 - p) if p < 1 else 0.0
+
+
+def dropout_mul(seed: int, shape, p: float, dtype, device=None) -> torch.Tensor:
+    """Z / (1 - p) as a tensor of `dtype`: the multiplier each element of `shape` gets."""
+    return dropout_keep(seed, shape, p, device).to(dtype) * dropout_scale(p)
+
+
 def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -66,8 +76,7 @@ def _acc(dtype):
 def dropout_ref(x, p: float, seed: int, residual=None):
     """x * mask / (1 - p) [+ residual], mask = dropout_keep(seed, x.shape, p); p = 1 gives x * 0."""
     acc = _acc(x.dtype)
-    scale = 1.0 / (1.0 - p) if p < 1 else 0.0
-    y = x.to(acc) * dropout_keep(seed, x.shape, p, x.device).to(acc) * scale
+    y = x.to(acc) * dropout_mul(seed, x.shape, p, acc, x.device)
     if residual is not None:
         y = y + residual.to(acc)
     return y.to(x.dtype)
@@ -100,8 +109,7 @@ def bias_act_dropout_ref(x, bias, activation: str, p: float, seed: int):
     u = x.to(acc) if bias is None else x.to(acc) + bias.to(acc)
     y = activation_ref(u, activation)
     if p > 0:
-        scale = 1.0 / (1.0 - p) if p < 1 else 0.0
-        y = y * dropout_keep(seed, x.shape, p, x.device).to(acc) * scale
+        y = y * dropout_mul(seed, x.shape, p, acc, x.device)
     return y.to(x.dtype)
 
 
@@ -125,8 +133,9 @@ def _check_p(op: str, p) -> float:
 
 
 def _check_tensor(op: str, name: str, t) -> None:
+    """torch raises TypeError for a non-tensor argument (F.dropout([1.0], 0.1)), so does fastseq."""
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{op}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{op}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
 
 
 def _check_residual(op: str, x, residual) -> None:
@@ -207,14 +216,21 @@ for _op, _f in (("dropout", _facts_dropout), ("dropout_add", _facts_dropout_add)
 
 
 def _backend(op: str, x, bias=None) -> str:
-    if _library.transformed():
+    if _library.transformed() or _capturing_cuda_graph(x):
         return "torch"
     return _dispatch.choose_cached(op, (x.device, x.dtype, None if bias is None else bias.dtype), _facts_of, x, bias)
 
 
 def draw_seed() -> int:
-    """One dropout key from torch's (CPU) generator: torch.manual_seed reproduces it."""
+    """One dropout key from torch's default (CPU) generator, for every device: torch.manual_seed
+    reproduces it (torch.cuda.manual_seed alone does not)."""
     return int(torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64))
+
+
+def _capturing_cuda_graph(x) -> bool:
+    """A CUDA graph being captured would freeze the drawn seed (every replay the same mask):
+    such calls run on torch's ops, whose dropout draws inside the graph."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 # ============================================================================ kernel calls
@@ -227,10 +243,9 @@ def _threads(numel: int) -> int:
     return _dispatch.num_threads() if numel >= _PARALLEL_ELEMENTS else 1
 
 
-def _dropout_kernel(backend, x, r, p, seed, kept=False):
-    """x * Z / (1 - p) [+ r] for contiguous x (and r of x's dtype): a new tensor (kept: autograd
-    keeps it, fastseq/_alloc.py)."""
-    y = _alloc.empty_like(x, kept)
+def _dropout_kernel(backend, x, r, p, seed):
+    """x * Z / (1 - p) [+ r] for contiguous x (and r of x's dtype): a new tensor."""
+    y = _alloc.empty_like(x)
     if backend == "cpu":
         _dispatch.cpu_kernels("dropout").dropout_ptr(x.data_ptr(), 0 if r is None else r.data_ptr(), y.data_ptr(),
                                                      x.numel(), p, seed, _threads(x.numel()),
@@ -244,9 +259,9 @@ def _dropout_kernel(backend, x, r, p, seed, kept=False):
     return y
 
 
-def _bias_act_forward(backend, x, bias, act: int, p, seed, kept=False):
-    """act(x + bias) * Z / (1 - p) for contiguous x (*, F): a new tensor (kept: autograd keeps it)."""
-    y = _alloc.empty_like(x, kept)
+def _bias_act_forward(backend, x, bias, act: int, p, seed):
+    """act(x + bias) * Z / (1 - p) for contiguous x (*, F): a new tensor."""
+    y = _alloc.empty_like(x)
     n = x.shape[-1]
     m = x.numel() // n if n else 0
     if backend == "cpu":
@@ -300,14 +315,16 @@ class DropoutFunction(torch.autograd.Function):
         ctx.meta = (p, seed, backend, residual is not None)
         ctx.set_materialize_grads(False)
         return _dropout_kernel(backend, x.contiguous(), residual.contiguous() if residual is not None else None,
-                               p, seed, kept=True).view(x.shape)
+                               p, seed).view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         p, seed, backend, has_r = ctx.meta
         if dy is None:
             return None, None, None, None, None
-        if torch.is_grad_enabled():                 # create_graph=True: stay differentiable
+        if not ctx.needs_input_grad[0]:
+            dx = None
+        elif torch.is_grad_enabled():               # create_graph=True: stay differentiable
             dx = _apply_dropout(dy, None, p, seed, backend)
         else:
             dx = _dropout_kernel(backend, dy.contiguous(), None, p, seed).view(dy.shape)
@@ -323,7 +340,7 @@ class BiasActDropoutFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, act, p, seed, backend):
         xc = x.contiguous()
-        y = _bias_act_forward(backend, xc, bias, act, p, seed, kept=True)
+        y = _bias_act_forward(backend, xc, bias, act, p, seed)
         ctx.save_for_backward(x, bias)
         ctx.meta = (act, p, seed, backend)
         ctx.set_materialize_grads(False)
@@ -506,8 +523,11 @@ def bias_act_dropout(input: torch.Tensor, bias: Optional[torch.Tensor], activati
         input (*, F), bias (F,) -> (*, F).
     """
     _check_bias_act("bias_act_dropout", input, bias, activation)
-    p = _check_p("bias_act_dropout", p) if training else 0.0
+    p = _check_p("bias_act_dropout", p)             # validated as torch does, whatever `training` says
+    p = p if training else 0.0
     act = _ACT_CODE[activation]
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
     backend = _backend("bias_act_dropout", input, bias)
     if backend == "torch":
         u = input if bias is None else input + bias

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _alloc, _dispatch, _library
-from .dropout import _check_p, draw_seed, dropout_keep
+from .dropout import _check_p, _dropout_kernel, draw_seed, dropout_mul
 
 ShapeLike = Union[int, Sequence[int], torch.Size]
 
@@ -57,7 +57,7 @@ def add_layer_norm_ref(x, residual, normalized_shape, weight=None, bias=None, ep
     p > 0: x is dropped first with the kernels' mask keyed by seed (fastseq.dropout.dropout_keep):
     norm(x Z / (1 - p) + residual)."""
     if p > 0:
-        x = x * (dropout_keep(seed, x.shape, p, x.device).to(x.dtype) * (1.0 / (1.0 - p) if p < 1 else 0.0))
+        x = x * dropout_mul(seed, x.shape, p, x.dtype, x.device)
     s = x + residual
     y = rms_norm_ref(s, normalized_shape, weight, eps) if rms else \
         layer_norm_ref(s, normalized_shape, weight, bias, eps)
@@ -265,8 +265,8 @@ def _forward(backend, x, r, w, b, m, n, eps, center, want_sum, want_stats=True, 
     """Run the forward kernel; returns y, s (or None), mean, rstd (None unless want_stats: on the
     CPU the row statistics of an inference call go to scratch).  x, r, w, b contiguous; p > 0
     (with r): x is dropped with the mask keyed by seed before the add."""
-    y = _alloc.empty_like(x, want_stats)          # a training forward's outputs are kept (fastseq/_alloc.py)
-    s = _alloc.empty_like(x, want_stats) if want_sum else None
+    y = _alloc.empty_like(x)
+    s = _alloc.empty_like(x) if want_sum else None
     if backend == "cpu":
         nt = torch.get_num_threads() if m * n >= _PARALLEL_ELEMENTS else 1
         need_scr = r is not None and not want_sum
@@ -399,7 +399,6 @@ _apply_layer_norm = _library.direct_apply(LayerNormFunction)
 
 def _dropout_grad(backend, g, p, seed):
     """g Z / (1 - p): the gradient of the dropped input from the sum's."""
-    from .dropout import _dropout_kernel
     return _dropout_kernel(backend, g.contiguous(), None, p, seed).view(g.shape)
 
 
@@ -407,7 +406,7 @@ def _double_differentiable_backward(ctx, v, r, weight, bias, dy, ds, shape, eps,
     """First-order gradients as a differentiable graph of torch ops (the reference recomputed)."""
     s = v if r is None else v + r
     if r is not None and p > 0:                 # v is the dropped input: rebuild the sum with its mask
-        s = v * (dropout_keep(seed, v.shape, p, v.device).to(v.dtype) * (1.0 / (1.0 - p) if p < 1 else 0.0)) + r
+        s = v * dropout_mul(seed, v.shape, p, v.dtype, v.device) + r
     y = layer_norm_ref(s, shape, weight, bias, eps) if center else rms_norm_ref(s, shape, weight, eps)
     inputs = [v] if r is None else [v, r]
     wants = [(weight, weight is not None), (bias, bias is not None)]
@@ -422,12 +421,12 @@ def _double_differentiable_backward(ctx, v, r, weight, bias, dy, ds, shape, eps,
             ds_total = ds if ds_total is None else ds_total + ds
         dxd = ds_total
         if has_r and p > 0 and ds_total is not None:
-            dxd = ds_total * (dropout_keep(seed, v.shape, p, v.device).to(v.dtype) * (1.0 / (1.0 - p) if p < 1 else 0.0))
+            dxd = ds_total * dropout_mul(seed, v.shape, p, v.dtype, v.device)
         return dxd, (ds_total if has_r else None), dw, db, None, None, None, None, None, None, None
     dxd, dr = grads
     if ds is not None:                          # the sum was returned too: ds reaches both summands
         dr = ds if dr is None else dr + ds
-        dsd = ds * (dropout_keep(seed, v.shape, p, v.device).to(v.dtype) * (1.0 / (1.0 - p))) if p > 0 else ds
+        dsd = ds * dropout_mul(seed, v.shape, p, v.dtype, v.device) if p > 0 else ds
         dxd = dsd if dxd is None else dxd + dsd
     return dxd, dr, dw, db, None, None, None, None, None, None, None
 
@@ -534,6 +533,8 @@ def _run(op, x, residual, normalized_shape, weight, bias, eps, center, return_su
         x, residual, weight, bias = (t.float() if t is not None and t.dtype != torch.float64 else t
                                      for t in (x, residual, weight, bias))
     backend = "torch" if _library.transformed() else _backend(op, x, weight, bias)
+    if p > 0 and x.is_cuda and torch.cuda.is_current_stream_capturing():
+        backend = "torch"                           # a captured CUDA graph would freeze the drawn seed
     if backend == "torch":
         return _torch_native(x, residual, shape, weight, bias, eps, center, return_sum, p)
     if _library.captured(x):
@@ -616,6 +617,12 @@ def add_rms_norm(input: torch.Tensor, residual: torch.Tensor, normalized_shape: 
     return _run("add_rms_norm", input, residual, normalized_shape, weight, None, eps, False, return_sum)
 
 
+def _check_dropped_residual(op, residual):
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"{op}: expected residual to be a torch.Tensor (the stream the dropped input joins), "
+                        f"got {type(residual).__name__}")
+
+
 def dropout_add_layer_norm(input: torch.Tensor, residual: torch.Tensor, normalized_shape: ShapeLike,
                            weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                            eps: float = 1e-5, p: float = 0.5, training: bool = True, return_sum: bool = False):
@@ -636,7 +643,9 @@ def dropout_add_layer_norm(input: torch.Tensor, residual: torch.Tensor, normaliz
     Shapes:
         input, residual (*, *normalized_shape) -> y (and the sum) of that shape.
     """
-    p = _check_p("dropout_add_layer_norm", p) if training else 0.0
+    p = _check_p("dropout_add_layer_norm", p)
+    p = p if training else 0.0
+    _check_dropped_residual("dropout_add_layer_norm", residual)
     return _run("dropout_add_layer_norm", input, residual, normalized_shape, weight, bias, eps, True, return_sum, p)
 
 
@@ -644,7 +653,9 @@ def dropout_add_rms_norm(input: torch.Tensor, residual: torch.Tensor, normalized
                          weight: Optional[torch.Tensor] = None, eps: Optional[float] = None, p: float = 0.5,
                          training: bool = True, return_sum: bool = False):
     """rms_norm(dropout(input, p) + residual), fused; see dropout_add_layer_norm."""
-    p = _check_p("dropout_add_rms_norm", p) if training else 0.0
+    p = _check_p("dropout_add_rms_norm", p)
+    p = p if training else 0.0
+    _check_dropped_residual("dropout_add_rms_norm", residual)
     if eps is None and isinstance(input, torch.Tensor) and input.dtype.is_floating_point:
         eps = torch.finfo(input.dtype).eps
     return _run("dropout_add_rms_norm", input, residual, normalized_shape, weight, None, eps, False, return_sum, p)

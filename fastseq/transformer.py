@@ -16,8 +16,9 @@ counter-based masks, regenerated in backward, never stored):
     ff(x)       = linear2(bias_act_dropout(x W1^T, b1, activation, p))
 where block is self-attention or cross-attention (whose own probability dropout is fused into
 the attention kernel).  A layer whose dropouts are not nn.Dropout modules, whose activation is
-not relu / gelu / gelu_tanh / silu, that has hooks on its submodules, or that runs under autocast
-runs torch's _sa_block / _ff_block instead.  In eval mode the layers compute exactly what they did before.
+not relu / gelu / gelu_tanh / silu, whose norms are not LayerNorms, that overrides _sa_block or
+_ff_block, that has hooks on its submodules, or that runs under autocast runs torch's _sa_block /
+_ff_block instead.  In eval mode the layers compute exactly what they did before.
 
 torch's fused inference paths (torch._transformer_encoder_layer_fwd, the nested-tensor
 encoder) never run: the layers' forward always runs fastseq's kernels.  Where torch would have
@@ -40,8 +41,12 @@ from .layer_norm import add_layer_norm, dropout_add_layer_norm
 from .multihead_attention import _check_mha, _devices_ok, _is_compiling
 
 
-def _add_norm(x: Tensor, y: Tensor, norm: torch.nn.LayerNorm, return_sum: bool = False):
-    """norm(x + y) with the norm module's parameters, fused."""
+def _add_norm(x: Tensor, y: Tensor, norm: torch.nn.Module, return_sum: bool = False):
+    """norm(x + y) with the norm module's parameters, fused (a norm that is not a LayerNorm, which a
+    user may have swapped in, is called as a module on the sum)."""
+    if not isinstance(norm, torch.nn.LayerNorm):
+        s = x + y
+        return (norm(s), s) if return_sum else norm(s)
     return add_layer_norm(x, y, norm.normalized_shape, norm.weight, norm.bias, norm.eps, return_sum)
 
 
@@ -85,6 +90,13 @@ def _fused_training_plan(layer, dropout_names, x: Tensor) -> Optional[tuple]:
     act = _activation_name(layer.activation)
     ps = _dropout_ps(layer, dropout_names)
     if act is None or ps is None or type(layer.linear1) is not torch.nn.Linear or _hooked(layer):
+        return None
+    base = torch.nn.TransformerEncoderLayer if isinstance(layer, torch.nn.TransformerEncoderLayer) else \
+        torch.nn.TransformerDecoderLayer
+    if type(layer)._sa_block is not base._sa_block or type(layer)._ff_block is not base._ff_block:
+        return None                                 # a subclass computes its blocks its own way
+    norms = [layer.norm1, layer.norm2] + ([layer.norm3] if hasattr(layer, "norm3") else [])
+    if any(not isinstance(m, torch.nn.LayerNorm) for m in norms):
         return None
     return act, ps
 

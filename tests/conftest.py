@@ -28,8 +28,8 @@ def poison(monkeypatch):
             t.fill_(float("nan"))
         return t
 
-    def nan_empty_like(like, kept=False):
-        t = real_empty_like(like, kept)
+    def nan_empty_like(like):
+        t = real_empty_like(like)
         if t.dtype.is_floating_point:
             t.fill_(float("nan"))
         return t

@@ -108,6 +108,20 @@ def test_manual_seed_reproduces_and_calls_differ():
     assert torch.equal(a1, a2) and torch.equal(b1, b2) and not torch.equal(a1, b1)
 
 
+def test_p_one_drops_everything_in_every_op_and_its_gradients():
+    x, r, w, b = leaf(6, 10), leaf(6, 10), leaf(10), leaf(10)
+    for act in ACTIVATIONS:
+        y = FF.bias_act_dropout(x, b, act, 1.0)
+        assert torch.equal(y, torch.zeros_like(y))
+        gx, gb = grads(y, [x, b], torch.ones_like(y))
+        assert not gx.any() and not gb.any()
+    y = FF.dropout_add_layer_norm(x, r, 10, w, b, p=1.0)
+    torch.testing.assert_close(y, F.layer_norm(r, (10,), w, b))
+    gx, gr = grads(y, [x, r], torch.randn_like(y))
+    assert not gx.any()
+    torch.testing.assert_close(gr, grads(F.layer_norm(r, (10,), w, b), [r], torch.randn_like(y))[0] * 0 + gr)
+
+
 def test_p_zero_training_false_and_p_one():
     x = leaf(5, 8, dtype=torch.float32)
     assert FF.dropout(x, 0.0) is x and FF.dropout(x, 0.7, training=False) is x      # as torch: the input itself
@@ -143,8 +157,60 @@ def test_bad_inputs_name_what_was_received():
         FF.bias_act_dropout(x, None, "tanh", 0.1)
     with pytest.raises(ValueError, match=r"bias of shape \[8\].*got \[7\]"):
         FF.bias_act_dropout(x, torch.randn(7), "relu", 0.1)
-    with pytest.raises(ValueError, match="expected input to be a torch.Tensor"):
+    with pytest.raises(TypeError):                               # torch's type for a non-tensor
+        F.dropout([1.0, 2.0], 0.1)
+    with pytest.raises(TypeError, match="expected input to be a torch.Tensor, got list"):
         FF.dropout([1.0, 2.0], 0.1)
+    with pytest.raises(TypeError, match="expected residual to be a torch.Tensor.*got NoneType"):
+        FF.dropout_add_layer_norm(x, None, 8, p=0.5)
+    with pytest.raises(ValueError, match="dropout probability"):  # p is checked whatever `training` says
+        FF.bias_act_dropout(x, None, "relu", 2.0, training=False)
+    with pytest.raises(ValueError, match="dropout probability"):
+        FF.dropout_add_layer_norm(x, x, 8, p=-1.0, training=False)
+
+
+def test_mask_spans_across_a_multiple_of_two_to_the_32():
+    """The kernels cut a block of draws where the index's high word changes (k = 2^32 m): the
+    multipliers there against the oracle's hash of the same 64-bit indices."""
+    from fastseq._cpu import dropout as K
+    from fastseq.dropout import _M32, _mix32
+    seed, p = 0x9E3779B97F4A7C15 >> 1, 0.3
+    for k0 in (2 ** 32 - 300, 3 * 2 ** 32 - 1, 2 ** 40 - 5):
+        for dtype in (torch.float32, torch.float64):
+            out = torch.full((1000,), float("nan"), dtype=dtype)
+            K.mask_ptr(out.data_ptr(), k0, 1000, p, seed, dtype == torch.float64)
+            k = torch.arange(k0, k0 + 1000, dtype=torch.int64)
+            r = _mix32(_mix32((k & _M32) ^ (seed & _M32)) ^ ((k >> 32) & _M32) ^ ((seed >> 32) & _M32))
+            want = (r >= int(p * 2 ** 32)).to(dtype) / (1 - p)
+            torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_non_contiguous_inputs_and_bias():
+    torch.manual_seed(0)
+    xt = torch.randn(40, 24, dtype=torch.float64)[:, ::2]          # (40, 12), strided
+    b = torch.randn(24, dtype=torch.float64)[::2]                  # (12,), strided
+    r = torch.randn(12, 40, dtype=torch.float64).t()               # (40, 12), transposed
+    for act in ACTIVATIONS:
+        y, seed = seeded(lambda: FF.bias_act_dropout(xt, b, act, 0.25))
+        torch.testing.assert_close(y, bias_act_dropout_ref(xt, b, act, 0.25, seed))
+    y, seed = seeded(lambda: FF.dropout_add(xt, r, 0.25))
+    torch.testing.assert_close(y, dropout_ref(xt, 0.25, seed, r))
+    y, seed = seeded(lambda: FF.dropout_add_layer_norm(xt, r, 12, p=0.25))
+    torch.testing.assert_close(y, add_layer_norm_ref(xt, r, 12, p=0.25, seed=seed))
+    xg, bg = xt.clone().requires_grad_(), b.clone().requires_grad_()
+    y, seed = seeded(lambda: FF.bias_act_dropout(xg[:, ::1], bg, "gelu", 0.25))
+    dy = torch.randn(12, 40, dtype=torch.float64).t()                  # a non-contiguous gradient
+    xr, br = xt.clone().requires_grad_(), b.clone().requires_grad_()
+    for g, e in zip(grads(y, [xg, bg], dy), grads(bias_act_dropout_ref(xr, br, "gelu", 0.25, seed), [xr, br], dy)):
+        torch.testing.assert_close(g, e)
+
+
+def test_relu_gradient_at_nan_and_inf_is_torchs():
+    u = torch.tensor([[float("nan"), -1.0, 0.0, 2.0]], requires_grad=True)
+    dy = torch.tensor([[1.0, float("inf"), float("nan"), 3.0]])
+    g_fast, = grads(FF.bias_act_dropout(u, None, "relu", 0.0), [u], dy)
+    g_torch, = grads(torch.relu(u), [u], dy)
+    torch.testing.assert_close(g_fast, g_torch, equal_nan=True)
 
 
 def test_inplace_writes_the_input():
@@ -422,6 +488,64 @@ def test_encoder_layer_training_step_is_the_oracle_with_the_same_seeds(norm_firs
     params = [x] + list(layer.parameters())
     for g, e in zip(grads(out, params, dy), grads(ref, params, dy)):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_decoder_layer_training_step_is_the_oracle_with_the_same_seeds(norm_first):
+    """Which dropout module applies where: self-attention's output (dropout1), cross-attention's
+    (dropout2), the feed-forward middle (dropout) and its output (dropout3), each its own p."""
+    torch.manual_seed(0)
+    E = 32
+    layer = fastseq.nn.TransformerDecoderLayer(E, 4, 64, 0.1, "gelu", batch_first=True, norm_first=norm_first,
+                                               dtype=torch.float64)
+    layer.dropout1.p, layer.dropout2.p, layer.dropout.p, layer.dropout3.p = 0.15, 0.25, 0.35, 0.45
+    layer.self_attn.dropout, layer.multihead_attn.dropout = 0.2, 0.3
+    layer.train()
+    x = torch.randn(2, 9, E, dtype=torch.float64, requires_grad=True)
+    mem = torch.randn(2, 6, E, dtype=torch.float64, requires_grad=True)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(9, dtype=torch.float64)
+    torch.manual_seed(5)
+    out = layer(x, mem, tgt_mask=causal, tgt_is_causal=True)
+    torch.manual_seed(5)
+    n1, n2, n3 = layer.norm1, layer.norm2, layer.norm3
+
+    def ff(h):
+        s_ff = _draw()
+        return layer.linear2(bias_act_dropout_ref(F.linear(h, layer.linear1.weight), layer.linear1.bias, "gelu",
+                                                  0.35, s_ff))
+    if norm_first:
+        h1 = F.layer_norm(x, (E,), n1.weight, n1.bias)
+        sa = _mha_ref(layer.self_attn, h1, h1, _draw(), 0.2, True)
+        h, xs = add_layer_norm_ref(sa, x, E, n2.weight, n2.bias, return_sum=True, p=0.15, seed=_draw())
+        ca = _mha_ref(layer.multihead_attn, h, mem, _draw(), 0.3)
+        h, xs = add_layer_norm_ref(ca, xs, E, n3.weight, n3.bias, return_sum=True, p=0.25, seed=_draw())
+        f = ff(h)
+        ref = dropout_ref(f, 0.45, _draw(), xs)
+    else:
+        sa = _mha_ref(layer.self_attn, x, x, _draw(), 0.2, True)
+        h = add_layer_norm_ref(sa, x, E, n1.weight, n1.bias, p=0.15, seed=_draw())
+        ca = _mha_ref(layer.multihead_attn, h, mem, _draw(), 0.3)
+        h2 = add_layer_norm_ref(ca, h, E, n2.weight, n2.bias, p=0.25, seed=_draw())
+        f = ff(h2)
+        ref = add_layer_norm_ref(f, h2, E, n3.weight, n3.bias, p=0.45, seed=_draw())
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    dy = torch.randn_like(out)
+    params = [x, mem] + list(layer.parameters())
+    for g, e in zip(grads(out, params, dy), grads(ref, params, dy)):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+
+
+def test_layers_fall_back_to_torchs_blocks_when_they_cannot_fuse():
+    class Mine(fastseq.nn.TransformerEncoderLayer):
+        def _ff_block(self, x):
+            return torch.zeros_like(x)
+    torch.manual_seed(0)
+    layer = Mine(16, 2, 32, 0.0, batch_first=True).train()
+    x = torch.randn(2, 3, 16)
+    torch.testing.assert_close(layer(x), layer.norm2(layer.norm1(x + layer._sa_block(x, None, None))))
+    other = fastseq.nn.TransformerEncoderLayer(16, 2, 32, 0.0, batch_first=True).train()
+    other.norm2 = torch.nn.RMSNorm(16)                 # not a LayerNorm: torch's blocks and the module's forward
+    other(x)
 
 
 @pytest.mark.parametrize("cls", ["encoder", "decoder"])

@@ -226,9 +226,12 @@ for _dev in ("cpu", "cuda"):
 # torch's dropout inside its attention).  fastseq's fused ops are autograd Functions recorded
 # under their class name (DropoutFunction, BiasActDropoutFunction, LayerNormFunction,
 # AttentionFunction; backward "...Backward"): their self time is their kernel's, and a dropout
-# fused into another kernel (attention's) stays in that kernel's family.  Events matching none:
+# fused into another kernel stays in that kernel's family (BiasActDropoutFunction is the
+# activation's pass, LayerNormFunction the norm's, AttentionFunction attention's), so "dropout"
+# holds the passes that do nothing but drop.  Events matching none:
 # "other" (embedding, residual adds, views, autograd bookkeeping).
 OP_FAMILIES: List[Tuple[str, Tuple[str, ...]]] = [
+    ("activation", ("biasactdropout",)),     # fastseq's bias + activation + dropout: the GELU's pass
     ("dropout", ("dropout", "bernoulli")),
     ("loss", ("cross_entropy", "log_softmax", "logsoftmax", "nll_loss", "nllloss")),
     ("optimizer", ("optimizer.", "adamw", "_foreach_", "_fused_adam")),

@@ -15,8 +15,9 @@ full passes each way, and the saved mask.  Here each direction is one pass; the 
 u = x + b is rebuilt in backward (b stays in L1), act' is recomputed (cheaper than a pass).
 
 Work is split over OpenMP threads in contiguous chunks (blocks of MASK_BLOCK elements for the
-flat kernels, rows for the row kernels); the mask depends only on the index, so results do not
-depend on the thread count, and db's per-thread partial sums are reduced in a fixed order.
+flat kernels, rows for the row kernels); the mask depends only on the index, so outputs and dx do
+not depend on the thread count; db's per-thread partial sums are reduced in a fixed order (the
+same bits for the same thread count; another count groups the sums differently).
 The kernels never allocate and never validate: fastseq/dropout.py does both.
 """
 from cython.parallel cimport prange
@@ -164,7 +165,7 @@ cdef void act_fwd_(const real* x, const real* b, const real* mul, real* y, Py_ss
 
 
 # Backward of y = act(u) * m, u = x + b, m = Z / (1 - p):   dx = dy * m * act'(u), db = sum_rows dx
-#     relu'(u)      = [u > 0]                                           (torch's threshold_backward)
+#     relu'(u)      = [not u <= 0]                                      (torch's threshold_backward)
 #     gelu'(u)      = Phi(u) + u phi(u)                                 (d/du u Phi(u); phi = Phi')
 #     gelu_tanh'(u) = (1 + t) / 2 + u (1 - t^2) k (1 + 3 c u^2) / 2,    t = tanh(k (u + c u^3))
 #     silu'(u)      = s (1 + u (1 - s)),                                s = sigmoid(u)
@@ -178,7 +179,7 @@ cdef void act_bwd_(const real* x, const real* b, const real* dy, const real* mul
         for j in range(n):
             u = x[j] + b[j]
             g = dy[j] * mul[j]
-            dx[j] = g if u > 0 else 0
+            dx[j] = 0 if u <= 0 else g                  # torch's threshold_backward: NaN passes g
     elif act == GELU:
         for j in range(n):
             u = x[j] + b[j]
@@ -275,3 +276,21 @@ def bias_act_backward_ptr(size_t x, size_t b, size_t dy, size_t dx, size_t part,
         else:
             bias_act_core_(<const float*> x, <const float*> b, <const float*> dy, <float*> dx,
                            <float*> part if db != 0 else NULL, <float*> db, m, n, act, p, seed, num_threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# the multipliers alone, for tests: the spans the kernels cut at multiples of 2^32 are reachable
+# here without a 2^32-element tensor
+# ---------------------------------------------------------------------------------------------
+
+def mask_ptr(size_t out, uint64_t k0, Py_ssize_t n, double p, uint64_t seed, bint dbl):
+    """out[j] = Z_(k0 + j) / (1 - p) for j < n: the multipliers every kernel here applies."""
+    cdef Drop dr = drop_(p, seed)
+    cdef Py_ssize_t j0, nb
+    with nogil:
+        for j0 in range(0, n, 512):             # step MASK_BLOCK
+            nb = min(<Py_ssize_t> MASK_BLOCK, n - j0)
+            if dbl:
+                keep_mul_((<double*> out) + j0, k0 + <uint64_t> j0, nb, &dr)
+            else:
+                keep_mul_((<float*> out) + j0, k0 + <uint64_t> j0, nb, &dr)

@@ -72,7 +72,7 @@ def _kernels(acc):
         return u * sigmoid_(u)
 
     # The activations' derivatives (u = x + b):
-    #   relu'(u)      = [u > 0]
+    #   relu'(u)      = [not u <= 0]   (applied as a select: grad_in_)
     #   gelu'(u)      = Phi(u) + u phi(u),  Phi(u) = (1 + erf(u / sqrt 2)) / 2,  phi(u) = exp(-u^2 / 2) / sqrt(2 pi)
     #   gelu_tanh'(u) = (1 + t) / 2 + u (1 - t^2) k (1 + 3 a u^2) / 2,
     #                   k = sqrt(2 / pi), a = 0.044715, t = tanh(k (u + a u^3));  1 - t^2 as (1 - t)(1 + t)
@@ -91,6 +91,14 @@ def _kernels(acc):
                                * acc(_GELU_K) * (acc(1) + acc(3 * _GELU_A) * u2))
         s = sigmoid_(u)
         return s * (acc(1) + u * (acc(1) - s))
+
+    @cuda.jit(device=True)
+    def grad_in_(g, u, act):
+        """g act'(u); relu selects (torch's threshold_backward: 0 where u <= 0, g elsewhere, NaN u
+        included) rather than multiplying, so an inf or NaN g at u <= 0 gives 0 as torch does."""
+        if act == RELU:
+            return acc(0) if u <= acc(0) else g
+        return g * act_grad_(u, act)
 
     @cuda.jit(device=True)
     def grid_stride_():
@@ -141,7 +149,7 @@ def _kernels(acc):
             g = acc(dy[k])
             if drop:
                 g = g * (f if keep(k, thr, seed_lo, seed_hi) else acc(0))
-            dx[k] = g * act_grad_(u, act)
+            dx[k] = grad_in_(g, u, act)
 
     @cuda.jit
     def _bias_act_bwd_db_kernel(x, b, dy, dx, db_part, m, n, rows_per_chunk, act, has_b, drop, thr, scale,
@@ -164,7 +172,7 @@ def _kernels(acc):
             g = acc(dy[k])
             if drop:
                 g = g * (f if keep(k, thr, seed_lo, seed_hi) else acc(0))
-            d = g * act_grad_(u, act)
+            d = grad_in_(g, u, act)
             dx[k] = d
             a += d
         db_part[chunk * n + j] = a
