@@ -36,12 +36,12 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.math cimport INFINITY, log, exp
 
 from _common cimport real, chunk_, ptr_
+from _dropout_mask cimport Drop, drop_, keep_mul_, MASK_BLOCK
 from fastseq._cpu._blas cimport gemm_rm, install_blas, blas_installed
 
 cdef extern from "_fastmath.h" nogil:
     float fs_expf(float x)
     float fs_rowmaxf(const float* x, long n)
-    uint32_t fs_rand32(uint64_t index, uint64_t seed)
 
 cdef enum:
     BQ = 128       # queries per tile
@@ -130,10 +130,8 @@ cdef struct Mask:
     const void* add                 # additive mask (the data's type), or NULL
     const unsigned char* keep       # boolean mask (1 = attend), or NULL
     Py_ssize_t s0, s1, s2, s3       # element strides of the mask over (B, H, T, S); 0 = broadcast
-    bint drop                       # dropout on the probabilities
-    uint64_t seed                   # its key; element (b, h, i, j) draws fs_rand32(((b H + h) T + i) S + j)
-    uint32_t thresh                 # kept when the draw >= thresh (= p * 2^32)
-    double keep_scale               # 1 / (1 - p)
+    Drop dr                         # dropout on the probabilities (_dropout_mask.pxd); element
+                                    # (b, h, i, j) is the mask's index ((b H + h) T + i) S + j
 
 
 cdef inline Py_ssize_t row_lo_(Mask* mk, Py_ssize_t i) noexcept nogil:
@@ -193,13 +191,28 @@ cdef inline bint tile_is_plain_(Mask* mk, Py_ssize_t i0, Py_ssize_t i1, Py_ssize
 
 
 cdef inline void dropout_row_(Mask* mk, real* row, Py_ssize_t n, uint64_t index0) noexcept nogil:
-    """row[j] *= Z_j / (1 - p), Z_j = [fs_rand32(index0 + j) >= thresh]: the forward's P~ = P o Z / (1 - p)."""
-    cdef Py_ssize_t j
-    cdef real ks = <real> mk.keep_scale
-    cdef uint64_t seed = mk.seed
-    cdef uint32_t thr = mk.thresh
-    for j in range(n):
-        row[j] = row[j] * ks if fs_rand32(index0 + <uint64_t> j, seed) >= thr else 0
+    """row[j] *= Z_j / (1 - p) for the elements index0 + j: the forward's P~ = P o Z / (1 - p)."""
+    cdef real mul[MASK_BLOCK]
+    cdef Py_ssize_t j, j0, nb
+    for j0 in range(0, n, 512):                 # step MASK_BLOCK (a literal for a C loop)
+        nb = min(<Py_ssize_t> MASK_BLOCK, n - j0)
+        keep_mul_(mul, index0 + <uint64_t> j0, nb, &mk.dr)
+        for j in range(nb):
+            row[j0 + j] = row[j0 + j] * mul[j]
+
+
+cdef inline void dropout_grad_row_(Mask* mk, real* prow, real* dprow, real dl, Py_ssize_t n,
+                                   uint64_t index0) noexcept nogil:
+    """With m = Z / (1 - p) drawn once for both rows: dS = P o (dP~ o m - Delta) into dprow, and
+    P~ = P o m into prow (the backward's two uses of the regenerated mask)."""
+    cdef real mul[MASK_BLOCK]
+    cdef Py_ssize_t j, j0, nb
+    for j0 in range(0, n, 512):                 # step MASK_BLOCK
+        nb = min(<Py_ssize_t> MASK_BLOCK, n - j0)
+        keep_mul_(mul, index0 + <uint64_t> j0, nb, &mk.dr)
+        for j in range(nb):
+            dprow[j0 + j] = prow[j0 + j] * (dprow[j0 + j] * mul[j] - dl)
+            prow[j0 + j] = prow[j0 + j] * mul[j]
 
 
 cdef void init_mask_(Mask* mk, Py_ssize_t T, Py_ssize_t S, Py_ssize_t left, Py_ssize_t right,
@@ -211,10 +224,7 @@ cdef void init_mask_(Mask* mk, Py_ssize_t T, Py_ssize_t S, Py_ssize_t left, Py_s
     mk.right = S if right > S else right
     mk.key_len, mk.add, mk.keep = key_len, add, keep
     mk.s0, mk.s1, mk.s2, mk.s3 = s0, s1, s2, s3
-    mk.drop = p > 0
-    mk.seed = seed
-    mk.thresh = <uint32_t> min(p * 4294967296.0, 4294967295.0)
-    mk.keep_scale = 1.0 / (1.0 - p) if p < 1 else 0.0
+    mk.dr = drop_(p, seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +294,7 @@ cdef void fwd_unit_(const real* q, const real* k, const real* v, real* o, real* 
             if alpha != 1:
                 for c in range(Dv):
                     acc[r * Dv + c] = acc[r * Dv + c] * alpha
-            if mk.drop:                      # l keeps the undropped sum: softmax, then dropout
+            if mk.dr.on:                     # l keeps the undropped sum: softmax, then dropout
                 dropout_row_(mk, row, nk, <uint64_t> (((b * Hq + h) * T + i0 + r) * S + j0))
         if nq == 1:
             accumulate_1_(sc, vb + j0 * kv.vs, kv.vs, nk, Dv, acc)
@@ -440,11 +450,8 @@ cdef void bwd_unit_(const real* q, const real* k, const real* v, const real* do_
                     prow = sc + r * BK
                     dprow = dp + r * BK
                     dl = delta[row_base + r]
-                    if mk.drop:                           # dP = dP~ o Z / (1 - p);  sc becomes P~
-                        dropout_row_(mk, dprow, nk, <uint64_t> ((row_base + r) * S + j0))
-                        for j in range(nk):
-                            dprow[j] = prow[j] * (dprow[j] - dl)        # dS = P o (dP - Delta)
-                        dropout_row_(mk, prow, nk, <uint64_t> ((row_base + r) * S + j0))
+                    if mk.dr.on:                          # dP = dP~ o Z / (1 - p);  sc becomes P~
+                        dropout_grad_row_(mk, prow, dprow, dl, nk, <uint64_t> ((row_base + r) * S + j0))
                     else:
                         for j in range(nk):
                             dprow[j] = prow[j] * (dprow[j] - dl)        # dS = P o (dP - Delta)
