@@ -241,7 +241,7 @@ OP_FAMILIES: List[Tuple[str, Tuple[str, ...]]] = [
     ("gemm", ("addmm", "aten::mm", "mmbackward", "bmm", "linear", "matmul")),
 ]
 ANYWHERE = ("dropout",)      # families that claim an event wherever they match on its chain
-FAMILY_ORDER = [f for f, _ in OP_FAMILIES] + ["other"]
+FAMILY_ORDER = list(dict.fromkeys(f for f, _ in OP_FAMILIES)) + ["other"]
 
 
 def op_family(name: str) -> Optional[str]:
