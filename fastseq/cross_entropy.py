@@ -1,0 +1,525 @@
+"""Cross-entropy family: softmax cross-entropy with label smoothing and z-loss, fused into one pass
+forward and one backward, and the LM head + loss (linear_cross_entropy) that never forms the
+(N, V) logits.
+
+Read top to bottom: the pure-torch reference (the test oracle), input checks, dispatch, the
+kernel calls, the autograd Functions, the functional ops, the modules.
+
+The loss of row i (logits z, target t, class weights w, W = sum_c w_c; w = 1 without weights):
+    loss_i = A w_t (lse - z_t) + B sum_c w_c (lse - z_c) + z_loss lse^2,    lse = log sum_c exp z_c
+    smoothing="torch":   A = 1 - eps, B = eps / V             (torch's label_smoothing: target
+                         1 - eps + eps/V, every class eps/V; its weighted form, as F.cross_entropy)
+    smoothing="fairseq": A = 1 - eps - eps/(V-1), B = eps/(V-1) (fairseq's
+                         label_smoothed_nll_loss: target 1 - eps, the others eps/(V-1))
+Rows whose target is ignore_index count 0.  reduction="mean" divides the sum by sum_i w_(t_i)
+over the rows not ignored (torch's rule; NaN when every row is ignored), "sum" sums, "none"
+returns the rows.  The z-loss term (PaLM's log-Z penalty) is added to each row that is not
+ignored before the reduction.
+"""
+import math
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _alloc, _dispatch, _library
+
+SMOOTHINGS = ("torch", "fairseq")
+
+
+# ============================================================================ reference
+
+def smoothing_coefficients(label_smoothing: float, V: int, smoothing: str = "torch"):
+    """(A, B) of the loss above."""
+    eps = float(label_smoothing)
+    if smoothing == "fairseq":
+        b = eps / (V - 1) if V > 1 else 0.0
+        return 1.0 - eps - b, b
+    return 1.0 - eps, eps / V if V > 0 else 0.0
+
+
+def cross_entropy_ref(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                      smoothing="torch", z_loss=0.0, return_lse=False):
+    """The loss above in torch ops, in the accumulator precision: input (N, V), target (N,) int64."""
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    z = input.to(acc)
+    V = z.shape[-1]
+    lse = torch.logsumexp(z, -1)                                           # (N,)
+    live = target != ignore_index
+    t = torch.where(live, target, torch.zeros_like(target))
+    w = weight.to(acc) if weight is not None else torch.ones(V, dtype=acc, device=z.device)
+    wt = w[t] * live                                                       # (N,)
+    A, B = smoothing_coefficients(label_smoothing, V, smoothing)
+    nll = wt * (lse - z.gather(-1, t.unsqueeze(-1)).squeeze(-1))
+    rows = A * nll
+    if B != 0:
+        rows = rows + B * live * (w.sum() * lse - (z * w).sum(-1))
+    if z_loss:
+        rows = rows + z_loss * live * lse * lse
+    if reduction == "none":
+        out = rows
+    elif reduction == "sum":
+        out = rows.sum()
+    else:
+        out = rows.sum() / wt.sum()
+    out = out.to(input.dtype)
+    return (out, lse.to(input.dtype)) if return_lse else out
+
+
+def linear_cross_entropy_ref(input, weight, target, bias=None, **kw):
+    """cross_entropy_ref(F.linear(input, weight, bias), target, ...) (the logits formed whole);
+    class weights as class_weight=."""
+    cw = kw.pop("class_weight", None)
+    return cross_entropy_ref(F.linear(input, weight, bias), target, cw, **kw)
+
+
+# ============================================================================ input checks
+
+def _check_common(op, V, target, weight, ignore_index, reduction, label_smoothing, smoothing, z_loss):
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"{op}: {reduction} is not a valid value for reduction")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if smoothing not in SMOOTHINGS:
+        raise ValueError(f"{op}: smoothing must be one of {', '.join(SMOOTHINGS)}, got {smoothing!r}")
+    if not math.isfinite(float(z_loss)) or float(z_loss) < 0:
+        raise ValueError(f"{op}: z_loss must be a finite coefficient >= 0, got {z_loss}")
+    if weight is not None and (not isinstance(weight, torch.Tensor) or weight.shape != (V,)):
+        raise ValueError(f"{op}: expected a class weight of shape [{V}], got "
+                         f"{list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+
+
+def _check_targets(op, target, V, ignore_index):
+    """A target outside [0, V) that is not ignore_index: torch's IndexError (never read past V)."""
+    if target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= V))
+    if bool(bad.any()):
+        value = int(target[bad].flatten()[0])
+        raise IndexError(f"{op}: Target {value} is out of bounds (the logits have {V} classes; "
+                         f"ignore_index is {ignore_index})")
+
+
+def _fusable_reasons(input, target, weight) -> List[str]:
+    """Why the fused kernels cannot take this call at all (it then runs on torch's ops)."""
+    out = []
+    if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
+        return ["input and target must be tensors"]
+    if target.dtype.is_floating_point:
+        out.append("probability (soft) targets run on torch's F.cross_entropy")
+    elif target.dtype != torch.int64:
+        out.append(f"class-index targets must be int64 (torch's rule), got {target.dtype}")
+    if input.dim() > 2:
+        out.append(f"the classes must be the last dim of 2-D (N, C) or 1-D (C,) logits; got {input.dim()}-D "
+                   f"(reshape to (-1, C), as sequence models do)")
+    elif input.dim() == 0 or target.dim() != input.dim() - 1 or \
+            (input.dim() == 2 and target.shape[0] != input.shape[0]):
+        out.append(f"logits {list(input.shape)} and targets {list(target.shape)} do not pair as (N, C) and (N,)")
+    if weight is not None and weight.dtype != input.dtype:
+        out.append(f"class weight dtype {weight.dtype} differs from the logits' {input.dtype}")
+    return out
+
+
+# ============================================================================ dispatch
+
+def _facts(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
+           label_smoothing=0.0, smoothing="torch", z_loss=0.0, return_lse=False):
+    return {"device": input.device.type, "dtype": str(input.dtype).replace("torch.", ""),
+            "shape_reasons": _fusable_reasons(input, target, weight)}
+
+
+def _kernel_reasons(backend, dtypes):
+    def reasons(f: dict) -> List[str]:
+        out = list(f["shape_reasons"])
+        if f["dtype"] not in dtypes:
+            out.append(f"{backend} kernels take {', '.join(dtypes)}, got {f['dtype']}")
+        return out
+    return reasons
+
+
+_dispatch.register_op("cross_entropy", _facts, cpu=_kernel_reasons("cpu", ("float32", "float64")),
+                      cuda=_kernel_reasons("cuda", ("float16", "float32", "float64")), torch=lambda f: [])
+
+
+def _backend(input, target, weight) -> str:
+    if _library.transformed():
+        return "torch"
+    key = (input.device, input.dtype, target.dtype, input.dim(), target.dim(),
+           None if weight is None else weight.dtype, input.dim() == 2 and target.shape[0] != input.shape[0])
+    return _dispatch.choose_cached("cross_entropy", key, _facts, input, target, weight)
+
+
+# ============================================================================ kernel calls
+
+def _stat_dtype(x):
+    return x.dtype if x.dtype == torch.float64 else torch.float32
+
+
+class _Loss:
+    """The options of one call, as the kernels take them."""
+    __slots__ = ("ignore_index", "A", "B", "W", "Z", "weight")
+
+    def __init__(self, V, weight, ignore_index, label_smoothing, smoothing, z_loss):
+        self.ignore_index = int(ignore_index)
+        self.A, self.B = smoothing_coefficients(label_smoothing, V, smoothing)
+        self.W = float(weight.sum()) if weight is not None and self.B != 0 else float(V)
+        self.Z = float(z_loss)
+        self.weight = weight.contiguous() if weight is not None else None
+
+
+def _threads(n, V):
+    return _dispatch.num_threads() if n * V >= (1 << 15) else 1
+
+
+def _forward_rows(backend, z, target, L: _Loss):
+    """Per row: (loss, lse, weight of its target) for logits z (n, V) with unit column stride."""
+    n, V = z.shape
+    loss = torch.empty(n, dtype=_stat_dtype(z), device=z.device)
+    lse = torch.empty(n, dtype=_stat_dtype(z), device=z.device)
+    wrow = torch.empty(n, dtype=_stat_dtype(z), device=z.device)
+    if backend == "cpu":
+        _dispatch.cpu_kernels("cross_entropy").forward_ptr(
+            z.data_ptr(), z.stride(0), target.data_ptr(), 0 if L.weight is None else L.weight.data_ptr(),
+            L.ignore_index, L.A, L.B, L.W, L.Z, loss.data_ptr(), lse.data_ptr(), wrow.data_ptr(), n, V,
+            _threads(n, V), z.dtype == torch.float64)
+    else:
+        from fastseq._cuda._common import as_array, on_device, torch_stream
+        k = _dispatch.cuda_kernels("cross_entropy")
+        with on_device(z.device):
+            k.forward(as_array(z), as_array(target), as_array(L.weight) if L.weight is not None else as_array(lse),
+                      L.weight is not None, L.ignore_index, L.A, L.B, L.W, L.Z, as_array(loss), as_array(lse),
+                      as_array(wrow), n, V, stream=torch_stream())
+    return loss, lse, wrow
+
+
+def _backward_rows(backend, z, target, L: _Loss, lse, g, gs, dz):
+    """dz (n, V) = the rows' loss gradient times g (n,) or the scalar gs (g None); dz may be z."""
+    n, V = z.shape
+    if backend == "cpu":
+        _dispatch.cpu_kernels("cross_entropy").backward_ptr(
+            z.data_ptr(), z.stride(0), target.data_ptr(), 0 if L.weight is None else L.weight.data_ptr(),
+            L.ignore_index, L.A, L.B, L.W, L.Z, lse.data_ptr(), 0 if g is None else g.data_ptr(), float(gs),
+            dz.data_ptr(), dz.stride(0), n, V, _threads(n, V), z.dtype == torch.float64)
+    else:
+        from fastseq._cuda._common import as_array, on_device, torch_stream
+        k = _dispatch.cuda_kernels("cross_entropy")
+        with on_device(z.device):
+            k.backward(as_array(z), as_array(target), as_array(L.weight) if L.weight is not None else as_array(lse),
+                       L.weight is not None, L.ignore_index, L.A, L.B, L.W, L.Z, as_array(lse),
+                       as_array(g) if g is not None else as_array(lse), g is not None, float(gs), as_array(dz),
+                       n, V, stream=torch_stream())
+    return dz
+
+
+def _reduce(rows, wrow, reduction):
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / wrow.sum()
+
+
+def _row_scale(reduction, grad, wrow):
+    """(per-row g or None, scalar gs) of the rows' gradient for the output's gradient `grad`."""
+    if reduction == "none":
+        return grad.to(wrow.dtype).contiguous(), 0.0
+    if reduction == "sum":
+        return None, float(grad)
+    denom = float(wrow.sum())
+    return None, (float(grad) / denom if denom != 0 else float("nan"))
+
+
+# ============================================================================ autograd
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Fused softmax cross-entropy over (N, V) logits; saves the logits' reference and lse (N,)."""
+
+    @staticmethod
+    def forward(ctx, z, target, weight, ignore_index, reduction, label_smoothing, smoothing, z_loss, backend):
+        zc = z if z.stride(-1) == 1 else z.contiguous()
+        L = _Loss(z.shape[1], weight, ignore_index, label_smoothing, smoothing, z_loss)
+        rows, lse, wrow = _forward_rows(backend, zc, target, L)
+        ctx.save_for_backward(zc, target, lse, wrow)
+        ctx.meta = (L, reduction, backend)
+        ctx.mark_non_differentiable(lse)
+        return _reduce(rows, wrow, reduction).to(z.dtype), lse.to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad, _grad_lse):
+        L, reduction, backend = ctx.meta
+        z, target, lse, wrow = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            raise NotImplementedError("cross_entropy: double backward through the fused loss is not supported; "
+                                      "use fastseq.use_backend('torch') for higher-order gradients")
+        g, gs = _row_scale(reduction, grad, wrow)
+        dz = _backward_rows(backend, z, target, L, lse, g, gs, _alloc.empty_like(z))
+        return dz, None, None, None, None, None, None, None, None
+
+
+_apply_cross_entropy = _library.direct_apply(CrossEntropyFunction)
+
+
+def _chunk_rows(N, V, itemsize):
+    """Rows per chunk of linear_cross_entropy: a (rows, V) block of logits of ~8 MiB, which stays
+    in the last-level cache between the GEMM that writes it, the loss pass that overwrites it
+    with its gradient and the two GEMMs that read it; at least 64 rows (a GEMM of fewer runs
+    below its peak), at most N."""
+    return max(1, min(N, max(64, (8 << 20) // max(1, V * itemsize))))
+
+
+def _linear_ce_chunks(backend, x, W, b, target, L: _Loss, g, gs, want, chunk, out_rows=None):
+    """Run the chunks: logits = x W^T + b per chunk, the loss rows (when out_rows), and with
+    `want` = (dx, dW, db) buffers the gradients for row scale g / gs accumulated.  Returns lse."""
+    N = x.shape[0]
+    V = W.shape[0]
+    buf = torch.empty((min(chunk, N), V), dtype=x.dtype, device=x.device)
+    lse_all = torch.empty(N, dtype=_stat_dtype(x), device=x.device)
+    dx, dW, db = want
+    for r0 in range(0, N, chunk):
+        r1 = min(N, r0 + chunk)
+        z = buf[: r1 - r0]
+        xc = x[r0:r1]
+        if b is not None:
+            torch.addmm(b, xc, W.t(), out=z)                                  # (rows, V)
+        else:
+            torch.mm(xc, W.t(), out=z)
+        rows, lse, wrow = _forward_rows(backend, z, target[r0:r1], L)
+        lse_all[r0:r1] = lse
+        if out_rows is not None:
+            out_rows[0][r0:r1] = rows
+            out_rows[1][r0:r1] = wrow
+        if dx is None and dW is None and db is None:
+            continue
+        _backward_rows(backend, z, target[r0:r1], L, lse, None if g is None else g[r0:r1], gs, z)   # dz in place
+        if dx is not None:
+            torch.mm(z, W, out=dx[r0:r1])                                     # (rows, E)
+        if dW is not None:
+            dW.addmm_(z.t(), xc)                                             # (V, E)
+        if db is not None:
+            db.add_(z.sum(0))
+    return lse_all
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """cross_entropy(x W^T + b, target) in chunks of rows: the (N, V) logits never exist whole.
+
+    For reduction "mean" / "sum" the gradient's row scale is known in forward (the output's
+    gradient is one scalar, applied in backward), so forward computes dx, dW, db chunk by chunk
+    while each chunk of logits is in cache, and backward only scales them.  For "none" the row
+    scales arrive with backward, which recomputes the chunks."""
+
+    @staticmethod
+    def forward(ctx, x, W, b, target, class_weight, ignore_index, reduction, label_smoothing, smoothing, z_loss,
+                backend, chunk):
+        N, V = x.shape[0], W.shape[0]
+        xc, Wc = x.contiguous(), W.contiguous()
+        L = _Loss(V, class_weight, ignore_index, label_smoothing, smoothing, z_loss)
+        rows = torch.empty(N, dtype=_stat_dtype(x), device=x.device)
+        wrow = torch.empty(N, dtype=_stat_dtype(x), device=x.device)
+        need = ctx.needs_input_grad
+        early = reduction != "none" and (need[0] or need[1] or need[2])
+        want = (None, None, None)
+        gs = 0.0
+        if early:
+            denom = 1.0
+            if reduction == "mean":                  # sum of the live rows' target weights, before the chunks
+                live = target != ignore_index
+                tw = class_weight[target[live]] if class_weight is not None else None
+                denom = float(tw.sum()) if tw is not None else float(live.sum())
+            gs = 1.0 / denom if denom != 0 else float("nan")
+            want = (torch.empty_like(xc) if need[0] else None, torch.zeros_like(Wc) if need[1] else None,
+                    torch.zeros(V, dtype=x.dtype, device=x.device) if need[2] else None)
+        lse = _linear_ce_chunks(backend, xc, Wc, b, target, L, None, gs, want, chunk, (rows, wrow))
+        ctx.meta = (L, reduction, backend, chunk, early)
+        if early:
+            ctx.save_for_backward(*[t if t is not None else None for t in want])
+        else:
+            ctx.save_for_backward(xc, Wc, b, target, wrow)
+        ctx.mark_non_differentiable(lse)
+        return _reduce(rows, wrow, reduction).to(x.dtype), lse.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad, _grad_lse):
+        L, reduction, backend, chunk, early = ctx.meta
+        if torch.is_grad_enabled():
+            raise NotImplementedError("linear_cross_entropy: double backward is not supported; use "
+                                      "fastseq.use_backend('torch') for higher-order gradients")
+        nones = (None,) * 9
+        if early:
+            dx, dW, db = ctx.saved_tensors
+            s = grad.to(dx.dtype if dx is not None else dW.dtype if dW is not None else db.dtype)
+            return (dx * s if dx is not None else None, dW * s if dW is not None else None,
+                    db * s if db is not None else None) + nones
+        x, W, b, target, wrow = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        want = (torch.empty_like(x) if need[0] else None, torch.zeros_like(W) if need[1] else None,
+                torch.zeros(W.shape[0], dtype=x.dtype, device=x.device) if need[2] else None)
+        g = grad.to(_stat_dtype(x)).contiguous()
+        _linear_ce_chunks(backend, x, W, b, target, L, g, 0.0, want, chunk)
+        return want + nones
+
+
+_apply_linear_cross_entropy = _library.direct_apply(LinearCrossEntropyFunction)
+
+
+# ============================================================================ functional
+
+def _legacy(size_average, reduce, reduction):
+    if size_average is not None or reduce is not None:
+        from torch.nn import _reduction
+        return _reduction.legacy_get_string(size_average, reduce)
+    return reduction
+
+
+def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                  size_average=None, ignore_index: int = -100, reduce=None, reduction: str = "mean",
+                  label_smoothing: float = 0.0, *, smoothing: str = "torch", z_loss: float = 0.0,
+                  return_lse: bool = False):
+    """Softmax cross-entropy, as torch.nn.functional.cross_entropy, fused: one pass over the
+    logits forward (row max, then exponentials and sums: only lse (N,) is saved), one backward
+    pass writing the logits' gradient.
+
+    Args:
+        input: (N, C) or (C,) logits.  (N, C, d1, ...) and probability targets run on torch's op.
+        target: (N,) or () int64 class indices.
+        weight, size_average, ignore_index, reduce, reduction, label_smoothing: torch's.
+        smoothing: keyword extra, "torch" (label_smoothing as torch: the target gets
+            1 - eps + eps/C, every class eps/C) or "fairseq" (the target 1 - eps, the others
+            eps/(C-1), as fairseq's label_smoothed_cross_entropy).
+        z_loss: keyword extra, coefficient of lse^2 added to every row not ignored.
+        return_lse: keyword extra, also return the rows' log-sum-exp (N,) (no gradient).
+    Returns:
+        The loss (a scalar, or (N,) for reduction="none"), and lse when return_lse.
+    Shapes:
+        input (N, C), target (N,) -> () or (N,); lse (N,).
+    """
+    reduction = _legacy(size_average, reduce, reduction)
+    if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError(f"cross_entropy: expected tensors, got input {type(input).__name__} and target "
+                        f"{type(target).__name__}")
+    V = input.shape[-1] if input.dim() > 0 else 0
+    _check_common("cross_entropy", V, target, weight, ignore_index, reduction, label_smoothing, smoothing, z_loss)
+    backend = _backend(input, target, weight)
+    if backend == "torch":
+        return _torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, smoothing,
+                                    z_loss, return_lse)
+    unbatched = input.dim() == 1
+    z = input.unsqueeze(0) if unbatched else input
+    t = target.reshape(1) if unbatched else target
+    _check_targets("cross_entropy", t, V, ignore_index)
+    if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)):
+        if weight is not None and weight.requires_grad:
+            return _torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, smoothing,
+                                        z_loss, return_lse)
+        out, lse = _apply_cross_entropy(z, t.contiguous(), weight, ignore_index, reduction, label_smoothing,
+                                        smoothing, z_loss, backend)
+    else:
+        zc = z if z.stride(-1) == 1 else z.contiguous()
+        L = _Loss(V, weight, ignore_index, label_smoothing, smoothing, z_loss)
+        rows, lse, wrow = _forward_rows(backend, zc, t.contiguous(), L)
+        out, lse = _reduce(rows, wrow, reduction).to(input.dtype), lse.to(input.dtype)
+    if unbatched:
+        out, lse = (out.reshape(()) if reduction == "none" else out), lse.reshape(())
+    return (out, lse) if return_lse else out
+
+
+def _torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, smoothing, z_loss,
+                         return_lse):
+    """The "torch" backend: torch's F.cross_entropy where it has the option, the reference
+    (torch ops) for the extras."""
+    plain = smoothing == "torch" or label_smoothing == 0
+    if plain and not z_loss and not return_lse:
+        return F.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                               label_smoothing=label_smoothing)
+    if input.dim() != 2 and input.dim() != 1 or target.dtype.is_floating_point:
+        raise NotImplementedError("cross_entropy: smoothing='fairseq', z_loss and return_lse take (N, C) or (C,) "
+                                  "logits with class-index targets")
+    z = input.unsqueeze(0) if input.dim() == 1 else input
+    t = target.reshape(1) if input.dim() == 1 else target
+    out = cross_entropy_ref(z, t, weight, ignore_index, reduction, label_smoothing, smoothing, z_loss, True)
+    loss, lse = out
+    if input.dim() == 1:
+        loss, lse = (loss.reshape(()) if reduction == "none" else loss), lse.reshape(())
+    return (loss, lse) if return_lse else loss
+
+
+def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         bias: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, *, class_weight: Optional[torch.Tensor] = None,
+                         smoothing: str = "torch", z_loss: float = 0.0, return_lse: bool = False,
+                         chunk_rows: Optional[int] = None):
+    """cross_entropy(F.linear(input, weight, bias), target) without forming the (N, V) logits.
+
+    The rows run in chunks (_chunk_rows: ~8 MiB of logits each, so a chunk stays in the
+    last-level cache): per chunk one GEMM forms the logits, the fused loss pass turns them into
+    their gradient in place, and two GEMMs accumulate dx and dW.  Peak extra memory is one chunk
+    plus dx and dW, instead of the logits, their log-softmax and their gradient (3 N V).
+
+    Args:
+        input: (N, E) (or (*, E), flattened to rows); weight: (V, E) (a tied embedding works);
+            target: (N,) int64; bias: (V,) or None.
+        ignore_index, reduction, label_smoothing: as cross_entropy.
+        class_weight: per-class weights (cross_entropy's `weight`).
+        smoothing, z_loss, return_lse: as cross_entropy.
+        chunk_rows: rows per chunk (default: from V, see above).
+    Returns:
+        The loss (and lse (N,) when return_lse).
+    """
+    if not all(isinstance(t, torch.Tensor) for t in (input, weight, target)):
+        raise TypeError("linear_cross_entropy: expected tensors for input, weight and target")
+    if input.dim() < 1 or weight.dim() != 2 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy: expected input (N, E) and weight (V, E), got {list(input.shape)} "
+                         f"and {list(weight.shape)}")
+    x = input.reshape(-1, input.shape[-1])
+    t = target.reshape(-1)
+    V = weight.shape[0]
+    if t.shape[0] != x.shape[0]:
+        raise ValueError(f"linear_cross_entropy: {x.shape[0]} rows of input but {t.shape[0]} targets")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (V,)):
+        raise ValueError(f"linear_cross_entropy: expected bias of shape [{V}], got "
+                         f"{list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    _check_common("linear_cross_entropy", V, t, class_weight, ignore_index, reduction, label_smoothing, smoothing,
+                  z_loss)
+    backend = _backend(x, t, class_weight)
+    if backend != "torch" and (weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)):
+        backend = "torch"
+    if backend == "torch" or (class_weight is not None and class_weight.requires_grad):
+        return _torch_cross_entropy(F.linear(x, weight, bias), t, class_weight, ignore_index, reduction,
+                                    label_smoothing, smoothing, z_loss, return_lse)
+    _check_targets("linear_cross_entropy", t, V, ignore_index)
+    chunk = int(chunk_rows) if chunk_rows else _chunk_rows(x.shape[0], V, x.element_size())
+    out, lse = _apply_linear_cross_entropy(x, weight, bias, t.contiguous(), class_weight, ignore_index, reduction,
+                                           label_smoothing, smoothing, z_loss, backend, chunk)
+    return (out, lse) if return_lse else out
+
+
+# ============================================================================ modules
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """torch.nn.CrossEntropyLoss on the fused kernels: same constructor, buffers and forward."""
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+                             reduction=self.reduction, label_smoothing=self.label_smoothing)
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """The LM head and its loss in one module: forward(hidden (*, E), target (*,)) -> loss, with
+    a weight of shape (V, E) (pass an embedding's weight to tie them) and an optional bias.
+    Options as linear_cross_entropy."""
+
+    def __init__(self, in_features: int, num_classes: int, bias: bool = False, weight: Optional[torch.Tensor] = None,
+                 ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                 smoothing: str = "torch", z_loss: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        if weight is None:
+            weight = torch.nn.Parameter(torch.empty(num_classes, in_features, device=device, dtype=dtype))
+            torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        self.weight = weight
+        self.bias = torch.nn.Parameter(torch.zeros(num_classes, device=device, dtype=dtype)) if bias else None
+        self.ignore_index, self.reduction = ignore_index, reduction
+        self.label_smoothing, self.smoothing, self.z_loss = label_smoothing, smoothing, z_loss
+
+    def forward(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy(hidden, self.weight, target, self.bias, self.ignore_index, self.reduction,
+                                    self.label_smoothing, smoothing=self.smoothing, z_loss=self.z_loss)
