@@ -17,7 +17,7 @@ returns the rows.  The z-loss term (PaLM's log-Z penalty) is added to each row t
 ignored before the reduction.
 """
 import math
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -224,11 +224,12 @@ def _reduce(rows, wrow, reduction):
     return rows.sum() / wrow.sum()
 
 
-def _scaled(d, grad, reduction):
-    """The saved gradient d (computed for an output gradient of 1) for the output's gradient."""
+def _scaled(d, grad, reduction, traced=False):
+    """The saved gradient d (computed for an output gradient of 1) for the output's gradient
+    (traced: inside a captured graph, where the value of grad cannot be looked at)."""
     if reduction == "none":
         return d * grad.to(d.dtype).reshape(-1, *([1] * (d.dim() - 1)))
-    if not grad.is_cuda and float(grad) == 1.0:     # loss.backward(): no pass at all
+    if not traced and not grad.is_cuda and float(grad) == 1.0:     # loss.backward(): no pass at all
         return d
     return d * grad.to(d.dtype)
 
@@ -358,6 +359,86 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 _apply_linear_cross_entropy = _library.direct_apply(LinearCrossEntropyFunction)
 
 
+# ============================================================================ registered ops
+# The same kernels as torch.library ops, for graph capture (fastseq/_library.py).  Each forward
+# op also returns the gradients it computed for an output gradient of 1 (empty when not asked);
+# the registered backward scales them, so a compiled graph holds one opaque kernel call.
+
+@torch.library.custom_op("fastseq::cross_entropy", mutates_args=())
+def _cross_entropy_op(z: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
+                      reduction: str, label_smoothing: float, smoothing: str, z_loss: float, want_grad: bool,
+                      backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    zc = z if z.stride(-1) == 1 else z.contiguous()
+    L = _Loss(z.shape[1], weight, ignore_index, label_smoothing, smoothing, z_loss)
+    dz = _alloc.empty_like(zc) if want_grad else None
+    rows, lse, wrow = _rows(backend, zc, target, L, None, _first_scale(reduction, target, weight, ignore_index), dz)
+    return (_reduce(rows, wrow, reduction).to(z.dtype), lse.to(z.dtype),
+            dz if dz is not None else z.new_empty(0))
+
+
+@_cross_entropy_op.register_fake
+def _(z, target, weight, ignore_index, reduction, label_smoothing, smoothing, z_loss, want_grad, backend):
+    out = z.new_empty((z.shape[0],) if reduction == "none" else ())
+    return out, z.new_empty((z.shape[0],)), (torch.empty_like(z, memory_format=torch.contiguous_format)
+                                             if want_grad else z.new_empty(0))
+
+
+def _ce_setup_context(ctx, inputs, output):
+    ctx.reduction = inputs[4]
+    ctx.save_for_backward(output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _ce_op_backward(ctx, grad, _glse, _gdz):
+    dz, = ctx.saved_tensors
+    return (_scaled(dz, grad, ctx.reduction, traced=True),) + (None,) * 9
+
+
+_cross_entropy_op.register_autograd(_ce_op_backward, setup_context=_ce_setup_context)
+
+
+@torch.library.custom_op("fastseq::linear_cross_entropy", mutates_args=())
+def _linear_ce_op(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], target: torch.Tensor,
+                  class_weight: Optional[torch.Tensor], ignore_index: int, reduction: str, label_smoothing: float,
+                  smoothing: str, z_loss: float, want_dx: bool, want_dw: bool, want_db: bool, backend: str,
+                  chunk: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    N, V = x.shape[0], W.shape[0]
+    xc, Wc = x.contiguous(), W.contiguous()
+    L = _Loss(V, class_weight, ignore_index, label_smoothing, smoothing, z_loss)
+    rows = torch.empty(N, dtype=_stat_dtype(x), device=x.device)
+    wrow = torch.empty(N, dtype=_stat_dtype(x), device=x.device)
+    want = (torch.empty_like(xc) if want_dx else None, torch.zeros_like(Wc) if want_dw else None,
+            torch.zeros(V, dtype=x.dtype, device=x.device) if want_db else None)
+    gs = _first_scale(reduction, target, class_weight, ignore_index)
+    lse = _linear_ce_chunks(backend, xc, Wc, b, target, L, None, gs, want, chunk, (rows, wrow))
+    return (_reduce(rows, wrow, reduction).to(x.dtype), lse.to(x.dtype)) + \
+        tuple(t if t is not None else x.new_empty(0) for t in want)
+
+
+@_linear_ce_op.register_fake
+def _(x, W, b, target, class_weight, ignore_index, reduction, label_smoothing, smoothing, z_loss, want_dx, want_dw,
+      want_db, backend, chunk):
+    out = x.new_empty((x.shape[0],) if reduction == "none" else ())
+    return (out, x.new_empty((x.shape[0],)), torch.empty_like(x) if want_dx else x.new_empty(0),
+            torch.empty_like(W) if want_dw else x.new_empty(0), x.new_empty((W.shape[0],) if want_db else (0,)))
+
+
+def _lce_setup_context(ctx, inputs, output):
+    ctx.reduction = inputs[6]
+    ctx.wants = inputs[10:13]
+    ctx.save_for_backward(*output[2:])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _lce_op_backward(ctx, grad, *_):
+    grads = [_scaled(d, grad, ctx.reduction, traced=True) if want else None
+             for d, want in zip(ctx.saved_tensors, ctx.wants)]
+    return tuple(grads) + (None,) * 12
+
+
+_linear_ce_op.register_autograd(_lce_op_backward, setup_context=_lce_setup_context)
+
+
 # ============================================================================ functional
 
 def _legacy(size_average, reduce, reduction):
@@ -402,6 +483,13 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     unbatched = input.dim() == 1
     z = input.unsqueeze(0) if unbatched else input
     t = target.reshape(1) if unbatched else target
+    if _library.captured(input):
+        want = torch.is_grad_enabled() and input.requires_grad
+        out, lse, _ = _cross_entropy_op(z, t.contiguous(), weight, ignore_index, reduction, float(label_smoothing),
+                                        smoothing, float(z_loss), want, backend)
+        if unbatched:
+            out, lse = (out.reshape(()) if reduction == "none" else out), lse.reshape(())
+        return (out, lse) if return_lse else out
     _check_targets("cross_entropy", t, V, ignore_index)
     if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)):
         if weight is not None and weight.requires_grad:
@@ -482,8 +570,17 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     if backend == "torch" or (class_weight is not None and class_weight.requires_grad):
         return _torch_cross_entropy(F.linear(x, weight, bias), t, class_weight, ignore_index, reduction,
                                     label_smoothing, smoothing, z_loss, return_lse)
-    _check_targets("linear_cross_entropy", t, V, ignore_index)
     chunk = int(chunk_rows) if chunk_rows else _chunk_rows(x.shape[0], V, x.element_size())
+    if _library.captured(x):
+        grad = torch.is_grad_enabled()
+        wants = (grad and x.requires_grad, grad and weight.requires_grad, grad and bias is not None and bias.requires_grad)
+        if reduction == "none" and any(wants):          # the row scales arrive with backward: torch's ops
+            return _torch_cross_entropy(F.linear(x, weight, bias), t, class_weight, ignore_index, reduction,
+                                        label_smoothing, smoothing, z_loss, return_lse)
+        out, lse, *_ = _linear_ce_op(x, weight, bias, t.contiguous(), class_weight, ignore_index, reduction,
+                                     float(label_smoothing), smoothing, float(z_loss), *wants, backend, chunk)
+        return (out, lse) if return_lse else out
+    _check_targets("linear_cross_entropy", t, V, ignore_index)
     out, lse = _apply_linear_cross_entropy(x, weight, bias, t.contiguous(), class_weight, ignore_index, reduction,
                                            label_smoothing, smoothing, z_loss, backend, chunk)
     return (out, lse) if return_lse else out
