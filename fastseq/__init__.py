@@ -22,6 +22,7 @@ def _no_nested(m):
 for _torch_cls, _twin, _fix in [
     (_torch.nn.Dropout, nn.Dropout, None),
     (_torch.nn.CrossEntropyLoss, nn.CrossEntropyLoss, None),
+    (_torch.nn.LinearCrossEntropyLoss, nn.LinearCrossEntropyLoss, None),
     (_torch.nn.LayerNorm, nn.LayerNorm, None),
     (_torch.nn.RMSNorm, nn.RMSNorm, None),
     (_torch.nn.MultiheadAttention, nn.MultiheadAttention, None),

@@ -48,14 +48,15 @@ def cross_entropy_ref(input, target, weight=None, ignore_index=-100, reduction="
     live = target != ignore_index
     t = torch.where(live, target, torch.zeros_like(target))
     w = weight.to(acc) if weight is not None else torch.ones(V, dtype=acc, device=z.device)
-    wt = w[t] * live                                                       # (N,)
+    keep = live.to(acc)                                                    # (N,) 1 for the rows not ignored
+    wt = w[t] * keep                                                       # (N,)
     A, B = smoothing_coefficients(label_smoothing, V, smoothing)
     nll = wt * (lse - z.gather(-1, t.unsqueeze(-1)).squeeze(-1))
     rows = A * nll
     if B != 0:
-        rows = rows + B * live * (w.sum() * lse - (z * w).sum(-1))
+        rows = rows + B * keep * (w.sum() * lse - (z * w).sum(-1))
     if z_loss:
-        rows = rows + z_loss * live * lse * lse
+        rows = rows + z_loss * keep * lse * lse
     if reduction == "none":
         out = rows
     elif reduction == "sum":
@@ -66,11 +67,10 @@ def cross_entropy_ref(input, target, weight=None, ignore_index=-100, reduction="
     return (out, lse.to(input.dtype)) if return_lse else out
 
 
-def linear_cross_entropy_ref(input, weight, target, bias=None, **kw):
-    """cross_entropy_ref(F.linear(input, weight, bias), target, ...) (the logits formed whole);
-    class weights as class_weight=."""
-    cw = kw.pop("class_weight", None)
-    return cross_entropy_ref(F.linear(input, weight, bias), target, cw, **kw)
+def linear_cross_entropy_ref(input, linear_weight, target, linear_bias=None, weight=None, **kw):
+    """cross_entropy_ref(F.linear(input, linear_weight, linear_bias), target, weight, ...): the
+    logits formed whole."""
+    return cross_entropy_ref(F.linear(input, linear_weight, linear_bias), target, weight, **kw)
 
 
 # ============================================================================ input checks
@@ -527,28 +527,33 @@ def _torch_cross_entropy(input, target, weight, ignore_index, reduction, label_s
     return (loss, lse) if return_lse else loss
 
 
-def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                         bias: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
-                         label_smoothing: float = 0.0, *, class_weight: Optional[torch.Tensor] = None,
-                         smoothing: str = "torch", z_loss: float = 0.0, return_lse: bool = False,
+def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *,
+                         linear_bias: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                         reduction: str = "mean", ignore_index: Optional[int] = None, label_smoothing: float = 0.0,
+                         options=None, smoothing: str = "torch", z_loss: float = 0.0, return_lse: bool = False,
                          chunk_rows: Optional[int] = None):
-    """cross_entropy(F.linear(input, weight, bias), target) without forming the (N, V) logits.
+    """cross_entropy(F.linear(input, linear_weight, linear_bias), target) without forming the
+    (N, V) logits: torch.nn.functional.linear_cross_entropy's signature and result.
 
     The rows run in chunks (_chunk_rows: ~256 MiB of logits, 1024-4096 rows): per chunk one GEMM
     forms the logits, the fused loss pass turns them into their gradient in place, and two GEMMs
-    accumulate dx and dW.  Peak extra memory is one chunk
-    plus dx and dW, instead of the logits, their log-softmax and their gradient (3 N V).
+    accumulate dx and dW.  Peak extra memory is one chunk plus dx and dW, instead of the logits,
+    their log-softmax and their gradient (3 N V).
 
     Args:
-        input: (N, E) (or (*, E), flattened to rows); weight: (V, E) (a tied embedding works);
-            target: (N,) int64; bias: (V,) or None.
-        ignore_index, reduction, label_smoothing: as cross_entropy.
-        class_weight: per-class weights (cross_entropy's `weight`).
-        smoothing, z_loss, return_lse: as cross_entropy.
-        chunk_rows: rows per chunk (default: from V, see above).
+        input: (N, E) or (*, E) (flattened to rows); linear_weight: (V, E) (a tied embedding
+            works); target: (N,) / (*,) int64 class indices; linear_bias: (V,) or None.
+        weight, reduction, label_smoothing: as cross_entropy; ignore_index: None means -100.
+        options: torch's LinearCrossEntropyOptions (its chunking); a call with options, K-dim
+            logits or probability targets runs on torch's op.
+        smoothing, z_loss, return_lse: keyword extras, as cross_entropy.
+        chunk_rows: keyword extra, rows per chunk (default: from V, see above).
     Returns:
         The loss (and lse (N,) when return_lse).
     """
+    bias, class_weight = linear_bias, weight
+    weight = linear_weight
+    ignore_index = -100 if ignore_index is None else ignore_index
     if not all(isinstance(t, torch.Tensor) for t in (input, weight, target)):
         raise TypeError("linear_cross_entropy: expected tensors for input, weight and target")
     if input.dim() < 1 or weight.dim() != 2 or input.shape[-1] != weight.shape[1]:
@@ -567,6 +572,10 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     backend = _backend(x, t, class_weight)
     if backend != "torch" and (weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)):
         backend = "torch"
+    if options is not None or t.dtype.is_floating_point:
+        return F.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=class_weight,
+                                      reduction=reduction, ignore_index=ignore_index,
+                                      label_smoothing=label_smoothing, options=options)
     if backend == "torch" or (class_weight is not None and class_weight.requires_grad):
         return _torch_cross_entropy(F.linear(x, weight, bias), t, class_weight, ignore_index, reduction,
                                     label_smoothing, smoothing, z_loss, return_lse)
@@ -596,23 +605,14 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
                              reduction=self.reduction, label_smoothing=self.label_smoothing)
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
-    """The LM head and its loss in one module: forward(hidden (*, E), target (*,)) -> loss, with
-    a weight of shape (V, E) (pass an embedding's weight to tie them) and an optional bias.
-    Options as linear_cross_entropy."""
+class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
+    """torch.nn.LinearCrossEntropyLoss (the LM head and its loss) on linear_cross_entropy's chunks:
+    same constructor, parameters (self.linear) and state_dict; K-dimensional out_features and
+    options run on torch's op."""
 
-    def __init__(self, in_features: int, num_classes: int, bias: bool = False, weight: Optional[torch.Tensor] = None,
-                 ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                 smoothing: str = "torch", z_loss: float = 0.0, device=None, dtype=None):
-        super().__init__()
-        if weight is None:
-            weight = torch.nn.Parameter(torch.empty(num_classes, in_features, device=device, dtype=dtype))
-            torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-        self.weight = weight
-        self.bias = torch.nn.Parameter(torch.zeros(num_classes, device=device, dtype=dtype)) if bias else None
-        self.ignore_index, self.reduction = ignore_index, reduction
-        self.label_smoothing, self.smoothing, self.z_loss = label_smoothing, smoothing, z_loss
-
-    def forward(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return linear_cross_entropy(hidden, self.weight, target, self.bias, self.ignore_index, self.reduction,
-                                    self.label_smoothing, smoothing=self.smoothing, z_loss=self.z_loss)
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.out_features or self.options is not None or input.dim() > 2:
+            return super().forward(input, target)       # torch's op (and its errors)
+        return linear_cross_entropy(input, self.linear.weight, target, linear_bias=self.linear.bias,
+                                    weight=self.weight, reduction=self.reduction, ignore_index=self.ignore_index,
+                                    label_smoothing=self.label_smoothing)
