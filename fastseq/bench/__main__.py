@@ -38,6 +38,13 @@ def run_case(case, reps: int, max_seconds: float, device: str, quick: bool = Fal
             calls = calls_for(fns, device, case.calls_per_sample, 0.02 if quick else 0.05)
         med = interleaved_medians(fns, device, warmup=1 if calls > 1 else 2, reps=reps, max_seconds=max_seconds,
                                   calls_per_sample=calls)
+    peaks = {}
+    if case.meta.get("memory"):
+        from .scaling import peak_extra_bytes
+        with torch.set_grad_enabled(s.grad_enabled) if s.grad_enabled is not None else contextlib.nullcontext():
+            for name, fn in fns.items():
+                b = peak_extra_bytes(fn)
+                peaks[name] = None if b is None else b / 2 ** 20
     rows = []
     for peer in s.peers:
         row = {"family": case.family, "case": case.name, "peer": peer,
@@ -53,6 +60,8 @@ def run_case(case, reps: int, max_seconds: float, device: str, quick: bool = Fal
         if case.meta.get("tokens"):       # model-level cases: tokens one call processes
             row.update(fastseq_tokens_s=case.meta["tokens"] / med["fastseq"],
                        peer_tokens_s=case.meta["tokens"] / med[f"peer:{peer}"])
+        if case.meta.get("memory"):       # peak extra resident memory of one call, each impl
+            row.update(fastseq_peak_mib=peaks.get("fastseq"), peer_peak_mib=peaks.get(f"peer:{peer}"))
         if "kernel" in med:
             row["kernel_ms"] = med["kernel"] * 1e3
             row["kernel_gbs"] = s.bytes / med["kernel"] / 1e9 if s.bytes else None

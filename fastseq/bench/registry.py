@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 # The case files, one per family; importing one registers its cases.
-FAMILY_MODULES = ("layer_norm", "attention", "recurrent", "dropout", "overhead", "decode", "models")
+FAMILY_MODULES = ("layer_norm", "attention", "recurrent", "dropout", "cross_entropy", "overhead", "decode",
+                  "models")
 
 
 @dataclass

@@ -55,6 +55,8 @@ def _timed_table(rows: List[dict], machine: dict) -> str:
             + (f"{kern:9.3f} " + (f"{krate:9.1f} {krate / copy:7.0%}" if krate else "") if kern else ""))
         if r.get("gflops"):
             out[-1] += f"  {r['gflops']:.1f} GFLOP/s ({r['gflops'] / sgemm:.0%} of sgemm)"
+        if r.get("fastseq_peak_mib") is not None and r.get("peer_peak_mib") is not None:
+            out[-1] += f"  peak extra MiB: fastseq {r['fastseq_peak_mib']:.0f}, {r['peer']} {r['peer_peak_mib']:.0f}"
         if r.get("fastseq_tokens_s"):
             out[-1] += f"  tokens/s: fastseq {r['fastseq_tokens_s']:.0f}, {r['peer']} {r['peer_tokens_s']:.0f}"
     out.append("ratio = peer time / fastseq time (>1: fastseq faster); medians of interleaved runs; "
@@ -88,7 +90,8 @@ def write(rows: List[dict], machine: dict, out_dir: str) -> List[str]:
     paths.append(p)
     p = os.path.join(out_dir, "results.csv")
     keys = ["family", "case", "peer", "peer_ms", "fastseq_ms", "ratio", "gbs", "kernel_ms", "kernel_gbs", "gflops",
-            "peer_us", "fastseq_us", "calls_per_sample", "grad_enabled", "fastseq_tokens_s", "peer_tokens_s"]
+            "peer_us", "fastseq_us", "calls_per_sample", "grad_enabled", "fastseq_tokens_s", "peer_tokens_s", "fastseq_peak_mib",
+            "peer_peak_mib"]
     with open(p, "w", newline="") as f:
         w = csv.DictWriter(f, keys, extrasaction="ignore")
         w.writeheader()
