@@ -62,17 +62,25 @@ class GPT(nn.Module):
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
+        self.fused_head = False           # loss(): fastseq's linear_cross_entropy instead of head + F.cross_entropy
         for emb in (self.tok, self.pos):
             nn.init.normal_(emb.weight, std=0.02)
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         T = tokens.shape[1]
         x = self.drop(self.tok(tokens) + self.pos.weight[:T])                # (B, T, E)
         x = self.blocks(x, mask=mask, is_causal=True)
-        return self.head(self.ln_f(x))                                        # (B, T, V)
+        return self.ln_f(x)                                                   # (B, T, E)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.hidden(tokens, mask))                           # (B, T, V)
 
     def loss(self, batch) -> torch.Tensor:
         tokens, targets, mask = batch
+        if self.fused_head:                # the (B T, V) logits never formed
+            from .. import functional as FF
+            h = self.hidden(tokens, mask)
+            return FF.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.head.weight, targets.reshape(-1))
         logits = self(tokens, mask)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
@@ -197,6 +205,25 @@ def _case(model, device, B, T, p, layers):
     return setup
 
 
+def _fused_head_case(device, B, T, p, layers):
+    """The converted GPT with its head and loss as fastseq's linear_cross_entropy, against the
+    torch.nn model and against the converted model with torch's head + F.cross_entropy."""
+    def setup():
+        net, batch = build("gpt", B, T, p, layers, device=device)
+        fast = convert(net)
+        fused = copy.deepcopy(fast)
+        fused.fused_head = True
+        a, b = no_dropout(copy.deepcopy(fast)).train(), no_dropout(copy.deepcopy(fused)).train()
+        with torch.no_grad():
+            la, lb = a.loss(batch).item(), b.loss(batch).item()
+        if not abs(la - lb) <= 1e-4 * abs(la):
+            raise AssertionError(f"fused head loss {lb:.7g} differs from the unfused {la:.7g}")
+        return Setup(fastseq=train_step(fused, batch),
+                     peers={"torch": train_step(net, batch), "fastseq, unfused head": train_step(fast, batch)},
+                     flops=train_flops("gpt", B, T, layers), grad_enabled=True)
+    return setup
+
+
 CASES = [  # (model, B, T, layers, quick)
     ("gpt", 8, 256, LAYERS, False),
     ("gpt", 2, 1024, LAYERS, False),
@@ -213,6 +240,12 @@ for _dev in ("cpu", "cuda"):
                           _case(_model, _dev, _B, _T, _p, _layers), peers=("torch",), quick=_quick,
                           meta={"model": _model, "B": _B, "T": _T, "layers": _layers, "dropout": _p,
                                 "tokens": _B * _T}))
+    for _B, _T, _layers, _quick in ((8, 256, LAYERS, False), (2, 128, 2, True)):
+        _small = f", {_layers} layers" if _layers != LAYERS else ""
+        register(Case("models", f"gpt step (B={_B}, T={_T}{_small}) dropout 0.1, fused head", _dev,
+                      _fused_head_case(_dev, _B, _T, 0.1, _layers), peers=("torch", "fastseq, unfused head"),
+                      quick=_quick, meta={"model": "gpt", "B": _B, "T": _T, "layers": _layers, "dropout": 0.1,
+                                          "tokens": _B * _T, "fused_head": True}))
 
 
 # ============================================================================ profile mode
