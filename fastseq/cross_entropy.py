@@ -280,7 +280,7 @@ def _linear_ce_chunks(backend, x, W, b, target, L: _Loss, g, gs, want, chunk, ou
     `want` = (dx, dW, db) buffers the gradients for row scale g / gs accumulated.  Returns lse."""
     N = x.shape[0]
     V = W.shape[0]
-    buf = torch.empty((min(chunk, N), V), dtype=x.dtype, device=x.device)
+    buf = _alloc.empty((min(chunk, N), V), x.dtype, x.device)       # huge pages from 32 MiB (fastseq/_alloc.py)
     lse_all = torch.empty(N, dtype=_stat_dtype(x), device=x.device)
     dx, dW, db = want
     grads = dx is not None or dW is not None or db is not None
