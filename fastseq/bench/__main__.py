@@ -1,6 +1,6 @@
 """fastseq-bench: run the registered benchmark cases, print a table, write JSON/CSV/PNG.
 
-    fastseq-bench --quick                 # CPU, every family, under 2 minutes on 2 cores
+    fastseq-bench --quick                 # CPU, every family, ~2 minutes on 2 cores
     fastseq-bench --device cuda --only layer_norm --out results/
     fastseq-bench --quick --only overhead  # per-call cost of tiny calls, µs, against torch's ops
 """
@@ -71,7 +71,7 @@ def run_case(case, reps: int, max_seconds: float, device: str, quick: bool = Fal
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fastseq-bench", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer repetitions and cases (< 2 min on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions and cases (~2 min on 2 cores)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--only", action="append", choices=families(), metavar="FAMILY",
                    help=f"run only this family (repeatable): {', '.join(families())}")

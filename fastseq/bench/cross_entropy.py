@@ -19,7 +19,7 @@ from .registry import Case, Setup, register
 
 CE_SHAPES = ((8192, 32000), (4096, 50257))
 LCE_SHAPES = ((8192, 512, 32000), (4096, 512, 50257))
-QUICK_CE, QUICK_LCE = (2048, 32000), (2048, 512, 32000)
+QUICK_CE, QUICK_LCE = (2048, 32000), (1024, 256, 16000)
 EPS = 0.1
 
 
