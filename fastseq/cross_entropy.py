@@ -78,14 +78,14 @@ def linear_cross_entropy_ref(input, linear_weight, target, linear_bias=None, wei
 def _check_common(op, V, target, weight, ignore_index, reduction, label_smoothing, smoothing, z_loss):
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"{op}: {reduction} is not a valid value for reduction")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"{op}: label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:              # torch raises RuntimeError: both types
+        raise _dispatch.ShapeError(f"{op}: label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
     if smoothing not in SMOOTHINGS:
         raise ValueError(f"{op}: smoothing must be one of {', '.join(SMOOTHINGS)}, got {smoothing!r}")
     if not math.isfinite(float(z_loss)) or float(z_loss) < 0:
         raise ValueError(f"{op}: z_loss must be a finite coefficient >= 0, got {z_loss}")
     if weight is not None and (not isinstance(weight, torch.Tensor) or weight.shape != (V,)):
-        raise ValueError(f"{op}: expected a class weight of shape [{V}], got "
+        raise _dispatch.ShapeError(f"{op}: expected a class weight of shape [{V}], got "
                          f"{list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
 
 
@@ -117,6 +117,10 @@ def _fusable_reasons(input, target, weight) -> List[str]:
         out.append(f"logits {list(input.shape)} and targets {list(target.shape)} do not pair as (N, C) and (N,)")
     if weight is not None and weight.dtype != input.dtype:
         out.append(f"class weight dtype {weight.dtype} differs from the logits' {input.dtype}")
+    devices = {t.device for t in (input, target, weight) if t is not None}
+    if len(devices) > 1:
+        out.append(f"logits, targets and class weight on different devices ({', '.join(map(str, devices))}): "
+                   f"torch's op raises its error")
     return out
 
 
@@ -145,7 +149,8 @@ def _backend(input, target, weight) -> str:
     if _library.transformed():
         return "torch"
     key = (input.device, input.dtype, target.dtype, input.dim(), target.dim(),
-           None if weight is None else weight.dtype, input.dim() == 2 and target.shape[0] != input.shape[0])
+           None if weight is None else (weight.dtype, weight.device), target.device,
+           input.dim() == 2 and target.shape[0] != input.shape[0])
     return _dispatch.choose_cached("cross_entropy", key, _facts, input, target, weight)
 
 
@@ -251,8 +256,9 @@ class CrossEntropyFunction(torch.autograd.Function):
                                 dz)
         ctx.save_for_backward(dz)
         ctx.reduction = reduction
+        lse = lse.to(z.dtype)
         ctx.mark_non_differentiable(lse)
-        return _reduce(rows, wrow, reduction).to(z.dtype), lse.to(z.dtype)
+        return _reduce(rows, wrow, reduction).to(z.dtype), lse
 
     @staticmethod
     def backward(ctx, grad, _grad_lse):
@@ -336,8 +342,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             ctx.save_for_backward(*want)
         else:
             ctx.save_for_backward(xc, Wc, b, target)
+        lse = lse.to(x.dtype)
         ctx.mark_non_differentiable(lse)
-        return _reduce(rows, wrow, reduction).to(x.dtype), lse.to(x.dtype)
+        return _reduce(rows, wrow, reduction).to(x.dtype), lse
 
     @staticmethod
     def backward(ctx, grad, _grad_lse):
@@ -368,6 +375,7 @@ _apply_linear_cross_entropy = _library.direct_apply(LinearCrossEntropyFunction)
 def _cross_entropy_op(z: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int,
                       reduction: str, label_smoothing: float, smoothing: str, z_loss: float, want_grad: bool,
                       backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_targets("cross_entropy", target, z.shape[1], ignore_index)
     zc = z if z.stride(-1) == 1 else z.contiguous()
     L = _Loss(z.shape[1], weight, ignore_index, label_smoothing, smoothing, z_loss)
     dz = _alloc.empty_like(zc) if want_grad else None
@@ -403,6 +411,7 @@ def _linear_ce_op(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], t
                   smoothing: str, z_loss: float, want_dx: bool, want_dw: bool, want_db: bool, backend: str,
                   chunk: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     N, V = x.shape[0], W.shape[0]
+    _check_targets("linear_cross_entropy", target, V, ignore_index)
     xc, Wc = x.contiguous(), W.contiguous()
     L = _Loss(V, class_weight, ignore_index, label_smoothing, smoothing, z_loss)
     rows = torch.empty(N, dtype=_stat_dtype(x), device=x.device)
@@ -419,8 +428,8 @@ def _linear_ce_op(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor], t
 def _(x, W, b, target, class_weight, ignore_index, reduction, label_smoothing, smoothing, z_loss, want_dx, want_dw,
       want_db, backend, chunk):
     out = x.new_empty((x.shape[0],) if reduction == "none" else ())
-    return (out, x.new_empty((x.shape[0],)), torch.empty_like(x) if want_dx else x.new_empty(0),
-            torch.empty_like(W) if want_dw else x.new_empty(0), x.new_empty((W.shape[0],) if want_db else (0,)))
+    return (out, x.new_empty((x.shape[0],)), x.new_empty(x.shape) if want_dx else x.new_empty(0),
+            x.new_empty(W.shape) if want_dw else x.new_empty(0), x.new_empty((W.shape[0],) if want_db else (0,)))
 
 
 def _lce_setup_context(ctx, inputs, output):
@@ -474,10 +483,10 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError(f"cross_entropy: expected tensors, got input {type(input).__name__} and target "
                         f"{type(target).__name__}")
-    V = input.shape[-1] if input.dim() > 0 else 0
+    V = input.shape[1] if input.dim() >= 2 else (input.shape[0] if input.dim() == 1 else 0)     # the class dim
     _check_common("cross_entropy", V, target, weight, ignore_index, reduction, label_smoothing, smoothing, z_loss)
     backend = _backend(input, target, weight)
-    if backend == "torch":
+    if backend == "torch" or (weight is not None and weight.requires_grad and torch.is_grad_enabled()):
         return _torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, smoothing,
                                     z_loss, return_lse)
     unbatched = input.dim() == 1
@@ -491,10 +500,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
             out, lse = (out.reshape(()) if reduction == "none" else out), lse.reshape(())
         return (out, lse) if return_lse else out
     _check_targets("cross_entropy", t, V, ignore_index)
-    if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)):
-        if weight is not None and weight.requires_grad:
-            return _torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, smoothing,
-                                        z_loss, return_lse)
+    if torch.is_grad_enabled() and input.requires_grad:
         out, lse = _apply_cross_entropy(z, t.contiguous(), weight, ignore_index, reduction, label_smoothing,
                                         smoothing, z_loss, backend)
     else:
@@ -504,6 +510,14 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         out, lse = _reduce(rows, wrow, reduction).to(input.dtype), lse.to(input.dtype)
     if unbatched:
         out, lse = (out.reshape(()) if reduction == "none" else out), lse.reshape(())
+    return (out, lse) if return_lse else out
+
+
+def _shaped(out, lse, target, reduction, return_lse):
+    """The rows' outputs in the target's shape (() for an unbatched call), as torch returns them."""
+    if reduction == "none":
+        out = out.reshape(target.shape)
+    lse = lse.reshape(target.shape)
     return (out, lse) if return_lse else out
 
 
@@ -556,6 +570,11 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     ignore_index = -100 if ignore_index is None else ignore_index
     if not all(isinstance(t, torch.Tensor) for t in (input, weight, target)):
         raise TypeError("linear_cross_entropy: expected tensors for input, weight and target")
+    if options is not None or target.dtype.is_floating_point or weight.dim() != 2 or \
+            (bias is not None and bias.dim() != 1):               # torch's op: its options, K-dim and soft targets
+        return F.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=class_weight,
+                                      reduction=reduction, ignore_index=ignore_index,
+                                      label_smoothing=label_smoothing, options=options)
     if input.dim() < 1 or weight.dim() != 2 or input.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: expected input (N, E) and weight (V, E), got {list(input.shape)} "
                          f"and {list(weight.shape)}")
@@ -572,11 +591,8 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
     backend = _backend(x, t, class_weight)
     if backend != "torch" and (weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype)):
         backend = "torch"
-    if options is not None or t.dtype.is_floating_point:
-        return F.linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias, weight=class_weight,
-                                      reduction=reduction, ignore_index=ignore_index,
-                                      label_smoothing=label_smoothing, options=options)
-    if backend == "torch" or (class_weight is not None and class_weight.requires_grad):
+    devices = {u.device for u in (x, weight, bias, t, class_weight) if u is not None}
+    if backend == "torch" or len(devices) > 1 or (class_weight is not None and class_weight.requires_grad):
         return _torch_cross_entropy(F.linear(x, weight, bias), t, class_weight, ignore_index, reduction,
                                     label_smoothing, smoothing, z_loss, return_lse)
     chunk = int(chunk_rows) if chunk_rows else _chunk_rows(x.shape[0], V, x.element_size())
@@ -588,11 +604,20 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
                                         label_smoothing, smoothing, z_loss, return_lse)
         out, lse, *_ = _linear_ce_op(x, weight, bias, t.contiguous(), class_weight, ignore_index, reduction,
                                      float(label_smoothing), smoothing, float(z_loss), *wants, backend, chunk)
-        return (out, lse) if return_lse else out
+        return _shaped(out, lse, target, reduction, return_lse)
     _check_targets("linear_cross_entropy", t, V, ignore_index)
-    out, lse = _apply_linear_cross_entropy(x, weight, bias, t.contiguous(), class_weight, ignore_index, reduction,
-                                           label_smoothing, smoothing, z_loss, backend, chunk)
-    return (out, lse) if return_lse else out
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                    (bias is not None and bias.requires_grad)):
+        out, lse = _apply_linear_cross_entropy(x, weight, bias, t.contiguous(), class_weight, ignore_index,
+                                               reduction, label_smoothing, smoothing, z_loss, backend, chunk)
+    else:                                          # no gradient wanted: the chunks' losses only
+        L = _Loss(V, class_weight, ignore_index, label_smoothing, smoothing, z_loss)
+        rows = torch.empty(x.shape[0], dtype=_stat_dtype(x), device=x.device)
+        wrow = torch.empty_like(rows)
+        lse = _linear_ce_chunks(backend, x.contiguous(), weight.contiguous(), bias, t.contiguous(), L, None, 0.0,
+                                (None, None, None), chunk, (rows, wrow)).to(x.dtype)
+        out = _reduce(rows, wrow, reduction).to(x.dtype)
+    return _shaped(out, lse, target, reduction, return_lse)
 
 
 # ============================================================================ modules

@@ -327,3 +327,57 @@ def test_linear_cross_entropy_loss_module_is_torchs_and_convert_swaps_it():
     _both(fast(h, t), ref(h, t), [h, fast.linear.weight, fast.linear.bias], torch.float32)
     with pytest.raises(RuntimeError, match="dimensionality"):          # torch's error, as torch's module
         fast(h.view(4, 6, 16), t.view(4, 6))
+
+
+# ============================================================================ review regressions
+
+def test_no_gradient_work_without_grad_mode(monkeypatch):
+    from fastseq import cross_entropy as CE
+    seen = []
+    real = CE._linear_ce_chunks
+    monkeypatch.setattr(CE, "_linear_ce_chunks", lambda *a, **k: seen.append(a[8]) or real(*a, **k))
+    x = torch.randn(6, 4)
+    W = torch.nn.Parameter(torch.randn(9, 4))
+    t = torch.randint(0, 9, (6,))
+    with torch.no_grad():
+        FF.linear_cross_entropy(x, W, t)
+    assert seen == [(None, None, None)]
+
+
+def test_compiled_calls_check_targets_and_ops_give_contiguous_outputs():
+    torch._dynamo.reset()
+    f = torch.compile(lambda a, t: FF.cross_entropy(a, t), fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="out of bounds"):
+        f(torch.randn(3, 5), torch.tensor([0, 1, 7]))
+    x = torch.randn(3, 6, dtype=torch.float64).t().requires_grad_()              # (6, 3), strided
+    W = torch.randn(3, 9, dtype=torch.float64).t().requires_grad_()              # (9, 3), strided
+    opcheck(torch.ops.fastseq.linear_cross_entropy.default,
+            (x, W, None, torch.tensor([1, 2, 3, 4, 5, 6]), None, -100, "mean", 0.0, "torch", 0.0, True, True, False,
+             "cpu", 4))
+
+
+def test_nan_and_inf_rows_give_torchs_gradients():
+    z = torch.randn(3, 6, dtype=torch.float64)
+    z[0, :] = float("-inf")
+    z[1, 2] = float("nan")
+    z = z.requires_grad_()
+    t = torch.tensor([1, 2, 3])
+    a = FF.cross_entropy(z, t, reduction="sum", label_smoothing=0.1)
+    b = F.cross_entropy(z, t, reduction="sum", label_smoothing=0.1)
+    torch.testing.assert_close(a, b, equal_nan=True)
+    ga, = torch.autograd.grad(a, z)
+    gb, = torch.autograd.grad(b, z)
+    torch.testing.assert_close(ga, gb, equal_nan=True)
+
+
+def test_class_weight_with_k_dim_logits_and_torchs_shapes():
+    z = torch.randn(2, 5, 3, dtype=torch.float64)
+    t = torch.randint(0, 5, (2, 3))
+    w = torch.rand(5, dtype=torch.float64)
+    torch.testing.assert_close(FF.cross_entropy(z, t, w), F.cross_entropy(z, t, w))
+    x, W = torch.randn(4, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
+    t0 = torch.tensor(3)
+    a = FF.linear_cross_entropy(x, W, t0, reduction="none")
+    assert a.shape == F.linear_cross_entropy(x, W, t0, reduction="none").shape == ()
+    loss, lse = FF.cross_entropy(torch.randn(3, 4, requires_grad=True), torch.tensor([0, 1, 2]), return_lse=True)
+    assert not lse.requires_grad and loss.requires_grad

@@ -27,7 +27,7 @@ Rows are independent: each OpenMP thread takes a contiguous chunk.  Targets are 
 caller; a target outside [0, V) here (other than ignore_index) is treated as ignored, never read.
 """
 from cython.parallel cimport prange
-from libc.math cimport INFINITY
+from libc.math cimport INFINITY, NAN
 from libc.stdint cimport int64_t
 
 from _common cimport real, chunk_, LANES
@@ -184,12 +184,16 @@ cdef void rows_(const real* z, Py_ssize_t ldz, const int64_t* target, const real
         wrow[i] = wt
         if dz == NULL:
             continue
+        di = dz + i * ldd
+        if m == -INFINITY:                      # all -inf (or all NaN): torch's gradient is NaN
+            for j in range(v):
+                di[j] = NAN
+            continue
         # pass 3: dz_c = g (p_c K - B w_c) - g A w_t [c = t],  p_c = e_c / s
         gi = g[i] if g != NULL else gs
         K = gi * ((<real> L.A) * wt + (<real> L.B) * (<real> L.W) + 2 * (<real> L.Z) * l)
         r = K / s
         Bg = gi * (<real> L.B)
-        di = dz + i * ldd
         if w == NULL:
             for j in range(v):
                 di[j] = di[j] * r - Bg
