@@ -381,3 +381,14 @@ def test_class_weight_with_k_dim_logits_and_torchs_shapes():
     assert a.shape == F.linear_cross_entropy(x, W, t0, reduction="none").shape == ()
     loss, lse = FF.cross_entropy(torch.randn(3, 4, requires_grad=True), torch.tensor([0, 1, 2]), return_lse=True)
     assert not lse.requires_grad and loss.requires_grad
+
+
+def test_autocast_runs_the_loss_in_fp32_as_torch():
+    z = torch.randn(8, 50).to(torch.bfloat16).requires_grad_()
+    t = torch.randint(0, 50, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = FF.cross_entropy(z, t, label_smoothing=0.1)
+        b = F.cross_entropy(z, t, label_smoothing=0.1)
+    assert a.dtype == b.dtype == torch.float32
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(torch.autograd.grad(a, z)[0], torch.autograd.grad(b, z)[0])
