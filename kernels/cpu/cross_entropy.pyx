@@ -36,6 +36,9 @@ cdef extern from "_fastmath.h" nogil:
     float fs_expf(float)
     float fs_rowmaxf(const float* x, long n)
 
+cdef extern from * nogil:
+    void __builtin_prefetch(const void* addr)
+
 cdef extern from "<math.h>" nogil:
     double exp(double)
     double log(double)
@@ -69,14 +72,17 @@ cdef inline real log_(real v) noexcept nogil:
         return log(v)
 
 
-cdef inline real row_sum_exp_(const real* z, real m, Py_ssize_t n) noexcept nogil:
-    """sum_j exp(z_j - m), in LANES partial sums."""
+cdef inline real row_sum_exp_(const real* z, real m, Py_ssize_t n, const real* pf) noexcept nogil:
+    """sum_j exp(z_j - m), in LANES partial sums; pf: the next row to prefetch (row_exp_into_)."""
     cdef real part[LANES]
     cdef real acc = 0
     cdef Py_ssize_t j, l, nb = n - n % LANES
     for l in range(LANES):
         part[l] = 0
     for j in range(0, nb, 32):                  # step LANES (a literal for a C loop)
+        if pf != NULL:
+            __builtin_prefetch(pf + j)
+            __builtin_prefetch(pf + j + 16)
         for l in range(LANES):
             part[l] = part[l] + exp_(z[j + l] - m)
     for j in range(nb, n):
@@ -86,14 +92,19 @@ cdef inline real row_sum_exp_(const real* z, real m, Py_ssize_t n) noexcept nogi
     return acc
 
 
-cdef inline real row_exp_into_(const real* z, real m, real* e, Py_ssize_t n) noexcept nogil:
-    """e_j = exp(z_j - m) (e may be z) and their sum, in LANES partial sums."""
+cdef inline real row_exp_into_(const real* z, real m, real* e, Py_ssize_t n, const real* pf) noexcept nogil:
+    """e_j = exp(z_j - m) (e may be z) and their sum, in LANES partial sums.  pf: the next row,
+    prefetched a block at a time while this one computes (its max pass then reads from cache:
+    the exponentials, not memory, set this pass's time), or NULL."""
     cdef real part[LANES]
     cdef real acc = 0, x
     cdef Py_ssize_t j, l, nb = n - n % LANES
     for l in range(LANES):
         part[l] = 0
     for j in range(0, nb, 32):                  # step LANES
+        if pf != NULL:
+            __builtin_prefetch(pf + j)
+            __builtin_prefetch(pf + j + 16)
         for l in range(LANES):
             x = exp_(z[j + l] - m)
             e[j + l] = x
@@ -165,9 +176,9 @@ cdef void rows_(const real* z, Py_ssize_t ldz, const int64_t* target, const real
         if m == -INFINITY:                      # an all -inf row: lse = -inf, as torch's logsumexp
             s = 0
         elif dz != NULL and live:
-            s = row_exp_into_(zi, m, dz + i * ldd, v)
+            s = row_exp_into_(zi, m, dz + i * ldd, v, (zi + ldz) if i + 1 < hi else NULL)
         else:
-            s = row_sum_exp_(zi, m, v)
+            s = row_sum_exp_(zi, m, v, (zi + ldz) if i + 1 < hi else NULL)
         l = m + log_(s) if m > -INFINITY else m
         lse[i] = l
         if not live:
