@@ -567,6 +567,9 @@ def linear_cross_entropy(input: torch.Tensor, linear_weight: torch.Tensor, targe
         chunk_rows: keyword extra, rows per chunk (default: from V, see above).
     Returns:
         The loss (and lse (N,) when return_lse).
+    Shapes:
+        input (N, E), linear_weight (V, E), target (N,) -> () or (N,) for reduction="none";
+        (*, E) and (*,) rows flatten, and "none" returns the target's shape.
     """
     bias, class_weight = linear_bias, weight
     weight = linear_weight
