@@ -31,6 +31,7 @@ from libc.math cimport INFINITY, NAN
 from libc.stdint cimport int64_t
 
 from _common cimport real, chunk_, LANES
+from _row_norm cimport row_sum_dev_
 
 cdef extern from "_fastmath.h" nogil:
     float fs_expf(float)
@@ -123,20 +124,15 @@ cdef inline real row_dot_(const real* z, const real* w, Py_ssize_t n) noexcept n
     cdef real part[LANES]
     cdef real acc = 0
     cdef Py_ssize_t j, l, nb = n - n % LANES
+    if w == NULL:
+        return row_sum_dev_(z, 0, n)            # _row_norm.pxd's shifted sum, with no shift
     for l in range(LANES):
         part[l] = 0
-    if w == NULL:
-        for j in range(0, nb, 32):              # step LANES
-            for l in range(LANES):
-                part[l] = part[l] + z[j + l]
-        for j in range(nb, n):
-            acc = acc + z[j]
-    else:
-        for j in range(0, nb, 32):              # step LANES
-            for l in range(LANES):
-                part[l] = part[l] + w[j + l] * z[j + l]
-        for j in range(nb, n):
-            acc = acc + w[j] * z[j]
+    for j in range(0, nb, 32):                  # step LANES
+        for l in range(LANES):
+            part[l] = part[l] + w[j + l] * z[j + l]
+    for j in range(nb, n):
+        acc = acc + w[j] * z[j]
     for l in range(LANES):
         acc = acc + part[l]
     return acc
