@@ -86,7 +86,8 @@ setup(
         compiler_directives={"language_level": 3, "boundscheck": False, "wraparound": False,
                              "cdivision": True, "initializedcheck": False},
     ),
-    packages=["fastseq", "fastseq.recurrent", "fastseq._cpu", "fastseq._cuda", "fastseq.bench"],
+    packages=["fastseq", "fastseq.recurrent", "fastseq.models", "fastseq.models.reference", "fastseq.trainer",
+              "fastseq._cpu", "fastseq._cuda", "fastseq.bench"],
     package_dir={"fastseq._cpu": "kernels/cpu", "fastseq._cuda": "kernels/cuda"},
     package_data={"fastseq._cpu": ["*.pxd"]},
 )
