@@ -256,4 +256,4 @@ def example_batch(config: GPTConfig, B: int, T: int, generator: Optional[torch.G
                   device="cpu") -> Dict[str, Tensor]:
     """Random tokens (B, T) and their next-token targets (B, T)."""
     seq = torch.randint(0, config.vocab_size, (B, T + 1), generator=generator)
-    return {"tokens": seq[:, :-1].to(device), "targets": seq[:, 1:].to(device)}
+    return {"tokens": seq[:, :-1].contiguous().to(device), "targets": seq[:, 1:].contiguous().to(device)}

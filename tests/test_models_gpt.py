@@ -1,0 +1,175 @@
+"""fastseq.models.gpt.GPT against its torch.nn twin (TorchGPT) and against Hugging Face's GPT-2."""
+import pytest
+import torch
+
+from fastseq.models.gpt import GPT, GPTConfig, example_batch
+from fastseq.models.reference.gpt import TorchGPT
+
+SMALL = dict(vocab_size=97, max_positions=24, dim=32, layers=2, heads=4)
+
+
+def _pair(dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    cfg = GPTConfig(**(SMALL | dict(dropout=0.0) | kw))
+    fast = GPT(cfg).to(dtype)
+    twin = TorchGPT(cfg).to(dtype)
+    twin.load_state_dict(fast.state_dict())                  # strict: the same keys and shapes
+    return cfg, fast, twin
+
+
+def _loss_and_grads(net, batch, **kw):
+    net.zero_grad(set_to_none=True)
+    loss = net.loss(batch, **kw)
+    loss.backward()
+    return loss.detach(), {k: p.grad.detach().clone() for k, p in net.named_parameters()}
+
+
+def _batch(cfg, B=3, T=19, seed=1):
+    b = example_batch(cfg, B, T, torch.Generator().manual_seed(seed))
+    b["targets"][0, :5] = -100                               # some positions without a loss
+    return b
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("smoothing", [None, "torch", "fairseq"])
+def test_loss_and_every_gradient_match_the_twin_fp64(tie, smoothing):
+    cfg, fast, twin = _pair(torch.float64, tie_weights=tie)
+    kw = {} if smoothing is None else dict(label_smoothing=0.1, smoothing=smoothing)
+    b = _batch(cfg)
+    lf, gf = _loss_and_grads(fast, b, **kw)
+    lt, gt = _loss_and_grads(twin, b, **kw)
+    torch.testing.assert_close(lf, lt, rtol=1e-12, atol=0)
+    assert gf.keys() == gt.keys()
+    for k in gf:
+        torch.testing.assert_close(gf[k], gt[k], rtol=1e-9, atol=1e-12, msg=k)
+
+
+def test_fp32_error_is_within_a_small_multiple_of_torchs():
+    cfg, fast, twin = _pair(torch.float32, activation="gelu")
+    _, _, ref = _pair(torch.float64, activation="gelu")
+    b = _batch(cfg, B=4, T=24)
+    lf, gf = _loss_and_grads(fast, b)
+    lt, gt = _loss_and_grads(twin, b)
+    lr, gr = _loss_and_grads(ref, b)
+    assert abs(lf.double() - lr) <= 4 * abs(lt.double() - lr) + 1e-6
+    for k in gr:
+        ef = (gf[k].double() - gr[k]).abs().max().item()
+        et = (gt[k].double() - gr[k]).abs().max().item()
+        scale = gr[k].abs().max().item()
+        assert ef <= 4 * et + 1e-6 * scale, (k, ef, et)
+
+
+def test_logits_match_the_twin_in_eval_and_are_deterministic():
+    cfg, fast, twin = _pair(torch.float64, dropout=0.1)
+    fast.eval(), twin.eval()
+    tokens = _batch(cfg)["tokens"]
+    a = fast(tokens)
+    assert a.shape == (3, 19, cfg.vocab_size)
+    torch.testing.assert_close(a, twin(tokens), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a, fast(tokens), rtol=0, atol=0)
+
+
+def test_dropout_in_training_is_reproducible_from_the_seed_and_changes_the_loss():
+    cfg, fast, _ = _pair(torch.float64, dropout=0.2)
+    b = _batch(cfg)
+    torch.manual_seed(5)
+    l1 = fast.loss(b)
+    torch.manual_seed(5)
+    l2 = fast.loss(b)
+    torch.manual_seed(6)
+    l3 = fast.loss(b)
+    assert l1.item() == l2.item()
+    assert l1.item() != l3.item()
+    assert l1.item() != fast.eval().loss(b).item()
+
+
+def test_causality_a_later_token_does_not_change_earlier_logits():
+    cfg, fast, _ = _pair(torch.float64)
+    fast.eval()
+    t = _batch(cfg)["tokens"]
+    u = t.clone()
+    u[:, 10] = (u[:, 10] + 1) % cfg.vocab_size
+    a, b = fast(t), fast(u)
+    torch.testing.assert_close(a[:, :10], b[:, :10], rtol=0, atol=1e-13)
+    assert (a[:, 10:] - b[:, 10:]).abs().max() > 1e-6
+
+
+def test_initialization_follows_gpt2():
+    cfg = GPTConfig(vocab_size=1000, max_positions=64, dim=256, layers=8, heads=4)
+    torch.manual_seed(0)
+    m = GPT(cfg)
+    blk = m.blocks[0]
+    assert abs(m.tok_emb.weight.std().item() - 0.02) < 1e-3
+    assert abs(blk.mlp.fc.weight.std().item() - 0.02) < 1e-3
+    assert abs(blk.mlp.proj.weight.std().item() - 0.02 / 4) < 3e-4           # 1 / sqrt(2 * 8)
+    assert blk.attn.qkv.bias.abs().max() == 0 and torch.all(blk.ln_1.weight == 1)
+    assert "head.weight" not in m.state_dict()                                # tied
+    assert m.output_weight is m.tok_emb.weight
+
+
+def test_short_training_run_lowers_the_loss():
+    cfg, fast, _ = _pair(torch.float32, dropout=0.1)
+    b = _batch(cfg, B=4, T=16)
+    opt = torch.optim.AdamW(fast.parameters(), lr=3e-3)
+    first = fast.loss(b).item()
+    for _ in range(30):
+        opt.zero_grad()
+        loss = fast.loss(b)
+        loss.backward()
+        opt.step()
+    assert fast.eval().loss(b).item() < 0.5 * first
+
+
+@pytest.mark.parametrize("field, value", [("dim", 30), ("heads", 0), ("vocab_size", -1), ("dropout", 1.0),
+                                          ("attention_dropout", -0.1), ("activation", "tanh"),
+                                          ("layer_norm_eps", 0.0), ("ffn_dim", 0)])
+def test_bad_configs_are_rejected_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field if field != "dim" else "divisible"):
+        GPTConfig(**(SMALL | {field: value}))
+
+
+def test_bad_input_is_rejected():
+    cfg, fast, _ = _pair()
+    with pytest.raises(ValueError, match="max_positions"):
+        fast(torch.zeros(1, cfg.max_positions + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(B, T\)"):
+        fast(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(TypeError, match="GPTConfig"):
+        GPT(dict(SMALL))
+
+
+# ---------------------------------------------------------------------------- Hugging Face GPT-2
+
+def _hf(tie=True, act="gelu_new"):
+    transformers = pytest.importorskip("transformers")
+    hc = transformers.GPT2Config(vocab_size=101, n_positions=32, n_embd=48, n_layer=2, n_head=4, n_inner=None,
+                                 activation_function=act, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                 tie_word_embeddings=tie)
+    torch.manual_seed(3)
+    hf = transformers.GPT2LMHeadModel(hc).eval()
+    with torch.no_grad():                 # HF zero-initializes biases and sets norms to 1: randomize all
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return hf
+
+
+@pytest.mark.parametrize("tie, act", [(True, "gelu_new"), (False, "relu")])
+def test_from_hf_gives_hugging_faces_logits_and_loss(tie, act):
+    hf = _hf(tie, act)
+    fast = GPT.from_hf(hf).eval()
+    assert fast.config.tie_weights is tie and fast.config.dim == 48
+    tokens = torch.randint(0, 101, (2, 23), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = hf(tokens, labels=tokens)
+        got = fast(tokens)
+        loss = fast.loss({"tokens": tokens[:, :-1], "targets": tokens[:, 1:]})
+    torch.testing.assert_close(got, want.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss, want.loss, rtol=1e-5, atol=1e-5)
+
+
+def test_from_hf_overrides_and_rejects_other_attention():
+    hf = _hf()
+    assert GPT.from_hf(hf, dropout=0.3).config.dropout == 0.3
+    hf.config.scale_attn_by_inverse_layer_idx = True
+    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
+        GPT.from_hf(hf)
