@@ -248,6 +248,57 @@ for _dev in ("cpu", "cuda"):
                                           "tokens": _B * _T, "fused_head": True}))
 
 
+# ============================================================================ fastseq.models against their twins
+
+# Every model of fastseq.models (issue #11) against its torch.nn twin (fastseq.models.reference):
+# one AdamW training step each, same weights (the twin loads the model's state_dict), same batch
+# (the model file's example_batch), dropout as configured.  setup() first checks, in eval mode,
+# that the two give the same loss.  Reported: ms per step, tokens/s (B * T per step; for seq2seq
+# the target tokens), the ratio, and the peak extra memory of a step.
+#   (label, model file, config class, model class, config fields, B, T, quick)
+TWIN_CASES = [
+    ("gpt", "gpt", "GPTConfig", "GPT",
+     dict(vocab_size=8192, max_positions=1024, dim=512, layers=6, heads=8, dropout=0.1), 8, 256, False),
+    ("gpt", "gpt", "GPTConfig", "GPT",
+     dict(vocab_size=8192, max_positions=1024, dim=512, layers=6, heads=8, dropout=0.1), 2, 1024, False),
+    ("gpt", "gpt", "GPTConfig", "GPT",
+     dict(vocab_size=2048, max_positions=128, dim=128, layers=2, heads=4, dropout=0.1), 4, 128, True),
+]
+
+
+def _twin_setup(file, config_cls, model_cls, fields, B, T, device):
+    def setup():
+        import importlib
+
+        mod = importlib.import_module(f"fastseq.models.{file}")
+        ref = importlib.import_module(f"fastseq.models.reference.{file}")
+        cfg = getattr(mod, config_cls)(**fields)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            fast = getattr(mod, model_cls)(cfg).to(device)
+            twin = getattr(ref, "Torch" + model_cls)(cfg).to(device)
+        twin.load_state_dict(fast.state_dict())
+        batch = mod.example_batch(cfg, B, T, torch.Generator().manual_seed(1), device=device)
+        with torch.no_grad():
+            a, b = twin.eval().loss(batch).item(), fast.eval().loss(batch).item()
+        if not abs(a - b) <= 1e-4 * abs(a):
+            raise AssertionError(f"{model_cls}: the twin's loss {a:.7g} and fastseq's {b:.7g} differ (eval mode)")
+        return Setup(fastseq=train_step(fast, batch), peers={"torch": train_step(twin, batch)}, grad_enabled=True)
+    return setup
+
+
+def _twin_label(label, fields, B, T):
+    size = ", ".join(f"{k}={fields[k]}" for k in ("dim", "hidden", "layers", "vocab_size") if k in fields)
+    return f"{label} twin step (B={B}, T={T}; {size}) dropout {fields.get('dropout', 0.0)}"
+
+
+for _dev in ("cpu", "cuda"):
+    for _label, _file, _cfg, _cls, _fields, _B, _T, _quick in TWIN_CASES:
+        register(Case("models", _twin_label(_label, _fields, _B, _T), _dev,
+                      _twin_setup(_file, _cfg, _cls, _fields, _B, _T, _dev), peers=("torch",), quick=_quick,
+                      meta={"model": _label, "B": _B, "T": _T, "tokens": _B * _T, "memory": True, "twin": True}))
+
+
 # ============================================================================ profile mode
 
 # op family <- substrings of the lower-cased profiler event name; the first family that matches
