@@ -1,0 +1,214 @@
+"""Sequence-to-sequence models: an encoder reads the source, a decoder writes the target one token
+at a time, attending to the encoder's outputs.
+
+Two architectures, one file each, behind this module's names:
+- TransformerSeq2Seq (seq2seq_transformer.py): the Transformer of Vaswani et al. 2017, "Attention
+  Is All You Need", in fairseq's `transformer` recipe -- sinusoidal positions, embeddings scaled
+  by sqrt(E), post- or pre-norm layers, optional shared and tied embeddings.
+- LSTMSeq2Seq (seq2seq_lstm.py): the attentional LSTM encoder-decoder of Luong et al. 2015,
+  "Effective Approaches to Attention-based Neural Machine Translation", in fairseq's `lstm`
+  recipe -- a bidirectional encoder, a stacked decoder with input feeding and dot-product
+  attention.
+
+Both read one vocabulary for source and target (fairseq's joined dictionary): `vocab_size`, with
+`pad_id`, `bos_id` and `eos_id` in it.  The batch of `loss` (and of `example_batch`):
+    src          (B, S) int64   source tokens, right-padded with pad_id
+    src_lengths  (B,)   int64   tokens of each source, 1 <= length <= S
+    tgt_in       (B, T) int64   bos_id + target, pad_id after its end (the decoder's input)
+    tgt_out      (B, T) int64   target + eos_id, -100 after its end (what the decoder predicts)
+`forward(src, src_lengths, tgt_in)` returns the logits (B, T, V); `greedy_decode(src,
+src_lengths, max_len)` the argmax continuation of bos_id, (B, L <= max_len), each row ending at its
+first eos_id with pad_id after it (a row that meets no eos_id runs to max_len).
+
+This file holds what the two share: the checks of the common config fields, the Seq2Seq base
+class (forward, loss with the output layer fused into the cross-entropy, the greedy loop) and
+example_batch.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..functional import linear_cross_entropy
+
+__all__ = ["TransformerSeq2SeqConfig", "TransformerSeq2Seq", "LSTMSeq2SeqConfig", "LSTMSeq2Seq", "Seq2Seq",
+           "example_batch"]
+
+
+# ---------------------------------------------------------------------------- config checks
+
+def check_positive(config, *names):
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{type(config).__name__}: {name} must be a positive int, got {value!r}")
+
+
+def check_common(config):
+    """vocab_size, the special ids and dropout: the fields every seq2seq config has."""
+    name = type(config).__name__
+    check_positive(config, "vocab_size")
+    for field in ("pad_id", "bos_id", "eos_id"):
+        value = getattr(config, field)
+        if not isinstance(value, int) or not 0 <= value < config.vocab_size:
+            raise ValueError(f"{name}: {field} must be a token id in [0, vocab_size={config.vocab_size}), "
+                             f"got {value!r}")
+    if config.pad_id in (config.bos_id, config.eos_id):
+        raise ValueError(f"{name}: pad_id must differ from bos_id and eos_id, got pad_id={config.pad_id}, "
+                         f"bos_id={config.bos_id}, eos_id={config.eos_id}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"{name}: dropout must be in [0, 1), got {config.dropout!r}")
+
+
+# ---------------------------------------------------------------------------- the shared model
+
+class Seq2Seq(nn.Module):
+    """forward, loss and greedy_decode over a subclass's parts:
+        encode(src, src_lengths) -> memory       whatever the decoder reads of the source
+        decode(tgt_in, memory) -> (B, T, E)      the decoder's outputs, before the output layer
+        start(memory) -> state                   greedy decoding's state before the first step
+        step(tokens, t, state) -> (B, E), state  the decoder's output at position t of tokens
+        output_weight                            (V, E), the output layer (no bias)
+        max_target                               the longest target (None: no limit)"""
+
+    max_target: Optional[int] = None
+
+    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
+        """Logits (B, T, V) of the token after each of tgt_in's (B, T) (teacher forcing)."""
+        self._check(src, src_lengths, tgt_in)
+        h = self.decode(tgt_in, self.encode(src, src_lengths))            # (B, T, E)
+        return F.linear(h, self.output_weight)                            # (B, T, V)
+
+    def loss(self, batch: dict, label_smoothing: float = 0.0, smoothing: str = "torch") -> Tensor:
+        """Mean cross-entropy per target token of tgt_out (label smoothing in torch's or fairseq's
+        convention), the output layer fused into the loss: the (B T, V) logits are never formed."""
+        src, src_lengths, tgt_in, tgt_out = batch["src"], batch["src_lengths"], batch["tgt_in"], batch["tgt_out"]
+        self._check(src, src_lengths, tgt_in)
+        if tgt_out.shape != tgt_in.shape:
+            raise ValueError(f"{type(self).__name__}: expected tgt_out of tgt_in's shape {list(tgt_in.shape)}, "
+                             f"got {list(tgt_out.shape)}")
+        h = self.decode(tgt_in, self.encode(src, src_lengths))            # (B, T, E)
+        return linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.output_weight, tgt_out.reshape(-1),
+                                    ignore_index=-100, label_smoothing=label_smoothing, smoothing=smoothing)
+
+    @torch.no_grad()
+    def greedy_decode(self, src: Tensor, src_lengths: Tensor, max_len: int) -> Tensor:
+        """The argmax continuation of bos_id, at most max_len tokens: (B, L) int64, each row ending
+        at its first eos_id with pad_id after it; stops when every row has ended.  Runs in eval
+        mode (no dropout) and restores the module's mode."""
+        c = self.config
+        if not isinstance(max_len, int) or max_len < 1 or (self.max_target is not None and max_len > self.max_target):
+            raise ValueError(f"{type(self).__name__}: max_len must be an int in [1, {self.max_target or 'inf'}], "
+                             f"got {max_len!r}")
+        self._check(src, src_lengths)
+        was_training = self.training
+        self.eval()
+        try:
+            B = src.shape[0]
+            tokens = src.new_full((B, max_len + 1), c.pad_id)             # (B, 1 + max_len): bos + output
+            tokens[:, 0] = c.bos_id
+            done = torch.zeros(B, dtype=torch.bool, device=src.device)
+            state = self.start(self.encode(src, src_lengths))
+            W = self.output_weight
+            for t in range(max_len):
+                h, state = self.step(tokens, t, state)                    # (B, E)
+                nxt = torch.mm(h, W.t()).argmax(-1).masked_fill_(done, c.pad_id)   # (B,)
+                tokens[:, t + 1] = nxt
+                done |= nxt == c.eos_id
+                if bool(done.all()):
+                    break
+            return tokens[:, 1:t + 2]
+        finally:
+            self.train(was_training)
+
+    def _check(self, src: Tensor, src_lengths: Tensor, tgt_in: Optional[Tensor] = None) -> None:
+        """The inputs' shapes and the source lengths, with the values received (ValueError)."""
+        name = type(self).__name__
+        if not isinstance(src, Tensor) or src.dim() != 2 or src.dtype != torch.int64 or 0 in src.shape:
+            raise ValueError(f"{name}: expected src as a non-empty (B, S) int64 tensor, got "
+                             f"{getattr(src, 'dtype', type(src).__name__)} of shape {list(getattr(src, 'shape', []))}")
+        B, S = src.shape
+        if not isinstance(src_lengths, Tensor) or src_lengths.shape != (B,) or src_lengths.is_floating_point():
+            raise ValueError(f"{name}: expected src_lengths as a ({B},) integer tensor, got "
+                             f"{getattr(src_lengths, 'dtype', type(src_lengths).__name__)} of shape "
+                             f"{list(getattr(src_lengths, 'shape', []))}")
+        lo, hi = torch.aminmax(src_lengths)
+        if lo < 1 or hi > S:
+            raise ValueError(f"{name}: src_lengths must lie in [1, S={S}], got values in [{int(lo)}, {int(hi)}]")
+        limit = self.max_target
+        if limit is not None and S > limit:
+            raise ValueError(f"{name}: source length {S} exceeds max_positions={limit}")
+        if tgt_in is not None:
+            if not isinstance(tgt_in, Tensor) or tgt_in.dim() != 2 or tgt_in.shape[0] != B or \
+                    tgt_in.dtype != torch.int64 or tgt_in.shape[1] == 0:
+                raise ValueError(f"{name}: expected tgt_in as a ({B}, T) int64 tensor, T >= 1, got "
+                                 f"{getattr(tgt_in, 'dtype', type(tgt_in).__name__)} of shape "
+                                 f"{list(getattr(tgt_in, 'shape', []))}")
+            if limit is not None and tgt_in.shape[1] > limit:
+                raise ValueError(f"{name}: target length {tgt_in.shape[1]} exceeds max_positions={limit}")
+
+
+def padding_mask(src_lengths: Tensor, S: int) -> Tensor:
+    """(B, S) bool, True at the source's pad positions (right padding)."""
+    return torch.arange(S, device=src_lengths.device).view(1, S) >= src_lengths.view(-1, 1)   # (B, S)
+
+
+def sinusoids(n: int, E: int) -> Tensor:
+    """Vaswani et al.'s positions, (n, E): PE[p, 2i] = sin(p / 10000^(2i/E)), PE[p, 2i+1] = cos(...);
+    computed in fp64, returned in the default dtype."""
+    p = torch.arange(n, dtype=torch.float64).view(n, 1)                             # (n, 1)
+    inv = torch.exp(torch.arange(0, E, 2, dtype=torch.float64) * (-math.log(10000.0) / E))   # (E/2,)
+    pe = torch.empty(n, E, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(p * inv)
+    pe[:, 1::2] = torch.cos(p * inv)
+    return pe.to(torch.get_default_dtype())
+
+
+# ---------------------------------------------------------------------------- example batch
+
+def example_batch(config, B: int, T: int, generator: Optional[torch.Generator] = None, device="cpu") -> dict:
+    """A random batch of the documented form: sources of width T with random lengths in
+    [1, T]; targets of random lengths in [0, T-1] (+ bos / eos: width T).  Tokens are drawn from
+    the ids that are not pad, bos or eos."""
+    if B < 1 or T < 2:
+        raise ValueError(f"example_batch: expected B >= 1 and T >= 2, got B={B}, T={T}")
+    special = {config.pad_id, config.bos_id, config.eos_id}
+    ids = torch.tensor([i for i in range(config.vocab_size) if i not in special], dtype=torch.int64)
+    if len(ids) == 0:
+        raise ValueError(f"example_batch: vocab_size={config.vocab_size} leaves no token besides the special ids")
+
+    def draw(shape):
+        return ids[torch.randint(len(ids), shape, generator=generator)]
+
+    src_lengths = torch.randint(1, T + 1, (B,), generator=generator)
+    tgt_lengths = torch.randint(0, T, (B,), generator=generator)
+    pos = torch.arange(T).view(1, T)
+    src = draw((B, T)).masked_fill_(pos >= src_lengths.view(-1, 1), config.pad_id)       # (B, S)
+    target = draw((B, T))                                                                # (B, T)
+    n = tgt_lengths.view(-1, 1)
+    tgt_in = torch.cat([torch.full((B, 1), config.bos_id), target[:, :T - 1]], 1)        # (B, T)
+    tgt_in.masked_fill_(pos > n, config.pad_id)
+    tgt_out = target.masked_fill(pos == n, config.eos_id).masked_fill_(pos > n, -100)    # (B, T)
+    batch = {"src": src, "src_lengths": src_lengths, "tgt_in": tgt_in, "tgt_out": tgt_out}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------- the two models
+# (imported on first use: their files import this one)
+
+_EXPORTS = {"TransformerSeq2SeqConfig": "seq2seq_transformer", "TransformerSeq2Seq": "seq2seq_transformer",
+            "LSTMSeq2SeqConfig": "seq2seq_lstm", "LSTMSeq2Seq": "seq2seq_lstm"}
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    return getattr(importlib.import_module(f".{module}", __package__), name)
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

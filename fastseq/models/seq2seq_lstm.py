@@ -1,0 +1,136 @@
+"""The attentional LSTM encoder-decoder of Luong et al. 2015 ("Effective Approaches to
+Attention-based Neural Machine Translation"), in the shape of fairseq's `lstm` model.
+
+Encoder: a bidirectional stack of LSTM layers (H/2 units a direction) over the packed source, so
+pads cost nothing and never reach the states; its outputs are (B, S, H), both directions
+concatenated.  Decoder: a stack of LSTM cells (H units) run one target step at a time, layer l
+starting from encoder layer l's final states, the two directions concatenated (fairseq's
+combine_bidir: no projection, hence the H/2 encoder).  At step t, with y_t the target embedding:
+    x_t  = [y_t; a_{t-1}]                                 input feeding (a_0 = 0), (B, 2E)
+    h_t  = cells(x_t, states)                             the top layer's hidden state, (B, H)
+    s    = (W_a h_t) . enc_s,  source pads -inf           dot-product ("general") attention
+    c_t  = sum_s softmax(s)_s enc_s                       context, (B, H)
+    a_t  = dropout(tanh(W_c [c_t; h_t]))                  the attentional output, (B, E)
+    logits_t = W_out a_t                                  W_out the target embedding if tied
+The step loop reads what does not depend on t from the encoder once: the keys W_a^T enc_s
+(so s = h_t . key_s) and the context's share of W_c applied to every enc_s (so W_c [c_t; h_t] =
+softmax(s) (enc W_cc^T) + W_ch h_t); the output layer then runs on all steps at once, fused into
+the loss.  Dropout (one probability) on the embeddings, between the encoder's layers, on its
+outputs, between the decoder's layers and on a_t.  All parameters start as U(-0.1, 0.1)
+(Luong et al.), the pad embedding row 0.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from ..functional import dropout
+from ..nn import LSTM, LSTMCell
+from .seq2seq import Seq2Seq, check_common, check_positive, padding_mask
+
+
+@dataclass
+class LSTMSeq2SeqConfig:
+    vocab_size: int                         # V, source and target (joined dictionary)
+    dim: int = 256                          # E: embeddings and the attentional output
+    hidden: int = 512                       # H: decoder cells and encoder outputs (H/2 a direction)
+    layers: int = 1                         # encoder and decoder layers (decoder layer l starts at encoder layer l)
+    dropout: float = 0.1
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    share_embeddings: bool = False          # one embedding for source and target
+    tie_weights: bool = False               # output layer = target embedding
+
+    def __post_init__(self):
+        check_positive(self, "dim", "hidden", "layers")
+        check_common(self)
+        if self.hidden % 2:
+            raise ValueError(f"LSTMSeq2SeqConfig: hidden must be even (H/2 units per encoder direction), got "
+                             f"{self.hidden}")
+
+
+class LSTMSeq2Seq(Seq2Seq):
+    """state_dict: encoder_embed.weight, decoder_embed.weight (the same tensor when shared),
+    encoder.* (torch.nn.LSTM's keys, *_reverse included), decoder_cells.i.* (torch.nn.LSTMCell's),
+    attention_proj.weight (W_a, (H, H)), attention_out.weight (W_c, (E, 2H): context columns
+    first), output_proj.weight (untied only)."""
+
+    def __init__(self, config: LSTMSeq2SeqConfig):
+        super().__init__()
+        c = self.config = config
+        E, H, V = c.dim, c.hidden, c.vocab_size
+        self.encoder_embed = nn.Embedding(V, E, padding_idx=c.pad_id)
+        self.decoder_embed = self.encoder_embed if c.share_embeddings else nn.Embedding(V, E, padding_idx=c.pad_id)
+        self.encoder = LSTM(E, H // 2, c.layers, batch_first=True, dropout=c.dropout, bidirectional=True)
+        self.decoder_cells = nn.ModuleList(LSTMCell(2 * E if i == 0 else H, H) for i in range(c.layers))
+        self.attention_proj = nn.Linear(H, H, bias=False)
+        self.attention_out = nn.Linear(2 * H, E, bias=False)
+        self.output_proj = None if c.tie_weights else nn.Linear(E, V, bias=False)
+        for p in self.parameters():
+            nn.init.uniform_(p, -0.1, 0.1)
+        with torch.no_grad():
+            self.encoder_embed.weight[c.pad_id].zero_()
+            self.decoder_embed.weight[c.pad_id].zero_()
+
+    @property
+    def output_weight(self) -> Tensor:
+        return self.decoder_embed.weight if self.output_proj is None else self.output_proj.weight   # (V, E)
+
+    def encode(self, src: Tensor, src_lengths: Tensor):
+        """-> (keys^T (B, H, S), values (B, S, E), score bias (B, 1, S), W_ch (E, H), [h_l], [c_l])."""
+        c = self.config
+        p = c.dropout if self.training else 0.0
+        B, S = src.shape
+        x = dropout(self.encoder_embed(src), p)                                          # (B, S, E)
+        packed = pack_padded_sequence(x, src_lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, (h_n, c_n) = self.encoder(packed)
+        enc = dropout(pad_packed_sequence(out, batch_first=True, total_length=S)[0], p)  # (B, S, H)
+        H = c.hidden
+        keys_t = torch.matmul(enc, self.attention_proj.weight).transpose(1, 2)          # (B, H, S)
+        W_c = self.attention_out.weight                                                  # (E, 2H)
+        values = torch.matmul(enc, W_c[:, :H].t())                                      # (B, S, E)
+        bias = torch.zeros(B, 1, S, dtype=enc.dtype, device=enc.device)
+        bias.masked_fill_(padding_mask(src_lengths, S).view(B, 1, S), float("-inf"))   # (B, 1, S)
+        L = c.layers
+
+        def both_directions(s):                       # (2 L, B, H/2) -> L states (B, H), [forward; backward]
+            return list(s.view(L, 2, B, H // 2).transpose(1, 2).reshape(L, B, H).unbind(0))
+        return keys_t, values, bias, W_c[:, H:], both_directions(h_n), both_directions(c_n)
+
+    def attend(self, x: Tensor, feed: Tensor, hs: list, cs: list, memory) -> Tensor:
+        """One decoder step: embedding x (B, E) and the last attentional output feed (B, E) ->
+        this step's attentional output a_t (B, E); the cells' states hs / cs are updated in place."""
+        keys_t, values, bias, W_ch = memory[:4]
+        p = self.config.dropout if self.training else 0.0
+        x = torch.cat((x, feed), 1)                                       # (B, 2E)
+        last = len(self.decoder_cells) - 1
+        for i, cell in enumerate(self.decoder_cells):
+            hs[i], cs[i] = cell(x, (hs[i], cs[i]))
+            x = dropout(hs[i], p) if i < last and p else hs[i]            # (B, H)
+        alpha = torch.softmax(torch.baddbmm(bias, x.unsqueeze(1), keys_t), -1)    # (B, 1, S)
+        a = torch.addmm(torch.bmm(alpha, values).squeeze(1), x, W_ch.t()).tanh_()  # (B, E)
+        return dropout(a, p) if p else a
+
+    def decode(self, tgt_in: Tensor, memory) -> Tensor:
+        """The attentional outputs (B, T, E) of every step, teacher-forced by tgt_in (B, T)."""
+        p = self.config.dropout if self.training else 0.0
+        y = dropout(self.decoder_embed(tgt_in), p)                        # (B, T, E)
+        hs, cs = list(memory[4]), list(memory[5])
+        a = y.new_zeros(y.shape[0], y.shape[2])                           # (B, E): a_0
+        outs = []
+        for t in range(y.shape[1]):
+            a = self.attend(y[:, t], a, hs, cs, memory)
+            outs.append(a)
+        return torch.stack(outs, 1)                                       # (B, T, E)
+
+    def start(self, memory):
+        keys_t = memory[0]
+        feed = keys_t.new_zeros(keys_t.shape[0], self.config.dim)         # (B, E)
+        return memory, list(memory[4]), list(memory[5]), feed
+
+    def step(self, tokens: Tensor, t: int, state):
+        memory, hs, cs, feed = state
+        a = self.attend(self.decoder_embed(tokens[:, t]), feed, hs, cs, memory)   # (B, E)
+        return a, (memory, hs, cs, a)
