@@ -28,6 +28,10 @@ The profile mode times where a step goes, by op family (dropout, GEMM, attention
 activation, loss, optimizer, other), for both models:
 
     python -m fastseq.bench.models --profile --model gpt --B 8 --T 256 --dropout 0.1 [--layers 6] [--steps 3]
+
+and, for a model of fastseq.models against its torch.nn twin (the twin cases below):
+
+    python -m fastseq.bench.models --profile --twin gpt [--B 8 --T 256] [--steps 3]
 """
 from __future__ import annotations
 
@@ -263,26 +267,48 @@ TWIN_CASES = [
      dict(vocab_size=8192, max_positions=1024, dim=512, layers=6, heads=8, dropout=0.1), 2, 1024, False),
     ("gpt", "gpt", "GPTConfig", "GPT",
      dict(vocab_size=2048, max_positions=128, dim=128, layers=2, heads=4, dropout=0.1), 4, 128, True),
+    ("bert", "bert", "BERTConfig", "BERT",
+     dict(vocab_size=8192, max_positions=512, dim=512, layers=6, heads=8, dropout=0.1), 16, 256, False),
+    ("bert", "bert", "BERTConfig", "BERT",
+     dict(vocab_size=2048, max_positions=128, dim=128, layers=2, heads=4, dropout=0.1), 4, 128, True),
+    # word_language_model's medium PTB setup: 650 units, 2 layers, dropout 0.5, 35 steps, batch 20
+    ("rnnlm lstm", "rnn_lm", "RNNLMConfig", "RNNLM",
+     dict(vocab_size=10000, dim=650, hidden=650, layers=2, cell="lstm", dropout=0.5), 20, 35, False),
+    ("rnnlm gru", "rnn_lm", "RNNLMConfig", "RNNLM",
+     dict(vocab_size=10000, dim=650, hidden=650, layers=2, cell="gru", dropout=0.5), 20, 35, False),
+    ("rnnlm layer_norm_lstm", "rnn_lm", "RNNLMConfig", "RNNLM",
+     dict(vocab_size=10000, dim=650, hidden=650, layers=2, cell="layer_norm_lstm", dropout=0.5), 20, 35, False),
+    ("rnnlm lstm", "rnn_lm", "RNNLMConfig", "RNNLM",
+     dict(vocab_size=2048, dim=128, hidden=128, layers=2, cell="lstm", dropout=0.5), 8, 35, True),
+    ("rnnlm gru", "rnn_lm", "RNNLMConfig", "RNNLM",
+     dict(vocab_size=2048, dim=128, hidden=128, layers=2, cell="gru", dropout=0.5), 8, 35, True),
 ]
+
+
+def build_twin(file, config_cls, model_cls, fields, B, T, device="cpu"):
+    """(fastseq model, its torch.nn twin holding the same weights, a batch), after checking in
+    eval mode that the two give the same loss."""
+    import importlib
+
+    mod = importlib.import_module(f"fastseq.models.{file}")
+    ref = importlib.import_module(f"fastseq.models.reference.{file}")
+    cfg = getattr(mod, config_cls)(**fields)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        fast = getattr(mod, model_cls)(cfg).to(device)
+        twin = getattr(ref, "Torch" + model_cls)(cfg).to(device)
+    twin.load_state_dict(fast.state_dict())
+    batch = mod.example_batch(cfg, B, T, torch.Generator().manual_seed(1), device=device)
+    with torch.no_grad():
+        a, b = twin.eval().loss(batch).item(), fast.eval().loss(batch).item()
+    if not abs(a - b) <= 1e-4 * abs(a):
+        raise AssertionError(f"{model_cls}: the twin's loss {a:.7g} and fastseq's {b:.7g} differ (eval mode)")
+    return fast.train(), twin.train(), batch
 
 
 def _twin_setup(file, config_cls, model_cls, fields, B, T, device):
     def setup():
-        import importlib
-
-        mod = importlib.import_module(f"fastseq.models.{file}")
-        ref = importlib.import_module(f"fastseq.models.reference.{file}")
-        cfg = getattr(mod, config_cls)(**fields)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            fast = getattr(mod, model_cls)(cfg).to(device)
-            twin = getattr(ref, "Torch" + model_cls)(cfg).to(device)
-        twin.load_state_dict(fast.state_dict())
-        batch = mod.example_batch(cfg, B, T, torch.Generator().manual_seed(1), device=device)
-        with torch.no_grad():
-            a, b = twin.eval().loss(batch).item(), fast.eval().loss(batch).item()
-        if not abs(a - b) <= 1e-4 * abs(a):
-            raise AssertionError(f"{model_cls}: the twin's loss {a:.7g} and fastseq's {b:.7g} differ (eval mode)")
+        fast, twin, batch = build_twin(file, config_cls, model_cls, fields, B, T, device)
         return Setup(fastseq=train_step(fast, batch), peers={"torch": train_step(twin, batch)}, grad_enabled=True)
     return setup
 
@@ -417,12 +443,17 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--json", default=None, help="also write the tables as JSON to this path")
+    p.add_argument("--twin", default=None, choices=sorted({c[0] for c in TWIN_CASES}),
+                   help="profile this fastseq.models model against its torch.nn twin instead (the first full-size "
+                        "TWIN_CASES entry of that label, with its B and T unless --B / --T are given)")
     args = p.parse_args(argv)
     if not args.profile:
         p.print_help()
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.twin:
+        return _profile_twin(args, argv or sys.argv[1:])
     net, batch = build(args.model, args.B, args.T, args.dropout, args.layers, args.E, args.heads, args.V,
                        device=args.device)
     check_same_loss(net, batch)
@@ -432,6 +463,27 @@ def main(argv=None) -> int:
           f"self CPU time per op family")
     result = {"config": vars(args) | {"threads": torch.get_num_threads()}, "models": {}}
     for name, model in (("torch", net), ("fastseq", fast)):
+        prof = profile_steps(train_step(model, batch), args.steps, args.warmup)
+        result["models"][name] = prof
+        print(profile_table(name, prof))
+    t, f = result["models"]["torch"]["wall_ms"], result["models"]["fastseq"]["wall_ms"]
+    print(f"torch / fastseq step time under the profiler: {t / f:.2f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+        print("wrote", args.json)
+    return 0
+
+
+def _profile_twin(args, argv) -> int:
+    label, file, cfg, cls, fields, B, T, _ = next(c for c in TWIN_CASES if c[0] == args.twin and not c[-1])
+    B = args.B if "--B" in argv else B
+    T = args.T if "--T" in argv else T
+    fast, twin, batch = build_twin(file, cfg, cls, fields, B, T, args.device)
+    print(f"{_twin_label(label, fields, B, T)}, {torch.get_num_threads()} threads, {args.device}; "
+          f"self CPU time per op family")
+    result = {"config": {"twin": label, "B": B, "T": T, **fields, "threads": torch.get_num_threads()}, "models": {}}
+    for name, model in (("torch", twin), ("fastseq", fast)):
         prof = profile_steps(train_step(model, batch), args.steps, args.warmup)
         result["models"][name] = prof
         print(profile_table(name, prof))
