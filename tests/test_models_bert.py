@@ -129,12 +129,13 @@ def test_padding_does_not_change_the_other_positions():
     torch.testing.assert_close(fast.loss(b2), fast.loss(b), rtol=1e-12, atol=0)
 
 
-def test_segments_matter_and_default_to_zero():
+def test_segments_matter_and_default_to_zero_and_full_lengths_are_no_padding():
     cfg, fast, _ = _pair(torch.float64)
     fast.eval()
     t = _batch(cfg)["tokens"]
     zeros = torch.zeros_like(t)
     torch.testing.assert_close(fast(t), fast(t, zeros), rtol=0, atol=1e-13)
+    torch.testing.assert_close(fast(t), fast(t, lengths=torch.full((3,), 16)), rtol=0, atol=1e-13)
     assert (fast(t) - fast(t, torch.ones_like(t))).abs().max() > 1e-4
 
 

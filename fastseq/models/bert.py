@@ -131,7 +131,7 @@ def mask_tokens(tokens: Tensor, lengths: Optional[Tensor], vocab_size: int, mask
     B, T = tokens.shape
     device = tokens.device
     eligible = torch.ones_like(tokens, dtype=torch.bool)
-    if lengths is not None:
+    if lengths is not None and B:
         _check_lengths("mask_tokens", lengths, B, T, minimum=0)
         eligible &= torch.arange(T, device=device).view(1, T) < lengths.to(device).view(B, 1)
     for s in special_ids:
@@ -149,7 +149,8 @@ def mask_tokens(tokens: Tensor, lengths: Optional[Tensor], vocab_size: int, mask
     return inputs, targets
 
 
-def _check_lengths(where, lengths, B, T, minimum=1):
+def _check_lengths(where, lengths, B, T, minimum=1) -> int:
+    """Checks (B,) integer lengths in [minimum, T]; returns the shortest."""
     if not isinstance(lengths, Tensor) or lengths.shape != (B,) or lengths.dtype.is_floating_point \
             or lengths.dtype == torch.bool:
         raise ValueError(f"{where}: expected integer lengths of shape ({B},), got "
@@ -158,13 +159,14 @@ def _check_lengths(where, lengths, B, T, minimum=1):
     lo, hi = int(lengths.min()), int(lengths.max())
     if lo < minimum or hi > T:
         raise ValueError(f"{where}: lengths must lie in [{minimum}, T={T}], got values in [{lo}, {hi}]")
+    return lo
 
 
 def _padding_mask(lengths: Optional[Tensor], B: int, T: int, device) -> Optional[Tensor]:
-    """(B,) lengths -> (B, T) bool key padding mask, True after each row's length."""
-    if lengths is None:
+    """(B,) lengths -> (B, T) bool key padding mask, True after each row's length (None when no
+    row is padded: the layers then skip the mask altogether)."""
+    if lengths is None or (B and _check_lengths("BERT", lengths, B, T) == T):
         return None
-    _check_lengths("BERT", lengths, B, T)
     return torch.arange(T, device=device).view(1, T) >= lengths.to(device).view(B, 1)    # (B, T)
 
 
