@@ -227,7 +227,8 @@ def test_mask_tokens_follows_the_15_80_10_10_recipe():
     V, MASK = 1000, 4
     tokens, lengths = _corpus(V=V)
     keep = tokens.clone()
-    inputs, targets = mask_tokens(tokens, lengths, V, MASK, special_ids=(2, 3), generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    inputs, targets = mask_tokens(tokens, lengths, V, MASK, special_ids=(2, 3), generator=g)
     assert torch.equal(tokens, keep)                          # pure
     chosen = targets != -100
     live = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
