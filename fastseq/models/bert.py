@@ -39,9 +39,9 @@ IGNORE = -100
 
 # ============================================================================ config
 
-def _positive_int(name, value):
+def _positive_int(name, value, where="BERTConfig"):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"BERTConfig: {name} must be a positive int, got {value!r}")
+        raise ValueError(f"{where}: {name} must be a positive int, got {value!r}")
 
 
 def _token_id(name, value, vocab_size):
@@ -323,8 +323,8 @@ def example_batch(config: BERTConfig, B: int, T: int, generator: Optional[torch.
     """A random masked-LM batch of the documented form: tokens other than pad / mask, row 0 of
     length T and the others of random length in [max(1, T // 2), T], two segments per row (when
     type_vocab_size > 1), masked by mask_tokens."""
-    _positive_int("B", B)
-    _positive_int("T", T)
+    _positive_int("B", B, "example_batch")
+    _positive_int("T", T, "example_batch")
     V = config.vocab_size
     specials = sorted({config.pad_id, config.mask_id})
     if V <= len(specials):
