@@ -137,6 +137,6 @@ class RNNLM(nn.Module):
 
 def example_batch(config: RNNLMConfig, B: int, T: int, generator: Optional[torch.Generator] = None,
                   device="cpu") -> Dict[str, Tensor]:
-    """Random tokens (B, T) and their next-token targets (B, T)."""
+    """Random tokens (B, T) and their next-token targets (B, T) (two tensors, not views of one)."""
     seq = torch.randint(0, config.vocab_size, (B, T + 1), generator=generator)
-    return {"tokens": seq[:, :-1].to(device), "targets": seq[:, 1:].to(device)}
+    return {"tokens": seq[:, :-1].contiguous().to(device), "targets": seq[:, 1:].contiguous().to(device)}
