@@ -63,7 +63,8 @@ class LSTMSeq2Seq(Seq2Seq):
         E, H, V = c.dim, c.hidden, c.vocab_size
         self.encoder_embed = nn.Embedding(V, E, padding_idx=c.pad_id)
         self.decoder_embed = self.encoder_embed if c.share_embeddings else nn.Embedding(V, E, padding_idx=c.pad_id)
-        self.encoder = LSTM(E, H // 2, c.layers, batch_first=True, dropout=c.dropout, bidirectional=True)
+        self.encoder = LSTM(E, H // 2, c.layers, batch_first=True, dropout=c.dropout if c.layers > 1 else 0.0,
+                            bidirectional=True)
         self.decoder_cells = nn.ModuleList(LSTMCell(2 * E if i == 0 else H, H) for i in range(c.layers))
         self.attention_proj = nn.Linear(H, H, bias=False)
         self.attention_out = nn.Linear(2 * H, E, bias=False)

@@ -123,7 +123,8 @@ class TorchLSTMSeq2Seq(_Seq2Seq):
         c = self.config = config
         E, H = c.dim, c.hidden
         self._embeddings(c)
-        self.encoder = nn.LSTM(E, H // 2, c.layers, batch_first=True, dropout=c.dropout, bidirectional=True)
+        self.encoder = nn.LSTM(E, H // 2, c.layers, batch_first=True, dropout=c.dropout if c.layers > 1 else 0.0,
+                               bidirectional=True)
         self.decoder_cells = nn.ModuleList(nn.LSTMCell(2 * E if i == 0 else H, H) for i in range(c.layers))
         self.attention_proj = nn.Linear(H, H, bias=False)
         self.attention_out = nn.Linear(2 * H, E, bias=False)
