@@ -100,7 +100,7 @@ class LSTMSeq2Seq(Seq2Seq):
             return list(s.view(L, 2, B, H // 2).transpose(1, 2).reshape(L, B, H).unbind(0))
         return keys_t, values, bias, W_c[:, H:], both_directions(h_n), both_directions(c_n)
 
-    def attend(self, x: Tensor, feed: Tensor, hs: list, cs: list, memory) -> Tensor:
+    def decoder_step(self, x: Tensor, feed: Tensor, hs: list, cs: list, memory) -> Tensor:
         """One decoder step: embedding x (B, E) and the last attentional output feed (B, E) ->
         this step's attentional output a_t (B, E); the cells' states hs / cs are updated in place."""
         keys_t, values, bias, W_ch = memory[:4]
@@ -122,7 +122,7 @@ class LSTMSeq2Seq(Seq2Seq):
         a = y.new_zeros(y.shape[0], y.shape[2])                           # (B, E): a_0
         outs = []
         for t in range(y.shape[1]):
-            a = self.attend(y[:, t], a, hs, cs, memory)
+            a = self.decoder_step(y[:, t], a, hs, cs, memory)
             outs.append(a)
         return torch.stack(outs, 1)                                       # (B, T, E)
 
@@ -133,5 +133,5 @@ class LSTMSeq2Seq(Seq2Seq):
 
     def step(self, tokens: Tensor, t: int, state):
         memory, hs, cs, feed = state
-        a = self.attend(self.decoder_embed(tokens[:, t]), feed, hs, cs, memory)   # (B, E)
+        a = self.decoder_step(self.decoder_embed(tokens[:, t]), feed, hs, cs, memory)   # (B, E)
         return a, (memory, hs, cs, a)

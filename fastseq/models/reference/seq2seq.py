@@ -83,7 +83,7 @@ class TorchTransformerSeq2Seq(_Seq2Seq):
         return self.drop(table(tokens) * math.sqrt(self.config.dim) + self.pe[:tokens.shape[1]])
 
     def encode(self, src, src_lengths):
-        pad = torch.arange(src.shape[1]).unsqueeze(0) >= src_lengths.unsqueeze(1)
+        pad = torch.arange(src.shape[1], device=src.device).unsqueeze(0) >= src_lengths.unsqueeze(1)
         x = self.embed(self.encoder_embed, src)
         for layer in self.encoder_layers:
             x = layer(x, src_key_padding_mask=pad)
@@ -94,7 +94,7 @@ class TorchTransformerSeq2Seq(_Seq2Seq):
     def decode(self, tgt_in, memory):
         enc, pad = memory
         T = tgt_in.shape[1]
-        causal = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)     # True = masked
+        causal = torch.triu(torch.ones(T, T, dtype=torch.bool, device=tgt_in.device), diagonal=1)     # True = masked
         x = self.embed(self.decoder_embed, tgt_in)
         for layer in self.decoder_layers:
             x = layer(x, enc, tgt_mask=causal, memory_key_padding_mask=pad, tgt_is_causal=True)
@@ -106,7 +106,7 @@ class TorchTransformerSeq2Seq(_Seq2Seq):
     def greedy_decode(self, src, src_lengths, max_len):
         """Re-run the whole model on the growing prefix; stop when every row has produced eos."""
         c = self.config
-        ys = torch.full((src.shape[0], 1), c.bos_id, dtype=torch.long)
+        ys = torch.full((src.shape[0], 1), c.bos_id, dtype=torch.long, device=src.device)
         generated = []
         for _ in range(max_len):
             nxt = self(src, src_lengths, ys)[:, -1].argmax(-1)
@@ -138,7 +138,7 @@ class TorchLSTMSeq2Seq(_Seq2Seq):
         out, (h, cell) = self.encoder(packed)
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=src.shape[1])
         out = self.drop(out)
-        pad = torch.arange(src.shape[1]).unsqueeze(0) >= src_lengths.unsqueeze(1)
+        pad = torch.arange(src.shape[1], device=src.device).unsqueeze(0) >= src_lengths.unsqueeze(1)
 
         def combine(s):                 # fairseq's combine_bidir: [forward; backward] per layer
             s = s.view(c.layers, 2, s.shape[1], -1).transpose(1, 2)
@@ -160,7 +160,7 @@ class TorchLSTMSeq2Seq(_Seq2Seq):
     def decode(self, tgt_in, memory):
         y = self.drop(self.decoder_embed(tgt_in))
         hs, cs = list(memory[2]), list(memory[3])
-        feed = torch.zeros(y.shape[0], self.config.dim, dtype=y.dtype)
+        feed = y.new_zeros(y.shape[0], self.config.dim)
         outs = []
         for t in range(y.shape[1]):
             feed = self.step(y[:, t], feed, hs, cs, memory)
@@ -172,8 +172,8 @@ class TorchLSTMSeq2Seq(_Seq2Seq):
         c = self.config
         memory = self.encode(src, src_lengths)
         hs, cs = list(memory[2]), list(memory[3])
-        feed = torch.zeros(src.shape[0], c.dim, dtype=memory[0].dtype)
-        prev = torch.full((src.shape[0],), c.bos_id, dtype=torch.long)
+        feed = memory[0].new_zeros(src.shape[0], c.dim)
+        prev = torch.full((src.shape[0],), c.bos_id, dtype=torch.long, device=src.device)
         generated = []
         for _ in range(max_len):
             feed = self.step(self.decoder_embed(prev), feed, hs, cs, memory)
