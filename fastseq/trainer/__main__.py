@@ -95,7 +95,8 @@ def _common(p: argparse.ArgumentParser, name: str) -> None:
     t.add_argument("--threads", type=int, help="torch threads (default: torch's; under torchrun cores / processes)")
     t.add_argument("--out", help=f"checkpoint folder (default ./fastseq-train-{name})")
     t.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    t.add_argument("--no-sample", dest="sample", action="store_false", help="no generated sample at the end")
+    t.add_argument("--sample", action=argparse.BooleanOptionalAction, default=True,
+                   help="print a little generated text at the end")
     p.set_defaults(model=name, out=f"fastseq-train-{name}", **d)
 
 

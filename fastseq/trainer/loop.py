@@ -290,7 +290,7 @@ def _run(args, rank: int, world: int, distributed: bool) -> Dict:
         metrics = evaluate(final=True)
         checkpoint(metrics)
         train_loss = sum(losses) / len(losses) if losses else float("nan")
-        summary = {"model": args.model, "parameters": n_params, "steps": step,
+        summary = {"model": args.model, "parameters": n_params, "steps": step, "tokens": tokens,
                    "seconds": elapsed, "tokens_per_s": tokens / train_time if train_time else 0.0,
                    "train_loss": train_loss, **metrics, "unit": task.unit, "processes": world,
                    "threads": torch.get_num_threads(), "checkpoint": path}
