@@ -20,6 +20,7 @@ outputs, between the decoder's layers and on a_t.  All parameters start as U(-0.
 (Luong et al.), the pad embedding row 0.
 """
 from dataclasses import dataclass
+from typing import List, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +52,16 @@ class LSTMSeq2SeqConfig:
                              f"{self.hidden}")
 
 
+class EncoderMemory(NamedTuple):
+    """What the decoder reads of the source, computed once per batch."""
+    keys_t: Tensor                          # (B, H, S): W_a^T enc_s, so that s = h_t . key_s
+    values: Tensor                          # (B, S, E): W_cc enc_s, the context's share of W_c
+    bias: Tensor                            # (B, 1, S): 0, or -inf at source pads
+    w_ch: Tensor                            # (E, H): the hidden state's share of W_c
+    h: List[Tensor]                         # per layer (B, H): the encoder's final states, both directions
+    c: List[Tensor]
+
+
 class LSTMSeq2Seq(Seq2Seq):
     """state_dict: encoder_embed.weight, decoder_embed.weight (the same tensor when shared),
     encoder.* (torch.nn.LSTM's keys, *_reverse included), decoder_cells.i.* (torch.nn.LSTMCell's),
@@ -79,8 +90,7 @@ class LSTMSeq2Seq(Seq2Seq):
     def output_weight(self) -> Tensor:
         return self.decoder_embed.weight if self.output_proj is None else self.output_proj.weight   # (V, E)
 
-    def encode(self, src: Tensor, src_lengths: Tensor):
-        """-> (keys^T (B, H, S), values (B, S, E), score bias (B, 1, S), W_ch (E, H), [h_l], [c_l])."""
+    def encode(self, src: Tensor, src_lengths: Tensor) -> EncoderMemory:
         c = self.config
         p = c.dropout if self.training else 0.0
         B, S = src.shape
@@ -98,27 +108,26 @@ class LSTMSeq2Seq(Seq2Seq):
 
         def both_directions(s):                       # (2 L, B, H/2) -> L states (B, H), [forward; backward]
             return list(s.view(L, 2, B, H // 2).transpose(1, 2).reshape(L, B, H).unbind(0))
-        return keys_t, values, bias, W_c[:, H:], both_directions(h_n), both_directions(c_n)
+        return EncoderMemory(keys_t, values, bias, W_c[:, H:], both_directions(h_n), both_directions(c_n))
 
-    def decoder_step(self, x: Tensor, feed: Tensor, hs: list, cs: list, memory) -> Tensor:
+    def decoder_step(self, x: Tensor, feed: Tensor, hs: list, cs: list, memory: EncoderMemory) -> Tensor:
         """One decoder step: embedding x (B, E) and the last attentional output feed (B, E) ->
         this step's attentional output a_t (B, E); the cells' states hs / cs are updated in place."""
-        keys_t, values, bias, W_ch = memory[:4]
         p = self.config.dropout if self.training else 0.0
         x = torch.cat((x, feed), 1)                                       # (B, 2E)
         last = len(self.decoder_cells) - 1
         for i, cell in enumerate(self.decoder_cells):
             hs[i], cs[i] = cell(x, (hs[i], cs[i]))
             x = dropout(hs[i], p) if i < last and p else hs[i]            # (B, H)
-        alpha = torch.softmax(torch.baddbmm(bias, x.unsqueeze(1), keys_t), -1)    # (B, 1, S)
-        a = torch.addmm(torch.bmm(alpha, values).squeeze(1), x, W_ch.t()).tanh_()  # (B, E)
+        alpha = torch.softmax(torch.baddbmm(memory.bias, x.unsqueeze(1), memory.keys_t), -1)       # (B, 1, S)
+        a = torch.addmm(torch.bmm(alpha, memory.values).squeeze(1), x, memory.w_ch.t()).tanh_()    # (B, E)
         return dropout(a, p) if p else a
 
-    def decode(self, tgt_in: Tensor, memory) -> Tensor:
+    def decode(self, tgt_in: Tensor, memory: EncoderMemory) -> Tensor:
         """The attentional outputs (B, T, E) of every step, teacher-forced by tgt_in (B, T)."""
         p = self.config.dropout if self.training else 0.0
         y = dropout(self.decoder_embed(tgt_in), p)                        # (B, T, E)
-        hs, cs = list(memory[4]), list(memory[5])
+        hs, cs = list(memory.h), list(memory.c)
         a = y.new_zeros(y.shape[0], y.shape[2])                           # (B, E): a_0
         outs = []
         for t in range(y.shape[1]):
@@ -126,10 +135,9 @@ class LSTMSeq2Seq(Seq2Seq):
             outs.append(a)
         return torch.stack(outs, 1)                                       # (B, T, E)
 
-    def start(self, memory):
-        keys_t = memory[0]
-        feed = keys_t.new_zeros(keys_t.shape[0], self.config.dim)         # (B, E)
-        return memory, list(memory[4]), list(memory[5]), feed
+    def start(self, memory: EncoderMemory):
+        feed = memory.values.new_zeros(memory.values.shape[0], self.config.dim)    # (B, E): a_0
+        return memory, list(memory.h), list(memory.c), feed
 
     def step(self, tokens: Tensor, t: int, state):
         memory, hs, cs, feed = state
