@@ -33,6 +33,16 @@ def _batch(cfg, B=3, T=11, seed=1):
     return b
 
 
+def _assert_gradients_within_a_small_multiple_of_torchs(got, twin, ref):
+    """Each gradient's error (relative to its largest element, against the fp64 twin) is within
+    4 x the fp32 twin's relative error on the same model (its worst gradient: rounding noise
+    propagates through the whole chain, so one tensor's error alone can be luckily small)."""
+    rel = lambda g, k: (g[k].double() - ref[k]).abs().max().item() / max(ref[k].abs().max().item(), 1e-30)
+    torch_rel = max(rel(twin, k) for k in ref)
+    for k in ref:
+        assert rel(got, k) <= 4 * torch_rel + 1e-6, (k, rel(got, k), rel(twin, k), torch_rel)
+
+
 @pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("smoothing", [None, "torch", "fairseq"])
 def test_loss_and_every_gradient_match_the_twin_fp64(cell, smoothing):
@@ -68,11 +78,7 @@ def test_fp32_error_is_within_a_small_multiple_of_torchs(cell):
     lt, gt = _loss_and_grads(twin, b)
     lr, gr = _loss_and_grads(ref, b)
     assert abs(lf.double() - lr) <= 4 * abs(lt.double() - lr) + 1e-6
-    for k in gr:
-        ef = (gf[k].double() - gr[k]).abs().max().item()
-        et = (gt[k].double() - gr[k]).abs().max().item()
-        scale = gr[k].abs().max().item()
-        assert ef <= 4 * et + 1e-6 * scale, (k, ef, et)
+    _assert_gradients_within_a_small_multiple_of_torchs(gf, gt, gr)
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
