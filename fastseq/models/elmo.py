@@ -202,18 +202,17 @@ class ELMo(nn.Module):
 
     def loss(self, batch: Dict[str, Tensor], label_smoothing: float = 0.0, smoothing: str = "torch") -> Tensor:
         """(forward LM's mean next-token loss + backward LM's mean previous-token loss) / 2, pads
-        ignored; the backward LM's is its next-token loss in reversed coordinates."""
+        ignored.  The backward LM's is its next-token loss in reversed coordinates, and both
+        directions count the same targets (L_b - 1 per row), so the mean of the two means is the
+        mean over both directions' rows at once: one fused head + loss call (one dW GEMM)."""
         tokens = batch["tokens"]
         if tokens.dim() != 2 or tokens.shape[1] < 2:
             raise ValueError(f"ELMo.loss: tokens must be (B, T) with T >= 2, got shape {tuple(tokens.shape)}")
         tok, tok_rev, _, lengths, fwd, bwd = self._both(tokens, batch.get("lengths"))
-        W, E = self.output.weight, self.config.dim
-        kw = dict(linear_bias=self.output.bias, ignore_index=-100, label_smoothing=label_smoothing,
-                  smoothing=smoothing)
-        loss_f = FF.linear_cross_entropy(fwd[-1].view(-1, E), W, next_token_targets(tok, lengths).view(-1), **kw)
-        loss_b = FF.linear_cross_entropy(bwd[-1].view(-1, E), W, next_token_targets(tok_rev, lengths).view(-1),
-                                         **kw)
-        return 0.5 * (loss_f + loss_b)
+        h = torch.cat([fwd[-1], bwd[-1]]).view(-1, self.config.dim)                        # (2 T B, E)
+        targets = torch.cat([next_token_targets(tok, lengths), next_token_targets(tok_rev, lengths)]).view(-1)
+        return FF.linear_cross_entropy(h, self.output.weight, targets, linear_bias=self.output.bias,
+                                       ignore_index=-100, label_smoothing=label_smoothing, smoothing=smoothing)
 
 
 # ============================================================================ the downstream mix
