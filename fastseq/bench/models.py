@@ -279,6 +279,11 @@ TWIN_CASES = [
      dict(vocab_size=8192, dim=256, hidden=512, layers=1, dropout=0.1), 16, 64, False),
     ("seq2seq lstm", "seq2seq", "LSTMSeq2SeqConfig", "LSTMSeq2Seq",
      dict(vocab_size=2048, dim=64, hidden=128, layers=1, dropout=0.1), 4, 32, True),
+    # ELMo's biLM at a quarter of its width (the paper's: 4096 cells projected to 512)
+    ("elmo", "elmo", "ELMoConfig", "ELMo",
+     dict(vocab_size=8192, dim=256, hidden=1024, layers=2, dropout=0.1), 16, 64, False),
+    ("elmo", "elmo", "ELMoConfig", "ELMo",
+     dict(vocab_size=2048, dim=64, hidden=256, layers=2, dropout=0.1), 4, 32, True),
     # word_language_model's medium PTB setup: 650 units, 2 layers, dropout 0.5, 35 steps, batch 20
     ("rnnlm lstm", "rnn_lm", "RNNLMConfig", "RNNLM",
      dict(vocab_size=10000, dim=650, hidden=650, layers=2, cell="lstm", dropout=0.5), 20, 35, False),
