@@ -50,7 +50,7 @@ from torch import nn
 from .registry import Case, Setup, register
 
 # ELMo's twin runs torch.nn.LSTM with proj_size, which torch computes without oneDNN and says so
-# on every call; the case's note says it once
+# on every call: the warning is filtered here, the case names the twin
 warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
 
 LAYERS, E, NH, V = 6, 512, 8, 8192
