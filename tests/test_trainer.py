@@ -198,19 +198,27 @@ def test_resume_continues_the_same_run(tmp_path, small_text):
     assert b["step"] == 4 and b["args"]["dtype"] == "float64"
     for k, v in a["model_state"].items():
         torch.testing.assert_close(b["model_state"][k], v, rtol=1e-12, atol=1e-12)
+    model, _, _ = ckpt_io.load_model(str(tmp_path / "b"))
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    torch.testing.assert_close(model.state_dict(), b["model_state"], rtol=0, atol=0)
 
 
-def test_time_budget_stops_the_run(tmp_path, small_text):
-    main(_args("rnnlm", small_text, tmp_path, "--minutes", "0.02", "--eval-every", "1000"))
+def test_time_budget_stops_the_run_and_sizes_the_schedule(tmp_path, small_text):
+    """--minutes without --steps: the run stops at the budget, and the cosine schedule's length,
+    estimated from the speed, comes out near the steps actually taken."""
+    main(_args("rnnlm", small_text, tmp_path, "--minutes", "0.02", "--eval-every", "25", "--warmup", "5"))
     s = _summary(tmp_path)
     assert s["steps"] > 0 and 1.2 <= s["seconds"] < 30
+    total = ckpt_io.read_checkpoint(str(tmp_path))["total_steps"]
+    assert 0.5 * s["steps"] <= total <= 2 * s["steps"], (total, s["steps"])
 
 
-def test_training_lowers_the_validation_loss(tmp_path, small_text, capsys):
-    main(_args("gpt", small_text, tmp_path / "a", "--steps", "1", "--lr", "1e-9", "--warmup", "0"))
+def test_training_lowers_the_validation_loss(tmp_path, capsys):
+    """On the default corpus (all of Python's help text)."""
+    tiny = list(MODELS["gpt"]) + TINY + ["--dim", "32", "--warmup", "5", "--eval-every", "100"]
+    main(tiny + ["--out", str(tmp_path / "a"), "--steps", "1", "--lr", "1e-9"])
     before = _summary(tmp_path / "a")["val_loss"]
-    main(_args("gpt", small_text, tmp_path / "b", "--steps", "40", "--dim", "32", "--lr", "1e-2", "--warmup", "5",
-               "--eval-every", "20", "--sample"))
+    main(tiny + ["--out", str(tmp_path / "b"), "--steps", "40", "--lr", "1e-2", "--sample"])
     after = _summary(tmp_path / "b")
     assert before > 4.0 and after["val_loss"] < before - 1.0, (before, after)
     out = capsys.readouterr().out

@@ -62,8 +62,7 @@ def load_model(path: str) -> Tuple[torch.nn.Module, object, Dict]:
     name = ckpt["model"]
     if name not in TASKS:
         raise ValueError(f"checkpoint {path!r} is of an unknown model {name!r}")
-    model = TASKS[name].model_from_config(ckpt["config"], ckpt["args"])
-    model.load_state_dict(ckpt["model_state"])
     dtype = getattr(torch, ckpt["args"].get("dtype", "float32"))
-    model.to(dtype).eval()
-    return model, tokenizer_from_state(ckpt["tokenizer"]), ckpt
+    model = TASKS[name].model_from_config(ckpt["config"], ckpt["args"]).to(dtype)
+    model.load_state_dict(ckpt["model_state"])
+    return model.eval(), tokenizer_from_state(ckpt["tokenizer"]), ckpt

@@ -144,10 +144,12 @@ def run(args) -> Dict:
     """Train as ``args`` says; returns the summary (rank 0's; other ranks return {})."""
     rank, world, distributed = init_distributed()
     try:
-        return _run(args, rank, world, distributed)
+        summary = _run(args, rank, world, distributed)
+        if distributed:
+            dist.barrier()                             # every rank done (rank 0 evaluated and saved)
+        return summary
     finally:
         if distributed:
-            dist.barrier()
             dist.destroy_process_group()
 
 
@@ -230,10 +232,10 @@ def _run(args, rank: int, world: int, distributed: bool) -> Dict:
     elapsed = elapsed0
     train_time = tokens = 0.0
     first_step = step
-    losses, metrics, stop = [], {}, False
+    losses, metrics = [], {}
     model.train()
     try:
-        while not stop:
+        while True:
             if args.steps is not None and step >= args.steps:
                 break
             if budget is not None and elapsed >= budget:
@@ -294,7 +296,7 @@ def _run(args, rank: int, world: int, distributed: bool) -> Dict:
                    "seconds": elapsed, "tokens_per_s": tokens / train_time if train_time else 0.0,
                    "train_loss": train_loss, **metrics, "unit": task.unit, "processes": world,
                    "threads": torch.get_num_threads(), "checkpoint": path}
-        if args.sample and metrics:
+        if args.sample:
             model.eval()
             text = task.sample(model)
             if text:

@@ -55,7 +55,7 @@ def build_config(cls, **candidates):
 class Task:
     name = ""
     unit = "nats/token"                            # what val_loss is measured in
-    find_unused_parameters = False                 # DDP: a parameter may get no gradient in a step
+    find_unused_parameters = False                 # DDP: whether a parameter may get no gradient in a step
 
     def __init__(self, args, tokenizer_state: Optional[Dict] = None):
         self.args = args
@@ -191,7 +191,6 @@ class BERTTask(TextTask):
     mask_tokens); val_loss is per masked character, with a fixed masking of the validation text."""
     name = "bert"
     window_extra = 0
-    find_unused_parameters = True                  # segment embeddings past segment 0 get no gradient
 
     def config(self, args):
         (BERTConfig,) = import_model("bert", "BERTConfig")
