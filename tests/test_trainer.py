@@ -5,7 +5,6 @@ import datetime
 import json
 import math
 import os
-import random
 import re
 import socket
 import subprocess
@@ -30,7 +29,8 @@ MODELS = {                                        # subcommand arguments of a ti
     "elmo": ["elmo", *TEXT, "--hidden", "24"],
     "rnnlm": ["rnnlm", *TEXT],
     "rnnlm-layer_norm_gru": ["rnnlm", *TEXT, "--cell", "layer_norm_gru"],
-    "seq2seq-transformer": ["seq2seq", "--heads", "2", "--ffn-dim", "32", "--train-size", "300", "--heldout-size", "40"],
+    "seq2seq-transformer": ["seq2seq", "--heads", "2", "--ffn-dim", "32", "--train-size", "300",
+                            "--heldout-size", "40"],
     "seq2seq-lstm": ["seq2seq", "--arch", "lstm", "--hidden", "24", "--train-size", "300", "--heldout-size", "40"],
 }
 
@@ -249,20 +249,15 @@ def test_ddp_two_processes_equal_one_process_on_the_whole_batch(tmp_path, small_
     ddp = ckpt_io.read_checkpoint(str(tmp_path / "ddp"))
     one = ckpt_io.read_checkpoint(str(tmp_path / "one"))
     assert ddp["step"] == one["step"] == 3
-    assert _summary(tmp_path / "ddp")["tokens"] == _summary(tmp_path / "one")["tokens"] == 3 * 4 * 12   # rows shared out
+    # the two ranks shared the rows out (each on its half: the same token count as one process)
+    assert _summary(tmp_path / "ddp")["tokens"] == _summary(tmp_path / "one")["tokens"] == 3 * 4 * 12
     worst = 0.0
     for k, v in one["model_state"].items():
         torch.testing.assert_close(ddp["model_state"][k], v, rtol=1e-10, atol=1e-12)
         assert v.dtype == torch.float64
         worst = max(worst, float((ddp["model_state"][k] - v).abs().max()))
     print(f"largest |DDP - one process| parameter difference: {worst:.2e}")
-    main(_args("gpt", small_text, tmp_path / "half", *kw, "--batch-size", "2"))   # the check can tell batches apart
+    # the comparison can tell batches apart: half the batch ends elsewhere
+    main(_args("gpt", small_text, tmp_path / "half", *kw, "--batch-size", "2"))
     half = ckpt_io.read_checkpoint(str(tmp_path / "half"))["model_state"]
     assert any(not torch.allclose(half[k], v, rtol=1e-6, atol=1e-9) for k, v in one["model_state"].items())
-    moved = 0
-    main(_args("gpt", small_text, tmp_path / "zero", "--steps", "1",                # the parameters moved "--lr", "1e-30", "--warmup", "0",
-               "--dropout", "0", "--dtype", "float64"))
-    zero = ckpt_io.read_checkpoint(str(tmp_path / "zero"))
-    for k, v in one["model_state"].items():
-        moved += not torch.allclose(v, zero["model_state"][k], rtol=0, atol=1e-6)
-    assert moved > 0
