@@ -53,24 +53,27 @@ def _common(p: argparse.ArgumentParser, name: str) -> None:
     size = p.add_argument_group("model")
     size.add_argument("--dim", type=int, help="embedding width E")
     if "hidden" in d:
-        size.add_argument("--hidden", type=int, help="recurrent state width H" +
-                          (" (default: --dim, tied output layer)" if name == "rnnlm" else ""))
+        size.add_argument("--hidden", type=int, help="recurrent state width H" + {
+            "rnnlm": " (None: --dim, with the output layer tied)", "seq2seq": " (--arch lstm)"}.get(name, ""))
     size.add_argument("--layers", type=int, help="layers (of each stack)")
     if "heads" in d:
         size.add_argument("--heads", type=int, help="attention heads")
-        size.add_argument("--ffn-dim", type=int, help="feed-forward width (default 4 E)")
-    size.add_argument("--dropout", type=float)
+        size.add_argument("--ffn-dim", type=int, help="feed-forward width (None: 4 E)")
+    size.add_argument("--dropout", type=float, help="dropout probability")
     if name == "seq2seq":
-        size.add_argument("--arch", choices=("transformer", "lstm"), default="transformer")
+        size.add_argument("--arch", choices=("transformer", "lstm"), default="transformer",
+                          help="architecture")
     if name == "rnnlm":
-        size.add_argument("--cell", choices=("lstm", "gru", "layer_norm_lstm", "layer_norm_gru"), default="lstm")
+        size.add_argument("--cell", choices=("lstm", "gru", "layer_norm_lstm", "layer_norm_gru"), default="lstm",
+                          help="recurrent cell")
     if name == "elmo":
         size.add_argument("--layer-norm", action="store_true", help="LayerNormLSTM layers")
 
     data = p.add_argument_group("data")
     if name in TEXT_MODELS:
-        data.add_argument("--data", metavar="FILE", help="UTF-8 text to train on (default: Python's help text)")
-        data.add_argument("--tokenizer", choices=("char", "byte"), default="char")
+        data.add_argument("--data", metavar="FILE", help="UTF-8 text to train on (None: Python's help text)")
+        data.add_argument("--tokenizer", choices=("char", "byte"), default="char",
+                          help="tokens: characters or UTF-8 bytes")
         data.add_argument("--seq-len", type=int, help="tokens per training row T")
     else:
         data.add_argument("--train-size", type=int, default=40000, help="training pairs")
@@ -78,22 +81,22 @@ def _common(p: argparse.ArgumentParser, name: str) -> None:
     data.add_argument("--batch-size", type=int, help="global batch (split evenly over DDP processes)")
 
     t = p.add_argument_group("training")
-    t.add_argument("--steps", type=int, help="optimizer steps in all (default: a time budget)")
+    t.add_argument("--steps", type=int, help="optimizer steps in all, resumed runs included (None: no limit)")
     t.add_argument("--minutes", type=float,
-                   help=f"time budget in minutes, resumed runs included (default {d['default_minutes']:g} "
-                        "without --steps)")
+                   help=f"time budget in minutes, resumed runs included (None: {d['default_minutes']:g} "
+                        "without --steps, else no limit)")
     t.add_argument("--lr", type=float, help="peak learning rate (AdamW)")
     t.add_argument("--warmup", type=int, help="linear warm-up steps")
-    t.add_argument("--schedule", choices=("inverse_sqrt", "cosine", "linear"))
-    t.add_argument("--weight-decay", type=float)
-    t.add_argument("--label-smoothing", type=float)
+    t.add_argument("--schedule", choices=("inverse_sqrt", "cosine", "linear"), help="LR schedule after the warm-up")
+    t.add_argument("--weight-decay", type=float, help="AdamW weight decay (matrices and embeddings)")
+    t.add_argument("--label-smoothing", type=float, help="training loss label smoothing (validation: none)")
     t.add_argument("--smoothing", choices=("torch", "fairseq"), default="torch",
                    help="label-smoothing convention")
-    t.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    t.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="parameter dtype")
     t.add_argument("--eval-every", type=int, help="steps between validations (and checkpoints)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, help="torch threads (default: torch's; under torchrun cores / processes)")
-    t.add_argument("--out", help=f"checkpoint folder (default ./fastseq-train-{name})")
+    t.add_argument("--seed", type=int, default=0, help="initialization, batches and the dates task")
+    t.add_argument("--threads", type=int, help="torch threads (None: torch's; under torchrun, cores / processes)")
+    t.add_argument("--out", help="folder of checkpoint.pt and summary.json")
     t.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     t.add_argument("--sample", action=argparse.BooleanOptionalAction, default=True,
                    help="print a little generated text at the end")
@@ -105,7 +108,8 @@ def parser() -> argparse.ArgumentParser:
                                 epilog=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="model", required=True, metavar="MODEL")
     for name in DEFAULTS:
-        _common(sub.add_parser(name, help=HELP[name], description=HELP[name]), name)
+        _common(sub.add_parser(name, help=HELP[name], description=HELP[name],
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter), name)
     return p
 
 

@@ -108,7 +108,8 @@ class _Progress:
         if enabled:
             try:
                 from tqdm import tqdm
-                self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr)
+                self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                                 mininterval=1.0, file=sys.stderr)
             except ImportError:
                 pass
 
