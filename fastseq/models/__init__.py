@@ -24,3 +24,11 @@ logits then F.cross_entropy), with the same state_dict keys and shapes -- so
 signatures.  It is the oracle of the model's tests (loss and every gradient at dropout 0) and the
 peer of its benchmark (``fastseq-bench --only models``).
 """
+from .bert import BERT, BERTConfig, mask_tokens
+from .elmo import ELMo, ELMoConfig, ScalarMix
+from .gpt import GPT, GPTConfig
+from .rnn_lm import RNNLM, RNNLMConfig
+from .seq2seq import LSTMSeq2Seq, LSTMSeq2SeqConfig, TransformerSeq2Seq, TransformerSeq2SeqConfig
+
+__all__ = ["GPT", "GPTConfig", "BERT", "BERTConfig", "mask_tokens", "TransformerSeq2Seq", "TransformerSeq2SeqConfig",
+           "LSTMSeq2Seq", "LSTMSeq2SeqConfig", "ELMo", "ELMoConfig", "ScalarMix", "RNNLM", "RNNLMConfig"]
