@@ -3,7 +3,6 @@ import pytest
 import torch
 
 import fastseq.functional as FF
-import fastseq.transformer as fast_transformer
 from fastseq.models.bert import BERT, BERTConfig, example_batch, mask_tokens
 from fastseq.models.reference.bert import TorchBERT
 
@@ -69,23 +68,26 @@ def test_fp32_error_is_within_a_small_multiple_of_torchs():
         assert ef <= 4 * et + 1e-6 * scale, (k, ef, et)
 
 
-def test_training_step_runs_the_fused_layers_and_the_head_on_the_masked_rows_only(monkeypatch):
+def test_training_step_runs_the_layers_on_the_real_tokens_and_the_head_on_the_masked_rows_only(monkeypatch):
+    from fastseq.models import packing
     cfg, fast, _ = _pair(torch.float32, dropout=0.1)
     b = _batch(cfg, B=3, T=16)
-    fused, head_rows = [], []
-    real_fused, real_lce = fast_transformer.TransformerEncoderLayer._fused_forward, FF.linear_cross_entropy
+    layer_rows, head_rows = [], []
+    real_layer, real_lce = packing.encoder_layer, FF.linear_cross_entropy
 
-    def spy_fused(self, *a, **k):
-        fused.append(self)
-        return real_fused(self, *a, **k)
+    def spy_layer(layer, x, *a, **k):
+        layer_rows.append((layer, x.shape[0], layer.training))
+        return real_layer(layer, x, *a, **k)
 
     def spy_lce(h, *a, **k):
         head_rows.append(h.shape[0])
         return real_lce(h, *a, **k)
-    monkeypatch.setattr(fast_transformer.TransformerEncoderLayer, "_fused_forward", spy_fused)
+    monkeypatch.setattr(packing, "encoder_layer", spy_layer)
     monkeypatch.setattr(FF, "linear_cross_entropy", spy_lce)
     fast.loss(b).backward()
-    assert fused == list(fast.layers)                        # every layer, training mode, dropouts fused
+    N = int(b["lengths"].sum())
+    assert N < b["tokens"].numel()                           # the batch is padded
+    assert layer_rows == [(layer, N, True) for layer in fast.layers]   # every layer, on the real tokens only
     assert head_rows == [int((b["targets"] != -100).sum())]
     assert 0 < head_rows[0] < 0.4 * b["tokens"].numel()
 

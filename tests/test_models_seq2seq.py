@@ -7,7 +7,6 @@ import torch
 from fastseq.models.reference.seq2seq import TorchLSTMSeq2Seq, TorchTransformerSeq2Seq
 from fastseq.models.seq2seq import (LSTMSeq2Seq, LSTMSeq2SeqConfig, TransformerSeq2Seq, TransformerSeq2SeqConfig,
                                     example_batch)
-from fastseq.nn import TransformerDecoderLayer, TransformerEncoderLayer
 
 TWIN = {TransformerSeq2Seq: TorchTransformerSeq2Seq, LSTMSeq2Seq: TorchLSTMSeq2Seq}
 
@@ -108,16 +107,22 @@ def test_eval_logits_match_twin_and_are_deterministic(cls, config):
     assert a != b and torch.equal(model.loss(batch), a)
 
 
-def test_transformer_training_runs_the_fused_layers(monkeypatch):
+def test_transformer_layers_run_on_the_real_tokens_only(monkeypatch):
+    from fastseq.models import packing
     calls = []
-    for layer_cls in (TransformerEncoderLayer, TransformerDecoderLayer):
-        real = layer_cls._fused_forward
-        monkeypatch.setattr(layer_cls, "_fused_forward",
-                            lambda self, *a, _real=real, _n=layer_cls.__name__: calls.append(_n) or _real(self, *a))
+    for name in ("encoder_layer", "decoder_layer"):
+        real = getattr(packing, name)
+        monkeypatch.setattr(packing, name, lambda layer, x, *a, _real=real, _n=name:
+                            calls.append((_n, x.shape[0], layer.training)) or _real(layer, x, *a))
     for norm_first in (False, True):
         config = transformer_config(dropout=0.1, norm_first=norm_first, layers=2)
-        TransformerSeq2Seq(config).loss(example_batch(config, 2, 6)).backward()
-    assert calls.count("TransformerEncoderLayer") == 4 and calls.count("TransformerDecoderLayer") == 4
+        batch = example_batch(config, 3, 8, torch.Generator().manual_seed(2))
+        TransformerSeq2Seq(config).loss(batch).backward()
+        M = int(batch["src_lengths"].sum())
+        N = int(((batch["tgt_out"] != -100).sum(1)).clamp(min=1).sum())       # targets end with eos: no gaps
+        assert M < 3 * 8 and N < 3 * 8                                        # both sides padded
+        assert calls == [("encoder_layer", M, True)] * 2 + [("decoder_layer", N, True)] * 2
+        calls.clear()
 
 
 def test_positions_are_a_buffer_outside_the_state_dict():

@@ -8,9 +8,11 @@ Language Understanding" (NAACL 2019), in the shape of the original release:
              residual add; eps 1e-12)
     logits = LayerNorm(gelu(dense(x))) token^T + bias            the MLM head, tied to the embedding
 
-Padding sits at the end of each row: `lengths` (B,) becomes the layers' key padding mask, which
-fastseq's attention reads as per-sequence key lengths (padded key tiles are skipped).  Padded
-positions never change the others' outputs.
+Padding sits at the end of each row, given by `lengths` (B,).  The layers run on the real tokens
+only (fastseq.models.packing): the projections, feed-forward blocks, norms and dropouts on the
+N = sum(lengths) real rows, attention on the padded layout with per-row key lengths (padded keys
+skipped).  A padded position is never computed (encode() returns zeros there, and a target there
+is ignored) and never changes the others' outputs.
 
 The masked-LM objective (mask_tokens): 15% of the non-special, non-pad positions are chosen; of
 those 80% become [MASK], 10% a random token, 10% stay; the loss is the cross-entropy at the
@@ -33,6 +35,8 @@ from torch import Tensor, nn
 
 from .. import functional as FF
 from .. import nn as fnn
+from . import packing
+from .packing import Rows
 
 IGNORE = -100
 
@@ -162,14 +166,6 @@ def _check_lengths(where, lengths, B, T, minimum=1) -> int:
     return lo
 
 
-def _padding_mask(lengths: Optional[Tensor], B: int, T: int, device) -> Optional[Tensor]:
-    """(B,) lengths -> (B, T) bool key padding mask, True after each row's length (None when no
-    row is padded: the layers then skip the mask altogether)."""
-    if lengths is None or (B and _check_lengths("BERT", lengths, B, T) == T):
-        return None
-    return torch.arange(T, device=device).view(1, T) >= lengths.to(device).view(B, 1)    # (B, T)
-
-
 # ============================================================================ blocks
 
 class Embeddings(nn.Module):
@@ -184,16 +180,13 @@ class Embeddings(nn.Module):
         self.norm = fnn.LayerNorm(E, eps=config.layer_norm_eps)
         self.p = config.dropout
 
-    def forward(self, tokens: Tensor, segments: Optional[Tensor] = None) -> Tensor:
-        B, T = tokens.shape
+    def forward(self, tokens: Tensor, positions: Tensor, segments: Optional[Tensor] = None) -> Tensor:
+        """tokens, positions, segments: (N,) of the real tokens -> (N, E)."""
         E = self.token.embedding_dim
-        pos = self.position.weight[:T]                                             # (T, E)
-        if segments is None:
-            rest = (pos + self.segment.weight[0]).expand(B, T, E)                  # (B, T, E) a view
-        else:
-            rest = self.segment(segments) + pos                                    # (B, T, E)
+        seg = self.segment.weight[0] if segments is None else self.segment(segments)          # (E,) or (N, E)
+        rest = self.position(positions) + seg                                              # (N, E)
         x = FF.add_layer_norm(self.token(tokens), rest, (E,), self.norm.weight, self.norm.bias, self.norm.eps)
-        return FF.dropout(x, self.p, self.training)                                # (B, T, E)
+        return FF.dropout(x, self.p, self.training)                                        # (N, E)
 
 
 class MLMHead(nn.Module):
@@ -258,8 +251,10 @@ class BERT(nn.Module):
         self.head = MLMHead(config)
         init_bert_weights(self, config.init_std)
 
-    def encode(self, tokens: Tensor, segments: Optional[Tensor] = None, lengths: Optional[Tensor] = None) -> Tensor:
-        """The encoder's output (B, T, E) (padded positions hold values the others never see)."""
+    def encode_rows(self, tokens: Tensor, segments: Optional[Tensor] = None,
+                    lengths: Optional[Tensor] = None) -> Tuple[Tensor, Rows]:
+        """The encoder's outputs at the real tokens only, (N, E), and where they sit (packing.Rows):
+        every layer but attention runs on the N = sum(lengths) real rows."""
         if not isinstance(tokens, Tensor) or tokens.dim() != 2:
             raise ValueError(f"BERT: expected tokens of shape (B, T), got "
                              f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
@@ -269,11 +264,19 @@ class BERT(nn.Module):
         if segments is not None and segments.shape != tokens.shape:
             raise ValueError(f"BERT: expected segments of the tokens' shape {tuple(tokens.shape)}, got "
                              f"{tuple(segments.shape)}")
-        pad = _padding_mask(lengths, B, T, tokens.device)                          # (B, T) or None
-        x = self.embeddings(tokens, segments)                                      # (B, T, E)
+        if lengths is not None and B:
+            _check_lengths("BERT", lengths, B, T)
+        rows = Rows(lengths, B, T, tokens.device)
+        x = self.embeddings(rows.pack(tokens), rows.positions(),
+                            None if segments is None else rows.pack(segments))          # (N, E)
         for layer in self.layers:
-            x = layer(x, src_key_padding_mask=pad)
-        return x
+            x = packing.encoder_layer(layer, x, rows, "gelu")                           # (N, E)
+        return x, rows
+
+    def encode(self, tokens: Tensor, segments: Optional[Tensor] = None, lengths: Optional[Tensor] = None) -> Tensor:
+        """The encoder's output (B, T, E), zeros at the padded positions."""
+        x, rows = self.encode_rows(tokens, segments, lengths)
+        return rows.unpack(x)                                                           # (B, T, E)
 
     def forward(self, tokens: Tensor, segments: Optional[Tensor] = None, lengths: Optional[Tensor] = None) -> Tensor:
         """MLM logits.
@@ -297,12 +300,11 @@ class BERT(nn.Module):
             The scalar loss (NaN if no target is set, as torch's mean over nothing).
         """
         tokens, targets = _batch_tensors(batch)
-        h = self.encode(tokens, batch.get("segments"), batch.get("lengths"))      # (B, T, E)
-        E = h.shape[-1]
-        flat = targets.reshape(-1)                                                 # (B*T,)
-        rows = (flat != IGNORE).nonzero().squeeze(1)                               # (N,)
-        h = h.reshape(-1, E).index_select(0, rows)                                 # (N, E)
-        return FF.linear_cross_entropy(self.head.transform(h), self.embeddings.token.weight, flat[rows],
+        h, rows = self.encode_rows(tokens, batch.get("segments"), batch.get("lengths"))   # (N, E)
+        flat = rows.pack(targets)                                                  # (N,)
+        chosen = (flat != IGNORE).nonzero().squeeze(1)                             # (M,)
+        h = h.index_select(0, chosen)                                              # (M, E)
+        return FF.linear_cross_entropy(self.head.transform(h), self.embeddings.token.weight, flat[chosen],
                                        linear_bias=self.head.bias, ignore_index=IGNORE,
                                        label_smoothing=label_smoothing, smoothing=smoothing)
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..functional import linear_cross_entropy
+from .packing import Rows
 
 __all__ = ["TransformerSeq2SeqConfig", "TransformerSeq2Seq", "LSTMSeq2SeqConfig", "LSTMSeq2Seq", "Seq2Seq",
            "example_batch"]
@@ -89,9 +90,15 @@ class Seq2Seq(nn.Module):
         if tgt_out.shape != tgt_in.shape:
             raise ValueError(f"{type(self).__name__}: expected tgt_out of tgt_in's shape {list(tgt_in.shape)}, "
                              f"got {list(tgt_out.shape)}")
-        h = self.decode(tgt_in, self.encode(src, src_lengths))            # (B, T, E)
-        return linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.output_weight, tgt_out.reshape(-1),
+        rows = Rows(target_lengths(tgt_out), *tgt_in.shape)              # the positions the loss reads
+        h = self.decode_rows(tgt_in, self.encode(src, src_lengths), rows)  # (N, E)
+        return linear_cross_entropy(h, self.output_weight, rows.pack(tgt_out),
                                     ignore_index=-100, label_smoothing=label_smoothing, smoothing=smoothing)
+
+    def decode_rows(self, tgt_in: Tensor, memory, rows: Rows) -> Tensor:
+        """The decoder's outputs at the real positions of rows only, (N, E) (a subclass that can
+        skip the others overrides this)."""
+        return rows.pack(self.decode(tgt_in, memory))
 
     @torch.no_grad()
     def greedy_decode(self, src: Tensor, src_lengths: Tensor, max_len: int) -> Tensor:
@@ -148,6 +155,14 @@ class Seq2Seq(nn.Module):
                                  f"{list(getattr(tgt_in, 'shape', []))}")
             if limit is not None and tgt_in.shape[1] > limit:
                 raise ValueError(f"{name}: target length {tgt_in.shape[1]} exceeds max_positions={limit}")
+
+
+def target_lengths(tgt_out: Tensor) -> Tensor:
+    """(B,) per row, 1 + the last position with a target (-100: none), at least 1: a causal
+    decoder need not compute the positions after it."""
+    T = tgt_out.shape[1]
+    pos = torch.arange(1, T + 1, device=tgt_out.device).expand_as(tgt_out)
+    return torch.where(tgt_out != -100, pos, 0).amax(1).clamp_(min=1)                    # (B,)
 
 
 def padding_mask(src_lengths: Tensor, S: int) -> Tensor:

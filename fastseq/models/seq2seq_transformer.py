@@ -9,9 +9,11 @@ of fairseq's `transformer` model.
 
 Each layer is post-norm, x = LN(x + dropout(f(x))) as in the paper, or pre-norm (norm_first),
 x = x + dropout(f(LN(x))), with a final LayerNorm after each stack (fairseq's normalize_before).
-The layers are fastseq.nn.TransformerEncoderLayer / TransformerDecoderLayer (batch_first): in
-training every dropout is fused into the kernel next to it, attention runs on the flash kernels
-with the source padding as key lengths and the decoder's causal mask as is_causal.
+The layers are fastseq.nn.TransformerEncoderLayer / TransformerDecoderLayer (batch_first; their
+state_dict keys), run on the real tokens only (fastseq.models.packing): projections, feed-forward
+blocks, norms and dropouts on the N real rows of the source and the target (the target up to
+its last position with a target), attention on the flash kernels with the source padding as key
+lengths and the decoder's causal mask as is_causal; every dropout fused into the pass next to it.
 
 share_embeddings: source and target embeddings are one matrix (the vocabulary is shared anyway);
 tie_weights: the output layer is the target embedding (Press & Wolf 2017).  Embeddings (and an
@@ -28,7 +30,9 @@ from torch import Tensor, nn
 
 from ..functional import dropout
 from ..nn import LayerNorm, TransformerDecoderLayer, TransformerEncoderLayer
-from .seq2seq import Seq2Seq, check_common, check_positive, padding_mask, sinusoids
+from . import packing
+from .packing import Rows
+from .seq2seq import Seq2Seq, check_common, check_positive, sinusoids
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 
@@ -114,33 +118,36 @@ class TransformerSeq2Seq(Seq2Seq):
     def output_weight(self) -> Tensor:
         return self.decoder_embed.weight if self.output_proj is None else self.output_proj.weight   # (V, E)
 
-    def embed(self, table: nn.Embedding, tokens: Tensor) -> Tensor:
-        """dropout(sqrt(E) table(tokens) + PE), (B, T, E)."""
-        x = torch.add(self.positions[:tokens.shape[1]], table(tokens), alpha=self.embed_scale)   # (B, T, E)
+    def embed(self, table: nn.Embedding, tokens: Tensor, positions: Tensor) -> Tensor:
+        """dropout(sqrt(E) table(tokens) + PE[positions]) of the real tokens (N,) -> (N, E)."""
+        x = torch.add(self.positions[positions], table(tokens), alpha=self.embed_scale)   # (N, E)
         return dropout(x, self.config.dropout, self.training)
 
     def encode(self, src: Tensor, src_lengths: Tensor):
-        """-> (the encoder's outputs (B, S, E), the source padding mask (B, S), True at pads)."""
-        pad = padding_mask(src_lengths, src.shape[1])                     # (B, S)
-        x = self.embed(self.encoder_embed, src)                           # (B, S, E)
+        """-> (the encoder's outputs at the real source tokens (M, E), where they sit: Rows)."""
+        rows = Rows(src_lengths, *src.shape)
+        x = self.embed(self.encoder_embed, rows.pack(src), rows.positions())             # (M, E)
         for layer in self.encoder_layers:
-            x = layer(x, src_key_padding_mask=pad)
+            x = packing.encoder_layer(layer, x, rows, self.config.activation)
         if self.encoder_norm is not None:
             x = self.encoder_norm(x)
-        return x, pad
+        return x, rows
 
-    def decode(self, tgt_in: Tensor, memory) -> Tensor:
-        """The decoder's outputs (B, T, E) for tgt_in (B, T), causal (no target padding mask: a
-        position never sees the pads after it, and the loss ignores them)."""
-        enc, pad = memory
-        T = tgt_in.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=tgt_in.device).triu_(1)   # (T, T), True = masked
-        x = self.embed(self.decoder_embed, tgt_in)                        # (B, T, E)
+    def decode_rows(self, tgt_in: Tensor, memory, rows: Rows) -> Tensor:
+        """The decoder's outputs (N, E) at rows' positions of tgt_in (B, T), causal: the
+        positions after each row's length are never computed (none before them sees them)."""
+        enc, src_rows = memory
+        x = self.embed(self.decoder_embed, rows.pack(tgt_in), rows.positions())          # (N, E)
         for layer in self.decoder_layers:
-            x = layer(x, enc, tgt_mask=causal, memory_key_padding_mask=pad, tgt_is_causal=True)
+            x = packing.decoder_layer(layer, x, rows, enc, src_rows, self.config.activation)
         if self.decoder_norm is not None:
             x = self.decoder_norm(x)
         return x
+
+    def decode(self, tgt_in: Tensor, memory) -> Tensor:
+        """The decoder's outputs (B, T, E) at every position of tgt_in (B, T)."""
+        rows = Rows(None, *tgt_in.shape, device=tgt_in.device)
+        return rows.unpack(self.decode_rows(tgt_in, memory, rows))                       # (B, T, E)
 
     # greedy decoding reruns the decoder over the whole prefix at every step: outputs are short
     # here, and the generation issue (#12) brings the KV caches that make a step O(1) in the prefix
