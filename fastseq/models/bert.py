@@ -58,8 +58,9 @@ class BERTConfig:
     """BERT's sizes and recipe (defaults: BERT-base, uncased WordPiece vocabulary).
 
     ffn_dim None means 4 * dim; mask_id None means vocab_size - 1 (BERT's vocabulary has it at 103).
-    dropout applies to the embeddings, the attention probabilities, the residual branches and the
-    feed-forward hidden layer, as BERT's hidden_dropout_prob = attention_probs_dropout_prob.
+    dropout applies to the embeddings, the attention probabilities and the residual branches, as
+    BERT's hidden_dropout_prob = attention_probs_dropout_prob, and also to the feed-forward hidden
+    layer, where torch.nn.TransformerEncoderLayer puts one (BERT's release has none there).
     """
     vocab_size: int = 30522
     max_positions: int = 512

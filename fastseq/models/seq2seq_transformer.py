@@ -53,7 +53,8 @@ class TransformerSeq2SeqConfig:
     decoder_layers: Optional[int] = None
     heads: int = 8                          # NH, E % NH == 0
     ffn_dim: int = 2048                     # the feed-forward block's inner size
-    dropout: float = 0.1                    # embeddings, residual branches, attention, feed-forward
+    dropout: float = 0.1                    # embeddings, residual branches, attention, and the feed-forward
+                                            # hidden layer as torch's layers (fairseq: activation_dropout 0)
     activation: str = "relu"                # relu | gelu | gelu_tanh | silu
     norm_first: bool = False                # pre-norm (+ final norms) instead of post-norm
     layer_norm_eps: float = 1e-5
