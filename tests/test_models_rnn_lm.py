@@ -133,6 +133,23 @@ def test_dropout_in_training_is_reproducible_from_the_seed_and_changes_the_loss(
     assert l1.item() != fast.eval().loss(b).item()
 
 
+@pytest.mark.parametrize("B", [1, 3])
+def test_example_batch_tokens_and_targets_do_not_share_storage(B):
+    b = example_batch(RNNLMConfig(**SMALL), B, 7, torch.Generator().manual_seed(0))
+    assert b["tokens"].untyped_storage().data_ptr() != b["targets"].untyped_storage().data_ptr()
+    tokens = b["tokens"].clone()
+    b["targets"].fill_(-100)
+    assert torch.equal(b["tokens"], tokens)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_the_twin_is_time_major_as_word_language_model(cell):
+    _, _, twin = _pair(torch.float64, cell=cell)
+    assert not twin.rnn.batch_first
+    if cell in ("lstm", "gru"):
+        assert type(twin.rnn) is {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
+
+
 def test_initialization_and_tying_follow_word_language_model():
     torch.manual_seed(0)
     m = RNNLM(RNNLMConfig(vocab_size=500, dim=64, hidden=64, cell="layer_norm_lstm"))
@@ -164,8 +181,12 @@ def test_bad_inputs_are_rejected():
     with pytest.raises(ValueError, match="tokens"):
         fast(torch.zeros(5, dtype=torch.long))
     b = _batch(cfg)
-    with pytest.raises(ValueError, match="targets"):
+    with pytest.raises(ValueError, match=r"targets must have the tokens' shape \(3, 11\), got \(3, 10\)"):
         fast.loss({"tokens": b["tokens"], "targets": b["targets"][:, :-1]})
+    with pytest.raises(ValueError, match=r"'tokens' and 'targets', got \['tokens'\]"):
+        fast.loss({"tokens": b["tokens"]})
+    with pytest.raises(ValueError, match="got Tensor"):
+        fast.loss(b["tokens"])
     with pytest.raises(TypeError, match="RNNLMConfig"):
         RNNLM(dict(SMALL))
 

@@ -79,13 +79,6 @@ class RNNLMConfig:
         return self.cell.endswith("lstm")
 
 
-def recurrent_stack(c: RNNLMConfig, module_of=CELLS, **kw) -> nn.Module:
-    """The config's recurrent stack built from module_of[cell] (torch.nn's LSTM / GRU signature)."""
-    if c.cell.startswith("layer_norm"):
-        kw["eps"] = c.layer_norm_eps
-    return module_of[c.cell](c.dim, c.hidden, num_layers=c.layers, dropout=c.dropout if c.layers > 1 else 0.0, **kw)
-
-
 class RNNLM(nn.Module):
     """Recurrent language model.  forward(tokens (B, T), state=None, return_state=False) ->
     logits (B, T, V) [, state]; loss(batch) -> the mean next-token cross-entropy, the output layer
@@ -97,7 +90,9 @@ class RNNLM(nn.Module):
             raise TypeError(f"RNNLM(config): expected an RNNLMConfig, got {type(config).__name__}")
         c = self.config = config
         self.encoder = nn.Embedding(c.vocab_size, c.dim)
-        self.rnn = recurrent_stack(c)                         # time-major: (T, B, E) -> (T, B, H)
+        eps = dict(eps=c.layer_norm_eps) if c.cell.startswith("layer_norm") else {}
+        self.rnn = CELLS[c.cell](c.dim, c.hidden, num_layers=c.layers, dropout=c.dropout if c.layers > 1 else 0.0,
+                                 **eps)                       # time-major: (T, B, E) -> (T, B, H)
         self.decoder = nn.Linear(c.hidden, c.vocab_size)
         if c.tie_weights:
             self.decoder.weight = self.encoder.weight
@@ -124,6 +119,9 @@ class RNNLM(nn.Module):
 
     def loss(self, batch: Dict[str, Tensor], label_smoothing: float = 0.0, smoothing: str = "torch") -> Tensor:
         """Mean cross-entropy over the targets that are not -100 (the logits never formed)."""
+        if not isinstance(batch, dict) or "tokens" not in batch or "targets" not in batch:
+            raise ValueError(f"RNNLM.loss: expected a dict with 'tokens' and 'targets', got "
+                             f"{sorted(batch) if isinstance(batch, dict) else type(batch).__name__}")
         tokens, targets = batch["tokens"], batch["targets"]
         if targets.shape != tokens.shape:
             raise ValueError(f"RNNLM.loss: targets must have the tokens' shape {tuple(tokens.shape)}, "
@@ -137,6 +135,7 @@ class RNNLM(nn.Module):
 
 def example_batch(config: RNNLMConfig, B: int, T: int, generator: Optional[torch.Generator] = None,
                   device="cpu") -> Dict[str, Tensor]:
-    """Random tokens (B, T) and their next-token targets (B, T) (two tensors, not views of one)."""
+    """Random tokens (B, T) and their next-token targets (B, T): two tensors with their own
+    storage (not views of one sequence, so writing -100 into the targets leaves the tokens alone)."""
     seq = torch.randint(0, config.vocab_size, (B, T + 1), generator=generator)
-    return {"tokens": seq[:, :-1].contiguous().to(device), "targets": seq[:, 1:].contiguous().to(device)}
+    return {"tokens": seq[:, :-1].clone().to(device), "targets": seq[:, 1:].clone().to(device)}

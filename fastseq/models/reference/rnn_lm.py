@@ -1,6 +1,9 @@
 """TorchRNNLM: fastseq.models.rnn_lm.RNNLM written the way pytorch/examples' word_language_model
-writes it: nn.Embedding, nn.Dropout, nn.LSTM / nn.GRU (batch_first), nn.Linear, the logits formed
-whole and F.cross_entropy.  Same config, same state_dict keys, same forward and loss.
+writes it: nn.Embedding, nn.Dropout, nn.LSTM / nn.GRU in their default time-major layout (the
+example's batchify gives (T, B) batches), nn.Linear, the logits formed whole and F.cross_entropy
+on them against the time-major targets.  Same config, same state_dict keys, same forward (logits
+handed back as (B, T, V)) and loss.  Everything is built here from the config, nothing from the
+fastseq model's construction code.
 
 torch has no layer-normalized LSTM or GRU, so for those cells TorchLayerNormRNN is what a user
 writes today: a loop over the steps in torch ops, with the parameters of fastseq.nn.LayerNormLSTM /
@@ -15,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..rnn_lm import RNNLM, RNNLMConfig, recurrent_stack
+from ..rnn_lm import RNNLMConfig
 from ._loss import token_cross_entropy
 
 
@@ -92,28 +95,35 @@ class TorchLayerNormRNN(nn.Module):
         return out, ((h_n, torch.stack(cs)) if self.lstm else h_n)
 
 
-TORCH_CELLS = {"lstm": nn.LSTM, "gru": nn.GRU,
-               "layer_norm_lstm": lambda *a, **kw: TorchLayerNormRNN("lstm", *a, **kw),
-               "layer_norm_gru": lambda *a, **kw: TorchLayerNormRNN("gru", *a, **kw)}
-
-
 class TorchRNNLM(nn.Module):
     def __init__(self, config: RNNLMConfig):
         super().__init__()
         c = self.config = config
+        between = c.dropout if c.layers > 1 else 0.0
         self.drop = nn.Dropout(c.dropout)
         self.encoder = nn.Embedding(c.vocab_size, c.dim)
-        self.rnn = recurrent_stack(c, TORCH_CELLS, batch_first=True)
+        if c.cell in ("lstm", "gru"):
+            self.rnn = (nn.LSTM if c.cell == "lstm" else nn.GRU)(c.dim, c.hidden, c.layers, dropout=between)
+        else:                                                                   # "layer_norm_lstm" / "layer_norm_gru"
+            self.rnn = TorchLayerNormRNN(c.cell[len("layer_norm_"):], c.dim, c.hidden, c.layers, dropout=between,
+                                         eps=c.layer_norm_eps)
         self.decoder = nn.Linear(c.hidden, c.vocab_size)
         if c.tie_weights:
             self.decoder.weight = self.encoder.weight
-        RNNLM.reset_parameters(self)
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)                        # the example's init_weights
+        nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+
+    def time_major_logits(self, tokens: Tensor, state=None):
+        """Logits (T, B, V) of tokens (B, T), and the final state."""
+        y, state = self.rnn(self.drop(self.encoder(tokens.t())), state)        # (T, B, H)
+        return self.decoder(self.drop(y)), state                                # (T, B, V)
 
     def forward(self, tokens: Tensor, state=None, return_state: bool = False):
-        y, state = self.rnn(self.drop(self.encoder(tokens)), state)                # (B, T, H)
-        logits = self.decoder(self.drop(y))                                         # (B, T, V)
+        logits, state = self.time_major_logits(tokens, state)
+        logits = logits.transpose(0, 1)                                         # (B, T, V)
         return (logits, state) if return_state else logits
 
     def loss(self, batch: Dict[str, Tensor], label_smoothing: float = 0.0, smoothing: str = "torch") -> Tensor:
-        return token_cross_entropy(self(batch["tokens"], batch.get("state")), batch["targets"],
-                                   label_smoothing, smoothing)
+        logits, _ = self.time_major_logits(batch["tokens"], batch.get("state"))  # (T, B, V)
+        return token_cross_entropy(logits, batch["targets"].t(), label_smoothing, smoothing)
