@@ -1,6 +1,8 @@
 """fastseq-train (fastseq/trainer): tokenizers, the dates task, every subcommand end to end with a
-checkpoint that round-trips and resumes, the time budget, and DDP (2 processes under torchrun on
-127.0.0.1) ending with the parameters of one process trained on the whole batch."""
+checkpoint that round-trips and resumes (dropout included), the time budget, per-rank dropout
+seeds and thread shares, and DDP (2 processes under torchrun on 127.0.0.1) ending with the
+parameters of one process trained on the whole batch."""
+import copy
 import datetime
 import json
 import math
@@ -9,16 +11,19 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
+import fastseq.functional as FF
 from fastseq.trainer import checkpoint as ckpt_io
+from fastseq.trainer import loop
 from fastseq.trainer.__main__ import main
 from fastseq.trainer.data import (ByteTokenizer, CharTokenizer, SPECIALS, python_help_text, split_text,
                                   tokenizer_from_state)
 from fastseq.trainer.dates import CASES, FORMATS, make_dates, ordinal, write_date
-from fastseq.trainer.loop import scheduler_at
+from fastseq.trainer.loop import dropout_seed, resumed_scheduler, scheduler_at, threads_per_process
 from fastseq.trainer.tasks import ModelUnavailable, import_model
 
 TINY = ["--dim", "16", "--layers", "1", "--batch-size", "4", "--threads", "1", "--eval-every", "2", "--no-sample"]
@@ -153,11 +158,86 @@ def test_scheduler_at_equals_stepping():
         assert opt2.param_groups[0]["lr"] == pytest.approx(lr) and lr > 0
 
 
-def test_bad_options_and_missing_models_fail_clearly(tmp_path, small_text):
-    with pytest.raises(SystemExit, match="--dropout"):
-        main(_args("gpt", small_text, tmp_path, "--dropout", "1.5", "--steps", "1"))
-    with pytest.raises(SystemExit, match="--batch-size"):
-        main(_args("gpt", small_text, tmp_path, "--batch-size", "0", "--steps", "1"))
+def test_resumed_scheduler_loads_the_saved_one_or_rebuilds_a_new_length():
+    for kind in ("cosine", "linear", "inverse_sqrt"):
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = scheduler_at(opt, kind, 4, 20, 0)
+        for _ in range(7):
+            opt.step()
+            sched.step()
+        state, opt_state = sched.state_dict(), opt.state_dict()
+
+        def resumed_opt():
+            o = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+            o.load_state_dict(opt_state)
+            return o
+        opt2 = resumed_opt()
+        sched2 = resumed_scheduler(opt2, kind, 4, 20, 7, state)                  # the same length: loaded
+        assert sched2.state_dict() == state                                      # (step counts included)
+        assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+        for o, s in ((opt, sched), (opt2, sched2)):
+            o.step()
+            s.step()
+        assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] > 0
+        opt3 = resumed_opt()
+        sched3 = resumed_scheduler(opt3, kind, 4, 30, 7, state)                  # a new length: rebuilt
+        opt4 = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler_at(opt4, kind, 4, 30, 7)
+        assert sched3.last_epoch == 7 and opt3.param_groups[0]["lr"] == pytest.approx(opt4.param_groups[0]["lr"])
+        if kind != "inverse_sqrt":
+            assert sched3.total_steps == 30
+        with pytest.raises(ValueError, match="step 7"):                          # scheduler and optimizer disagree
+            resumed_scheduler(resumed_opt(), kind, 4, 20, 6, state)
+
+
+def test_dropout_seed_differs_across_ranks_and_steps_and_repeats():
+    """Each (seed, rank, step) its own seed, the same every time; it drives fastseq's dropout."""
+    s = dropout_seed(0, 0, 5)
+    assert s == dropout_seed(0, 0, 5) and 0 <= s < 2 ** 63
+    seeds = {dropout_seed(seed, rank, step) for seed in (0, 1) for rank in (0, 1, 2) for step in range(50)}
+    assert len(seeds) == 2 * 3 * 50
+    x = torch.ones(256, dtype=torch.float64)
+
+    def mask(seed, rank, step):
+        torch.manual_seed(dropout_seed(seed, rank, step))
+        return FF.dropout(x, 0.5, True)
+    assert torch.equal(mask(0, 0, 3), mask(0, 0, 3))
+    assert not torch.equal(mask(0, 0, 3), mask(0, 1, 3))                         # ranks differ
+    assert not torch.equal(mask(0, 0, 3), mask(0, 0, 4))                         # steps differ
+
+
+def test_threads_per_process():
+    """--threads wins; under torchrun each process gets cores // processes (at least 1);
+    a plain run keeps torch's default (None)."""
+    assert threads_per_process(None, 16, 2, True) == 8
+    assert threads_per_process(None, 2, 2, True) == 1
+    assert threads_per_process(None, 16, 1, True) == 16
+    assert threads_per_process(None, 2, 1, True) == 2
+    assert threads_per_process(None, 1, 2, True) == 1
+    assert threads_per_process(None, 16, 3, True) == 5
+    assert threads_per_process(None, 16, 1, False) is None
+    assert threads_per_process(3, 16, 2, True) == 3 and threads_per_process(3, 2, 1, False) == 3
+
+
+def _exits_with_usage(capsys, argv, *words):
+    """main(argv) ends through argparse's error: exit status 2, usage, a message with ``words``."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "usage: fastseq-train" in err and "error:" in err, err
+    assert all(w in err for w in words), err
+
+
+def test_bad_options_and_missing_models_fail_clearly(tmp_path, small_text, capsys):
+    _exits_with_usage(capsys, _args("gpt", small_text, tmp_path, "--dropout", "1.5", "--steps", "1"), "--dropout")
+    _exits_with_usage(capsys, _args("gpt", small_text, tmp_path, "--batch-size", "0", "--steps", "1"),
+                      "--batch-size")
+    _exits_with_usage(capsys, _args("gpt", small_text, tmp_path, "--weight-decay", "-0.1", "--steps", "1"),
+                      "--weight-decay", "-0.1")
+    # options the model's config rejects: no traceback, the config's message
+    _exits_with_usage(capsys, _args("gpt", small_text, tmp_path, "--dim", "100", "--heads", "6", "--steps", "1"),
+                      "dim (100)", "heads (6)")
+    assert not (tmp_path / "checkpoint.pt").exists()
     with pytest.raises(ModelUnavailable, match="fastseq.models.no_such_model"):
         import_model("no_such_model", "Config")
     with pytest.raises(FileNotFoundError):
@@ -186,31 +266,71 @@ def test_subcommand_trains_checkpoints_and_resumes(name, tmp_path, small_text):
     assert _summary(out)["steps"] == 5 and ckpt_io.read_checkpoint(str(out))["step"] == 5
 
 
-def test_resume_continues_the_same_run(tmp_path, small_text):
-    """4 steps in one go == 2 steps, then --resume to 4 (dropout 0: the batches, the optimizer
-    state and the schedule position all carry over)."""
-    kw = ("--dropout", "0", "--warmup", "2", "--dtype", "float64")
-    main(_args("gpt", small_text, tmp_path / "a", "--steps", "4", *kw))
+def test_resume_continues_the_same_run(tmp_path, small_text, monkeypatch):
+    """4 steps in one go == 2 steps, then --resume to 4 (dropout 0.1: the batches, the dropout
+    masks, the optimizer state and the schedule position all carry over); also == the
+    uninterrupted run's own step-2 checkpoint resumed (the same schedule length: the saved
+    scheduler is loaded)."""
+    kw = ("--dropout", "0.1", "--warmup", "2", "--dtype", "float64")
+    written = {}
+    save = ckpt_io.save_checkpoint
+
+    def keep_a_copy(path, ck):
+        written[ck["step"]] = copy.deepcopy(ck)
+        save(path, ck)
+    monkeypatch.setattr(ckpt_io, "save_checkpoint", keep_a_copy)
+    main(_args("gpt", small_text, tmp_path / "a", "--steps", "4", *kw))           # checkpoints at steps 2 and 4
+    monkeypatch.setattr(ckpt_io, "save_checkpoint", save)
+    interrupted = written[2]
+    assert interrupted["total_steps"] == 4 and interrupted["scheduler"]["total_steps"] == 4
+    save(ckpt_io.checkpoint_path(str(tmp_path / "c")), interrupted)
+    main(_args("gpt", small_text, tmp_path / "c", "--steps", "4", "--resume"))
     main(_args("gpt", small_text, tmp_path / "b", "--steps", "2", *kw))
     main(_args("gpt", small_text, tmp_path / "b", "--steps", "4", "--resume"))
     a = ckpt_io.read_checkpoint(str(tmp_path / "a"))
     b = ckpt_io.read_checkpoint(str(tmp_path / "b"))
-    assert b["step"] == 4 and b["args"]["dtype"] == "float64"
+    c = ckpt_io.read_checkpoint(str(tmp_path / "c"))
+    assert b["step"] == c["step"] == 4 and b["args"]["dtype"] == "float64" and b["args"]["dropout"] == 0.1
     for k, v in a["model_state"].items():
         torch.testing.assert_close(b["model_state"][k], v, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(c["model_state"][k], v, rtol=1e-12, atol=1e-12)
+    assert c["scheduler"] == a["scheduler"] and b["scheduler"]["last_epoch"] == 4
     model, _, _ = ckpt_io.load_model(str(tmp_path / "b"))
     assert all(p.dtype == torch.float64 for p in model.parameters())
     torch.testing.assert_close(model.state_dict(), b["model_state"], rtol=0, atol=0)
 
 
-def test_time_budget_stops_the_run_and_sizes_the_schedule(tmp_path, small_text):
-    """--minutes without --steps: the run stops at the budget, and the cosine schedule's length,
-    estimated from the speed, comes out near the steps actually taken."""
-    main(_args("rnnlm", small_text, tmp_path, "--minutes", "0.02", "--eval-every", "25", "--warmup", "5"))
-    s = _summary(tmp_path)
-    assert s["steps"] > 0 and 1.2 <= s["seconds"] < 30
-    total = ckpt_io.read_checkpoint(str(tmp_path))["total_steps"]
-    assert 0.5 * s["steps"] <= total <= 2 * s["steps"], (total, s["steps"])
+class _SteadyClock:
+    """loop's clock, advancing a fixed time at every reading: a machine of perfectly steady speed
+    (every step reads it the same number of times), whatever else runs on this one."""
+
+    def __init__(self, tick: float):
+        self.tick, self.readings = tick, 0
+
+    def perf_counter(self):
+        self.readings += 1
+        return self.readings * self.tick
+
+    time = staticmethod(time.time)
+
+
+def test_time_budget_stops_the_run_and_sizes_the_schedule(tmp_path, small_text, monkeypatch):
+    """--minutes without --steps: the run stops at the budget (on the real clock, and on a
+    steady one: at the first step past it), and the cosine schedule's length, estimated from the
+    speed, is the steps actually taken, so the lr ends on its floor."""
+    budget_args = ("--minutes", "0.02", "--eval-every", "25", "--warmup", "5")          # 1.2 s
+    main(_args("rnnlm", small_text, tmp_path / "real", *budget_args))
+    s = _summary(tmp_path / "real")
+    assert s["steps"] > 0 and 1.2 <= s["seconds"] < 30                          # stopped by the budget
+    monkeypatch.setattr(loop, "time", _SteadyClock(0.0097))
+    main(_args("rnnlm", small_text, tmp_path / "steady", *budget_args))
+    s = _summary(tmp_path / "steady")
+    steps, per_step = s["steps"], s["seconds"] / s["steps"]
+    assert steps > loop.CALIBRATE_AT and s["seconds"] >= 1.2 > s["seconds"] - per_step   # the first step past it
+    ck = ckpt_io.read_checkpoint(str(tmp_path / "steady"))
+    assert ck["total_steps"] != 10 * 5                                           # the first guess was re-estimated
+    assert abs(ck["total_steps"] - steps) <= 1, (ck["total_steps"], steps)
+    assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(ck["args"]["lr"] * loop.MIN_LR_RATIO)
 
 
 def test_training_lowers_the_validation_loss(tmp_path, capsys):

@@ -110,34 +110,42 @@ def parser() -> argparse.ArgumentParser:
     for name in DEFAULTS:
         _common(sub.add_parser(name, help=HELP[name], description=HELP[name],
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter), name)
+    p.subcommands = sub.choices                    # name -> its parser (an error prints its usage)
     return p
 
 
-def check(args) -> None:
-    """Bad settings fail here, naming the option."""
+def check(args, error) -> None:
+    """Bad settings fail here through ``error`` (argparse's: usage, the message, exit status 2),
+    naming the option."""
     positive = ("dim", "layers", "heads", "ffn_dim", "hidden", "seq_len", "batch_size", "steps", "eval_every",
                 "threads", "train_size", "heldout_size")
     for k in positive:
         v = getattr(args, k, None)
         if v is not None and v < 1:
-            raise SystemExit(f"fastseq-train: --{k.replace('_', '-')} must be >= 1, got {v}")
+            error(f"--{k.replace('_', '-')} must be >= 1, got {v}")
     if args.minutes is not None and not args.minutes > 0:
-        raise SystemExit(f"fastseq-train: --minutes must be > 0, got {args.minutes}")
+        error(f"--minutes must be > 0, got {args.minutes}")
     if not args.lr > 0:
-        raise SystemExit(f"fastseq-train: --lr must be > 0, got {args.lr}")
+        error(f"--lr must be > 0, got {args.lr}")
     if args.warmup < 0:
-        raise SystemExit(f"fastseq-train: --warmup must be >= 0, got {args.warmup}")
+        error(f"--warmup must be >= 0, got {args.warmup}")
+    if not args.weight_decay >= 0:
+        error(f"--weight-decay must be >= 0, got {args.weight_decay}")
     for k in ("dropout", "label_smoothing"):
         if not 0.0 <= getattr(args, k) < 1.0:
-            raise SystemExit(f"fastseq-train: --{k.replace('_', '-')} must be in [0, 1), got {getattr(args, k)}")
+            error(f"--{k.replace('_', '-')} must be in [0, 1), got {getattr(args, k)}")
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    check(args)
-    from .loop import run
+    p = parser()
+    args = p.parse_args(argv)
+    error = p.subcommands[args.model].error
+    check(args, error)
+    from .loop import OptionError, run
     try:
         run(args)
+    except OptionError as e:                       # options the model's config rejects (--dim 100 --heads 6)
+        error(str(e))
     except ModelUnavailable as e:
         print(f"fastseq-train {args.model}: {e}", file=sys.stderr)
         return 2

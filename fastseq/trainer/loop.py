@@ -10,6 +10,11 @@ gradient -- and hence every update -- is the one a single process computes on th
 the dates task).  Rank 0 alone evaluates, prints and writes checkpoints; the ranks agree on
 when to stop and on the schedule's length through one small all-reduce a step.
 
+Random numbers: the weights are initialized from torch.manual_seed(--seed), the same on every
+rank.  Dropout (fastseq's draws its keys from torch's default generator) is reseeded before each
+step's forward from a hash of (--seed, rank, step): the ranks draw different masks, and a resumed
+run draws at step n the masks the uninterrupted run draws there (it continues, not replays).
+
 With a time budget (--minutes) and no --steps, the length of a decaying schedule (cosine,
 linear) is not known in advance: it is estimated from the speed so far, first after 20 steps
 and again at every validation, and the schedule is rebuilt at the current step with the new
@@ -17,6 +22,7 @@ length, so the learning rate reaches its floor when the budget runs out.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -67,15 +73,50 @@ def scheduler_at(opt, kind: str, warmup: int, total: int, step: int):
     return sched
 
 
+SCHEDULE_CONSTANTS = ("warmup_steps", "total_steps", "min_lr_ratio", "warmup_init_lr")   # a schedule's shape
+
+
+def resumed_scheduler(opt, kind: str, warmup: int, total: int, step: int, state: Optional[Dict]):
+    """The scheduler of a run resumed at ``step`` with ``total`` steps: the saved one (``state``)
+    when its schedule is this run's, else (--steps changed the length) one rebuilt at ``step``
+    with the new length.  The optimizer's lr is set to the scheduler's."""
+    sched = scheduler_at(opt, kind, warmup, total, step)
+    if state is None or any(state.get(k) != getattr(sched, k, None) for k in SCHEDULE_CONSTANTS):
+        return sched
+    if state.get("last_epoch") != step:
+        raise ValueError(f"the checkpoint's scheduler is at step {state.get('last_epoch')!r}, its optimizer at {step}")
+    sched.load_state_dict(state)
+    for group, lr in zip(opt.param_groups, sched.get_last_lr()):
+        group["lr"] = lr
+    return sched
+
+
 # ---------------------------------------------------------------------------------------------
-# Processes and threads
+# Random numbers, processes and threads
 # ---------------------------------------------------------------------------------------------
+
+def dropout_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of process ``rank``'s draws (dropout masks) at ``step``: 63 bits of a hash
+    of (seed, rank, step), so ranks and steps differ and the same triple gives the same seed."""
+    key = f"fastseq-train {seed} {rank} {step}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
 
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def threads_per_process(threads: Optional[int], cores: int, world: int, distributed: bool) -> Optional[int]:
+    """torch threads of one process: --threads when given; under torchrun, the process's share
+    of the cores (at least 1); else None (torch's own default)."""
+    if threads:
+        return threads
+    if distributed:
+        return max(1, cores // world)
+    return None
 
 
 def init_distributed() -> tuple:
@@ -87,6 +128,11 @@ def init_distributed() -> tuple:
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), True
+
+
+class OptionError(ValueError):
+    """The command line's settings make a model its config rejects (fastseq-train reports it
+    through argparse: exit status 2)."""
 
 
 class _Objective(nn.Module):
@@ -157,10 +203,9 @@ def run(args) -> Dict:
 def _run(args, rank: int, world: int, distributed: bool) -> Dict:
     main = rank == 0
     say = print if main else (lambda *a, **k: None)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    elif distributed:
-        torch.set_num_threads(max(1, available_cores() // world))
+    threads = threads_per_process(args.threads, available_cores(), world, distributed)
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     saved = None
     path = ckpt_io.checkpoint_path(args.out)
@@ -179,15 +224,18 @@ def _run(args, rank: int, world: int, distributed: bool) -> Dict:
     dtype = getattr(torch, args.dtype)
 
     task = TASKS[args.model](args, saved["tokenizer"] if saved else None)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)                       # the same initial weights on every rank
     if saved:
         config = saved["config"]
         model = task.model_from_config(config, vars(args)).to(dtype)
         model.load_state_dict(saved["model_state"])
     else:
-        cfg = task.config(args)
-        config = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
-        model = task.model_from_config(config, vars(args)).to(dtype)
+        try:
+            cfg = task.config(args)
+            config = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
+            model = task.model_from_config(config, vars(args)).to(dtype)
+        except ValueError as e:                        # e.g. --dim 100 --heads 6
+            raise OptionError(f"the {args.model} model rejects these options: {e}") from e
     n_params = sum(p.numel() for p in model.parameters())
 
     opt = torch.optim.AdamW(training.param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
@@ -202,7 +250,7 @@ def _run(args, rank: int, world: int, distributed: bool) -> Dict:
     estimating = args.steps is None and args.schedule != "inverse_sqrt"
     if total is None:                                   # a time budget: a first guess, refined below
         total = max(step + 1, 10 * max(1, args.warmup))
-    sched = scheduler_at(opt, args.schedule, args.warmup, total, step)     # a resumed one: at its step
+    sched = resumed_scheduler(opt, args.schedule, args.warmup, total, step, saved["scheduler"] if saved else None)
 
     net = _Objective(model)
     if distributed:
@@ -246,6 +294,7 @@ def _run(args, rank: int, world: int, distributed: bool) -> Dict:
             if world > 1:
                 b = args.batch_size // world
                 batch = {k: v[rank * b:(rank + 1) * b] for k, v in batch.items()}
+            torch.manual_seed(dropout_seed(args.seed, rank, step))     # this rank's dropout masks at this step
             loss = net(batch, args.label_smoothing, args.smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
