@@ -164,6 +164,15 @@ def test_dropout_in_training_is_reproducible_from_the_seed_and_changes_the_loss(
     assert l1.item() != fast.eval().loss(b).item()
 
 
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_the_twins_layers_are_its_own(layer_norm):
+    cfg, fast, twin = _pair(layer_norm=layer_norm)
+    for fl, tl in zip(fast.forward_layers, twin.forward_layers):
+        assert tl.batch_first and type(tl).__module__ != type(fl).__module__
+        if not layer_norm:
+            assert type(tl) is torch.nn.LSTM and tl.proj_size == cfg.dim
+
+
 def test_structure_projection_and_tying():
     torch.manual_seed(0)
     m = ELMo(ELMoConfig(vocab_size=100, dim=16, hidden=64, layers=3, tie_weights=True))
@@ -209,6 +218,10 @@ def test_bad_inputs_are_rejected():
         fast(t[0])
     with pytest.raises(ValueError, match="T >= 2"):
         fast.loss({"tokens": t[:, :1]})
+    with pytest.raises(ValueError, match=r"'tokens'.*got \['lengths'\]"):
+        fast.loss({"lengths": torch.tensor([10, 5, 3])})
+    with pytest.raises(ValueError, match="got Tensor"):
+        fast.loss(t)
     with pytest.raises(TypeError, match="ELMoConfig"):
         ELMo(dict(SMALL))
 

@@ -205,9 +205,13 @@ class ELMo(nn.Module):
         ignored.  The backward LM's is its next-token loss in reversed coordinates, and both
         directions count the same targets (L_b - 1 per row), so the mean of the two means is the
         mean over both directions' rows at once: one fused head + loss call (one dW GEMM)."""
+        if not isinstance(batch, dict) or "tokens" not in batch:
+            raise ValueError(f"ELMo.loss: expected a dict with 'tokens' (and optional 'lengths'), got "
+                             f"{sorted(batch) if isinstance(batch, dict) else type(batch).__name__}")
         tokens = batch["tokens"]
-        if tokens.dim() != 2 or tokens.shape[1] < 2:
-            raise ValueError(f"ELMo.loss: tokens must be (B, T) with T >= 2, got shape {tuple(tokens.shape)}")
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.shape[1] < 2:
+            raise ValueError(f"ELMo.loss: tokens must be a (B, T) tensor with T >= 2, got shape "
+                             f"{tuple(getattr(tokens, 'shape', ()))}")
         tok, tok_rev, _, lengths, fwd, bwd = self._both(tokens, batch.get("lengths"))
         h = torch.cat([fwd[-1], bwd[-1]]).view(-1, self.config.dim)                        # (2 T B, E)
         targets = torch.cat([next_token_targets(tok, lengths), next_token_targets(tok_rev, lengths)]).view(-1)

@@ -1,8 +1,11 @@
 """TorchELMo: fastseq.models.elmo.ELMo written the way a PyTorch user writes ELMo's biLM: nn.Embedding,
 nn.LSTM(proj_size=dim) layers (batch_first; torch runs the projection without oneDNN), nn.Dropout,
 the backward LM on rows reversed by a gather, the logits formed whole in the tokens' positions and
-F.cross_entropy on targets shifted each way.  With layer_norm the layers are TorchLayerNormRNN's
-step-by-step LSTM.  Same config, same state_dict keys, same forward, representations and loss."""
+F.cross_entropy on targets shifted each way (only the backward LM's last layer is flipped back
+for the loss; representations() flips back all L + 1).  With layer_norm the layers are
+TorchLayerNormRNN's step-by-step LSTM.  Everything is built here from the config, nothing from the
+fastseq model's construction code.  Same config, same state_dict keys, same forward,
+representations and loss."""
 from __future__ import annotations
 
 from typing import Dict, List, Optional
@@ -10,7 +13,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from ..elmo import ELMo, ELMoConfig, elmo_layer
+from ..elmo import ELMoConfig
 from ._loss import token_cross_entropy
 from .rnn_lm import TorchLayerNormRNN
 
@@ -25,20 +28,28 @@ def reverse_rows(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
     return x.gather(1, idx.view(B, T, *([1] * (x.dim() - 2))).expand_as(x))
 
 
+def torch_elmo_layer(c: ELMoConfig) -> nn.Module:
+    """One layer of one direction, E -> E, batch_first: an nn.LSTM of H cells projected to E (no
+    projection when H == E), or with layer_norm the step-by-step layer-normalized LSTM."""
+    if c.layer_norm:
+        return TorchLayerNormRNN("lstm", c.dim, c.hidden, batch_first=True, eps=c.layer_norm_eps)
+    return nn.LSTM(c.dim, c.hidden, batch_first=True, proj_size=c.dim if c.hidden > c.dim else 0)
+
+
 class TorchELMo(nn.Module):
     def __init__(self, config: ELMoConfig):
         super().__init__()
         c = self.config = config
-        layer = lambda: elmo_layer(c, nn.LSTM, lambda *a, **kw: TorchLayerNormRNN("lstm", *a, **kw),
-                                   batch_first=True)
         self.embedding = nn.Embedding(c.vocab_size, c.dim)
-        self.forward_layers = nn.ModuleList(layer() for _ in range(c.layers))
-        self.backward_layers = nn.ModuleList(layer() for _ in range(c.layers))
+        self.forward_layers = nn.ModuleList(torch_elmo_layer(c) for _ in range(c.layers))
+        self.backward_layers = nn.ModuleList(torch_elmo_layer(c) for _ in range(c.layers))
         self.output = nn.Linear(c.dim, c.vocab_size)
         if c.tie_weights:
             self.output.weight = self.embedding.weight
         self.drop = nn.Dropout(c.dropout)
-        ELMo.reset_parameters(self)
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.uniform_(self.output.weight, -0.1, 0.1)
+        nn.init.zeros_(self.output.bias)
 
     def _stack(self, layers, x: Tensor) -> List[Tensor]:
         outs = [x]
@@ -49,18 +60,17 @@ class TorchELMo(nn.Module):
         return outs
 
     def _both(self, tokens: Tensor, lengths: Optional[Tensor]):
+        """Both stacks' [e, h_1, ..., h_L], each (B, T, E); the backward one still reversed."""
         e = self.embedding(tokens)                                              # (B, T, E)
-        fwd = self._stack(self.forward_layers, e)
-        bwd = [reverse_rows(h, lengths) for h in self._stack(self.backward_layers, reverse_rows(e, lengths))]
-        return fwd, bwd
+        return self._stack(self.forward_layers, e), self._stack(self.backward_layers, reverse_rows(e, lengths))
 
     def forward(self, tokens: Tensor, lengths: Optional[Tensor] = None):
         fwd, bwd = self._both(tokens, lengths)
-        return self.output(fwd[-1]), self.output(bwd[-1])                       # 2 x (B, T, V)
+        return self.output(fwd[-1]), self.output(reverse_rows(bwd[-1], lengths))   # 2 x (B, T, V)
 
     def representations(self, tokens: Tensor, lengths: Optional[Tensor] = None) -> List[Tensor]:
         fwd, bwd = self._both(tokens, lengths)
-        out = [torch.cat([f, b], dim=-1) for f, b in zip(fwd, bwd)]             # (B, T, 2E)
+        out = [torch.cat([f, reverse_rows(b, lengths)], dim=-1) for f, b in zip(fwd, bwd)]   # (B, T, 2E)
         if lengths is not None:
             valid = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]   # (B, T)
             out = [h.masked_fill(~valid[..., None], 0.0) for h in out]
@@ -68,7 +78,7 @@ class TorchELMo(nn.Module):
 
     def loss(self, batch: Dict[str, Tensor], label_smoothing: float = 0.0, smoothing: str = "torch") -> Tensor:
         tokens, lengths = batch["tokens"], batch.get("lengths")
-        logits_f, logits_b = self(tokens, lengths)
+        logits_f, logits_b = self(tokens, lengths)                              # only the last layers flipped back
         T = tokens.shape[1]
         if lengths is None:
             lengths = torch.full((tokens.shape[0],), T, device=tokens.device)
