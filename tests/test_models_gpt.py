@@ -136,15 +136,36 @@ def test_bad_input_is_rejected():
         fast(torch.zeros(5, dtype=torch.long))
     with pytest.raises(TypeError, match="GPTConfig"):
         GPT(dict(SMALL))
+    b = _batch(cfg)
+    with pytest.raises(ValueError, match=r"targets must have the tokens' shape \(3, 19\), got \(3, 18\)"):
+        fast.loss({"tokens": b["tokens"], "targets": b["targets"][:, :-1]})
+    with pytest.raises(ValueError, match=r"'tokens' and 'targets', got \['tokens'\]"):
+        fast.loss({"tokens": b["tokens"]})
+    with pytest.raises(ValueError, match="got Tensor"):
+        fast.loss(b["tokens"])
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_example_batch_tokens_and_targets_do_not_share_storage(B):
+    b = example_batch(GPTConfig(**SMALL), B, 7, torch.Generator().manual_seed(0))
+    assert b["tokens"].untyped_storage().data_ptr() != b["targets"].untyped_storage().data_ptr()
+    tokens = b["tokens"].clone()
+    b["targets"].fill_(-100)
+    assert torch.equal(b["tokens"], tokens)
 
 
 # ---------------------------------------------------------------------------- Hugging Face GPT-2
 
-def _hf(tie=True, act="gelu_new"):
+def _hf_config(tie=True, act="gelu_new"):
     transformers = pytest.importorskip("transformers")
-    hc = transformers.GPT2Config(vocab_size=101, n_positions=32, n_embd=48, n_layer=2, n_head=4, n_inner=None,
-                                 activation_function=act, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                 tie_word_embeddings=tie)
+    return transformers.GPT2Config(vocab_size=101, n_positions=32, n_embd=48, n_layer=2, n_head=4, n_inner=None,
+                                   activation_function=act, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                   tie_word_embeddings=tie)
+
+
+def _hf(tie=True, act="gelu_new"):
+    hc = _hf_config(tie, act)
+    import transformers
     torch.manual_seed(3)
     hf = transformers.GPT2LMHeadModel(hc).eval()
     with torch.no_grad():                 # HF zero-initializes biases and sets norms to 1: randomize all
@@ -173,3 +194,13 @@ def test_from_hf_overrides_and_rejects_other_attention():
     hf.config.scale_attn_by_inverse_layer_idx = True
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
         GPT.from_hf(hf)
+
+
+def test_from_hf_needs_the_output_layer_when_untied():
+    config_tied, config_untied = _hf_config(tie=True), _hf_config(tie=False)
+    import transformers
+    tied = transformers.GPT2Model(config_tied)                      # bare: no lm_head, the embedding is the head
+    assert GPT.from_hf(tied).config.tie_weights
+    bare = transformers.GPT2Model(config_untied)
+    with pytest.raises(ValueError, match=r"tie_word_embeddings=False.*'lm_head.weight'"):
+        GPT.from_hf(bare)

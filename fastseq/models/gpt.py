@@ -205,9 +205,16 @@ class GPT(nn.Module):
 
     def loss(self, batch: Dict[str, Tensor], label_smoothing: float = 0.0, smoothing: str = "torch") -> Tensor:
         """Mean cross-entropy over the targets that are not -100 (the logits never formed)."""
-        h = self.hidden(batch["tokens"])
+        if not isinstance(batch, dict) or "tokens" not in batch or "targets" not in batch:
+            raise ValueError(f"GPT.loss: expected a dict with 'tokens' and 'targets', got "
+                             f"{sorted(batch) if isinstance(batch, dict) else type(batch).__name__}")
+        tokens, targets = batch["tokens"], batch["targets"]
+        if getattr(targets, "shape", None) != getattr(tokens, "shape", None):
+            raise ValueError(f"GPT.loss: targets must have the tokens' shape {tuple(getattr(tokens, 'shape', ()))}, "
+                             f"got {tuple(getattr(targets, 'shape', ()))}")
+        h = self.hidden(tokens)
         return FF.linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.output_weight,
-                                       batch["targets"].reshape(-1), ignore_index=-100,
+                                       targets.reshape(-1), ignore_index=-100,
                                        label_smoothing=label_smoothing, smoothing=smoothing)
 
     # ------------------------------------------------------------------ Hugging Face weights
@@ -248,12 +255,16 @@ def _hf_state_dict(sd: Dict[str, Tensor], c: GPTConfig) -> Dict[str, Tensor]:
             out[f"blocks.{i}.{ours}.weight"] = w if hf.startswith("ln") else w.t().contiguous()   # Conv1D: (in, out)
             out[f"blocks.{i}.{ours}.bias"] = b
     if not c.tie_weights:
+        if "lm_head.weight" not in sd:
+            raise ValueError("GPT.from_hf: the model's config has tie_word_embeddings=False but its state_dict has "
+                             "no 'lm_head.weight' (a bare GPT2Model has no output layer: pass a GPT2LMHeadModel)")
         out["head.weight"] = sd["lm_head.weight"]
     return out
 
 
 def example_batch(config: GPTConfig, B: int, T: int, generator: Optional[torch.Generator] = None,
                   device="cpu") -> Dict[str, Tensor]:
-    """Random tokens (B, T) and their next-token targets (B, T)."""
+    """Random tokens (B, T) and their next-token targets (B, T): two tensors with their own
+    storage (not views of one sequence, so writing -100 into the targets leaves the tokens alone)."""
     seq = torch.randint(0, config.vocab_size, (B, T + 1), generator=generator)
-    return {"tokens": seq[:, :-1].contiguous().to(device), "targets": seq[:, 1:].contiguous().to(device)}
+    return {"tokens": seq[:, :-1].clone().to(device), "targets": seq[:, 1:].clone().to(device)}

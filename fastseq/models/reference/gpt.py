@@ -3,13 +3,14 @@ shape): torch.nn modules, F.scaled_dot_product_attention, nn.Dropout, the logits
 F.cross_entropy.  Same config, same state_dict keys, same forward and loss."""
 from __future__ import annotations
 
+import math
 from typing import Dict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..gpt import GPTConfig, GPT
+from ..gpt import GPTConfig
 from ._loss import token_cross_entropy
 
 _ACT = {"gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
@@ -65,7 +66,13 @@ class TorchGPT(nn.Module):
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
         self.ln_f = nn.LayerNorm(c.dim, eps=c.layer_norm_eps)
         self.head = None if c.tie_weights else nn.Linear(c.dim, c.vocab_size, bias=False)
-        GPT.reset_parameters(self)
+        for name, p in self.named_parameters():                                 # GPT-2's init
+            if name.endswith("proj.weight"):                                    # writes into the residual stream
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * c.layers))
+            elif p.dim() == 2:
+                nn.init.normal_(p, 0.0, 0.02)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
 
     def forward(self, tokens: Tensor) -> Tensor:
         T = tokens.shape[1]
