@@ -263,7 +263,8 @@ for _dev in ("cpu", "cuda"):
 # one AdamW training step each, same weights (the twin loads the model's state_dict), same batch
 # (the model file's example_batch), dropout as configured.  setup() first checks, in eval mode,
 # that the two give the same loss.  Reported: ms per step, tokens/s (B * T per step; for seq2seq
-# the target tokens), the ratio, and the peak extra memory of a step.
+# the source and target tokens; padded batches count real tokens only), the ratio, and the peak
+# extra memory of a step.
 #   (label, model file, config class, model class, config fields, B, T, quick)
 TWIN_CASES = [
     ("gpt", "gpt", "GPTConfig", "GPT",
@@ -331,6 +332,20 @@ def _twin_setup(file, config_cls, model_cls, fields, B, T, device):
     return setup
 
 
+def _real_tokens(file, config_cls, fields, B, T) -> int:
+    """The real tokens of the case's batch: B T, or the rows' lengths where padded (seq2seq:
+    the source tokens plus the target tokens)."""
+    import importlib
+
+    mod = importlib.import_module(f"fastseq.models.{file}")
+    b = mod.example_batch(getattr(mod, config_cls)(**fields), B, T, torch.Generator().manual_seed(1))
+    if "src_lengths" in b:
+        return int(b["src_lengths"].sum() + (b["tgt_out"] != -100).sum())
+    if b.get("lengths") is not None:
+        return int(b["lengths"].sum())
+    return B * T
+
+
 def _twin_label(label, fields, B, T):
     size = ", ".join(f"{k}={fields[k]}" for k in ("dim", "hidden", "layers", "vocab_size") if k in fields)
     return f"{label} twin step (B={B}, T={T}; {size}) dropout {fields.get('dropout', 0.0)}"
@@ -340,7 +355,8 @@ for _dev in ("cpu", "cuda"):
     for _label, _file, _cfg, _cls, _fields, _B, _T, _quick in TWIN_CASES:
         register(Case("models", _twin_label(_label, _fields, _B, _T), _dev,
                       _twin_setup(_file, _cfg, _cls, _fields, _B, _T, _dev), peers=("torch",), quick=_quick,
-                      meta={"model": _label, "B": _B, "T": _T, "tokens": _B * _T, "memory": True, "twin": True}))
+                      meta={"model": _label, "B": _B, "T": _T, "tokens": _real_tokens(_file, _cfg, _fields, _B, _T),
+                            "memory": True, "twin": True}))
 
 
 # ============================================================================ profile mode

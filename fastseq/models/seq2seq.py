@@ -185,8 +185,9 @@ def sinusoids(n: int, E: int) -> Tensor:
 
 def example_batch(config, B: int, T: int, generator: Optional[torch.Generator] = None, device="cpu") -> dict:
     """A random batch of the documented form: sources of width T with random lengths in
-    [1, T]; targets of random lengths in [0, T-1] (+ bos / eos: width T).  Tokens are drawn from
-    the ids that are not pad, bos or eos."""
+    [max(1, T // 2), T]; targets of random lengths in [max(0, T // 2 - 1), T - 1] (+ bos / eos:
+    width T), so every row holds 50-100 % of T.  Tokens are drawn from the ids that are not pad,
+    bos or eos."""
     if B < 1 or T < 2:
         raise ValueError(f"example_batch: expected B >= 1 and T >= 2, got B={B}, T={T}")
     special = {config.pad_id, config.bos_id, config.eos_id}
@@ -197,8 +198,8 @@ def example_batch(config, B: int, T: int, generator: Optional[torch.Generator] =
     def draw(shape):
         return ids[torch.randint(len(ids), shape, generator=generator)]
 
-    src_lengths = torch.randint(1, T + 1, (B,), generator=generator)
-    tgt_lengths = torch.randint(0, T, (B,), generator=generator)
+    src_lengths = torch.randint(max(1, T // 2), T + 1, (B,), generator=generator)
+    tgt_lengths = torch.randint(max(0, T // 2 - 1), T, (B,), generator=generator)
     pos = torch.arange(T).view(1, T)
     src = draw((B, T)).masked_fill_(pos >= src_lengths.view(-1, 1), config.pad_id)       # (B, S)
     target = draw((B, T))                                                                # (B, T)
