@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..bert import BERTConfig
+from ._loss import token_cross_entropy
 
 
 class TorchEmbeddings(nn.Module):
@@ -56,17 +57,13 @@ class TorchBERT(nn.Module):
         self._init(config.init_std)
 
     def _init(self, std: float) -> None:
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, 0.0, std)
-                if isinstance(m, nn.Linear) and m.bias is not None:
-                    nn.init.zeros_(m.bias)
-                if isinstance(m, nn.Embedding) and m.padding_idx is not None:
-                    with torch.no_grad():
-                        m.weight[m.padding_idx].zero_()
-            elif isinstance(m, nn.MultiheadAttention):
-                nn.init.normal_(m.in_proj_weight, 0.0, std)
-                nn.init.zeros_(m.in_proj_bias)
+        """normal(0, std) for every matrix (embeddings, projections), the pad row zero; biases and
+        norms keep torch's defaults (the tests load the model's weights anyway)."""
+        for p in self.parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, 0.0, std)
+        with torch.no_grad():
+            self.embeddings.token.weight[self.config.pad_id].zero_()
 
     def encode(self, tokens: Tensor, segments: Optional[Tensor] = None, lengths: Optional[Tensor] = None) -> Tensor:
         T = tokens.shape[1]
@@ -86,13 +83,4 @@ class TorchBERT(nn.Module):
         h = self.encode(tokens, batch.get("segments"), batch.get("lengths"))
         chosen = targets != -100
         logits = self.head(h[chosen], self.embeddings.token.weight)                   # (N, V)
-        target = targets[chosen]                                                       # (N,)
-        if smoothing == "torch":
-            return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
-        # fairseq's label_smoothed_nll_loss: the target gets 1 - eps, every other class eps / (V - 1)
-        logp = F.log_softmax(logits, -1)
-        V = logits.shape[-1]
-        nll = -logp.gather(-1, target[:, None]).squeeze(-1)
-        smooth = -logp.sum(-1)
-        eps_i = label_smoothing / (V - 1)
-        return ((1.0 - label_smoothing - eps_i) * nll + eps_i * smooth).mean()
+        return token_cross_entropy(logits, targets[chosen], label_smoothing, smoothing)

@@ -13,21 +13,7 @@ from torch import Tensor, nn
 
 from ..seq2seq_lstm import LSTMSeq2SeqConfig
 from ..seq2seq_transformer import TransformerSeq2SeqConfig, activation_fn
-
-
-def smoothed_cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0,
-                           smoothing: str = "torch") -> Tensor:
-    """Mean cross-entropy of logits (N, V) over the targets that are not -100: torch's
-    label_smoothing, or fairseq's (the target gets 1 - eps, every other class eps / (V - 1))."""
-    if smoothing == "torch":
-        return F.cross_entropy(logits, target, ignore_index=-100, label_smoothing=label_smoothing)
-    if smoothing != "fairseq":
-        raise ValueError(f"smoothing must be 'torch' or 'fairseq', got {smoothing!r}")
-    keep = target != -100
-    logp = F.log_softmax(logits[keep], -1)                                   # (N', V)
-    nll = -logp.gather(1, target[keep].unsqueeze(1)).squeeze(1)              # (N',)
-    eps_i = label_smoothing / (logits.shape[-1] - 1)
-    return ((1.0 - label_smoothing - eps_i) * nll - eps_i * logp.sum(-1)).mean()
+from ._loss import token_cross_entropy
 
 
 class _Seq2Seq(nn.Module):
@@ -40,7 +26,7 @@ class _Seq2Seq(nn.Module):
 
     def loss(self, batch, label_smoothing=0.0, smoothing="torch"):
         logits = self(batch["src"], batch["src_lengths"], batch["tgt_in"])
-        return smoothed_cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten(), label_smoothing, smoothing)
+        return token_cross_entropy(logits, batch["tgt_out"], label_smoothing, smoothing)       # (B, T, V) vs (B, T)
 
     def _embeddings(self, c):
         self.encoder_embed = nn.Embedding(c.vocab_size, c.dim, padding_idx=c.pad_id)
