@@ -84,11 +84,11 @@ class ELMoConfig:
             raise ValueError(f"ELMoConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
 
 
-def elmo_layer(c: ELMoConfig, lstm=fnn.LSTM, layer_norm_lstm=fnn.LayerNormLSTM, **kw) -> nn.Module:
+def elmo_layer(c: ELMoConfig) -> nn.Module:
     """One layer of one direction: E -> E (an LSTM of H cells projected to E, or a LayerNormLSTM)."""
     if c.layer_norm:
-        return layer_norm_lstm(c.dim, c.hidden, eps=c.layer_norm_eps, **kw)
-    return lstm(c.dim, c.hidden, proj_size=c.dim if c.hidden > c.dim else 0, **kw)
+        return fnn.LayerNormLSTM(c.dim, c.hidden, eps=c.layer_norm_eps)
+    return fnn.LSTM(c.dim, c.hidden, proj_size=c.dim if c.hidden > c.dim else 0)
 
 
 # ============================================================================ padding
