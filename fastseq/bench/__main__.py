@@ -75,6 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--only", action="append", choices=families(), metavar="FAMILY",
                    help=f"run only this family (repeatable): {', '.join(families())}")
+    p.add_argument("--case", action="append", metavar="TEXT",
+                   help="run only the cases whose name contains TEXT (repeatable: any of them)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--reps", type=int, default=None, help="timed rounds per case (default 5 quick, 21 full)")
     p.add_argument("--out", default="fastseq-bench-results", help="folder for results.json/.csv and plots")
@@ -88,6 +90,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     reps = args.reps or (5 if args.quick else 21)
     todo = [] if args.sweep_only else cases(args.device, args.only, args.quick)
+    if args.case:
+        todo = [c for c in todo if any(t in c.name for t in args.case)]
 
     t0 = time.perf_counter()
     machine = describe(args.device)
