@@ -215,6 +215,9 @@ class ELMo(nn.Module):
         tok, tok_rev, _, lengths, fwd, bwd = self._both(tokens, batch.get("lengths"))
         h = torch.cat([fwd[-1], bwd[-1]]).view(-1, self.config.dim)                        # (2 T B, E)
         targets = torch.cat([next_token_targets(tok, lengths), next_token_targets(tok_rev, lengths)]).view(-1)
+        if lengths is not None:                 # the head runs on the rows with a target only
+            live = (targets != -100).nonzero().squeeze(1)                                   # (M,)
+            h, targets = h.index_select(0, live), targets[live]                             # (M, E), (M,)
         return FF.linear_cross_entropy(h, self.output.weight, targets, linear_bias=self.output.bias,
                                        ignore_index=-100, label_smoothing=label_smoothing, smoothing=smoothing)
 
