@@ -262,7 +262,11 @@ for _dev in ("cpu", "cuda"):
 # Every model of fastseq.models (issue #11) against its torch.nn twin (fastseq.models.reference):
 # one AdamW training step each, same weights (the twin loads the model's state_dict), same batch
 # (the model file's example_batch), dropout as configured.  setup() first checks, in eval mode,
-# that the two give the same loss.  Reported: ms per step, tokens/s (B * T per step; for seq2seq
+# that the two give the same loss.  GPT's cases also report GFLOP/s (train_flops: every FLOP
+# the step must do, so the fraction of the sgemm rate bounds what any implementation can reach).
+# Padded batches: fastseq's BERT and Transformer seq2seq skip the padded positions (packing.py),
+# ELMo's head its rows without a target; the twins compute them, as torch.nn's layers with a
+# padding mask do.  Reported: ms per step, tokens/s (B * T per step; for seq2seq
 # the source and target tokens; padded batches count real tokens only), the ratio, and the peak
 # extra memory of a step.
 #   (label, model file, config class, model class, config fields, B, T, quick)
@@ -328,7 +332,9 @@ def build_twin(file, config_cls, model_cls, fields, B, T, device="cpu"):
 def _twin_setup(file, config_cls, model_cls, fields, B, T, device):
     def setup():
         fast, twin, batch = build_twin(file, config_cls, model_cls, fields, B, T, device)
-        return Setup(fastseq=train_step(fast, batch), peers={"torch": train_step(twin, batch)}, grad_enabled=True)
+        flops = train_flops("gpt", B, T, fields["layers"], fields["dim"], fields["vocab_size"]) if file == "gpt" else 0.0
+        return Setup(fastseq=train_step(fast, batch), peers={"torch": train_step(twin, batch)}, flops=flops,
+                     grad_enabled=True)
     return setup
 
 
