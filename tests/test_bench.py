@@ -2,6 +2,7 @@
 peers, the per-call timer, every bench/bench_<family>.py parametrized from the registry, and
 plots with no empty panel.  No timings are asserted (DESIGN.md section 6)."""
 import importlib.util
+import math
 import os
 import shutil
 import subprocess
@@ -219,7 +220,7 @@ def test_models_family_tiny(monkeypatch):
     real = models.build
     monkeypatch.setattr(models, "build", lambda model, B, T, p, layers=6, *a, device="cpu", **k:
                         real(model, 2, 16, p, 1, 32, 4, 64, device=device))
-    quick = [c for c in cases("cpu", ["models"], quick=True) if c.meta["dropout"] == 0.0]
+    quick = [c for c in cases("cpu", ["models"], quick=True) if not c.meta.get("twin") and c.meta["dropout"] == 0.0]
     assert sorted(c.meta["model"] for c in quick) == ["bert", "gpt"]
     for case in quick:
         s = case.setup()
@@ -230,3 +231,22 @@ def test_models_family_tiny(monkeypatch):
     rows = run_case(quick[0], reps=1, max_seconds=1.0, device="cpu", quick=True)
     assert rows[0]["fastseq_tokens_s"] > 0 and rows[0]["peer_tokens_s"] > 0
     assert "tokens/s" in report.table(rows, MACHINE)
+
+
+def test_models_twin_cases_quick():
+    """Every model of fastseq.models has a quick twin case; setup() checks that the model and its
+    torch.nn twin give the same loss (eval mode) and one training step of each runs; the rows
+    carry tokens/s and peak memory."""
+    from fastseq.bench.__main__ import run_case
+
+    twins = [c for c in cases("cpu", ["models"], quick=True) if c.meta.get("twin")]
+    assert {c.meta["model"] for c in twins} == {"gpt", "bert", "seq2seq transformer", "seq2seq lstm", "elmo",
+                                                "rnnlm lstm", "rnnlm gru"}
+    for case in twins:
+        s = case.setup()
+        check_setup(case, s)
+        with torch.enable_grad():
+            fast, peer = s.fastseq().item(), s.peers["torch"]().item()
+        assert math.isfinite(fast) and math.isfinite(peer) and abs(fast - peer) < 0.5 * abs(peer), case.name
+    rows = run_case(twins[0], reps=1, max_seconds=1.0, device="cpu", quick=True)
+    assert rows[0]["fastseq_tokens_s"] > 0 and rows[0]["fastseq_peak_mib"] is not None
