@@ -493,37 +493,23 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.twin:
-        return _profile_twin(args, argv or sys.argv[1:])
-    net, batch = build(args.model, args.B, args.T, args.dropout, args.layers, args.E, args.heads, args.V,
-                       device=args.device)
-    check_same_loss(net, batch)
-    fast = convert(net)
-    print(f"{args.model} training step, B={args.B}, T={args.T}, {args.layers} layers, E={args.E}, "
-          f"V={args.V}, dropout {args.dropout:g}, {torch.get_num_threads()} threads, {args.device}; "
-          f"self CPU time per op family")
-    result = {"config": vars(args) | {"threads": torch.get_num_threads()}, "models": {}}
-    for name, model in (("torch", net), ("fastseq", fast)):
-        prof = profile_steps(train_step(model, batch), args.steps, args.warmup)
-        result["models"][name] = prof
-        print(profile_table(name, prof))
-    t, f = result["models"]["torch"]["wall_ms"], result["models"]["fastseq"]["wall_ms"]
-    print(f"torch / fastseq step time under the profiler: {t / f:.2f}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
-        print("wrote", args.json)
-    return 0
-
-
-def _profile_twin(args, argv) -> int:
-    label, file, cfg, cls, fields, B, T, _ = next(c for c in TWIN_CASES if c[0] == args.twin and not c[-1])
-    B = args.B if "--B" in argv else B
-    T = args.T if "--T" in argv else T
-    fast, twin, batch = build_twin(file, cfg, cls, fields, B, T, args.device)
-    print(f"{_twin_label(label, fields, B, T)}, {torch.get_num_threads()} threads, {args.device}; "
-          f"self CPU time per op family")
-    result = {"config": {"twin": label, "B": B, "T": T, **fields, "threads": torch.get_num_threads()}, "models": {}}
-    for name, model in (("torch", twin), ("fastseq", fast)):
+        label, file, cfg, cls, fields, B, T, _ = next(c for c in TWIN_CASES if c[0] == args.twin and not c[-1])
+        given = argv or sys.argv[1:]
+        B, T = (args.B if "--B" in given else B), (args.T if "--T" in given else T)
+        fast, peer, batch = build_twin(file, cfg, cls, fields, B, T, args.device)
+        title = _twin_label(label, fields, B, T)
+        config = {"twin": label, "B": B, "T": T, **fields}
+    else:
+        peer, batch = build(args.model, args.B, args.T, args.dropout, args.layers, args.E, args.heads, args.V,
+                            device=args.device)
+        check_same_loss(peer, batch)
+        fast = convert(peer)
+        title = (f"{args.model} training step, B={args.B}, T={args.T}, {args.layers} layers, E={args.E}, "
+                 f"V={args.V}, dropout {args.dropout:g}")
+        config = vars(args)
+    print(f"{title}, {torch.get_num_threads()} threads, {args.device}; self CPU time per op family")
+    result = {"config": config | {"threads": torch.get_num_threads()}, "models": {}}
+    for name, model in (("torch", peer), ("fastseq", fast)):
         prof = profile_steps(train_step(model, batch), args.steps, args.warmup)
         result["models"][name] = prof
         print(profile_table(name, prof))
