@@ -6,6 +6,9 @@ import fastseq.functional as FF
 from fastseq.models.bert import BERT, BERTConfig, example_batch, mask_tokens
 from fastseq.models.reference.bert import TorchBERT
 
+from _model_helpers import (assert_dropout_reproducible, assert_fp32_within, assert_loss_and_grads_match,
+                            build_pair, loss_and_grads, train_steps)
+
 SMALL = dict(vocab_size=61, max_positions=24, dim=32, layers=2, heads=4, ffn_dim=48)
 
 
@@ -14,20 +17,7 @@ def _pair(dtype=torch.float32, perturb=0.05, **kw):
     (so norms, biases and the padding row are not at their initial values)."""
     torch.manual_seed(0)
     cfg = BERTConfig(**(SMALL | dict(dropout=0.0) | kw))
-    fast = BERT(cfg).to(dtype)
-    with torch.no_grad():
-        for p in fast.parameters():
-            p.add_(perturb * torch.randn_like(p))
-    twin = TorchBERT(cfg).to(dtype)
-    twin.load_state_dict(fast.state_dict())                  # strict: the same keys and shapes
-    return cfg, fast, twin
-
-
-def _loss_and_grads(net, batch, **kw):
-    net.zero_grad(set_to_none=True)
-    loss = net.loss(batch, **kw)
-    loss.backward()
-    return loss.detach(), {k: p.grad.detach().clone() for k, p in net.named_parameters()}
+    return (cfg, *build_pair(BERT, TorchBERT, cfg, dtype, perturb=perturb))
 
 
 def _batch(cfg, B=3, T=16, seed=1, segments=True):
@@ -44,28 +34,16 @@ def test_loss_and_every_gradient_match_the_twin_fp64(smoothing, segments):
     kw = {} if smoothing is None else dict(label_smoothing=0.1, smoothing=smoothing)
     b = _batch(cfg, segments=segments)
     assert b["lengths"].min() < 16                           # the batch has padding
-    lf, gf = _loss_and_grads(fast, b, **kw)
-    lt, gt = _loss_and_grads(twin, b, **kw)
-    torch.testing.assert_close(lf, lt, rtol=1e-12, atol=0)
-    assert gf.keys() == gt.keys()
-    for k in gf:
+    gt = assert_loss_and_grads_match(fast, twin, b, rtol=1e-9, atol=1e-12, **kw)
+    for k in gt:
         assert gt[k].abs().max() > 0, k                        # every parameter is reached
-        torch.testing.assert_close(gf[k], gt[k], rtol=1e-9, atol=1e-12, msg=k)
 
 
 def test_fp32_error_is_within_a_small_multiple_of_torchs():
     cfg, fast, twin = _pair(torch.float32)
     _, _, ref = _pair(torch.float64)
     b = _batch(cfg, B=4, T=20)
-    lf, gf = _loss_and_grads(fast, b)
-    lt, gt = _loss_and_grads(twin, b)
-    lr, gr = _loss_and_grads(ref, b)
-    assert abs(lf.double() - lr) <= 4 * abs(lt.double() - lr) + 1e-6
-    for k in gr:
-        ef = (gf[k].double() - gr[k]).abs().max().item()
-        et = (gt[k].double() - gr[k]).abs().max().item()
-        scale = gr[k].abs().max().item()
-        assert ef <= 4 * et + 1e-6 * scale, (k, ef, et)
+    assert_fp32_within(*(loss_and_grads(net, b) for net in (fast, twin, ref)), factor=4, slack=1e-6)
 
 
 def test_training_step_runs_the_layers_on_the_real_tokens_and_the_head_on_the_masked_rows_only(monkeypatch):
@@ -143,16 +121,7 @@ def test_segments_matter_and_default_to_zero_and_full_lengths_are_no_padding():
 
 def test_dropout_in_training_is_reproducible_from_the_seed_and_changes_the_loss():
     cfg, fast, _ = _pair(torch.float64, dropout=0.2)
-    b = _batch(cfg)
-    torch.manual_seed(5)
-    l1 = fast.loss(b)
-    torch.manual_seed(5)
-    l2 = fast.loss(b)
-    torch.manual_seed(6)
-    l3 = fast.loss(b)
-    assert l1.item() == l2.item()
-    assert l1.item() != l3.item()
-    assert l1.item() != fast.eval().loss(b).item()
+    assert_dropout_reproducible(fast, _batch(cfg))
 
 
 def test_initialization_follows_bert():
@@ -203,13 +172,8 @@ def test_bad_inputs_are_rejected():
 def test_short_training_run_lowers_the_loss():
     cfg, fast, _ = _pair(torch.float32, perturb=0.0, dropout=0.1)
     b = _batch(cfg, B=4, T=16)
-    opt = torch.optim.AdamW(fast.parameters(), lr=3e-3)
     first = fast.loss(b).item()
-    for _ in range(30):
-        opt.zero_grad()
-        loss = fast.loss(b)
-        loss.backward()
-        opt.step()
+    train_steps(fast, b, lr=3e-3, steps=30)
     assert fast.eval().loss(b).item() < 0.5 * first
 
 

@@ -8,6 +8,9 @@ import torch.nn.functional as F
 from fastseq.models.elmo import ELMo, ELMoConfig, ScalarMix, example_batch
 from fastseq.models.reference.elmo import TorchELMo
 
+from _model_helpers import (assert_dropout_reproducible, assert_fp32_within, assert_loss_and_grads_match,
+                            build_pair, loss_and_grads, train_steps)
+
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 
 SMALL = dict(vocab_size=37, dim=16, hidden=32, layers=2)
@@ -19,17 +22,7 @@ def _pair(dtype=torch.float32, **kw):
     if cfg.get("layer_norm"):
         cfg["hidden"] = cfg["dim"]
     cfg = ELMoConfig(**cfg)
-    fast = ELMo(cfg).to(dtype)
-    twin = TorchELMo(cfg).to(dtype)
-    twin.load_state_dict(fast.state_dict())                  # strict: the same keys and shapes
-    return cfg, fast, twin
-
-
-def _loss_and_grads(net, batch, **kw):
-    net.zero_grad(set_to_none=True)
-    loss = net.loss(batch, **kw)
-    loss.backward()
-    return loss.detach(), {k: p.grad.detach().clone() for k, p in net.named_parameters()}
+    return (cfg, *build_pair(ELMo, TorchELMo, cfg, dtype))
 
 
 def _batch(cfg, B=3, T=10, seed=1, padded=True):
@@ -43,16 +36,6 @@ def _batch(cfg, B=3, T=10, seed=1, padded=True):
     return b
 
 
-def _assert_gradients_within_a_small_multiple_of_torchs(got, twin, ref):
-    """Each gradient's error (relative to its largest element, against the fp64 twin) is within
-    4 x the fp32 twin's relative error on the same model (its worst gradient: rounding noise
-    propagates through the whole chain, so one tensor's error alone can be luckily small)."""
-    rel = lambda g, k: (g[k].double() - ref[k]).abs().max().item() / max(ref[k].abs().max().item(), 1e-30)
-    torch_rel = max(rel(twin, k) for k in ref)
-    for k in ref:
-        assert rel(got, k) <= 4 * torch_rel + 1e-6, (k, rel(got, k), rel(twin, k), torch_rel)
-
-
 @pytest.mark.parametrize("layer_norm", [False, True])
 @pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("smoothing", [None, "torch", "fairseq"])
@@ -60,12 +43,7 @@ def test_loss_and_every_gradient_match_the_twin_fp64(layer_norm, tie, smoothing)
     cfg, fast, twin = _pair(torch.float64, layer_norm=layer_norm, tie_weights=tie)
     kw = {} if smoothing is None else dict(label_smoothing=0.1, smoothing=smoothing)
     for b in (_batch(cfg), _batch(cfg, padded=False)):
-        lf, gf = _loss_and_grads(fast, b, **kw)
-        lt, gt = _loss_and_grads(twin, b, **kw)
-        torch.testing.assert_close(lf, lt, rtol=1e-12, atol=0)
-        assert gf.keys() == gt.keys()
-        for k in gf:
-            torch.testing.assert_close(gf[k], gt[k], rtol=1e-9, atol=1e-12, msg=k)
+        assert_loss_and_grads_match(fast, twin, b, rtol=1e-9, atol=1e-12, **kw)
 
 
 @pytest.mark.parametrize("layer_norm", [False, True])
@@ -73,11 +51,8 @@ def test_fp32_error_is_within_a_small_multiple_of_torchs(layer_norm):
     cfg, fast, twin = _pair(torch.float32, layer_norm=layer_norm)
     _, _, ref = _pair(torch.float64, layer_norm=layer_norm)
     b = _batch(cfg, T=14)
-    lf, gf = _loss_and_grads(fast, b)
-    lt, gt = _loss_and_grads(twin, b)
-    lr, gr = _loss_and_grads(ref, b)
-    assert abs(lf.double() - lr) <= 4 * abs(lt.double() - lr) + 1e-6
-    _assert_gradients_within_a_small_multiple_of_torchs(gf, gt, gr)
+    assert_fp32_within(*(loss_and_grads(net, b) for net in (fast, twin, ref)), factor=4, slack=1e-6,
+                       twin_error="worst")
 
 
 @pytest.mark.parametrize("layer_norm", [False, True])
@@ -152,16 +127,7 @@ def test_loss_is_the_mean_of_both_directions_cross_entropies_of_the_logits():
 
 def test_dropout_in_training_is_reproducible_from_the_seed_and_changes_the_loss():
     cfg, fast, _ = _pair(torch.float64, dropout=0.2)
-    b = _batch(cfg)
-    torch.manual_seed(5)
-    l1 = fast.loss(b)
-    torch.manual_seed(5)
-    l2 = fast.loss(b)
-    torch.manual_seed(6)
-    l3 = fast.loss(b)
-    assert l1.item() == l2.item()
-    assert l1.item() != l3.item()
-    assert l1.item() != fast.eval().loss(b).item()
+    assert_dropout_reproducible(fast, _batch(cfg))
 
 
 @pytest.mark.parametrize("layer_norm", [False, True])
@@ -276,12 +242,7 @@ def test_short_training_run_on_text_lowers_the_loss():
     batch = {"tokens": tokens, "lengths": lengths}
     torch.manual_seed(0)
     model = ELMo(ELMoConfig(vocab_size=256, dim=32, hidden=64, layers=2, dropout=0.1, tie_weights=True))
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
     first = model.eval().loss(batch).item()
-    model.train()
-    for _ in range(30):
-        opt.zero_grad()
-        model.loss(batch).backward()
-        opt.step()
+    train_steps(model.train(), batch, lr=2e-2, steps=30)
     last = model.eval().loss(batch).item()
     assert last < 0.6 * first, (first, last)

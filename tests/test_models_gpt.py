@@ -5,23 +5,17 @@ import torch
 from fastseq.models.gpt import GPT, GPTConfig, example_batch
 from fastseq.models.reference.gpt import TorchGPT
 
+from _model_helpers import (assert_dropout_reproducible, assert_example_batch_does_not_share_storage,
+                            assert_fp32_within, assert_loss_and_grads_match, build_pair, loss_and_grads,
+                            train_steps)
+
 SMALL = dict(vocab_size=97, max_positions=24, dim=32, layers=2, heads=4)
 
 
 def _pair(dtype=torch.float32, **kw):
     torch.manual_seed(0)
     cfg = GPTConfig(**(SMALL | dict(dropout=0.0) | kw))
-    fast = GPT(cfg).to(dtype)
-    twin = TorchGPT(cfg).to(dtype)
-    twin.load_state_dict(fast.state_dict())                  # strict: the same keys and shapes
-    return cfg, fast, twin
-
-
-def _loss_and_grads(net, batch, **kw):
-    net.zero_grad(set_to_none=True)
-    loss = net.loss(batch, **kw)
-    loss.backward()
-    return loss.detach(), {k: p.grad.detach().clone() for k, p in net.named_parameters()}
+    return (cfg, *build_pair(GPT, TorchGPT, cfg, dtype))
 
 
 def _batch(cfg, B=3, T=19, seed=1):
@@ -35,28 +29,14 @@ def _batch(cfg, B=3, T=19, seed=1):
 def test_loss_and_every_gradient_match_the_twin_fp64(tie, smoothing):
     cfg, fast, twin = _pair(torch.float64, tie_weights=tie)
     kw = {} if smoothing is None else dict(label_smoothing=0.1, smoothing=smoothing)
-    b = _batch(cfg)
-    lf, gf = _loss_and_grads(fast, b, **kw)
-    lt, gt = _loss_and_grads(twin, b, **kw)
-    torch.testing.assert_close(lf, lt, rtol=1e-12, atol=0)
-    assert gf.keys() == gt.keys()
-    for k in gf:
-        torch.testing.assert_close(gf[k], gt[k], rtol=1e-9, atol=1e-12, msg=k)
+    assert_loss_and_grads_match(fast, twin, _batch(cfg), rtol=1e-9, atol=1e-12, **kw)
 
 
 def test_fp32_error_is_within_a_small_multiple_of_torchs():
     cfg, fast, twin = _pair(torch.float32, activation="gelu")
     _, _, ref = _pair(torch.float64, activation="gelu")
     b = _batch(cfg, B=4, T=24)
-    lf, gf = _loss_and_grads(fast, b)
-    lt, gt = _loss_and_grads(twin, b)
-    lr, gr = _loss_and_grads(ref, b)
-    assert abs(lf.double() - lr) <= 4 * abs(lt.double() - lr) + 1e-6
-    for k in gr:
-        ef = (gf[k].double() - gr[k]).abs().max().item()
-        et = (gt[k].double() - gr[k]).abs().max().item()
-        scale = gr[k].abs().max().item()
-        assert ef <= 4 * et + 1e-6 * scale, (k, ef, et)
+    assert_fp32_within(*(loss_and_grads(net, b) for net in (fast, twin, ref)), factor=4, slack=1e-6)
 
 
 def test_logits_match_the_twin_in_eval_and_are_deterministic():
@@ -71,16 +51,7 @@ def test_logits_match_the_twin_in_eval_and_are_deterministic():
 
 def test_dropout_in_training_is_reproducible_from_the_seed_and_changes_the_loss():
     cfg, fast, _ = _pair(torch.float64, dropout=0.2)
-    b = _batch(cfg)
-    torch.manual_seed(5)
-    l1 = fast.loss(b)
-    torch.manual_seed(5)
-    l2 = fast.loss(b)
-    torch.manual_seed(6)
-    l3 = fast.loss(b)
-    assert l1.item() == l2.item()
-    assert l1.item() != l3.item()
-    assert l1.item() != fast.eval().loss(b).item()
+    assert_dropout_reproducible(fast, _batch(cfg))
 
 
 def test_causality_a_later_token_does_not_change_earlier_logits():
@@ -110,13 +81,8 @@ def test_initialization_follows_gpt2():
 def test_short_training_run_lowers_the_loss():
     cfg, fast, _ = _pair(torch.float32, dropout=0.1)
     b = _batch(cfg, B=4, T=16)
-    opt = torch.optim.AdamW(fast.parameters(), lr=3e-3)
     first = fast.loss(b).item()
-    for _ in range(30):
-        opt.zero_grad()
-        loss = fast.loss(b)
-        loss.backward()
-        opt.step()
+    train_steps(fast, b, lr=3e-3, steps=30)
     assert fast.eval().loss(b).item() < 0.5 * first
 
 
@@ -148,10 +114,7 @@ def test_bad_input_is_rejected():
 @pytest.mark.parametrize("B", [1, 3])
 def test_example_batch_tokens_and_targets_do_not_share_storage(B):
     b = example_batch(GPTConfig(**SMALL), B, 7, torch.Generator().manual_seed(0))
-    assert b["tokens"].untyped_storage().data_ptr() != b["targets"].untyped_storage().data_ptr()
-    tokens = b["tokens"].clone()
-    b["targets"].fill_(-100)
-    assert torch.equal(b["tokens"], tokens)
+    assert_example_batch_does_not_share_storage(b)
 
 
 # ---------------------------------------------------------------------------- Hugging Face GPT-2

@@ -8,23 +8,17 @@ import torch.nn.functional as F
 from fastseq.models.reference.rnn_lm import TorchRNNLM
 from fastseq.models.rnn_lm import CELLS, RNNLM, RNNLMConfig, example_batch
 
+from _model_helpers import (assert_dropout_reproducible, assert_example_batch_does_not_share_storage,
+                            assert_fp32_within, assert_loss_and_grads_match, build_pair, loss_and_grads,
+                            train_steps)
+
 SMALL = dict(vocab_size=41, dim=24, hidden=24, layers=2)
 
 
 def _pair(dtype=torch.float32, **kw):
     torch.manual_seed(0)
     cfg = RNNLMConfig(**(SMALL | dict(dropout=0.0) | kw))
-    fast = RNNLM(cfg).to(dtype)
-    twin = TorchRNNLM(cfg).to(dtype)
-    twin.load_state_dict(fast.state_dict())                  # strict: the same keys and shapes
-    return cfg, fast, twin
-
-
-def _loss_and_grads(net, batch, **kw):
-    net.zero_grad(set_to_none=True)
-    loss = net.loss(batch, **kw)
-    loss.backward()
-    return loss.detach(), {k: p.grad.detach().clone() for k, p in net.named_parameters()}
+    return (cfg, *build_pair(RNNLM, TorchRNNLM, cfg, dtype))
 
 
 def _batch(cfg, B=3, T=11, seed=1):
@@ -33,40 +27,19 @@ def _batch(cfg, B=3, T=11, seed=1):
     return b
 
 
-def _assert_gradients_within_a_small_multiple_of_torchs(got, twin, ref):
-    """Each gradient's error (relative to its largest element, against the fp64 twin) is within
-    4 x the fp32 twin's relative error on the same model (its worst gradient: rounding noise
-    propagates through the whole chain, so one tensor's error alone can be luckily small)."""
-    rel = lambda g, k: (g[k].double() - ref[k]).abs().max().item() / max(ref[k].abs().max().item(), 1e-30)
-    torch_rel = max(rel(twin, k) for k in ref)
-    for k in ref:
-        assert rel(got, k) <= 4 * torch_rel + 1e-6, (k, rel(got, k), rel(twin, k), torch_rel)
-
-
 @pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("smoothing", [None, "torch", "fairseq"])
 def test_loss_and_every_gradient_match_the_twin_fp64(cell, smoothing):
     cfg, fast, twin = _pair(torch.float64, cell=cell)
     kw = {} if smoothing is None else dict(label_smoothing=0.1, smoothing=smoothing)
-    b = _batch(cfg)
-    lf, gf = _loss_and_grads(fast, b, **kw)
-    lt, gt = _loss_and_grads(twin, b, **kw)
-    torch.testing.assert_close(lf, lt, rtol=1e-12, atol=0)
-    assert gf.keys() == gt.keys()
-    for k in gf:
-        torch.testing.assert_close(gf[k], gt[k], rtol=1e-9, atol=1e-12, msg=k)
+    assert_loss_and_grads_match(fast, twin, _batch(cfg), rtol=1e-9, atol=1e-12, **kw)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_untied_with_hidden_unlike_dim_matches_the_twin(cell):
     cfg, fast, twin = _pair(torch.float64, cell=cell, hidden=16, tie_weights=False, layers=1)
     assert fast.decoder.weight.shape == (41, 16) and fast.decoder.weight is not fast.encoder.weight
-    b = _batch(cfg)
-    lf, gf = _loss_and_grads(fast, b)
-    lt, gt = _loss_and_grads(twin, b)
-    torch.testing.assert_close(lf, lt, rtol=1e-12, atol=0)
-    for k in gf:
-        torch.testing.assert_close(gf[k], gt[k], rtol=1e-9, atol=1e-12, msg=k)
+    assert_loss_and_grads_match(fast, twin, _batch(cfg), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
@@ -74,11 +47,8 @@ def test_fp32_error_is_within_a_small_multiple_of_torchs(cell):
     cfg, fast, twin = _pair(torch.float32, cell=cell)
     _, _, ref = _pair(torch.float64, cell=cell)
     b = _batch(cfg, B=3, T=16)
-    lf, gf = _loss_and_grads(fast, b)
-    lt, gt = _loss_and_grads(twin, b)
-    lr, gr = _loss_and_grads(ref, b)
-    assert abs(lf.double() - lr) <= 4 * abs(lt.double() - lr) + 1e-6
-    _assert_gradients_within_a_small_multiple_of_torchs(gf, gt, gr)
+    assert_fp32_within(*(loss_and_grads(net, b) for net in (fast, twin, ref)), factor=4, slack=1e-6,
+                       twin_error="worst")
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
@@ -121,25 +91,13 @@ def test_loss_is_the_cross_entropy_of_the_forward_logits():
 
 def test_dropout_in_training_is_reproducible_from_the_seed_and_changes_the_loss():
     cfg, fast, _ = _pair(torch.float64, dropout=0.2)
-    b = _batch(cfg)
-    torch.manual_seed(5)
-    l1 = fast.loss(b)
-    torch.manual_seed(5)
-    l2 = fast.loss(b)
-    torch.manual_seed(6)
-    l3 = fast.loss(b)
-    assert l1.item() == l2.item()
-    assert l1.item() != l3.item()
-    assert l1.item() != fast.eval().loss(b).item()
+    assert_dropout_reproducible(fast, _batch(cfg))
 
 
 @pytest.mark.parametrize("B", [1, 3])
 def test_example_batch_tokens_and_targets_do_not_share_storage(B):
     b = example_batch(RNNLMConfig(**SMALL), B, 7, torch.Generator().manual_seed(0))
-    assert b["tokens"].untyped_storage().data_ptr() != b["targets"].untyped_storage().data_ptr()
-    tokens = b["tokens"].clone()
-    b["targets"].fill_(-100)
-    assert torch.equal(b["tokens"], tokens)
+    assert_example_batch_does_not_share_storage(b)
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
@@ -203,12 +161,7 @@ def test_short_training_run_on_text_lowers_the_loss(cell):
     torch.manual_seed(0)
     model = RNNLM(RNNLMConfig(vocab_size=256, dim=32, hidden=32, layers=1, cell=cell, dropout=0.1))
     b = _text_batch(4, 24, offset=1000)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
     first = model.eval().loss(b).item()
-    model.train()
-    for _ in range(30):
-        opt.zero_grad()
-        model.loss(b).backward()
-        opt.step()
+    train_steps(model.train(), b, lr=2e-2, steps=30)
     last = model.eval().loss(b).item()
     assert last < 0.6 * first, (first, last)

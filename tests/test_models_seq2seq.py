@@ -8,6 +8,8 @@ from fastseq.models.reference.seq2seq import TorchLSTMSeq2Seq, TorchTransformerS
 from fastseq.models.seq2seq import (LSTMSeq2Seq, LSTMSeq2SeqConfig, TransformerSeq2Seq, TransformerSeq2SeqConfig,
                                     example_batch)
 
+from _model_helpers import assert_fp32_within, build_pair, loss_and_grads, train_steps
+
 TWIN = {TransformerSeq2Seq: TorchTransformerSeq2Seq, LSTMSeq2Seq: TorchLSTMSeq2Seq}
 
 
@@ -23,17 +25,7 @@ def lstm_config(**kw):
 
 def build(cls, config, dtype=torch.float32):
     """The fastseq model and its twin, with the same weights (loaded strictly)."""
-    model = cls(config).to(dtype)
-    twin = TWIN[cls](config).to(dtype)
-    twin.load_state_dict(model.state_dict(), strict=True)
-    return model, twin
-
-
-def loss_and_grads(model, batch, **kw):
-    model.zero_grad(set_to_none=True)
-    loss = model.loss(batch, **kw)
-    loss.backward()
-    return {"loss": loss.detach()} | {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return build_pair(cls, TWIN[cls], config, dtype)
 
 
 def assert_matches_twin(cls, config, dtype, B=3, T=8, **kw):
@@ -43,18 +35,15 @@ def assert_matches_twin(cls, config, dtype, B=3, T=8, **kw):
     model, twin = build(cls, config, dtype)
     ref = TWIN[cls](config).double()
     ref.load_state_dict(model.state_dict(), strict=True)
-    got, mine, exact = loss_and_grads(model, batch, **kw), loss_and_grads(twin, batch, **kw), \
-        loss_and_grads(ref, batch, **kw)
-    assert got.keys() == exact.keys()
-    assert all(g.abs().sum() > 0 for n, g in exact.items() if n != "loss"), "a parameter without gradient"
-    for name, r in exact.items():
-        scale = r.abs().max().item()
-        err = (got[name].double() - r).abs().max().item()
-        if dtype == torch.float64:
+    got, mine, exact = (loss_and_grads(net, batch, **kw) for net in (model, twin, ref))
+    assert got[1].keys() == exact[1].keys()
+    assert all(g.abs().sum() > 0 for g in exact[1].values()), "a parameter without gradient"
+    if dtype == torch.float64:
+        for name, g, r in [("loss", got[0], exact[0])] + [(n, got[1][n], exact[1][n]) for n in exact[1]]:
+            scale, err = r.abs().max().item(), (g.double() - r).abs().max().item()
             assert err <= 1e-10 * max(scale, 1e-3), (name, err, scale)
-        else:
-            twin_err = (mine[name].double() - r).abs().max().item()
-            assert err <= 8 * twin_err + 2e-6 * scale, (name, err, twin_err, scale)
+    else:                                                  # the loss's slack is relative to it, as a gradient's
+        assert_fp32_within(got, mine, exact, factor=8, slack=2e-6, loss_slack=2e-6 * exact[0].abs().item())
 
 
 # ---------------------------------------------------------------------------- against the twins
@@ -288,13 +277,5 @@ def copy_task(config, B=16, n=6, seed=0):
 ])
 def test_training_on_a_copy_task_lowers_the_loss(cls, config, lr):
     model = cls(config)
-    batch = copy_task(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    losses = []
-    for _ in range(30):
-        opt.zero_grad()
-        loss = model.loss(batch, label_smoothing=0.05)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, copy_task(config), lr=lr, steps=30, label_smoothing=0.05)
     assert losses[-1] < 0.5 * losses[0], losses
