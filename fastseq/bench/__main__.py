@@ -71,7 +71,7 @@ def run_case(case, reps: int, max_seconds: float, device: str, quick: bool = Fal
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fastseq-bench", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="fewer repetitions and cases (~2 min on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions and cases (~2.5 min on 2 cores)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--only", action="append", choices=families(), metavar="FAMILY",
                    help=f"run only this family (repeatable): {', '.join(families())}")
