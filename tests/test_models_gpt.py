@@ -167,3 +167,64 @@ def test_from_hf_needs_the_output_layer_when_untied():
     bare = transformers.GPT2Model(config_untied)
     with pytest.raises(ValueError, match=r"tie_word_embeddings=False.*'lm_head.weight'"):
         GPT.from_hf(bare)
+
+
+# ---------------------------------------------------------------------------- the KV cache (DESIGN §8)
+
+def _decode_in_steps(model, tokens, mask=None, prefill=5, max_length=None):
+    """Logits of tokens (B, T): the first `prefill` in one call, then one token a call."""
+    B, T = tokens.shape
+    cache = model.new_cache(B, max_length or T)
+    out, cache = model(tokens[:, :prefill], cache=cache,
+                       attention_mask=None if mask is None else mask[:, :prefill])
+    outs = [out]
+    for t in range(prefill, T):
+        out, cache = model(tokens[:, t:t + 1], cache=cache, attention_mask=None if mask is None else mask[:, :t + 1])
+        outs.append(out)
+    assert cache.length == T
+    return torch.cat(outs, 1), cache
+
+
+def test_cached_decoding_equals_the_full_forward():
+    cfg, fast, _ = _pair(torch.float64)
+    fast.eval()
+    tokens = _batch(cfg, B=3, T=14)["tokens"]
+    steps, _ = _decode_in_steps(fast, tokens, max_length=20)
+    torch.testing.assert_close(steps, fast(tokens), rtol=1e-10, atol=1e-12)
+
+
+def test_left_padded_rows_decode_as_if_alone():
+    cfg, fast, _ = _pair(torch.float64)
+    fast.eval()
+    tokens = _batch(cfg, B=3, T=14)["tokens"]
+    mask = torch.ones(3, 14, dtype=torch.long)
+    mask[1, :4] = 0                                          # row 1: 4 pads on the left
+    mask[2, :1] = 0
+    steps, _ = _decode_in_steps(fast, tokens, mask)
+    for b, pads in ((0, 0), (1, 4), (2, 1)):
+        torch.testing.assert_close(steps[b, pads:], fast(tokens[b:b + 1, pads:])[0], rtol=1e-10, atol=1e-12)
+
+
+def test_reorder_moves_the_rows():
+    cfg, fast, _ = _pair(torch.float64)
+    fast.eval()
+    tokens = _batch(cfg, B=3, T=10)["tokens"]
+    _, cache = _decode_in_steps(fast, tokens[:, :9], max_length=10)
+    index = torch.tensor([2, 2, 0])
+    cache.reorder(index)
+    last, _ = fast(tokens[index, 9:], cache=cache)
+    torch.testing.assert_close(last[:, 0], fast(tokens[index])[:, -1], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="int64 index"):
+        cache.reorder(torch.tensor([0, 1]))
+
+
+def test_cache_bounds_and_masks_are_checked():
+    cfg, fast, _ = _pair()
+    fast.eval()
+    cache = fast.new_cache(2, 4)
+    with pytest.raises(ValueError, match="max_length 4"):
+        fast(torch.zeros(2, 5, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="attention_mask"):
+        fast(torch.zeros(2, 3, dtype=torch.long), cache=cache, attention_mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="max_length"):
+        fast.new_cache(2, cfg.max_positions + 1)

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from .. import functional as FF
 from .. import nn as fnn
+from ..generation.cache import KVCache
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")
 
@@ -96,12 +97,18 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(c.dim, 3 * c.dim)
         self.proj = nn.Linear(c.dim, c.dim)
 
-    def forward(self, u: Tensor) -> Tensor:
+    def forward(self, u: Tensor, cache=None, layer: int = 0, visible: Optional[Tensor] = None) -> Tensor:
+        """u (B, T, E).  With a KVCache: the T new keys / values are written at the cache's end and
+        the queries attend over every position it holds (read in place); visible (B, 1, T, S) bool,
+        True where a query may see a key, or None (then: causal over T fresh positions, or all)."""
         B, T, E = u.shape
         NH = self.heads
         q, k, v = self.qkv(u).view(B, T, 3, NH, E // NH).permute(2, 0, 3, 1, 4)   # 3 x (B, NH, T, D)
-        o = FF.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0,
-                                            is_causal=True)                       # (B, NH, T, D)
+        causal = visible is None and (cache is None or cache.length == 0)
+        if cache is not None:
+            k, v = cache.write(layer, k, v)                                       # 2 x (B, NH, S, D)
+        o = FF.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=self.p if self.training else 0.0,
+                                            is_causal=causal and T > 1)           # (B, NH, T, D)
         o = o.transpose(1, 2).reshape(B, T, E)                                    # (B, T, E)
         return self.proj(o)
 
@@ -134,9 +141,29 @@ class Block(nn.Module):
         self.ln_2 = fnn.LayerNorm(c.dim, eps=c.layer_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, u: Tensor, x: Tensor):
-        u2, h = _drop_add_norm(self.attn(u), x, self.ln_2, self.p, self.training)   # ln_2(h), h: (B, T, E)
+    def forward(self, u: Tensor, x: Tensor, cache=None, layer: int = 0, visible: Optional[Tensor] = None):
+        a = self.attn(u, cache, layer, visible)
+        u2, h = _drop_add_norm(a, x, self.ln_2, self.p, self.training)           # ln_2(h), h: (B, T, E)
         return self.mlp(u2), h
+
+
+def _positions(B: int, T: int, n: int, attention_mask: Optional[Tensor], device):
+    """(positions (B, T) or None for n..n+T-1, visible (B, 1, T, n+T) bool or None) of T new
+    tokens after n cached ones.  With a mask (B, n+T), 1 = token, 0 = padding: a token's position
+    counts the tokens before it, and a query sees the earlier tokens and itself (a pad query only
+    itself, so no row is empty)."""
+    if attention_mask is None:
+        return None, None
+    S = n + T
+    if attention_mask.shape != (B, S):
+        raise ValueError(f"GPT: attention_mask must be (B, cached + new) = ({B}, {S}), got "
+                         f"{tuple(attention_mask.shape)}")
+    real = attention_mask.to(device=device, dtype=torch.bool)                            # (B, S)
+    pos = (real.long().cumsum(1) - 1).masked_fill_(~real, 1)[:, n:]                       # (B, T), HF's rule
+    q = torch.arange(n, S, device=device).view(T, 1)
+    k = torch.arange(S, device=device).view(1, S)
+    visible = ((k <= q) & real.view(B, 1, S)) | (k == q)                                 # (B, T, S)
+    return pos, visible.view(B, 1, T, S)
 
 
 def _drop_add_norm(branch: Tensor, residual: Tensor, norm: nn.LayerNorm, p: float, training: bool):
@@ -182,26 +209,49 @@ class GPT(nn.Module):
         """The output layer's weight (V, E): the token embedding when tied."""
         return self.tok_emb.weight if self.head is None else self.head.weight
 
-    def hidden(self, tokens: Tensor) -> Tensor:
-        """The final normalized hidden states (B, T, E) of tokens (B, T)."""
+    def hidden(self, tokens: Tensor, cache=None, attention_mask: Optional[Tensor] = None) -> Tensor:
+        """The final normalized hidden states (B, T, E) of tokens (B, T); with a cache (a KVCache of
+        new_cache), tokens are the T positions after the cache's and are appended to it."""
         c = self.config
-        if tokens.dim() != 2:
-            raise ValueError(f"GPT: tokens must be (B, T), got shape {tuple(tokens.shape)}")
-        T = tokens.shape[1]
-        if T > c.max_positions:
-            raise ValueError(f"GPT: sequence length {T} exceeds max_positions {c.max_positions}")
-        x = self.tok_emb(tokens) + self.pos_emb.weight[:T]                        # (B, T, E)
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+            raise ValueError(f"GPT: tokens must be (B, T), got shape {tuple(getattr(tokens, 'shape', ()))}")
+        B, T = tokens.shape
+        n = 0 if cache is None else cache.length
+        if n + T > c.max_positions:
+            raise ValueError(f"GPT: sequence length {n + T} exceeds max_positions {c.max_positions}")
+        if cache is not None:
+            cache.check_room(T)
+        pos, visible = _positions(B, T, n, attention_mask, tokens.device)
+        x = self.tok_emb(tokens) + (self.pos_emb.weight[n:n + T] if pos is None else self.pos_emb(pos))  # (B, T, E)
         x = FF.dropout(x, c.embedding_dropout, self.training)
         first = self.blocks[0].ln_1
         u = FF.layer_norm(x, first.normalized_shape, first.weight, first.bias, first.eps)
         for i, block in enumerate(self.blocks):
-            m, h = block(u, x)
+            m, h = block(u, x, cache, i, visible)
             norm = self.blocks[i + 1].ln_1 if i + 1 < len(self.blocks) else self.ln_f
             u, x = _drop_add_norm(m, h, norm, c.dropout, self.training)           # next ln_1(x) (or ln_f), x
+        if cache is not None:
+            cache.advance(T)
         return u                                                                  # (B, T, E)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        return torch.nn.functional.linear(self.hidden(tokens), self.output_weight)  # (B, T, V)
+    def forward(self, tokens: Tensor, cache=None, attention_mask: Optional[Tensor] = None):
+        """Logits (B, T, V) of tokens (B, T); with a cache (new_cache), (logits, cache): tokens
+        continue the cached positions (the whole prompt first, then one token a step).
+        attention_mask (B, S) over every position so far, cached and new (1 = token, 0 = left
+        padding), as Hugging Face's: a padded position is seen by no other, positions count the
+        tokens only (cumsum(mask) - 1)."""
+        logits = torch.nn.functional.linear(self.hidden(tokens, cache, attention_mask), self.output_weight)
+        return logits if cache is None else (logits, cache)                      # (B, T, V)
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """An empty KVCache for batch_size rows of up to max_length positions (the model's dtype
+        and device)."""
+        c = self.config
+        if not 1 <= max_length <= c.max_positions:
+            raise ValueError(f"GPT.new_cache: max_length must be in [1, max_positions={c.max_positions}], "
+                             f"got {max_length}")
+        w = self.tok_emb.weight
+        return KVCache(c.layers, batch_size, c.heads, c.head_dim, max_length, w.dtype, w.device)
 
     def loss(self, batch: Dict[str, Tensor], label_smoothing: float = 0.0, smoothing: str = "torch") -> Tensor:
         """Mean cross-entropy over the targets that are not -100 (the logits never formed)."""
