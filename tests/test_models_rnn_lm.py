@@ -165,3 +165,30 @@ def test_short_training_run_on_text_lowers_the_loss(cell):
     train_steps(model.train(), b, lr=2e-2, steps=30)
     last = model.eval().loss(b).item()
     assert last < 0.6 * first, (first, last)
+
+
+# ---------------------------------------------------------------------------- the recurrent cache (DESIGN §8)
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cached_decoding_equals_the_full_forward_and_reorders(cell):
+    import torch
+    from fastseq.models.rnn_lm import RNNLM, RNNLMConfig
+    torch.manual_seed(0)
+    model = RNNLM(RNNLMConfig(vocab_size=37, dim=16, hidden=16, layers=2, cell=cell, dropout=0.0)).double().eval()
+    tokens = torch.randint(0, 37, (3, 9))
+    cache = model.new_cache(3, 9)
+    out, cache = model(tokens[:, :4], cache=cache)
+    outs = [out]
+    for t in range(4, 8):
+        out, cache = model(tokens[:, t:t + 1], cache=cache, attention_mask=torch.ones(3, t + 1))
+        outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, 1), model(tokens[:, :8]), rtol=1e-10, atol=1e-12)
+    index = torch.tensor([1, 1, 0])
+    cache.reorder(index)
+    last, cache = model(tokens[index, 8:], cache=cache)
+    torch.testing.assert_close(last[:, 0], model(tokens[index])[:, -1], rtol=1e-10, atol=1e-12)
+    assert cache.length == 9
+    with pytest.raises(ValueError, match="max_length"):
+        model(tokens[:, :1], cache=cache)
+    with pytest.raises(ValueError, match="left padding"):
+        model(tokens[:, :1], cache=model.new_cache(3), attention_mask=torch.tensor([[0, 1], [1, 1], [1, 1]]))

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from .. import functional as FF
 from .. import nn as fnn
+from ..generation.cache import RecurrentCache
 
 CELLS = {"lstm": fnn.LSTM, "gru": fnn.GRU, "layer_norm_lstm": fnn.LayerNormLSTM, "layer_norm_gru": fnn.LayerNormGRU}
 
@@ -112,10 +113,27 @@ class RNNLM(nn.Module):
         y, state = self.rnn(x, state)                                           # (T, B, H)
         return FF.dropout(y, p, training), state
 
-    def forward(self, tokens: Tensor, state=None, return_state: bool = False):
+    def forward(self, tokens: Tensor, state=None, return_state: bool = False, cache: Optional[RecurrentCache] = None,
+                attention_mask: Optional[Tensor] = None):
+        """Logits (B, T, V) [and the final state].  With a cache (new_cache): tokens continue the
+        cached state and the call returns (logits, cache) (DESIGN §8); an attention_mask must be
+        all ones (a recurrent layer reads left padding as input: batch prompts of one length)."""
+        if cache is not None:
+            if attention_mask is not None and not bool(attention_mask.bool().all()):
+                raise ValueError("RNNLM: left padding (zeros in attention_mask) is not supported: the recurrent "
+                                 "state would read the pads; decode prompts of one length together")
+            cache.check_room(tokens.shape[1] if isinstance(tokens, Tensor) and tokens.dim() == 2 else 0)
+            state = cache.state
         y, state = self.hidden(tokens, state)
         logits = torch.nn.functional.linear(y.transpose(0, 1), self.decoder.weight, self.decoder.bias)   # (B, T, V)
+        if cache is not None:
+            cache.update(state, tokens.shape[1])
+            return logits, cache
         return (logits, state) if return_state else logits
+
+    def new_cache(self, batch_size: int, max_length: Optional[int] = None) -> RecurrentCache:
+        """An empty RecurrentCache (the layers start from zeros)."""
+        return RecurrentCache(batch_size, max_length)
 
     def loss(self, batch: Dict[str, Tensor], label_smoothing: float = 0.0, smoothing: str = "torch") -> Tensor:
         """Mean cross-entropy over the targets that are not -100 (the logits never formed)."""
