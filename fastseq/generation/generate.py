@@ -1,0 +1,203 @@
+"""fastseq.generate: greedy search, sampling and beam search over a decoder with a cache (DESIGN.md §8).
+
+The model protocol: ``cache = model.new_cache(batch_size, max_length)`` preallocates the
+decoder's state; ``logits, cache = model(tokens, cache=cache, attention_mask=mask)`` runs the T
+new tokens (B, T) -- the whole prompt first, then one token per step -- with mask None or
+(B, cache.length + T) (1 = real token, 0 = left padding) and returns their logits (B, T, V);
+``cache.reorder(index)`` makes row i the old row index[i] (beam search).
+
+Options have Hugging Face's names and meanings, with explicit defaults (top_k=0 means off;
+HF's GenerationConfig hides top_k=50).  Differences from HF, on purpose: no_repeat_ngram_size
+ignores left padding (HF's repetition penalty does too; its n-gram ban does not), and sampling
+draws from `generator` so a run is reproducible.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from .beam import beam_search
+from .logits_processors import Processors
+
+
+def _int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"generate: {name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _float(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
+        raise ValueError(f"generate: {name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def _token_ids(name: str, value) -> Optional[List[int]]:
+    if value is None:
+        return None
+    ids = [value] if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+    if isinstance(ids, Tensor):
+        ids = ids.flatten().tolist()
+    if not isinstance(ids, Sequence) or len(ids) == 0 or \
+            any(isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0 for i in ids):
+        raise ValueError(f"generate: {name} must be a token id >= 0 or a non-empty list of them, got {value!r}")
+    return [int(i) for i in ids]
+
+
+def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *,
+             max_new_tokens: int = 20, min_new_tokens: int = 0, do_sample: bool = False, num_beams: int = 1,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+             no_repeat_ngram_size: int = 0, length_penalty: float = 1.0,
+             early_stopping: Union[bool, str] = False, num_return_sequences: int = 1,
+             eos_token_id: Union[None, int, Sequence[int]] = None, pad_token_id: Optional[int] = None,
+             streamer=None, output_scores: bool = False, generator: Optional[torch.Generator] = None
+             ) -> Union[Tensor, Tuple[Tensor, List[Tensor]]]:
+    """Continue each prompt of `input_ids` (B, P) int64 with up to `max_new_tokens` tokens.
+
+    attention_mask: (B, P), 1 = real token, 0 = left padding (None: all real).
+    max_new_tokens (20), min_new_tokens (0: EOS is banned until that many tokens are new).
+    do_sample (False): greedy / beam search by score, or sampling from softmax(scores), after
+        temperature (1.0), top_k (0 = off) and top_p (1.0 = off); draws use `generator`.
+    num_beams (1): beam search when > 1, with length_penalty (1.0; finished hypotheses score
+        sum log p / new_len ** length_penalty), early_stopping (False, True or "never", as HF's
+        BeamHypotheses) and num_return_sequences <= num_beams best hypotheses per prompt.  With
+        num_beams 1 and do_sample, num_return_sequences samples per prompt.
+    repetition_penalty (1.0 = off), no_repeat_ngram_size (0 = off).
+    eos_token_id (None; an int or a list): a row that emits one ends.  pad_token_id fills the
+        rows that ended; when None it is the first EOS id (as HF, which warns).
+    streamer: put(tokens) is called with the prompt (B, P) (CPU) and then with each step's new
+        tokens (B,), end() once at the end (greedy search and sampling only, as HF).
+    output_scores (False): also return a list with one (rows, V) fp32 tensor per step -- the
+        processed scores each step chose from (logits for greedy / sampling, log-probabilities
+        for beam search, rows = B * num_beams there).
+
+    Returns (B * num_return_sequences, P + new) int64: the prompts then the new tokens (the rows
+    of one prompt are adjacent), or (sequences, scores) with output_scores.
+    """
+    if not callable(getattr(model, "new_cache", None)):
+        raise ValueError(f"generate: the model ({type(model).__name__}) has no new_cache(batch_size, max_length)")
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.int64 \
+            or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+        raise ValueError("generate: input_ids must be a non-empty (B, P) int64 tensor, got "
+                         f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} of shape "
+                         f"{list(getattr(input_ids, 'shape', []))}")
+    B, P = input_ids.shape
+    if attention_mask is not None:
+        if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"generate: attention_mask must have input_ids' shape {list(input_ids.shape)}, got "
+                             f"{list(getattr(attention_mask, 'shape', []))}")
+        attention_mask = attention_mask.to(input_ids.device, torch.int64)
+        if ((attention_mask != 0) & (attention_mask != 1)).any():
+            raise ValueError("generate: attention_mask must hold only 0 and 1")
+        if (attention_mask[:, 1:] < attention_mask[:, :-1]).any() or (attention_mask[:, -1] == 0).any():
+            raise ValueError("generate: attention_mask must be left padding (0s then 1s, the last position real)")
+    max_new_tokens = _int("max_new_tokens", max_new_tokens, 1)
+    min_new_tokens = _int("min_new_tokens", min_new_tokens, 0)
+    num_beams = _int("num_beams", num_beams, 1)
+    num_return_sequences = _int("num_return_sequences", num_return_sequences, 1)
+    top_k = _int("top_k", top_k, 0)
+    no_repeat_ngram_size = _int("no_repeat_ngram_size", no_repeat_ngram_size, 0)
+    temperature, top_p = _float("temperature", temperature), _float("top_p", top_p)
+    repetition_penalty = _float("repetition_penalty", repetition_penalty)
+    length_penalty = _float("length_penalty", length_penalty)
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"generate: do_sample must be True or False, got {do_sample!r}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"generate: temperature must be > 0 when sampling, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"generate: repetition_penalty must be > 0, got {repetition_penalty}")
+    if early_stopping not in (True, False, "never") or isinstance(early_stopping, (int, float)) \
+            and not isinstance(early_stopping, bool):
+        raise ValueError(f"generate: early_stopping must be True, False or 'never', got {early_stopping!r}")
+    if not do_sample and num_return_sequences > num_beams:
+        raise ValueError(f"generate: num_return_sequences ({num_return_sequences}) must be <= num_beams "
+                         f"({num_beams}) without sampling")
+    if num_beams > 1 and num_return_sequences > num_beams:
+        raise ValueError(f"generate: num_return_sequences ({num_return_sequences}) must be <= num_beams "
+                         f"({num_beams}) in beam search")
+    if streamer is not None:
+        if num_beams > 1:
+            raise ValueError(f"generate: a streamer works with greedy search and sampling, not num_beams={num_beams}")
+        if not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+            raise ValueError(f"generate: streamer must have put() and end(), got {type(streamer).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generate: generator must be a torch.Generator, got {type(generator).__name__}")
+    eos_list = _token_ids("eos_token_id", eos_token_id)
+    if pad_token_id is not None:
+        pad_token_id = _token_ids("pad_token_id", pad_token_id)
+        if len(pad_token_id) != 1:
+            raise ValueError(f"generate: pad_token_id must be one token id, got {pad_token_id}")
+        pad_token_id = pad_token_id[0]
+    elif eos_list is not None:
+        pad_token_id = eos_list[0]                       # as HF: rows that ended repeat the EOS
+    eos = None if eos_list is None else torch.tensor(eos_list, dtype=torch.int64, device=input_ids.device)
+    fill = 0 if pad_token_id is None else pad_token_id   # only ever written when eos is given
+
+    start = torch.zeros(B, dtype=torch.int64, device=input_ids.device) if attention_mask is None \
+        else (attention_mask == 0).sum(1)               # index of each row's first real token
+    min_keep = 1 if num_beams == 1 else 1 + (0 if eos is None else eos.numel())
+    processors = Processors(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                            min_new_tokens=min_new_tokens, eos=eos, min_keep=min_keep)
+    with torch.no_grad():
+        if num_beams > 1:
+            seqs, scores = beam_search(model, input_ids, attention_mask, start, num_beams=num_beams,
+                                       max_new_tokens=max_new_tokens, processors=processors, eos=eos, fill=fill,
+                                       length_penalty=length_penalty, early_stopping=early_stopping,
+                                       num_return_sequences=num_return_sequences, do_sample=do_sample,
+                                       generator=generator, output_scores=output_scores)
+        else:
+            seqs, scores = _greedy_or_sample(model, input_ids, attention_mask, start, max_new_tokens=max_new_tokens,
+                                             processors=processors, eos=eos, pad=fill, do_sample=do_sample,
+                                             num_return_sequences=num_return_sequences, streamer=streamer,
+                                             generator=generator, output_scores=output_scores)
+    return (seqs, scores) if output_scores else seqs
+
+
+def _greedy_or_sample(model, input_ids: Tensor, mask: Optional[Tensor], start: Tensor, *, max_new_tokens: int,
+                      processors: Processors, eos: Optional[Tensor], pad: int, do_sample: bool,
+                      num_return_sequences: int, streamer, generator, output_scores: bool):
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    R = num_return_sequences
+    if R > 1:                                            # the samples of one prompt are adjacent rows
+        input_ids, start = input_ids.repeat_interleave(R, 0), start.repeat_interleave(R, 0)
+        mask = None if mask is None else mask.repeat_interleave(R, 0)
+    N, P = input_ids.shape
+    seqs = torch.empty(N, P + max_new_tokens, dtype=torch.int64, device=input_ids.device)
+    seqs[:, :P] = input_ids
+    running = torch.ones(N, dtype=torch.bool, device=input_ids.device)
+    scores_out: List[Tensor] = []
+
+    cache = model.new_cache(N, P + max_new_tokens)
+    logits, cache = model(input_ids, cache=cache, attention_mask=mask)
+    n = 0
+    for step in range(max_new_tokens):
+        cur = P + step
+        scores = processors(logits[:, -1].float(), seqs[:, :cur], start, step)
+        if output_scores:
+            scores_out.append(scores)
+        if do_sample:
+            tok = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+        else:
+            tok = scores.argmax(-1)
+        if eos is not None:
+            tok = torch.where(running, tok, torch.full_like(tok, pad))
+            running &= ~torch.isin(tok, eos)
+        seqs[:, cur] = tok
+        n = step + 1
+        if streamer is not None:
+            streamer.put(tok.cpu())
+        if n == max_new_tokens or not bool(running.any()):
+            break
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(N, 1)], 1)
+        logits, cache = model(tok[:, None], cache=cache, attention_mask=mask)
+    if streamer is not None:
+        streamer.end()
+    return seqs[:, :P + n], scores_out
