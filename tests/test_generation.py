@@ -82,6 +82,16 @@ def test_greedy_with_eos_fills_finished_rows_with_pad_as_hugging_face(pair):
     assert torch.equal(got2, want2)
 
 
+def test_greedy_matches_a_plain_loop_that_reruns_the_prefix(pair):
+    _, fast = pair
+    ids, _ = _prompts(False)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(12):
+            seq = torch.cat([seq, fast(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(generate(fast, ids, max_new_tokens=12), seq)
+
+
 def test_generation_stops_when_every_row_ended(pair):
     hf, fast = pair
     ids, mask = _prompts(False)
@@ -242,7 +252,8 @@ def _filtered(temperature=1.0, top_k=0, top_p=1.0):
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(temperature=2.0), dict(temperature=0.5), dict(top_k=2),
-                                  dict(top_p=0.7), dict(temperature=0.7, top_k=4, top_p=0.8)])
+                                  dict(top_p=0.7), dict(temperature=0.7, top_k=4, top_p=0.8),
+                                  dict(temperature=0.5, top_p=0.75), dict(temperature=2.0, top_p=0.6)])
 def test_sampling_frequencies_follow_the_filtered_distribution(opts):
     n = 6000
     lm = _FixedLM(PROBS.log().view(1, 1, 5))
@@ -254,6 +265,29 @@ def test_sampling_frequencies_follow_the_filtered_distribution(opts):
     kept = want > 0
     chi2 = float(((counts[kept] - want[kept]) ** 2 / want[kept]).sum())
     assert chi2 < 25.0, (counts.tolist(), want.tolist())               # df <= 4: p < 1e-4 under the null
+
+
+def test_sampled_rows_that_emit_eos_are_padded_and_min_new_tokens_holds():
+    lm = _FixedLM(PROBS.log().view(1, 1, 5))
+    out = generate(lm, torch.zeros(400, 2, dtype=torch.int64), do_sample=True, max_new_tokens=8, eos_token_id=3,
+                   pad_token_id=4, min_new_tokens=2, generator=torch.Generator().manual_seed(0))
+    new = out[:, 2:]
+    assert (new[:, :2] != 3).all()                                   # no EOS before 2 new tokens
+    for row in new.tolist():
+        if 3 in row:
+            assert all(t == 4 for t in row[row.index(3) + 1:])
+    assert (new == 3).any(1).float().mean() > 0.5                     # most rows ended
+
+
+def test_beam_sampling_is_reproducible_and_keeps_the_prompts(pair):
+    _, fast = pair
+    ids, mask = _prompts(True)
+    kw = dict(do_sample=True, num_beams=3, num_return_sequences=2, max_new_tokens=8, top_k=10, temperature=1.3)
+    a = generate(fast, ids, mask, generator=torch.Generator().manual_seed(3), **kw)
+    b = generate(fast, ids, mask, generator=torch.Generator().manual_seed(3), **kw)
+    c = generate(fast, ids, mask, generator=torch.Generator().manual_seed(4), **kw)
+    assert a.shape == (6, 14) and torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a[:, :6], ids.repeat_interleave(2, 0))
 
 
 def test_beam_search_reorders_the_cache_rows():
