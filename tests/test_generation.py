@@ -92,6 +92,20 @@ def test_greedy_matches_a_plain_loop_that_reruns_the_prefix(pair):
     assert torch.equal(generate(fast, ids, max_new_tokens=12), seq)
 
 
+@pytest.mark.parametrize("opts", [dict(), dict(no_repeat_ngram_size=2, repetition_penalty=1.3),
+                                  dict(num_beams=3, num_return_sequences=2, no_repeat_ngram_size=2)])
+def test_left_padding_does_not_change_a_rows_output(pair, opts):
+    """Each row of a left-padded batch gets what its prompt gets alone (the n-gram ban and the
+    repetition penalty ignore the padding)."""
+    _, fast = pair
+    ids, mask = _prompts(True)
+    batch = generate(fast, ids, mask, max_new_tokens=10, **opts)
+    R = opts.get("num_return_sequences", 1)
+    for b in range(3):
+        alone = generate(fast, ids[b:b + 1, (mask[b] == 0).sum():], max_new_tokens=10, **opts)
+        assert torch.equal(batch[b * R:(b + 1) * R, 6:], alone[:, -10:])
+
+
 def test_generation_stops_when_every_row_ended(pair):
     hf, fast = pair
     ids, mask = _prompts(False)

@@ -8,8 +8,10 @@ new tokens (B, T) -- the whole prompt first, then one token per step -- with mas
 
 Options have Hugging Face's names and meanings, with explicit defaults (top_k=0 means off;
 HF's GenerationConfig hides top_k=50).  Differences from HF, on purpose: no_repeat_ngram_size
-ignores left padding (HF's repetition penalty does too; its n-gram ban does not), and sampling
-draws from `generator` so a run is reproducible.
+ignores left padding (HF's repetition penalty does too; its n-gram ban does not); sampling
+draws from `generator` so a run is reproducible; pad_token_id=0 fills finished beams with 0 (HF's
+beam search takes a pad of 0 for "no pad" and fills with the EOS).  generate runs under
+torch.no_grad and leaves the model's mode alone: call model.eval() first (dropout).
 """
 from __future__ import annotations
 
