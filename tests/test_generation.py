@@ -1,7 +1,6 @@
 """fastseq.generate: greedy search, beam search and the processors against Hugging Face's generate on
 the same GPT-2 weights (fp32), sampling against the filtered distribution, a stub with a fixed
 next-token distribution, the streamer, option validation, and an RNN LM against a plain loop."""
-import math
 
 import pytest
 import torch
