@@ -9,6 +9,7 @@
 from . import functional, nn  # noqa: F401  (registers every op family)
 from ._dispatch import available_backends, explain, use_backend
 from .convert import convert, rebind, register_converter
+from .generation import generate
 
 import torch as _torch
 
@@ -61,4 +62,4 @@ from . import _dispatch as _dispatch_module  # noqa: E402
 _warn_if_uncompiled()
 
 __version__ = "0.1.0"
-__all__ = ["functional", "nn", "convert", "available_backends", "use_backend", "explain"]
+__all__ = ["functional", "nn", "convert", "available_backends", "use_backend", "explain", "generate"]
