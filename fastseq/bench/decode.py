@@ -89,3 +89,57 @@ for _dev in ("cpu", "cuda"):
                       peers=("torch ops",), quick=False, meta={"B": _B, "new_tokens": 128}))
         register(Case("decode", f"GPT-style decode B={_B}, 32 new tokens", _dev, _case(_dev, _B, 32),
                       peers=("torch ops",), meta={"B": _B, "new_tokens": 32}))
+
+
+# ============================================================================ fastseq.generate against peers (issue #12)
+
+# The issue's setting: GPT-2's architecture at 6 layers, E = 512, 8 heads, vocab 8192, random
+# weights (a Hugging Face GPT2LMHeadModel, and GPT.from_hf of it: identical weights), a 32-token
+# prompt, greedy (or beam) decoding of a fixed number of new tokens (EOS id 0, held back by
+# min_new_tokens in both, so every row runs to the end).  Peer: Hugging Face's
+# generate on the same weights (transformers is optional: without it the case says so and is
+# skipped).  setup() checks both choose the same tokens.  CTranslate2 is not a peer yet.
+
+def _hf_gpt(seed=0):
+    import transformers
+
+    hc = transformers.GPT2Config(vocab_size=V, n_positions=CTX, n_embd=E, n_layer=LAYERS, n_head=NH,
+                                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transformers.GPT2LMHeadModel(hc).eval()
+
+
+def _generate_case(B, new_tokens, num_beams=1):
+    def setup():
+        try:
+            hf = _hf_gpt()
+        except ImportError as e:
+            raise RuntimeError("skipped: Hugging Face transformers is not installed (pip install transformers)") from e
+        from ..generation import generate
+        from ..models.gpt import GPT
+
+        model = GPT.from_hf(hf).eval()
+        prompt = torch.randint(1, V, (B, PROMPT), generator=torch.Generator().manual_seed(1))
+        mask = torch.ones_like(prompt)
+        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=num_beams, do_sample=False)
+
+        def fast():
+            return generate(model, prompt, mask, eos_token_id=0, pad_token_id=0, **kw)
+
+        def peer():
+            with torch.no_grad():
+                return hf.generate(prompt, attention_mask=mask, eos_token_id=0, pad_token_id=0, top_k=None, **kw)
+        if not torch.equal(fast(), peer()):
+            raise AssertionError("generation: fastseq.generate and Hugging Face's generate chose different tokens")
+        weights = sum(p.numel() for p in model.parameters())
+        return Setup(fastseq=fast, peers={"HF generate": peer}, bytes=4.0 * weights * new_tokens,
+                     flops=2.0 * weights * B * num_beams * new_tokens)
+    return setup
+
+
+for _B, _beams in ((1, 1), (8, 1), (1, 4)):
+    _what = "greedy" if _beams == 1 else f"beam {_beams}"
+    register(Case("decode", f"generate GPT-2 shape {_what} B={_B}, 128 new tokens", "cpu",
+                  _generate_case(_B, 128, _beams), peers=("HF generate",), quick=False,
+                  meta={"B": _B, "new_tokens": 128, "tokens": _B * 128}))
