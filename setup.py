@@ -87,7 +87,7 @@ setup(
                              "cdivision": True, "initializedcheck": False},
     ),
     packages=["fastseq", "fastseq.recurrent", "fastseq.models", "fastseq.models.reference", "fastseq.trainer",
-              "fastseq.generation",
+              "fastseq.generation", "fastseq.layer_norm",
               "fastseq._cpu", "fastseq._cuda", "fastseq.bench"],
     package_dir={"fastseq._cpu": "kernels/cpu", "fastseq._cuda": "kernels/cuda"},
     package_data={"fastseq._cpu": ["*.pxd"]},
