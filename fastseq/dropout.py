@@ -4,7 +4,7 @@
 Read top to bottom: the mask and the pure-torch references (the test oracle), input checks,
 dispatch, the kernel calls, the autograd Functions, the registered ops (graph capture), the
 functional ops, the module.  The residual-add + norm with dropout on the branch
-(dropout_add_layer_norm) lives in layer_norm.py: it extends that family's kernels.
+(dropout_add_layer_norm) lives in the layer_norm package (fastseq/layer_norm/): it extends that family's kernels.
 
 The mask.  Element k of a tensor (its flat row-major index) is kept when a keyed hash of k is at
 least p 2^32 (kernels/cpu/_fastmath.h's fs_rand32: two rounds of a 32-bit avalanche mix), and

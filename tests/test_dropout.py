@@ -1,5 +1,5 @@
 """The dropout family (fastseq/dropout.py, kernels/cpu/dropout.pyx) and the dropout on the branch of
-the fused add + norm (fastseq/layer_norm.py): masks reproduced exactly by the pure-torch oracle of
+the fused add + norm (fastseq/layer_norm/): masks reproduced exactly by the pure-torch oracle of
 the same hash, keep-rate and scale statistics, gradients against the oracle, gradcheck in fp64,
 p = 0 / p = 1 / bad p, graph capture, the module and convert(), and the Transformer layers that
 fuse their dropouts in training mode."""
