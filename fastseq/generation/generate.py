@@ -57,27 +57,38 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
              eos_token_id: Union[None, int, Sequence[int]] = None, pad_token_id: Optional[int] = None,
              streamer=None, output_scores: bool = False, generator: Optional[torch.Generator] = None
              ) -> Union[Tensor, Tuple[Tensor, List[Tensor]]]:
-    """Continue each prompt of `input_ids` (B, P) int64 with up to `max_new_tokens` tokens.
+    """Continue each prompt of `input_ids` with up to `max_new_tokens` tokens (Hugging Face's
+    names and meanings; every default explicit).
 
-    attention_mask: (B, P), 1 = real token, 0 = left padding (None: all real).
-    max_new_tokens (20), min_new_tokens (0: EOS is banned until that many tokens are new).
-    do_sample (False): greedy / beam search by score, or sampling from softmax(scores), after
-        temperature (1.0), top_k (0 = off) and top_p (1.0 = off); draws use `generator`.
-    num_beams (1): beam search when > 1, with length_penalty (1.0; finished hypotheses score
-        sum log p / new_len ** length_penalty), early_stopping (False, True or "never", as HF's
-        BeamHypotheses) and num_return_sequences <= num_beams best hypotheses per prompt.  With
-        num_beams 1 and do_sample, num_return_sequences samples per prompt.
-    repetition_penalty (1.0 = off), no_repeat_ngram_size (0 = off).
-    eos_token_id (None; an int or a list): a row that emits one ends.  pad_token_id fills the
-        rows that ended; when None it is the first EOS id (as HF, which warns).
-    streamer: put(tokens) is called with the prompt (B, P) (CPU) and then with each step's new
-        tokens (B,), end() once at the end (greedy search and sampling only, as HF).
-    output_scores (False): also return a list with one (rows, V) fp32 tensor per step -- the
-        processed scores each step chose from (logits for greedy / sampling, log-probabilities
-        for beam search, rows = B * num_beams there).
+    Args:
+        model: a decoder with the cache protocol (model.new_cache(B, max_length),
+            model(tokens, cache=cache, attention_mask=mask) -> (logits, cache), cache.reorder).
+        input_ids: the prompts, int64.
+        attention_mask: 1 = real token, 0 = left padding (None: all real).
+        max_new_tokens (20), min_new_tokens (0: EOS is banned until that many tokens are new).
+        do_sample (False): greedy / beam search by score, or sampling from softmax(scores), after
+            temperature (1.0), top_k (0 = off) and top_p (1.0 = off); draws use `generator`.
+        num_beams (1): beam search when > 1, with length_penalty (1.0; finished hypotheses score
+            sum log p / new_len ** length_penalty), early_stopping (False, True or "never", as
+            HF's BeamHypotheses) and num_return_sequences <= num_beams best hypotheses per
+            prompt.  With num_beams 1 and do_sample, num_return_sequences samples per prompt.
+        repetition_penalty (1.0 = off), no_repeat_ngram_size (0 = off).
+        eos_token_id (None; an int or a list): a row that emits one ends.  pad_token_id fills
+            the rows that ended; when None it is the first EOS id (as HF, which warns).
+        streamer: put(tokens) is called with the prompt (CPU) and then with each step's new
+            tokens, end() once at the end (greedy search and sampling only, as HF).
+        output_scores (False): also return the processed scores each step chose from (logits
+            for greedy / sampling, log-probabilities for beam search).
 
-    Returns (B * num_return_sequences, P + new) int64: the prompts then the new tokens (the rows
-    of one prompt are adjacent), or (sequences, scores) with output_scores.
+    Returns:
+        sequences: the prompts then the new tokens, the rows of one prompt adjacent; or
+        (sequences, scores) with output_scores.
+
+    Shapes:
+        input_ids, attention_mask: (B, P); sequences: (B * num_return_sequences, P + new) int64,
+        new <= max_new_tokens; scores: one (rows, V) fp32 tensor per step, rows = B (greedy,
+        sampling: B * num_return_sequences) or B * num_beams (beam search); streamer tokens:
+        (B, P) then (B,) per step.
     """
     if not callable(getattr(model, "new_cache", None)):
         raise ValueError(f"generate: the model ({type(model).__name__}) has no new_cache(batch_size, max_length)")

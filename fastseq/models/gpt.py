@@ -235,11 +235,20 @@ class GPT(nn.Module):
         return u                                                                  # (B, T, E)
 
     def forward(self, tokens: Tensor, cache=None, attention_mask: Optional[Tensor] = None):
-        """Logits (B, T, V) of tokens (B, T); with a cache (new_cache), (logits, cache): tokens
-        continue the cached positions (the whole prompt first, then one token a step).
-        attention_mask (B, S) over every position so far, cached and new (1 = token, 0 = left
-        padding), as Hugging Face's: a padded position is seen by no other, positions count the
-        tokens only (cumsum(mask) - 1)."""
+        """The next-token logits of every position.
+
+        Args:
+            tokens: int64 ids; with a cache, the positions after the cached ones (the whole
+                prompt first, then one token a step).
+            cache: None, or a KVCache from new_cache, appended to in place.
+            attention_mask: None, or 1 = token, 0 = left padding, over every position so far
+                (cached and new), as Hugging Face's: a padded position is seen by no other, and
+                positions count the tokens only (cumsum(mask) - 1).
+        Returns:
+            logits, or (logits, cache) when a cache is given.
+        Shapes:
+            tokens (B, T); attention_mask (B, cache.length + T); logits (B, T, V).
+        """
         logits = torch.nn.functional.linear(self.hidden(tokens, cache, attention_mask), self.output_weight)
         return logits if cache is None else (logits, cache)                      # (B, T, V)
 

@@ -115,9 +115,21 @@ class RNNLM(nn.Module):
 
     def forward(self, tokens: Tensor, state=None, return_state: bool = False, cache: Optional[RecurrentCache] = None,
                 attention_mask: Optional[Tensor] = None):
-        """Logits (B, T, V) [and the final state].  With a cache (new_cache): tokens continue the
-        cached state and the call returns (logits, cache) (DESIGN §8); an attention_mask must be
-        all ones (a recurrent layer reads left padding as input: batch prompts of one length)."""
+        """The next-token logits of every position.
+
+        Args:
+            tokens: int64 ids.
+            state: the stack's initial state ((h, c) for LSTM cells, h for GRU cells), None = 0.
+            return_state: also return the final state.
+            cache: None, or a RecurrentCache from new_cache: tokens continue its state, which is
+                updated in place (DESIGN §8); state is then ignored.
+            attention_mask: with a cache, None or all ones (a recurrent layer would read left
+                padding as input: decode prompts of one length together).
+        Returns:
+            logits; (logits, state) with return_state; (logits, cache) with a cache.
+        Shapes:
+            tokens (B, T); logits (B, T, V); state tensors (layers, B, H).
+        """
         if cache is not None:
             if attention_mask is not None and not bool(attention_mask.bool().all()):
                 raise ValueError("RNNLM: left padding (zeros in attention_mask) is not supported: the recurrent "
