@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 BACKENDS = ("cpu", "cuda", "torch")
-CPU_FAMILIES = ("layer_norm", "attention", "recurrent", "dropout", "cross_entropy")     # compiled modules the "cpu" backend needs
+CPU_FAMILIES = ("layer_norm", "attention", "recurrent", "dropout", "cross_entropy", "decode")     # compiled modules the "cpu" backend needs
 PRIORITY = {"cuda": ("cuda", "torch"), "cpu": ("cpu", "torch")}
 
 Reasons = Callable[[dict], List[str]]

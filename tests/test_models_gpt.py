@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+import fastseq
+
 from fastseq.models.gpt import GPT, GPTConfig, example_batch
 from fastseq.models.reference.gpt import TorchGPT
 
@@ -228,3 +230,17 @@ def test_cache_bounds_and_masks_are_checked():
         fast(torch.zeros(2, 3, dtype=torch.long), cache=cache, attention_mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match="max_length"):
         fast.new_cache(2, cfg.max_positions + 1)
+
+
+def test_a_cached_continuation_of_several_tokens_is_causal():
+    """Tokens appended to a cache in chunks give the logits of one full forward (each chunk is
+    causal among its own positions, aligned to the cache's end), on both backends."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=97, max_positions=64, dim=64, layers=2, heads=4, dropout=0.0)).double().eval()
+    ids = torch.randint(0, 97, (2, 9))
+    for backend in ("cpu", "torch"):
+        with torch.no_grad(), fastseq.use_backend(backend):
+            full = m(ids)
+            cache = m.new_cache(2, 12)
+            parts = [m(ids[:, a:b], cache=cache)[0] for a, b in ((0, 4), (4, 7), (7, 8), (8, 9))]
+        torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-12, atol=1e-12)

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from .. import functional as FF
 from .. import nn as fnn
+from ..generation import gpt_step
 from ..generation.cache import KVCache
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")
@@ -148,13 +149,16 @@ class Block(nn.Module):
 
 
 def _positions(B: int, T: int, n: int, attention_mask: Optional[Tensor], device):
-    """(positions (B, T) or None for n..n+T-1, visible (B, 1, T, n+T) bool or None) of T new
+    """(positions (B, T) or None for n..n+T-1, visible (B or 1, 1, T, n+T) bool or None) of T new
     tokens after n cached ones.  With a mask (B, n+T), 1 = token, 0 = padding: a token's position
     counts the tokens before it, and a query sees the earlier tokens and itself (a pad query only
     itself, so no row is empty)."""
-    if attention_mask is None:
-        return None, None
     S = n + T
+    if attention_mask is None:
+        if n == 0 or T == 1:
+            return None, None                              # causal from position 0, or one query: all
+        q = torch.arange(n, S, device=device).view(T, 1)   # a continuation: causal, bottom-right aligned
+        return None, (torch.arange(S, device=device).view(1, S) <= q).view(1, 1, T, S)
     if attention_mask.shape != (B, S):
         raise ValueError(f"GPT: attention_mask must be (B, cached + new) = ({B}, {S}), got "
                          f"{tuple(attention_mask.shape)}")
@@ -249,6 +253,13 @@ class GPT(nn.Module):
         Shapes:
             tokens (B, T); attention_mask (B, cache.length + T); logits (B, T, V).
         """
+        if cache is not None and isinstance(tokens, Tensor) and tokens.dim() == 2 and tokens.shape[1] == 1 \
+                and gpt_step.backend(self, tokens, cache) == "cpu":                # one compiled call per step
+            if cache.length + 1 > self.config.max_positions:
+                raise ValueError(f"GPT: sequence length {cache.length + 1} exceeds max_positions "
+                                 f"{self.config.max_positions}")
+            cache.check_room(1)
+            return gpt_step.decode_step(self, tokens, cache, attention_mask), cache
         logits = torch.nn.functional.linear(self.hidden(tokens, cache, attention_mask), self.output_weight)
         return logits if cache is None else (logits, cache)                      # (B, T, V)
 

@@ -36,34 +36,13 @@ from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.math cimport INFINITY, log, exp
 
 from _common cimport real, chunk_, ptr_
+from _attention_row cimport exp_, row_max_, scores_1_, accumulate_1_
 from _dropout_mask cimport Drop, drop_, keep_mul_, MASK_BLOCK
 from fastseq._cpu._blas cimport gemm_rm, install_blas, blas_installed
-
-cdef extern from "_fastmath.h" nogil:
-    float fs_expf(float x)
-    float fs_rowmaxf(const float* x, long n)
 
 cdef enum:
     BQ = 128       # queries per tile
     BK = 256      # keys per tile
-
-
-cdef inline real exp_(real x) noexcept nogil:
-    if real is float:
-        return fs_expf(x)
-    else:
-        return exp(x)
-
-
-cdef inline real row_max_(const real* x, Py_ssize_t n) noexcept nogil:
-    """max ignoring NaN; -inf when nothing is visible."""
-    cdef Py_ssize_t j
-    cdef real m = -INFINITY
-    if real is float:
-        return fs_rowmaxf(x, n)
-    for j in range(n):
-        m = x[j] if x[j] > m else m
-    return m
 
 
 def set_blas(size_t sgemm_addr, size_t dgemm_addr):
@@ -77,36 +56,6 @@ def has_blas():
 
 def tile_sizes():
     return BQ, BK
-
-
-# One query row (decode) reads each key and value row once: the BLAS calls' fixed costs (two per
-# key tile, each ~0.5-1 us at these sizes) would outweigh the row's own work.  The loops over D
-# vectorize (-fassociative-math).
-cdef inline void scores_1_(const real* q, const real* k, Py_ssize_t ks, Py_ssize_t nk, Py_ssize_t D, real scale,
-                           real* sc) noexcept nogil:
-    """sc[j] = scale * q . k_j for the nk key rows k_j = k + j ks."""
-    cdef Py_ssize_t j, c
-    cdef real s
-    cdef const real* kj
-    for j in range(nk):
-        kj = k + j * ks
-        s = 0
-        for c in range(D):
-            s = s + q[c] * kj[c]
-        sc[j] = scale * s
-
-
-cdef inline void accumulate_1_(const real* p, const real* v, Py_ssize_t vs, Py_ssize_t nk, Py_ssize_t Dv,
-                               real* acc) noexcept nogil:
-    """acc += sum_j p[j] v_j for the nk value rows v_j = v + j vs."""
-    cdef Py_ssize_t j, c
-    cdef real pj
-    cdef const real* vj
-    for j in range(nk):
-        pj = p[j]
-        vj = v + j * vs
-        for c in range(Dv):
-            acc[c] = acc[c] + pj * vj[c]
 
 
 cdef inline Py_ssize_t work_size_(Py_ssize_t d, Py_ssize_t dv, bint backward) noexcept nogil:

@@ -25,30 +25,10 @@ from libc.stdint cimport uint64_t
 
 from _common cimport real, chunk_, fixed_order_col_sums_
 from _dropout_mask cimport Drop, drop_, keep_mul_, keep_span_, MASK_BLOCK
-
-cdef extern from "_fastmath.h" nogil:
-    float fs_expf(float)
-    float fs_tanhf(float)
-    float fs_normcdff(float)
-    float fs_normpdff(float)
-
-cdef extern from "<math.h>" nogil:
-    double exp(double)
-    double tanh(double)
-    double erfc(double)
-
-
-# activation codes: the index in fastseq.dropout.ACTIVATIONS
-cdef enum:
-    RELU = 0
-    GELU = 1
-    GELU_TANH = 2
-    SILU = 3
+from _activation cimport RELU, GELU, GELU_TANH, SILU, act_exp_, act_tanh_, normcdf_, normpdf_, act_fwd_
 
 cdef double GELU_K = 0.7978845608028654         # sqrt(2 / pi)
 cdef double GELU_A = 0.044715
-cdef double SQRT1_2 = 0.7071067811865476
-cdef double INV_SQRT_2PI = 0.3989422804014327
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,70 +79,8 @@ def dropout_ptr(size_t x, size_t r, size_t y, Py_ssize_t numel, double p, uint64
 
 
 # ---------------------------------------------------------------------------------------------
-# activations and their derivatives, elementwise over a block (one loop per activation: the
-# switch stays out of the loops, which gcc vectorizes; the fp32 transcendental functions are
-# _fastmath.h's branch-free ones, fp64 uses libm)
+# the activations' derivatives (the forwards are _activation.pxd's act_fwd_)
 # ---------------------------------------------------------------------------------------------
-
-cdef inline real act_exp_(real v) noexcept nogil:
-    if real is float:
-        return fs_expf(v)
-    else:
-        return exp(v)
-
-
-cdef inline real act_tanh_(real v) noexcept nogil:
-    if real is float:
-        return fs_tanhf(v)
-    else:
-        return tanh(v)
-
-
-cdef inline real normcdf_(real u) noexcept nogil:
-    """Phi(u); fp64 through erfc(-u / sqrt 2) / 2, accurate in both tails."""
-    if real is float:
-        return fs_normcdff(u)
-    else:
-        return 0.5 * erfc(-u * SQRT1_2)
-
-
-cdef inline real normpdf_(real u) noexcept nogil:
-    if real is float:
-        return fs_normpdff(u)
-    else:
-        return INV_SQRT_2PI * exp(-0.5 * u * u)
-
-
-# The loops below have no branch and no optional operand (an absent bias is a block of zeros, no
-# dropout a block of ones): a conditional load stops gcc from vectorizing, and a scalar exp /
-# erfc-based loop costs ~10x the vector one (4 ns against 0.4 ns an element, measured).
-
-cdef void act_fwd_(const real* x, const real* b, const real* mul, real* y, Py_ssize_t n, int act) noexcept nogil:
-    """y[j] = act(x[j] + b[j]) * mul[j]."""
-    cdef Py_ssize_t j
-    cdef real u, a, t
-    cdef real k = <real> GELU_K, c = <real> GELU_A
-    if act == RELU:
-        for j in range(n):
-            u = x[j] + b[j]
-            a = 0 if u < 0 else u                           # NaN stays NaN, as torch.relu
-            y[j] = a * mul[j]
-    elif act == GELU:
-        for j in range(n):
-            u = x[j] + b[j]
-            a = u * normcdf_(u)
-            y[j] = a * mul[j]
-    elif act == GELU_TANH:
-        for j in range(n):
-            u = x[j] + b[j]
-            a = 0.5 * u * (1 + act_tanh_(k * (u + c * u * u * u)))
-            y[j] = a * mul[j]
-    else:
-        for j in range(n):
-            u = x[j] + b[j]
-            a = u / (1 + act_exp_(-u))                      # u sigmoid(u)
-            y[j] = a * mul[j]
-
 
 # Backward of y = act(u) * m, u = x + b, m = Z / (1 - p):   dx = dy * m * act'(u), db = sum_rows dx
 #     relu'(u)      = [not u <= 0]                                      (torch's threshold_backward)

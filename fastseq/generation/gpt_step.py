@@ -1,0 +1,110 @@
+"""GPT's fused decode step: one compiled call (kernels/cpu/decode.pyx) runs a whole step -- the
+embedding, every layer with its KV-cache write and attention over the cache, the final norm and
+the output layer -- for one new token per row.  GPT.forward takes it for a one-token step with a
+cache in inference (eval mode or no dropout, no gradient wanted) on the CPU; its reference is
+GPT's own module-by-module path (`fastseq.use_backend("torch")` forces it), which the tests
+compare it to.
+
+Registered with the dispatcher as op "gpt_decode_step" (backends "cpu" and "torch"), so
+`fastseq.explain("gpt_decode_step", model, tokens, cache)` says which one a call takes and why.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from .. import _blas, _dispatch, _library
+from ..dropout import ACTIVATIONS
+from .cache import KVCache
+
+OP = "gpt_decode_step"
+
+
+def _facts(model, tokens: Tensor, cache) -> dict:
+    c = model.config
+    w = model.tok_emb.weight
+    dropout = model.training and max(c.dropout, c.attention_dropout, c.embedding_dropout) > 0
+    return {"device": w.device.type, "dtype": w.dtype, "tokens_device": tokens.device.type,
+            "cache": type(cache).__name__, "cache_dtype": getattr(getattr(cache, "kv", None), "dtype", None),
+            "dropout": dropout, "grad": torch.is_grad_enabled() and w.requires_grad}
+
+
+def _cpu_reasons(f: dict) -> List[str]:
+    out = []
+    if f["dtype"] not in (torch.float32, torch.float64):
+        out.append(f"the fused step runs fp32 and fp64, got {f['dtype']}")
+    if f["tokens_device"] != "cpu":
+        out.append(f"tokens must be on the CPU, got {f['tokens_device']}")
+    if f["cache"] != "KVCache" or f["cache_dtype"] != f["dtype"]:
+        out.append(f"the cache must be a KVCache of the model's dtype, got {f['cache']} of {f['cache_dtype']}")
+    if f["dropout"]:
+        out.append("training with dropout (the fused step is inference only)")
+    if f["grad"]:
+        out.append("gradients are wanted (the fused step has no backward; use torch.no_grad())")
+    return out
+
+
+_dispatch.register_op(OP, _facts, cpu=_cpu_reasons, torch=lambda f: [])
+
+
+def backend(model, tokens: Tensor, cache) -> str:
+    """"cpu" when the fused step can run this call, else "torch" (GPT's module path)."""
+    if _library.transformed() or torch.compiler.is_compiling():
+        return "torch"
+    w = model.tok_emb.weight
+    key = (w.device, w.dtype, tokens.device, type(cache), getattr(getattr(cache, "kv", None), "dtype", None),
+           model.training and max(model.config.dropout, model.config.attention_dropout,
+                                  model.config.embedding_dropout) > 0,
+           torch.is_grad_enabled() and w.requires_grad)
+    return _dispatch.choose_cached(OP, key, _facts, model, tokens, cache)
+
+
+def _weights(model) -> List[Tensor]:
+    """Every tensor the step reads, in decode.pyx's table order."""
+    out = []
+    for b in model.blocks:
+        out += [b.ln_1.weight, b.ln_1.bias, b.attn.qkv.weight, b.attn.qkv.bias, b.attn.proj.weight, b.attn.proj.bias,
+                b.ln_2.weight, b.ln_2.bias, b.mlp.fc.weight, b.mlp.fc.bias, b.mlp.proj.weight, b.mlp.proj.bias]
+    return out + [model.tok_emb.weight, model.pos_emb.weight, model.ln_f.weight, model.ln_f.bias, model.output_weight]
+
+
+def decode_step(model, tokens: Tensor, cache: KVCache, attention_mask: Optional[Tensor] = None) -> Tensor:
+    """The logits of one new token per row, appended to the cache (GPT.forward's T = 1 step).
+
+    Args:
+        model: a GPT.
+        tokens: the new token ids.
+        cache: the model's KVCache holding n positions; the token goes to position n.
+        attention_mask: None, or 1 = token, 0 = left padding over the n + 1 positions.
+    Returns:
+        logits.
+    Shapes:
+        tokens (B, 1); attention_mask (B, n + 1); logits (B, 1, V).
+    """
+    c = model.config
+    B = tokens.shape[0]
+    n = cache.length
+    k = _blas.cpu_kernels("decode")
+    if cache.kv.shape[2] != B:
+        raise ValueError(f"GPT: the cache holds {cache.kv.shape[2]} rows, the step has {B}")
+    ws_weights = [t.detach().contiguous() for t in _weights(model)]        # no copy when contiguous (always, for nn.Linear)
+    table = torch.tensor([t.data_ptr() for t in ws_weights], dtype=torch.int64)
+    tok = tokens.reshape(B).contiguous()
+    if attention_mask is not None and tuple(attention_mask.shape) != (B, n + 1):
+        raise ValueError(f"GPT: attention_mask must be (B, cached + new) = ({B}, {n + 1}), got "
+                         f"{tuple(attention_mask.shape)}")
+    mask = None if attention_mask is None else attention_mask.to("cpu", torch.int64).contiguous()
+    nt = _dispatch.num_threads()
+    dtype = cache.kv.dtype
+    ws = torch.empty(k.workspace_size(B, c.dim, c.ffn_dim, cache.max_length, nt), dtype=dtype)
+    logits = torch.empty(B, 1, c.vocab_size, dtype=dtype)
+    rc = k.gpt_step(table.data_ptr(), tok.data_ptr(), 0, 0 if mask is None else mask.data_ptr(), cache.kv.data_ptr(),
+                    ws.data_ptr(), logits.data_ptr(), B, B, c.dim, c.heads, c.ffn_dim, c.layers, c.vocab_size,
+                    cache.max_length, n, ACTIVATIONS.index(c.activation), c.layer_norm_eps, nt,
+                    dtype == torch.float64)
+    if rc != 0:
+        raise ValueError(f"GPT: token ids must be in [0, vocab_size={c.vocab_size}), got {tok.tolist()}")
+    cache.advance(1)
+    return logits

@@ -1,0 +1,59 @@
+# One query row's softmax attention pieces, written once for the kernels that attend a single
+# query over a key / value cache: attention.pyx (flash forward, backward's recomputation) and
+# decode.pyx (the fused decode step).
+
+from libc.math cimport INFINITY, exp
+
+from _common cimport real
+
+cdef extern from "_fastmath.h" nogil:
+    float fs_expf(float x)
+    float fs_rowmaxf(const float* x, long n)
+
+
+cdef inline real exp_(real x) noexcept nogil:
+    if real is float:
+        return fs_expf(x)
+    else:
+        return exp(x)
+
+
+cdef inline real row_max_(const real* x, Py_ssize_t n) noexcept nogil:
+    """max ignoring NaN; -inf when nothing is visible."""
+    cdef Py_ssize_t j
+    cdef real m = -INFINITY
+    if real is float:
+        return fs_rowmaxf(x, n)
+    for j in range(n):
+        m = x[j] if x[j] > m else m
+    return m
+
+
+# One query row (decode) reads each key and value row once: the BLAS calls' fixed costs (two per
+# key tile, each ~0.5-1 us at these sizes) would outweigh the row's own work.  The loops over D
+# vectorize (-fassociative-math).
+cdef inline void scores_1_(const real* q, const real* k, Py_ssize_t ks, Py_ssize_t nk, Py_ssize_t D, real scale,
+                           real* sc) noexcept nogil:
+    """sc[j] = scale * q . k_j for the nk key rows k_j = k + j ks."""
+    cdef Py_ssize_t j, c
+    cdef real s
+    cdef const real* kj
+    for j in range(nk):
+        kj = k + j * ks
+        s = 0
+        for c in range(D):
+            s = s + q[c] * kj[c]
+        sc[j] = scale * s
+
+
+cdef inline void accumulate_1_(const real* p, const real* v, Py_ssize_t vs, Py_ssize_t nk, Py_ssize_t Dv,
+                               real* acc) noexcept nogil:
+    """acc += sum_j p[j] v_j for the nk value rows v_j = v + j vs."""
+    cdef Py_ssize_t j, c
+    cdef real pj
+    cdef const real* vj
+    for j in range(nk):
+        pj = p[j]
+        vj = v + j * vs
+        for c in range(Dv):
+            acc[c] = acc[c] + pj * vj[c]

@@ -1,0 +1,288 @@
+# cython: language_level=3
+"""One decode step of a GPT-2-style decoder in one call: every layer, the final norm and the
+output layer, for one new token per row, reading and appending to a preallocated KV cache.
+
+Per layer (pre-norm; x (B, E) is the residual stream, u its normalized copy):
+    u    = ln_1(x)
+    qkv  = u W_qkv^T + b_qkv                    (B, 3E): q, k, v, NH heads of D each
+    K[n], V[n] = k, v                           written into the cache at position n, in place
+    att  = softmax(q K[0..n]^T / sqrt(D) + mask) V[0..n]      per (row, head), one query row
+    x   += att W_proj^T + b_proj
+    u    = ln_2(x)
+    h    = act(u W_fc^T + b_fc)                 (B, F)
+    x   += h W_out^T + b_out
+then u = ln_f(x) and logits = u W_head^T (B, V).  The embedding comes first:
+x = W_tok[token] + W_pos[position].
+
+Why one call.  The step's work at batch 1 is reading the weights (12 E^2 + V E floats: 94 MB
+at E = 512, 6 layers, V = 8192, 3-4 ms at this project's machines' copy bandwidth); the
+module-by-module step pays ~20 Python-level calls per layer on top (~1 ms at 6 layers), which
+is what separates a Python library from a C++ engine.  Here the whole step is one parallel
+region: each thread owns a contiguous slice of every GEMM's output columns (it reads only
+its slice of the weight: the threads share the weight traffic, each with its own single-
+threaded BLAS call, whose epilogue -- bias, activation, residual -- it applies to its own
+columns while they are in cache), its share of the rows for the norms and its share of the
+(row, head) pairs for attention; the phases meet at a barrier (8 per layer).
+
+Masks.  mask (Bc, n + 1), 1 = token, 0 = left padding, as GPT.forward's attention_mask (Hugging
+Face's rules): a key is visible when it is a token, and the query always sees itself; the new
+token's position counts the tokens before it (cumsum(mask) - 1, a pad position is 1).
+
+Rows.  rows (B,) maps step row i to cache row rows[i] (a batch whose finished rows left the
+work); NULL: the identity (B = the cache's batch).
+
+The kernels never allocate and never validate shapes (fastseq/generation/gpt_step.py does);
+they check token ids against the vocabulary and return -1 for a bad one.
+"""
+from cython.parallel cimport parallel, threadid
+from libc.math cimport INFINITY
+from libc.stdint cimport int64_t
+
+from _common cimport real, chunk_, rsqrt_
+from _row_norm cimport row_stats_
+from _activation cimport act_fwd_
+from _attention_row cimport exp_, row_max_, scores_1_, accumulate_1_
+from fastseq._cpu._blas cimport gemm_rm, install_blas, blas_installed
+
+cdef extern from "_fastmath.h" nogil:
+    void fs_barrier()
+    int fs_team_size()
+
+
+def set_blas(size_t sgemm_addr, size_t dgemm_addr):
+    """Install the GEMM of every kernel module (fastseq._cpu._blas owns it; see _blas.pyx)."""
+    install_blas(sgemm_addr, dgemm_addr)
+
+
+def has_blas():
+    return blas_installed()
+
+
+# The weight table: addresses of contiguous tensors, per layer LAYER_SLOTS of them in this
+# order, then the model's own (fastseq/generation/gpt_step.py builds it).
+cdef enum:
+    LN1_W = 0
+    LN1_B = 1
+    QKV_W = 2       # (3E, E)
+    QKV_B = 3
+    PROJ_W = 4      # (E, E)
+    PROJ_B = 5
+    LN2_W = 6
+    LN2_B = 7
+    FC_W = 8        # (F, E)
+    FC_B = 9
+    OUT_W = 10      # (E, F)
+    OUT_B = 11
+    LAYER_SLOTS = 12
+    TOK_EMB = 0     # (V, E)          after the L * LAYER_SLOTS layer entries
+    POS_EMB = 1     # (P, E)
+    LNF_W = 2
+    LNF_B = 3
+    HEAD_W = 4      # (V, E)
+    MODEL_SLOTS = 5
+    COL_ALIGN = 16  # a thread's column slice starts at a multiple of this (whole cache lines)
+    ACT_BLOCK = 256 # columns the activation epilogue takes at a time (its multipliers of one)
+
+
+def slots():
+    return LAYER_SLOTS, MODEL_SLOTS
+
+
+cdef struct Step:
+    Py_ssize_t B          # step rows
+    Py_ssize_t Bc         # cache rows
+    Py_ssize_t E, NH, D, F, L, V
+    Py_ssize_t S_max      # the cache's positions
+    Py_ssize_t n          # positions already cached; the new token goes to n
+    int act               # fastseq.dropout.ACTIVATIONS index
+    double eps
+    const int64_t* tok    # (B,)
+    const int64_t* rows   # (B,) or NULL
+    const int64_t* mask   # (Bc, n + 1) or NULL
+    const size_t* w       # the weight table
+
+
+cdef inline (Py_ssize_t, Py_ssize_t) cols_(Py_ssize_t N, int team, int tid) noexcept nogil:
+    """Thread tid's slice [lo, hi) of N columns: near-equal, starting at multiples of COL_ALIGN."""
+    cdef Py_ssize_t per = (N + team - 1) // team
+    per = (per + COL_ALIGN - 1) // COL_ALIGN * COL_ALIGN
+    cdef Py_ssize_t lo = min(tid * per, N)
+    return lo, min(lo + per, N)
+
+
+cdef inline void norm_rows_(const real* x, real* u, Py_ssize_t B, Py_ssize_t E, const real* w, const real* b,
+                            real eps, int team, int tid) noexcept nogil:
+    """u = layer_norm(x) * w + b over this thread's rows of B."""
+    cdef Py_ssize_t i, j, lo, hi
+    cdef real mu, rs
+    lo, hi = chunk_(B, team, tid)
+    for i in range(lo, hi):
+        row_stats_(x + i * E, E, eps, True, &mu, &rs)
+        for j in range(E):
+            u[i * E + j] = (x[i * E + j] - mu) * rs * w[j] + b[j]
+
+
+cdef inline void linear_cols_(const real* a, Py_ssize_t B, Py_ssize_t K, const real* W, const real* bias,
+                              real* y, Py_ssize_t N, bint accumulate, int act, int team, int tid) noexcept nogil:
+    """This thread's columns of y (B, N) = a (B, K) W^T + bias (W (N, K)); accumulate: y += that
+    (the residual add); act >= 0: y = act(that) (bias given).  bias may be NULL (no bias)."""
+    cdef Py_ssize_t lo, hi, i, j
+    cdef real ones[ACT_BLOCK]
+    lo, hi = cols_(N, team, tid)
+    if lo >= hi:
+        return
+    gemm_rm(False, True, B, hi - lo, K, 1, a, K, W + lo * K, K, 1 if accumulate else 0, y + lo, N)
+    if bias == NULL:
+        return
+    if act >= 0:
+        for j in range(ACT_BLOCK):
+            ones[j] = 1
+        for i in range(B):
+            for j in range(lo, hi, 256):        # step ACT_BLOCK (a literal for a C loop)
+                act_fwd_(y + i * N + j, bias + j, ones, y + i * N + j, min(<Py_ssize_t> ACT_BLOCK, hi - j), act)
+    else:
+        for i in range(B):
+            for j in range(lo, hi):
+                y[i * N + j] = y[i * N + j] + bias[j]
+
+
+cdef inline Py_ssize_t position_(const Step* s, Py_ssize_t r) noexcept nogil:
+    """The new token's position in cache row r (see Masks above)."""
+    cdef const int64_t* m
+    cdef Py_ssize_t j, c = 0
+    if s.mask == NULL:
+        return s.n
+    m = s.mask + r * (s.n + 1)
+    if m[s.n] == 0:
+        return 1
+    for j in range(s.n):
+        c += m[j] != 0
+    return c
+
+
+cdef void attend_(const Step* s, Py_ssize_t l, real* kv, const real* qkv, real* att, real* sc,
+                  int team, int tid) noexcept nogil:
+    """Write this thread's (row, head) pairs' new keys and values into the cache and attend."""
+    cdef Py_ssize_t E = s.E, D = s.D, NH = s.NH, n = s.n, S = s.S_max
+    cdef Py_ssize_t lo, hi, p, i, h, r, j, c
+    cdef const real* q
+    cdef real* kc
+    cdef real* vc
+    cdef real* o
+    cdef const int64_t* m
+    cdef real mx, tot, inv, scale = rsqrt_(<real> D)
+    lo, hi = chunk_(s.B * NH, team, tid)
+    for p in range(lo, hi):
+        i, h = p // NH, p % NH
+        r = i if s.rows == NULL else s.rows[i]
+        q = qkv + i * 3 * E + h * D
+        kc = kv + (((l * 2 + 0) * s.Bc + r) * NH + h) * S * D                 # (S_max, D) of (l, r, h)
+        vc = kv + (((l * 2 + 1) * s.Bc + r) * NH + h) * S * D
+        for c in range(D):
+            kc[n * D + c] = q[E + c]
+            vc[n * D + c] = q[2 * E + c]
+        scores_1_(q, kc, D, n + 1, D, scale, sc)
+        if s.mask != NULL:
+            m = s.mask + r * (n + 1)
+            for j in range(n):
+                if m[j] == 0:
+                    sc[j] = -INFINITY
+        mx = row_max_(sc, n + 1)
+        tot = 0
+        for j in range(n + 1):
+            sc[j] = exp_(sc[j] - mx)
+            tot = tot + sc[j]
+        o = att + i * E + h * D
+        for c in range(D):
+            o[c] = 0
+        accumulate_1_(sc, vc, D, n + 1, D, o)
+        inv = 1 / tot
+        for c in range(D):
+            o[c] = o[c] * inv
+
+
+cdef void step_(const Step* s, real* kv, real* ws, real* logits, int team, int tid) noexcept nogil:
+    """The whole step, run by every thread of the team (tid of team); phases meet at barriers.
+    ws: x (B, E), u (B, E), qkv (B, 3E), att (B, E), h (B, F), then S_max scores per thread."""
+    cdef Py_ssize_t B = s.B, E = s.E, F = s.F, l, i, j, lo, hi, pos
+    cdef real eps = <real> s.eps
+    cdef real* x = ws
+    cdef real* u = x + B * E
+    cdef real* qkv = u + B * E
+    cdef real* att = qkv + B * 3 * E
+    cdef real* hb = att + B * E
+    cdef real* sc = hb + B * F + tid * s.S_max
+    cdef const size_t* w
+    cdef const size_t* g = s.w + s.L * LAYER_SLOTS
+    cdef const real* tok_emb = <const real*> g[TOK_EMB]
+    cdef const real* pos_emb = <const real*> g[POS_EMB]
+
+    lo, hi = chunk_(B, team, tid)                   # x = W_tok[token] + W_pos[position]
+    for i in range(lo, hi):
+        pos = position_(s, i if s.rows == NULL else s.rows[i])
+        for j in range(E):
+            x[i * E + j] = tok_emb[s.tok[i] * E + j] + pos_emb[pos * E + j]
+    w = s.w
+    norm_rows_(x, u, B, E, <const real*> w[LN1_W], <const real*> w[LN1_B], eps, team, tid)
+    fs_barrier()
+    for l in range(s.L):
+        w = s.w + l * LAYER_SLOTS
+        linear_cols_(u, B, E, <const real*> w[QKV_W], <const real*> w[QKV_B], qkv, 3 * E, False, -1, team, tid)
+        fs_barrier()
+        attend_(s, l, kv, qkv, att, sc, team, tid)
+        fs_barrier()
+        linear_cols_(att, B, E, <const real*> w[PROJ_W], <const real*> w[PROJ_B], x, E, True, -1, team, tid)
+        fs_barrier()
+        norm_rows_(x, u, B, E, <const real*> w[LN2_W], <const real*> w[LN2_B], eps, team, tid)
+        fs_barrier()
+        linear_cols_(u, B, E, <const real*> w[FC_W], <const real*> w[FC_B], hb, F, False, s.act, team, tid)
+        fs_barrier()
+        linear_cols_(hb, B, F, <const real*> w[OUT_W], <const real*> w[OUT_B], x, E, True, -1, team, tid)
+        fs_barrier()
+        if l + 1 < s.L:
+            w = s.w + (l + 1) * LAYER_SLOTS
+            norm_rows_(x, u, B, E, <const real*> w[LN1_W], <const real*> w[LN1_B], eps, team, tid)
+        else:
+            norm_rows_(x, u, B, E, <const real*> g[LNF_W], <const real*> g[LNF_B], eps, team, tid)
+        fs_barrier()
+    linear_cols_(u, B, E, <const real*> g[HEAD_W], NULL, logits, s.V, False, -1, team, tid)
+
+
+cdef int run_(const Step* s, real* kv, real* ws, real* logits, int num_threads) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef int tid
+    for i in range(s.B):
+        if s.tok[i] < 0 or s.tok[i] >= s.V:
+            return -1
+    if num_threads <= 1:        # no one-thread team around BLAS (it would nest a team per call)
+        step_(s, kv, ws, logits, 1, 0)
+        return 0
+    with parallel(num_threads=num_threads):
+        tid = threadid()
+        step_(s, kv, ws, logits, fs_team_size(), tid)
+    return 0
+
+
+def workspace_size(Py_ssize_t B, Py_ssize_t E, Py_ssize_t F, Py_ssize_t S_max, int num_threads):
+    """Elements of ws a step needs."""
+    return B * (6 * E + F) + max(1, num_threads) * S_max
+
+
+def gpt_step(size_t table, size_t tok, size_t rows, size_t mask, size_t kv, size_t ws, size_t logits,
+             Py_ssize_t B, Py_ssize_t Bc, Py_ssize_t E, Py_ssize_t NH, Py_ssize_t F, Py_ssize_t L, Py_ssize_t V,
+             Py_ssize_t S_max, Py_ssize_t n, int act, double eps, int num_threads, bint dbl):
+    """One decode step (see the top of this file); addresses of contiguous buffers of doubles
+    (dbl) or floats, rows / mask 0 when absent.  Releases the GIL.  Returns 0, or -1 when a token
+    id is outside [0, V)."""
+    cdef Step s
+    cdef int rc
+    s.B, s.Bc, s.E, s.NH, s.D, s.F, s.L, s.V = B, Bc, E, NH, E // NH, F, L, V
+    s.S_max, s.n, s.act, s.eps = S_max, n, act, eps
+    s.tok, s.rows, s.mask = <const int64_t*> tok, <const int64_t*> rows, <const int64_t*> mask
+    s.w = <const size_t*> table
+    with nogil:
+        if dbl:
+            rc = run_(&s, <double*> kv, <double*> ws, <double*> logits, num_threads)
+        else:
+            rc = run_(&s, <float*> kv, <float*> ws, <float*> logits, num_threads)
+    return rc

@@ -1,0 +1,144 @@
+"""GPT's fused decode step (kernels/cpu/decode.pyx via fastseq/generation/gpt_step.py) against
+GPT's own module-by-module path (its reference, forced with use_backend("torch")): logits and
+cache contents over several steps, left padding, every activation, tied and untied heads, fp64
+and fp32, one and two threads; when it is taken and when not; bad input."""
+
+import pytest
+import torch
+
+import fastseq
+from fastseq.generation import gpt_step
+from fastseq.models.gpt import GPT, GPTConfig
+
+V = 97
+
+
+def _model(dtype=torch.float64, **kw):
+    torch.manual_seed(11)
+    cfg = dict(vocab_size=V, max_positions=64, dim=64, layers=2, heads=4, dropout=0.0)
+    m = GPT(GPTConfig(**(cfg | kw))).to(dtype).eval()
+    with torch.no_grad():                    # biases and norms away from 0 and 1
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+def _prompt(B=3, P=7, padded=True):
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, V, (B, P), generator=g)
+    mask = torch.ones(B, P, dtype=torch.int64)
+    if padded:
+        mask[1, :3] = 0
+        if B > 2:
+            mask[2, :1] = 0
+    return ids, mask
+
+
+def _decode(m, ids, mask, steps, backend):
+    """Prefill then `steps` one-token steps on the given backend: (step logits (B, steps, V), cache)."""
+    B = ids.shape[0]
+    ctx = fastseq.use_backend("torch") if backend == "torch" else torch.no_grad()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad(), ctx:
+        cache = m.new_cache(B, ids.shape[1] + steps + 1)
+        logits, cache = m(ids, cache=cache, attention_mask=mask)
+        out = []
+        for _ in range(steps):
+            tok = torch.randint(0, V, (B, 1), generator=g)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
+            logits, cache = m(tok, cache=cache, attention_mask=mask)
+            out.append(logits)
+    return torch.cat(out, 1), cache
+
+
+def _close(a, b, dtype):
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    assert torch.allclose(a, b, rtol=tol, atol=tol * b.abs().max().item()), (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu", "silu"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_step_matches_the_module_path(activation, padded):
+    m = _model(activation=activation)
+    ids, mask = _prompt(padded=padded)
+    mask = mask if padded else None
+    fused, cf = _decode(m, ids, mask, 5, "cpu")
+    ref, cr = _decode(m, ids, mask, 5, "torch")
+    _close(fused, ref, torch.float64)
+    n = cr.length
+    assert cf.length == n
+    if mask is None:                          # every cached key and value (the pads' are never read)
+        _close(cf.kv[:, :, :, :, :n], cr.kv[:, :, :, :, :n], torch.float64)
+
+
+def test_fused_step_fp32_untied_head_and_ffn_size():
+    m = _model(torch.float32, tie_weights=False, ffn_dim=80)
+    ids, mask = _prompt()
+    fused, _ = _decode(m, ids, mask, 4, "cpu")
+    ref, _ = _decode(m, ids, mask, 4, "torch")
+    _close(fused, ref, torch.float32)
+
+
+def test_fused_step_is_taken_and_does_not_depend_on_the_thread_count(monkeypatch):
+    m = _model()
+    ids, mask = _prompt()
+    calls = []
+    real = gpt_step.decode_step
+    monkeypatch.setattr(gpt_step, "decode_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, _ = _decode(m, ids, mask, 3, "cpu")
+        torch.set_num_threads(2)
+        two, _ = _decode(m, ids, mask, 3, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 6
+    _close(one, two, torch.float64)
+
+
+def test_fused_step_is_not_taken_for_training_gradients_or_several_tokens():
+    m = _model(dropout=0.1)
+    tok = torch.zeros(2, 1, dtype=torch.int64)
+    cache = m.new_cache(2, 8)
+    m.train()
+    assert gpt_step.backend(m, tok, cache) == "torch"                    # dropout in training
+    m.eval()
+    assert gpt_step.backend(m, tok, cache) == "torch"                    # gradients wanted
+    with torch.no_grad():
+        assert gpt_step.backend(m, tok, cache) == "cpu"
+    assert "gradients" in fastseq.explain(gpt_step.OP, m, tok, cache)
+    with torch.no_grad():
+        assert gpt_step.backend(m.to(torch.bfloat16), tok, m.new_cache(2, 8)) == "torch"
+
+
+def test_fused_step_keeps_the_cache_in_step_with_a_multi_token_continuation():
+    """A prompt prefilled in two chunks, then fused steps, equals one prefill then fused steps."""
+    m = _model()
+    ids, _ = _prompt(B=2, padded=False)
+    with torch.no_grad():
+        c1 = m.new_cache(2, 12)
+        m(ids[:, :4], cache=c1)
+        m(ids[:, 4:], cache=c1)
+        a, _ = m(ids[:, :1], cache=c1)
+        c2 = m.new_cache(2, 12)
+        m(ids, cache=c2)
+        b, _ = m(ids[:, :1], cache=c2)
+    _close(a, b, torch.float64)
+
+
+def test_fused_step_rejects_bad_input():
+    m = _model()
+    with torch.no_grad():
+        cache = m.new_cache(2, 3)
+        m(torch.zeros(2, 2, dtype=torch.int64), cache=cache)
+        with pytest.raises(ValueError, match="vocab_size"):
+            m(torch.tensor([[0], [V]]), cache=cache)
+        with pytest.raises(ValueError, match=r"attention_mask must be \(B, cached \+ new\) = \(2, 3\)"):
+            m(torch.zeros(2, 1, dtype=torch.int64), cache=cache, attention_mask=torch.ones(2, 2))
+        with pytest.raises(ValueError, match="rows"):
+            m(torch.zeros(3, 1, dtype=torch.int64), cache=cache)
+        m(torch.zeros(2, 1, dtype=torch.int64), cache=cache)
+        with pytest.raises(ValueError, match="max_length"):
+            m(torch.zeros(2, 1, dtype=torch.int64), cache=cache)
