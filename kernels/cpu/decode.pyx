@@ -21,8 +21,13 @@ is what separates a Python library from a C++ engine.  Here the whole step is on
 region: each thread owns a contiguous slice of every GEMM's output columns (it reads only
 its slice of the weight: the threads share the weight traffic, each with its own single-
 threaded BLAS call, whose epilogue -- bias, activation, residual -- it applies to its own
-columns while they are in cache), its share of the rows for the norms and its share of the
-(row, head) pairs for attention; the phases meet at a barrier (8 per layer).
+columns while they are in cache).  For the QKV projection the slice is the thread's heads
+(their q, k and v columns), so it attends for those heads right after, without waiting for
+the others; each thread normalizes every row itself (B E work, less than a barrier costs at
+decode sizes).  The phases meet at 4 barriers a layer: after attention, after each residual
+add, after the feed-forward's first GEMM.  (A barrier is cheap on an idle machine, ~1 us;
+on a loaded one a thread waiting for a descheduled partner can lose a time slice, so fewer
+is better.)
 
 Masks.  mask (Bc, n + 1), 1 = token, 0 = left padding, as GPT.forward's attention_mask (Hugging
 Face's rules): a key is visible when it is a token, and the query always sees itself; the new
@@ -111,12 +116,11 @@ cdef inline (Py_ssize_t, Py_ssize_t) cols_(Py_ssize_t N, int team, int tid) noex
 
 
 cdef inline void norm_rows_(const real* x, real* u, Py_ssize_t B, Py_ssize_t E, const real* w, const real* b,
-                            real eps, int team, int tid) noexcept nogil:
-    """u = layer_norm(x) * w + b over this thread's rows of B."""
-    cdef Py_ssize_t i, j, lo, hi
+                            real eps) noexcept nogil:
+    """u = layer_norm(x) * w + b, every row of B."""
+    cdef Py_ssize_t i, j
     cdef real mu, rs
-    lo, hi = chunk_(B, team, tid)
-    for i in range(lo, hi):
+    for i in range(B):
         row_stats_(x + i * E, E, eps, True, &mu, &rs)
         for j in range(E):
             u[i * E + j] = (x[i * E + j] - mu) * rs * w[j] + b[j]
@@ -160,58 +164,72 @@ cdef inline Py_ssize_t position_(const Step* s, Py_ssize_t r) noexcept nogil:
     return c
 
 
-cdef void attend_(const Step* s, Py_ssize_t l, real* kv, const real* qkv, real* att, real* sc,
-                  int team, int tid) noexcept nogil:
-    """Write this thread's (row, head) pairs' new keys and values into the cache and attend."""
+cdef void qkv_attend_(const Step* s, Py_ssize_t l, const size_t* w, real* kv, const real* u, real* qkv,
+                      real* att, real* sc, int team, int tid) noexcept nogil:
+    """This thread's heads [h0, h1): their q, k and v columns of qkv = u W_qkv^T + b_qkv (three
+    column slices, one per projection), the new keys and values written into the cache, and
+    attention for every row -- no other thread reads or writes these columns, so no barrier."""
     cdef Py_ssize_t E = s.E, D = s.D, NH = s.NH, n = s.n, S = s.S_max
-    cdef Py_ssize_t lo, hi, p, i, h, r, j, c
+    cdef Py_ssize_t h0, h1, part, i, h, r, j, c
+    cdef const real* W = <const real*> w[QKV_W]
+    cdef const real* bias = <const real*> w[QKV_B]
     cdef const real* q
     cdef real* kc
     cdef real* vc
     cdef real* o
     cdef const int64_t* m
     cdef real mx, tot, inv, scale = rsqrt_(<real> D)
-    lo, hi = chunk_(s.B * NH, team, tid)
-    for p in range(lo, hi):
-        i, h = p // NH, p % NH
+    h0, h1 = chunk_(NH, team, tid)
+    if h0 >= h1:
+        return
+    for part in range(3):                       # q, k, v: rows [part E + h0 D, part E + h1 D) of W_qkv
+        c = part * E + h0 * D
+        gemm_rm(False, True, s.B, (h1 - h0) * D, E, 1, u, E, W + c * E, E, 0, qkv + c, 3 * E)
+        for i in range(s.B):
+            for j in range((h1 - h0) * D):
+                qkv[i * 3 * E + c + j] = qkv[i * 3 * E + c + j] + bias[c + j]
+    for i in range(s.B):
         r = i if s.rows == NULL else s.rows[i]
-        q = qkv + i * 3 * E + h * D
-        kc = kv + (((l * 2 + 0) * s.Bc + r) * NH + h) * S * D                 # (S_max, D) of (l, r, h)
-        vc = kv + (((l * 2 + 1) * s.Bc + r) * NH + h) * S * D
-        for c in range(D):
-            kc[n * D + c] = q[E + c]
-            vc[n * D + c] = q[2 * E + c]
-        scores_1_(q, kc, D, n + 1, D, scale, sc)
-        if s.mask != NULL:
-            m = s.mask + r * (n + 1)
-            for j in range(n):
-                if m[j] == 0:
-                    sc[j] = -INFINITY
-        mx = row_max_(sc, n + 1)
-        tot = 0
-        for j in range(n + 1):
-            sc[j] = exp_(sc[j] - mx)
-            tot = tot + sc[j]
-        o = att + i * E + h * D
-        for c in range(D):
-            o[c] = 0
-        accumulate_1_(sc, vc, D, n + 1, D, o)
-        inv = 1 / tot
-        for c in range(D):
-            o[c] = o[c] * inv
+        for h in range(h0, h1):
+            q = qkv + i * 3 * E + h * D
+            kc = kv + (((l * 2 + 0) * s.Bc + r) * NH + h) * S * D             # (S_max, D) of (l, r, h)
+            vc = kv + (((l * 2 + 1) * s.Bc + r) * NH + h) * S * D
+            for c in range(D):
+                kc[n * D + c] = q[E + c]
+                vc[n * D + c] = q[2 * E + c]
+            scores_1_(q, kc, D, n + 1, D, scale, sc)
+            if s.mask != NULL:
+                m = s.mask + r * (n + 1)
+                for j in range(n):
+                    if m[j] == 0:
+                        sc[j] = -INFINITY
+            mx = row_max_(sc, n + 1)
+            tot = 0
+            for j in range(n + 1):
+                sc[j] = exp_(sc[j] - mx)
+                tot = tot + sc[j]
+            o = att + i * E + h * D
+            for c in range(D):
+                o[c] = 0
+            accumulate_1_(sc, vc, D, n + 1, D, o)
+            inv = 1 / tot
+            for c in range(D):
+                o[c] = o[c] * inv
 
 
 cdef void step_(const Step* s, real* kv, real* ws, real* logits, int team, int tid) noexcept nogil:
-    """The whole step, run by every thread of the team (tid of team); phases meet at barriers.
-    ws: x (B, E), u (B, E), qkv (B, 3E), att (B, E), h (B, F), then S_max scores per thread."""
+    """The whole step, run by every thread of the team (tid of team); four barriers a layer.
+    ws: x (B, E), qkv (B, 3E), att (B, E), h (B, F) shared; then per thread u (B, E), the
+    normalized rows (each thread normalizes every row itself: B E work instead of a barrier),
+    and S_max attention scores."""
     cdef Py_ssize_t B = s.B, E = s.E, F = s.F, l, i, j, lo, hi, pos
     cdef real eps = <real> s.eps
     cdef real* x = ws
-    cdef real* u = x + B * E
-    cdef real* qkv = u + B * E
+    cdef real* qkv = x + B * E
     cdef real* att = qkv + B * 3 * E
     cdef real* hb = att + B * E
-    cdef real* sc = hb + B * F + tid * s.S_max
+    cdef real* u = hb + B * F + tid * (B * E + s.S_max)
+    cdef real* sc = u + B * E
     cdef const size_t* w
     cdef const size_t* g = s.w + s.L * LAYER_SLOTS
     cdef const real* tok_emb = <const real*> g[TOK_EMB]
@@ -222,29 +240,20 @@ cdef void step_(const Step* s, real* kv, real* ws, real* logits, int team, int t
         pos = position_(s, i if s.rows == NULL else s.rows[i])
         for j in range(E):
             x[i * E + j] = tok_emb[s.tok[i] * E + j] + pos_emb[pos * E + j]
-    w = s.w
-    norm_rows_(x, u, B, E, <const real*> w[LN1_W], <const real*> w[LN1_B], eps, team, tid)
     fs_barrier()
     for l in range(s.L):
         w = s.w + l * LAYER_SLOTS
-        linear_cols_(u, B, E, <const real*> w[QKV_W], <const real*> w[QKV_B], qkv, 3 * E, False, -1, team, tid)
-        fs_barrier()
-        attend_(s, l, kv, qkv, att, sc, team, tid)
+        norm_rows_(x, u, B, E, <const real*> w[LN1_W], <const real*> w[LN1_B], eps)
+        qkv_attend_(s, l, w, kv, u, qkv, att, sc, team, tid)
         fs_barrier()
         linear_cols_(att, B, E, <const real*> w[PROJ_W], <const real*> w[PROJ_B], x, E, True, -1, team, tid)
         fs_barrier()
-        norm_rows_(x, u, B, E, <const real*> w[LN2_W], <const real*> w[LN2_B], eps, team, tid)
-        fs_barrier()
+        norm_rows_(x, u, B, E, <const real*> w[LN2_W], <const real*> w[LN2_B], eps)
         linear_cols_(u, B, E, <const real*> w[FC_W], <const real*> w[FC_B], hb, F, False, s.act, team, tid)
         fs_barrier()
         linear_cols_(hb, B, F, <const real*> w[OUT_W], <const real*> w[OUT_B], x, E, True, -1, team, tid)
         fs_barrier()
-        if l + 1 < s.L:
-            w = s.w + (l + 1) * LAYER_SLOTS
-            norm_rows_(x, u, B, E, <const real*> w[LN1_W], <const real*> w[LN1_B], eps, team, tid)
-        else:
-            norm_rows_(x, u, B, E, <const real*> g[LNF_W], <const real*> g[LNF_B], eps, team, tid)
-        fs_barrier()
+    norm_rows_(x, u, B, E, <const real*> g[LNF_W], <const real*> g[LNF_B], eps)
     linear_cols_(u, B, E, <const real*> g[HEAD_W], NULL, logits, s.V, False, -1, team, tid)
 
 
@@ -265,7 +274,7 @@ cdef int run_(const Step* s, real* kv, real* ws, real* logits, int num_threads) 
 
 def workspace_size(Py_ssize_t B, Py_ssize_t E, Py_ssize_t F, Py_ssize_t S_max, int num_threads):
     """Elements of ws a step needs."""
-    return B * (6 * E + F) + max(1, num_threads) * S_max
+    return B * (5 * E + F) + max(1, num_threads) * (B * E + S_max)
 
 
 def gpt_step(size_t table, size_t tok, size_t rows, size_t mask, size_t kv, size_t ws, size_t logits,
