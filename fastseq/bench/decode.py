@@ -9,6 +9,10 @@ GEMMs' weight reads (~94 MB of fp32 weights: bytes below) plus ~20 calls' per-ca
 two loops differ only in `layer_norm` and `scaled_dot_product_attention` (fastseq's or torch's);
 both produce the same tokens (checked once in setup).  Reported: ms per generation; tokens/s =
 B * new tokens / time.
+
+The second half (issue #12): fastseq.generate on the same shape of model against Hugging Face's
+generate, CTranslate2 and a plain torch loop (peers.py), greedy, beam 4 and top-k 50 -- the
+"generation" benchmarks (registry.ALIASES: the family "generation" is this one).
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import functional as FF
-from .registry import Case, Setup, register
+from . import peers
+from .registry import Case, Setup, Skipped, register
 
 LAYERS, E, NH, V, CTX = 6, 512, 8, 8192, 256
 PROMPT = 32
@@ -95,51 +100,87 @@ for _dev in ("cpu", "cuda"):
 
 # The issue's setting: GPT-2's architecture at 6 layers, E = 512, 8 heads, vocab 8192, random
 # weights (a Hugging Face GPT2LMHeadModel, and GPT.from_hf of it: identical weights), a 32-token
-# prompt, greedy (or beam) decoding of a fixed number of new tokens (EOS id 0, held back by
-# min_new_tokens in both, so every row runs to the end).  Peer: Hugging Face's
-# generate on the same weights (transformers is optional: without it the case says so and is
-# skipped).  setup() checks both choose the same tokens.  CTranslate2 is not a peer yet.
+# prompt, 128 new tokens; no EOS (the config has none), so every row runs to the end and every
+# implementation does the same 128 steps with no logits processor.  Settings: greedy at B = 1
+# and 8, beam 4 at B = 1, top-k 50 sampling at B = 1.  Peers (peers.py), each optional -- a
+# missing one is named in Setup.skipped and the case runs without it:
+#   HF generate   Hugging Face's generate on the HF model (without transformers the case is skipped);
+#   CTranslate2   the HF model saved and converted (fp32), a ctranslate2.Generator with
+#                 torch.get_num_threads() intra-op threads;
+#   torch loop    a KV-cache loop on torch's functional ops (greedy and top-k only).
+# setup() checks that every peer chooses fastseq's tokens (greedy, beam: without an EOS the beam
+# searches of HF and CTranslate2 agree, peers.py), and for sampling only the shapes.
+# bytes = the weights one step reads (every parameter but the position table) x steps, so the
+# table's "of copy" column is fastseq's tokens/s as a fraction of the weight-read floor (weight
+# bytes / copy GB/s per step); a peer's fraction is that divided by the ratio.
+
+_GENERATE_PEERS = {"greedy": ("HF generate", "CTranslate2", "torch loop"), "beam": ("HF generate", "CTranslate2"),
+                   "top-k": ("HF generate", "CTranslate2", "torch loop")}
+
 
 def _hf_gpt(seed=0):
     import transformers
 
     hc = transformers.GPT2Config(vocab_size=V, n_positions=CTX, n_embd=E, n_layer=LAYERS, n_head=NH,
-                                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+                                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return transformers.GPT2LMHeadModel(hc).eval()
 
 
-def _generate_case(B, new_tokens, num_beams=1):
+def _generate_case(B, new_tokens, num_beams=1, top_k=0):
+    mode = "beam" if num_beams > 1 else "top-k" if top_k else "greedy"
+
     def setup():
         try:
             hf = _hf_gpt()
         except ImportError as e:
-            raise RuntimeError("skipped: Hugging Face transformers is not installed (pip install transformers)") from e
+            raise Skipped("skipped: Hugging Face transformers is not installed (pip install transformers)") from e
         from ..generation import generate
         from ..models.gpt import GPT
 
         model = GPT.from_hf(hf).eval()
         prompt = torch.randint(1, V, (B, PROMPT), generator=torch.Generator().manual_seed(1))
         mask = torch.ones_like(prompt)
-        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=num_beams, do_sample=False)
+        sample = top_k > 0
+        kw = dict(max_new_tokens=new_tokens, num_beams=num_beams, do_sample=sample)
+
+        def seeded():
+            return torch.Generator().manual_seed(0) if sample else None
 
         def fast():
-            return generate(model, prompt, mask, eos_token_id=0, pad_token_id=0, **kw)
+            return generate(model, prompt, mask, top_k=top_k, generator=seeded(), **kw)
 
-        def peer():
+        def hf_generate():
             with torch.no_grad():
-                return hf.generate(prompt, attention_mask=mask, eos_token_id=0, pad_token_id=0, top_k=None, **kw)
-        if not torch.equal(fast(), peer()):
-            raise AssertionError("generation: fastseq.generate and Hugging Face's generate chose different tokens")
-        weights = sum(p.numel() for p in model.parameters())
-        return Setup(fastseq=fast, peers={"HF generate": peer}, bytes=4.0 * weights * new_tokens,
+                return hf.generate(prompt, attention_mask=mask, top_k=top_k or None, temperature=1.0, **kw)[:, PROMPT:]
+
+        peer_fns, skipped = {"HF generate": hf_generate}, {}
+        try:
+            peers.ct2_gpt2(hf)                             # converted here, not in the timed calls
+            peer_fns["CTranslate2"] = lambda: peers.ct2_generate(hf, prompt, new_tokens, num_beams=num_beams,  # noqa
+                                                                 top_k=top_k or 1)
+        except Skipped as e:
+            skipped["CTranslate2"] = str(e)
+        if "torch loop" in _GENERATE_PEERS[mode]:
+            loop = peers.TorchLoopGPT2(hf)
+            peer_fns["torch loop"] = lambda: loop.generate(prompt, new_tokens, top_k=top_k, generator=seeded())  # noqa
+
+        want = fast()[:, PROMPT:]                          # (B, new_tokens)
+        for name, fn in peer_fns.items():
+            got = fn()
+            if got.shape != want.shape or not (sample or torch.equal(got, want)):
+                raise AssertionError(f"generation ({mode}, B={B}): fastseq.generate and {name} chose different "
+                                     f"tokens (shapes {list(want.shape)} and {list(got.shape)})")
+        weights = sum(p.numel() for n, p in model.named_parameters() if n != "pos_emb.weight")
+        return Setup(fastseq=fast, peers=peer_fns, skipped=skipped, bytes=4.0 * weights * new_tokens,
                      flops=2.0 * weights * B * num_beams * new_tokens)
     return setup
 
 
-for _B, _beams in ((1, 1), (8, 1), (1, 4)):
-    _what = "greedy" if _beams == 1 else f"beam {_beams}"
+for _B, _beams, _k in ((1, 1, 0), (8, 1, 0), (1, 4, 0), (1, 1, 50)):
+    _what = f"beam {_beams}" if _beams > 1 else f"top-k {_k}" if _k else "greedy"
+    _mode = "beam" if _beams > 1 else "top-k" if _k else "greedy"
     register(Case("decode", f"generate GPT-2 shape {_what} B={_B}, 128 new tokens", "cpu",
-                  _generate_case(_B, 128, _beams), peers=("HF generate",), quick=False,
+                  _generate_case(_B, 128, _beams, _k), peers=_GENERATE_PEERS[_mode], quick=False,
                   meta={"B": _B, "new_tokens": 128, "tokens": _B * 128}))
