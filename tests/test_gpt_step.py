@@ -142,3 +142,21 @@ def test_fused_step_rejects_bad_input():
         m(torch.zeros(2, 1, dtype=torch.int64), cache=cache)
         with pytest.raises(ValueError, match="max_length"):
             m(torch.zeros(2, 1, dtype=torch.int64), cache=cache)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_small_batch_dot_path_and_blas_path_agree(dtype):
+    """Batches up to set_small_rows' size take _dot_rows.h (fp32) / plain loops (fp64), larger ones
+    BLAS: both against the module path, with a K not a multiple of 8 and N not of 4."""
+    from fastseq import _blas
+    k = _blas.cpu_kernels("decode")
+    m = _model(dtype, dim=36, heads=3, ffn_dim=70, vocab_size=V)
+    ids, mask = _prompt(B=5)
+    ref, _ = _decode(m, ids, mask, 3, "torch")
+    try:
+        for small in (0, 8):
+            k.set_small_rows(small)
+            fused, _ = _decode(m, ids, mask, 3, "cpu")
+            _close(fused, ref, dtype)
+    finally:
+        k.set_small_rows(8)

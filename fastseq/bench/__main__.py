@@ -16,7 +16,7 @@ import traceback
 import torch
 
 from .machine import describe
-from .registry import cases, check_setup, families, load
+from .registry import ALIASES, Skipped, cases, check_setup, families, load
 from .report import table, write
 from .timing import calls_for, interleaved_medians
 
@@ -73,8 +73,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fastseq-bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer repetitions and cases (~2.5 min on 2 cores)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--only", action="append", choices=families(), metavar="FAMILY",
-                   help=f"run only this family (repeatable): {', '.join(families())}")
+    p.add_argument("--only", action="append", choices=families() + sorted(ALIASES), metavar="FAMILY",
+                   help=f"run only this family (repeatable): {', '.join(families())} "
+                        f"({', '.join(f'{a} = {f}' for a, f in sorted(ALIASES.items()))})")
     p.add_argument("--case", action="append", metavar="TEXT",
                    help="run only the cases whose name contains TEXT (repeatable: any of them)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -114,6 +115,8 @@ def main(argv=None) -> int:
             it.set_postfix_str(case.name)
         try:
             rows += run_case(case, reps, 3.0 if args.quick else 20.0, args.device, args.quick)
+        except Skipped as e:              # a peer package the case needs is not installed
+            print(f"\ncase {case.name!r} skipped: {e}", file=sys.stderr)
         except Exception:                 # one broken case must not lose the others' results
             failed.append(case.name)
             print(f"\ncase {case.name!r} failed:\n{traceback.format_exc()}", file=sys.stderr)

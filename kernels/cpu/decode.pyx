@@ -126,6 +126,46 @@ cdef inline void norm_rows_(const real* x, real* u, Py_ssize_t B, Py_ssize_t E, 
             u[i * E + j] = (x[i * E + j] - mu) * rs * w[j] + b[j]
 
 
+# y = a W^T for a few rows a: _dot_rows.h (fp32) streams each weight row once and dots it with
+# every row of a; fp64 (the exactness reference, not a speed path) runs plain loops.
+cdef extern from "_dot_rows.h" nogil:
+    void fs_dot_rows_f32(const float* a, long B, long K, const float* W, long lo, long hi, float* y, long ldy,
+                         int accumulate)
+
+cdef int small_rows = 8          # batch sizes up to this take dot_rows_ (set_small_rows changes it)
+
+
+def set_small_rows(int b):
+    """Batch sizes up to b take the dot-product path instead of BLAS (0: BLAS always)."""
+    global small_rows
+    small_rows = b
+
+
+cdef inline void dot_rows_(const real* a, Py_ssize_t B, Py_ssize_t K, const real* W, Py_ssize_t lo,
+                           Py_ssize_t hi, real* y, Py_ssize_t ldy, bint accumulate) noexcept nogil:
+    """y[i, j] (+)= a[i] . W[j] for every row i < B and weight row j in [lo, hi) (W (N, K))."""
+    cdef Py_ssize_t i, j, k
+    cdef real acc
+    if real is float:
+        fs_dot_rows_f32(a, B, K, W, lo, hi, y, ldy, accumulate)
+        return
+    for j in range(lo, hi):
+        for i in range(B):
+            acc = 0
+            for k in range(K):
+                acc = acc + W[j * K + k] * a[i * K + k]
+            y[i * ldy + j] = (y[i * ldy + j] + acc) if accumulate else acc
+
+
+cdef inline void matmul_t_(const real* a, Py_ssize_t B, Py_ssize_t K, const real* W, Py_ssize_t lo,
+                           Py_ssize_t hi, real* y, Py_ssize_t ldy, bint accumulate) noexcept nogil:
+    """Columns [lo, hi) of y (B, ldy) (+)= a (B, K) W^T: dot_rows_ for a few rows, else BLAS."""
+    if B <= small_rows:
+        dot_rows_(a, B, K, W, lo, hi, y, ldy, accumulate)
+    else:
+        gemm_rm(False, True, B, hi - lo, K, 1, a, K, W + lo * K, K, 1 if accumulate else 0, y + lo, ldy)
+
+
 cdef inline void linear_cols_(const real* a, Py_ssize_t B, Py_ssize_t K, const real* W, const real* bias,
                               real* y, Py_ssize_t N, bint accumulate, int act, int team, int tid) noexcept nogil:
     """This thread's columns of y (B, N) = a (B, K) W^T + bias (W (N, K)); accumulate: y += that
@@ -135,7 +175,7 @@ cdef inline void linear_cols_(const real* a, Py_ssize_t B, Py_ssize_t K, const r
     lo, hi = cols_(N, team, tid)
     if lo >= hi:
         return
-    gemm_rm(False, True, B, hi - lo, K, 1, a, K, W + lo * K, K, 1 if accumulate else 0, y + lo, N)
+    matmul_t_(a, B, K, W, lo, hi, y, N, accumulate)
     if bias == NULL:
         return
     if act >= 0:
@@ -184,7 +224,7 @@ cdef void qkv_attend_(const Step* s, Py_ssize_t l, const size_t* w, real* kv, co
         return
     for part in range(3):                       # q, k, v: rows [part E + h0 D, part E + h1 D) of W_qkv
         c = part * E + h0 * D
-        gemm_rm(False, True, s.B, (h1 - h0) * D, E, 1, u, E, W + c * E, E, 0, qkv + c, 3 * E)
+        matmul_t_(u, s.B, E, W, c, c + (h1 - h0) * D, qkv, 3 * E, False)
         for i in range(s.B):
             for j in range((h1 - h0) * D):
                 qkv[i * 3 * E + c + j] = qkv[i * 3 * E + c + j] + bias[c + j]
