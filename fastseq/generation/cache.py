@@ -7,7 +7,13 @@ A step writes its T new keys and values at [length, length + T) and attention re
 
 RecurrentCache: the recurrent layers' state, (h, c) or h, each (layers, B, H).
 
-Both count the positions they hold (`length`) and reorder their batch rows in place
+EncoderDecoderCache: a seq2seq decoder's state -- its own cache (a KVCache for self-attention,
+or its recurrent state) for the N decoder rows, plus what it reads of the B sources, computed once
+per source (the cross-attention keys and values of every layer, or the encoder's outputs), and
+the map row -> source.  The per-source tensors are never copied per row: a source's g rows (its
+beams, or its samples) read the same keys, and reorder moves the map, not the keys.
+
+All of them count the positions they hold (`length`) and reorder their batch rows in place
 (`reorder(index)`: row i becomes old row index[i]), which beam search calls after each step.
 """
 from __future__ import annotations
@@ -92,3 +98,57 @@ class RecurrentCache:
             self.state = tuple(s.index_select(1, index.to(s.device)) for s in self.state)
         else:
             self.state = self.state.index_select(1, index.to(self.state.device))
+
+
+class EncoderDecoderCache:
+    """A seq2seq decoder's state for N = sources * rows_per_source decoder rows.
+
+    decoder: the decoder's own cache over the N rows (it has length, max_length, check_room(T),
+        reorder(index)): a KVCache for self-attention, or a recurrent state.
+    memory: what the decoder reads of the sources, per source (batch dim `sources`), computed once
+        (a model's cross-attention keys / values, its encoder outputs); never reordered.
+    source_of (N,) int64: the source row i reads.  It starts as i // rows_per_source (the g rows
+        of a source adjacent, as generate lays out beams and samples) and follows reorder.
+    grouped: source_of is still i // rows_per_source (beam search keeps it so: a beam's parent is
+        a beam of the same source), so attention can run a source's g rows as g queries of one
+        attention over that source's keys; otherwise `rows(t)` gathers per-row copies.
+    """
+
+    def __init__(self, decoder, memory, sources: int, rows_per_source: int, device=None):
+        if sources < 1 or rows_per_source < 1:
+            raise ValueError(f"EncoderDecoderCache: sources and rows_per_source must be >= 1, got {sources} and "
+                             f"{rows_per_source}")
+        if decoder.batch_size != sources * rows_per_source:
+            raise ValueError(f"EncoderDecoderCache: the decoder cache holds {decoder.batch_size} rows, expected "
+                             f"sources * rows_per_source = {sources} * {rows_per_source}")
+        self.decoder, self.memory = decoder, memory
+        self.sources, self.rows_per_source = sources, rows_per_source
+        self._home = torch.arange(sources * rows_per_source, device=device) // rows_per_source   # (N,)
+        self.source_of = self._home
+        self.grouped = True
+
+    @property
+    def batch_size(self) -> int:
+        return self.sources * self.rows_per_source
+
+    @property
+    def length(self) -> int:
+        return self.decoder.length
+
+    @property
+    def max_length(self) -> int:
+        return self.decoder.max_length
+
+    def check_room(self, T: int) -> None:
+        self.decoder.check_room(T)
+
+    def rows(self, t: Tensor) -> Tensor:
+        """A per-source tensor t (sources, ...) -> its per-row copy (N, ...)."""
+        return t.index_select(0, self.source_of)
+
+    def reorder(self, index: Tensor) -> None:
+        _check_index("EncoderDecoderCache", index, self.batch_size)
+        index = index.to(self.source_of.device)
+        self.decoder.reorder(index)
+        self.source_of = self.source_of.index_select(0, index)
+        self.grouped = torch.equal(self.source_of, self._home)

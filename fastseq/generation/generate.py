@@ -6,11 +6,27 @@ new tokens (B, T) -- the whole prompt first, then one token per step -- with mas
 (B, cache.length + T) (1 = real token, 0 = left padding) and returns their logits (B, T, V);
 ``cache.reorder(index)`` makes row i the old row index[i] (beam search).
 
+Encoder-decoder models (``model.is_encoder_decoder`` True, Hugging Face's flag) follow HF's
+convention: input_ids and attention_mask are the sources, encoded once, and the decoder starts
+from decoder_start_token_id; the sequences returned are the decoder's (the start token, then the
+new tokens).  The protocol:
+    memory = model.encode_for_generation(input_ids, attention_mask)   the B sources, once; the
+        model takes the mask's padding side it can (1 = token) and rejects the rest
+    cache = model.new_cache(N, max_length, memory)                    N = B * g decoder rows, the g
+        rows of a source adjacent (its beams, or its samples); what the decoder reads of a source
+        (cross-attention keys and values) is computed here, once per source, not per row
+    logits, cache = model(tgt_in=tokens, cache=cache)                 the decoder on (N, T) new tokens
+    cache.reorder(index)                                              as above
+The search loops below see such a model through _EncodedSources, a decoder-only view of it.
+
 Options have Hugging Face's names and meanings, with explicit defaults (top_k=0 means off;
 HF's GenerationConfig hides top_k=50).  Differences from HF, on purpose: no_repeat_ngram_size
 ignores left padding (HF's repetition penalty does too; its n-gram ban does not); sampling
 draws from `generator` so a run is reproducible; pad_token_id=0 fills finished beams with 0 (HF's
-beam search takes a pad of 0 for "no pad" and fills with the EOS).  generate runs under
+beam search takes a pad of 0 for "no pad" and fills with the EOS); for an encoder-decoder
+model, decoder_start_token_id has no default from the model's config, attention_mask None means
+every source position is a token (HF derives a mask from pad_token_id), and there is no
+decoder_input_ids (the decoder always starts from the one start token).  generate runs under
 torch.no_grad and leaves the model's mode alone: call model.eval() first (dropout).
 """
 from __future__ import annotations
@@ -55,16 +71,22 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
              no_repeat_ngram_size: int = 0, length_penalty: float = 1.0,
              early_stopping: Union[bool, str] = False, num_return_sequences: int = 1,
              eos_token_id: Union[None, int, Sequence[int]] = None, pad_token_id: Optional[int] = None,
-             streamer=None, output_scores: bool = False, generator: Optional[torch.Generator] = None
-             ) -> Union[Tensor, Tuple[Tensor, List[Tensor]]]:
+             streamer=None, output_scores: bool = False, generator: Optional[torch.Generator] = None,
+             decoder_start_token_id: Optional[int] = None) -> Union[Tensor, Tuple[Tensor, List[Tensor]]]:
     """Continue each prompt of `input_ids` with up to `max_new_tokens` tokens (Hugging Face's
-    names and meanings; every default explicit).
+    names and meanings; every default explicit); for an encoder-decoder model, decode each source
+    of `input_ids` from decoder_start_token_id.
 
     Args:
         model: a decoder with the cache protocol (model.new_cache(B, max_length),
-            model(tokens, cache=cache, attention_mask=mask) -> (logits, cache), cache.reorder).
-        input_ids: the prompts, int64.
-        attention_mask: 1 = real token, 0 = left padding (None: all real).
+            model(tokens, cache=cache, attention_mask=mask) -> (logits, cache), cache.reorder),
+            or an encoder-decoder model (is_encoder_decoder; the module docstring's protocol).
+        input_ids: the prompts, int64; for an encoder-decoder model, the sources.
+        attention_mask: 1 = real token, 0 = left padding (None: all real); for an
+            encoder-decoder model 1 = token, 0 = padding on a side its encoder takes.
+        decoder_start_token_id (None): the token every decoder row starts from; required for an
+            encoder-decoder model (HF reads a default from the model's config: pass it here, for
+            fastseq's seq2seq models model.config.bos_id), rejected for a decoder-only one.
         max_new_tokens (20), min_new_tokens (0: EOS is banned until that many tokens are new).
         do_sample (False): greedy / beam search by score, or sampling from softmax(scores), after
             temperature (1.0), top_k (0 = off) and top_p (1.0 = off); draws use `generator`.
@@ -81,15 +103,21 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
             for greedy / sampling, log-probabilities for beam search).
 
     Returns:
-        sequences: the prompts then the new tokens, the rows of one prompt adjacent; or
-        (sequences, scores) with output_scores.
+        sequences: the prompts then the new tokens, the rows of one prompt adjacent (for an
+        encoder-decoder model: the start token then the new tokens, P = 1); or (sequences,
+        scores) with output_scores.
 
     Shapes:
-        input_ids, attention_mask: (B, P); sequences: (B * num_return_sequences, P + new) int64,
+        input_ids, attention_mask: (B, P) (sources: (B, S)); sequences: (B * num_return_sequences, P + new) int64,
         new <= max_new_tokens; scores: one (rows, V) fp32 tensor per step, rows = B (greedy,
         sampling: B * num_return_sequences) or B * num_beams (beam search); streamer tokens:
         (B, P) then (B,) per step.
     """
+    encoder_decoder = getattr(model, "is_encoder_decoder", False) is True
+    if encoder_decoder and not (callable(getattr(model, "encode_for_generation", None))
+                                and callable(getattr(model, "new_cache", None))):
+        raise ValueError(f"generate: the encoder-decoder model ({type(model).__name__}) needs encode_for_generation("
+                         "input_ids, attention_mask) and new_cache(batch_size, max_length, memory)")
     if not callable(getattr(model, "new_cache", None)):
         raise ValueError(f"generate: the model ({type(model).__name__}) has no new_cache(batch_size, max_length)")
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.int64 \
@@ -105,8 +133,20 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
         attention_mask = attention_mask.to(input_ids.device, torch.int64)
         if ((attention_mask != 0) & (attention_mask != 1)).any():
             raise ValueError("generate: attention_mask must hold only 0 and 1")
-        if (attention_mask[:, 1:] < attention_mask[:, :-1]).any() or (attention_mask[:, -1] == 0).any():
+        if not encoder_decoder and ((attention_mask[:, 1:] < attention_mask[:, :-1]).any()
+                                    or (attention_mask[:, -1] == 0).any()):
             raise ValueError("generate: attention_mask must be left padding (0s then 1s, the last position real)")
+    if encoder_decoder:
+        if decoder_start_token_id is None:
+            raise ValueError(f"generate: decoder_start_token_id is required for an encoder-decoder model "
+                             f"({type(model).__name__}): the token the decoder starts from (fastseq's seq2seq "
+                             "models: model.config.bos_id)")
+        start_ids = _token_ids("decoder_start_token_id", decoder_start_token_id)
+        if len(start_ids) != 1:
+            raise ValueError(f"generate: decoder_start_token_id must be one token id, got {decoder_start_token_id!r}")
+    elif decoder_start_token_id is not None:
+        raise ValueError(f"generate: decoder_start_token_id is for encoder-decoder models; {type(model).__name__} is "
+                         f"a decoder (its prompt is input_ids), got decoder_start_token_id={decoder_start_token_id!r}")
     max_new_tokens = _int("max_new_tokens", max_new_tokens, 1)
     min_new_tokens = _int("min_new_tokens", min_new_tokens, 0)
     num_beams = _int("num_beams", num_beams, 1)
@@ -151,13 +191,17 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
     eos = None if eos_list is None else torch.tensor(eos_list, dtype=torch.int64, device=input_ids.device)
     fill = 0 if pad_token_id is None else pad_token_id   # only ever written when eos is given
 
-    start = torch.zeros(B, dtype=torch.int64, device=input_ids.device) if attention_mask is None \
-        else (attention_mask == 0).sum(1)               # index of each row's first real token
     min_keep = 1 if num_beams == 1 else 1 + (0 if eos is None else eos.numel())
     processors = Processors(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                             min_new_tokens=min_new_tokens, eos=eos, min_keep=min_keep)
     with torch.no_grad():
+        if encoder_decoder:                              # encode once; the loops run the decoder
+            model = _EncodedSources(model, model.encode_for_generation(input_ids, attention_mask))
+            input_ids = torch.full((B, 1), start_ids[0], dtype=torch.int64, device=input_ids.device)
+            attention_mask = None
+        start = torch.zeros(B, dtype=torch.int64, device=input_ids.device) if attention_mask is None \
+            else (attention_mask == 0).sum(1)           # index of each row's first real token
         if num_beams > 1:
             seqs, scores = beam_search(model, input_ids, attention_mask, start, num_beams=num_beams,
                                        max_new_tokens=max_new_tokens, processors=processors, eos=eos, fill=fill,
@@ -170,6 +214,21 @@ def generate(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, 
                                              num_return_sequences=num_return_sequences, streamer=streamer,
                                              generator=generator, output_scores=output_scores)
     return (seqs, scores) if output_scores else seqs
+
+
+class _EncodedSources:
+    """An encoder-decoder model's decoder, given B encoded sources, under the decoder-only
+    protocol: new_cache(N, max_length) gives the model's cache of N = B * g rows over the B
+    sources; a call runs the decoder on the new tokens (no decoder padding: mask always None)."""
+
+    def __init__(self, model, memory):
+        self.model, self.memory = model, memory
+
+    def new_cache(self, batch_size: int, max_length: int):
+        return self.model.new_cache(batch_size, max_length, self.memory)
+
+    def __call__(self, tokens: Tensor, cache=None, attention_mask: Optional[Tensor] = None):
+        return self.model(tgt_in=tokens, cache=cache)
 
 
 def _greedy_or_sample(model, input_ids: Tensor, mask: Optional[Tensor], start: Tensor, *, max_new_tokens: int,

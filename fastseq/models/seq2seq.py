@@ -18,7 +18,20 @@ Both read one vocabulary for source and target (fairseq's joined dictionary): `v
     tgt_out      (B, T) int64   target + eos_id, -100 after its end (what the decoder predicts)
 `forward(src, src_lengths, tgt_in)` returns the logits (B, T, V); `greedy_decode(src,
 src_lengths, max_len)` the argmax continuation of bos_id, (B, L <= max_len), each row ending at its
-first eos_id with pad_id after it (a row that meets no eos_id runs to max_len).
+first eos_id with pad_id after it (a row that meets no eos_id runs to max_len); it reruns the whole
+decoder at every step, the plain reference that fastseq.generate is tested against.
+
+Generation (fastseq.generate's encoder-decoder protocol, Hugging Face's convention):
+    memory = model.encode_for_generation(input_ids, attention_mask)   once per source
+    cache = model.new_cache(N, max_length, memory)                    N = B * g decoder rows
+    logits, cache = model(tgt_in=tokens, cache=cache)                 the decoder only
+    cache.reorder(index)                                              beam search
+The cache (fastseq.generation.cache.EncoderDecoderCache) holds the decoder's state for the N rows
+-- the Transformer's self-attention KVCache, the LSTM's (h, c) per layer and input feed -- and what
+the decoder reads of the B sources, computed once in new_cache: the Transformer's cross-attention
+keys and values of every layer, the LSTM's attention keys and values.  A source's g rows (its
+beams or samples) read that one copy; each step they attend to it together, as g queries of one
+attention.
 
 This file holds what the two share: the checks of the common config fields, the Seq2Seq base
 class (forward, loss with the output layer fused into the cross-entropy, the greedy loop) and
@@ -32,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..functional import linear_cross_entropy
+from ..generation.cache import EncoderDecoderCache
 from .packing import Rows
 
 __all__ = ["TransformerSeq2SeqConfig", "TransformerSeq2Seq", "LSTMSeq2SeqConfig", "LSTMSeq2Seq", "Seq2Seq",
@@ -66,21 +80,63 @@ def check_common(config):
 # ---------------------------------------------------------------------------- the shared model
 
 class Seq2Seq(nn.Module):
-    """forward, loss and greedy_decode over a subclass's parts:
+    """forward, loss, greedy_decode and generation over a subclass's parts:
         encode(src, src_lengths) -> memory       whatever the decoder reads of the source
         decode(tgt_in, memory) -> (B, T, E)      the decoder's outputs, before the output layer
         start(memory) -> state                   greedy decoding's state before the first step
         step(tokens, t, state) -> (B, E), state  the decoder's output at position t of tokens
+        new_cache(N, max_length, memory)         an EncoderDecoderCache for N decoder rows
+        decode_step(tgt_in, cache) -> (N, T, E)  the decoder's outputs at T new positions, cached
         output_weight                            (V, E), the output layer (no bias)
         max_target                               the longest target (None: no limit)"""
 
     max_target: Optional[int] = None
+    is_encoder_decoder = True                    # fastseq.generate encodes once, then runs the decoder
 
-    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
-        """Logits (B, T, V) of the token after each of tgt_in's (B, T) (teacher forcing)."""
+    def forward(self, src: Optional[Tensor] = None, src_lengths: Optional[Tensor] = None,
+                tgt_in: Optional[Tensor] = None, *, cache: Optional[EncoderDecoderCache] = None):
+        """The logits of the token after each of tgt_in's.
+
+        Args:
+            src, src_lengths: the sources, right-padded with pad_id, and their lengths; None with
+                a cache (it holds the encoded sources).
+            tgt_in: the decoder's input tokens: bos_id + the target (teacher forcing), or with a
+                cache the T positions after the cached ones (the start token first, then one
+                token a step).
+            cache: None, or an EncoderDecoderCache of new_cache, appended to in place.
+        Returns:
+            logits, or (logits, cache) with a cache.
+        Shapes:
+            src (B, S); src_lengths (B,); tgt_in (B, T), with a cache (N, T), N = cache.batch_size;
+            logits (B or N, T, V).
+        """
+        if cache is not None:
+            self._check_step(src, src_lengths, tgt_in, cache)
+            return F.linear(self.decode_step(tgt_in, cache), self.output_weight), cache   # (N, T, V)
+        if tgt_in is None:
+            raise ValueError(f"{type(self).__name__}: expected tgt_in (the decoder's input tokens) with the sources, "
+                             "got None")
         self._check(src, src_lengths, tgt_in)
         h = self.decode(tgt_in, self.encode(src, src_lengths))            # (B, T, E)
         return F.linear(h, self.output_weight)                            # (B, T, V)
+
+    def encode_for_generation(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None):
+        """Encode the sources once, for new_cache (fastseq.generate's encoder-decoder protocol).
+
+        Args:
+            input_ids: the source tokens.
+            attention_mask: None (every position a token), or Hugging Face's mask, 1 = token and
+                0 = padding: each row's tokens one contiguous run -- right padding (the encoder's
+                own layout), left padding, or both; a row's run is moved to its front (the rest
+                filled with pad_id) and src_lengths are the row sums.
+        Returns:
+            memory: what the decoder reads of the sources (new_cache's argument).
+        Shapes:
+            input_ids, attention_mask: (B, S).
+        """
+        src, src_lengths = right_padded(input_ids, attention_mask, self.config.pad_id, type(self).__name__)
+        self._check(src, src_lengths)
+        return self.encode(src, src_lengths)
 
     def loss(self, batch: dict, label_smoothing: float = 0.0, smoothing: str = "torch") -> Tensor:
         """Mean cross-entropy per target token of tgt_out (label smoothing in torch's or fairseq's
@@ -130,6 +186,23 @@ class Seq2Seq(nn.Module):
         finally:
             self.train(was_training)
 
+    def _check_step(self, src, src_lengths, tgt_in, cache) -> None:
+        """A cached decoder call's inputs (ValueError naming what was received)."""
+        name = type(self).__name__
+        if src is not None or src_lengths is not None:
+            raise ValueError(f"{name}: with a cache the sources are encoded already (in the cache): pass "
+                             f"tgt_in=<the new decoder tokens> and cache= only, got src={type(src).__name__}, "
+                             f"src_lengths={type(src_lengths).__name__}")
+        if not isinstance(cache, EncoderDecoderCache):
+            raise ValueError(f"{name}: cache must be an EncoderDecoderCache of new_cache, got {type(cache).__name__}")
+        N = cache.batch_size
+        if not isinstance(tgt_in, Tensor) or tgt_in.dim() != 2 or tgt_in.shape[0] != N or \
+                tgt_in.dtype != torch.int64 or tgt_in.shape[1] == 0:
+            raise ValueError(f"{name}: expected tgt_in as a ({N}, T) int64 tensor, T >= 1 (the cache's rows), got "
+                             f"{getattr(tgt_in, 'dtype', type(tgt_in).__name__)} of shape "
+                             f"{list(getattr(tgt_in, 'shape', []))}")
+        cache.check_room(tgt_in.shape[1])
+
     def _check(self, src: Tensor, src_lengths: Tensor, tgt_in: Optional[Tensor] = None) -> None:
         """The inputs' shapes and the source lengths, with the values received (ValueError)."""
         name = type(self).__name__
@@ -155,6 +228,47 @@ class Seq2Seq(nn.Module):
                                  f"{list(getattr(tgt_in, 'shape', []))}")
             if limit is not None and tgt_in.shape[1] > limit:
                 raise ValueError(f"{name}: target length {tgt_in.shape[1]} exceeds max_positions={limit}")
+
+
+def right_padded(input_ids: Tensor, attention_mask: Optional[Tensor], pad_id: int, name: str):
+    """(src, src_lengths): the sources of input_ids (B, S) as the encoders take them, right-padded
+    with pad_id, from Hugging Face's attention_mask (B, S) (1 = token, 0 = padding; None: all
+    tokens), whose rows must each hold one contiguous run of tokens (right or left padding, or both)."""
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or 0 in input_ids.shape:
+        raise ValueError(f"{name}: expected the sources as a non-empty (B, S) tensor, got shape "
+                         f"{list(getattr(input_ids, 'shape', []))}")
+    B, S = input_ids.shape
+    if attention_mask is None:
+        return input_ids, torch.full((B,), S, dtype=torch.int64, device=input_ids.device)
+    if not isinstance(attention_mask, Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"{name}: attention_mask must have the sources' shape {list(input_ids.shape)}, got "
+                         f"{list(getattr(attention_mask, 'shape', []))}")
+    mask = attention_mask.to(input_ids.device)
+    if ((mask != 0) & (mask != 1)).any():
+        raise ValueError(f"{name}: attention_mask must hold only 0 (padding) and 1 (token)")
+    real = mask != 0                                                                     # (B, S)
+    lengths = real.sum(1)                                                                # (B,)
+    empty = (lengths == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"{name}: every source needs a token, but attention_mask rows {empty} are all 0")
+    first = real.int().argmax(1)                                                         # (B,) first token
+    pos = torch.arange(S, device=real.device).view(1, S)
+    run = (pos >= first.view(B, 1)) & (pos < (first + lengths).view(B, 1))              # (B, S)
+    holes = (run != real).any(1).nonzero().flatten().tolist()
+    if holes:
+        raise ValueError(f"{name}: a source's tokens must be one contiguous run (right or left padding), but "
+                         f"attention_mask row {holes[0]} is {mask[holes[0]].tolist()}")
+    if bool((first > 0).any()):                                   # move each run to the front of its row
+        input_ids = input_ids.gather(1, (pos + first.view(B, 1)) % S)
+    return input_ids.masked_fill(pos >= lengths.view(B, 1), pad_id), lengths
+
+
+def rows_per_source(name: str, batch_size, sources: int) -> int:
+    """g, for new_cache(batch_size = sources * g, ...): g adjacent decoder rows per source."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1 or batch_size % sources:
+        raise ValueError(f"{name}.new_cache: batch_size must be a positive multiple of the {sources} encoded "
+                         f"sources (the rows of a source adjacent), got {batch_size!r}")
+    return batch_size // sources
 
 
 def target_lengths(tgt_out: Tensor) -> Tensor:

@@ -18,6 +18,11 @@ softmax(s) (enc W_cc^T) + W_ch h_t); the output layer then runs on all steps at 
 the loss.  Dropout (one probability) on the embeddings, between the encoder's layers, on its
 outputs, between the decoder's layers and on a_t.  All parameters start as U(-0.1, 0.1)
 (Luong et al.), the pad embedding row 0.
+
+Generation (seq2seq.py's protocol): the cache holds the cells' (h, c) per layer and the input feed
+a_{t-1} of the N decoder rows (LSTMDecoderCache) and the encoder's attention keys and values per
+source (EncoderMemory, computed once by encode); a source's g rows attend to them together, one
+(g, H) x (H, S) product per source.
 """
 from dataclasses import dataclass
 from typing import List, NamedTuple
@@ -27,8 +32,9 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..functional import dropout
+from ..generation.cache import EncoderDecoderCache, _check_index
 from ..nn import LSTM, LSTMCell
-from .seq2seq import Seq2Seq, check_common, check_positive, padding_mask
+from .seq2seq import Seq2Seq, check_common, check_positive, padding_mask, rows_per_source
 
 
 @dataclass
@@ -60,6 +66,30 @@ class EncoderMemory(NamedTuple):
     w_ch: Tensor                            # (E, H): the hidden state's share of W_c
     h: List[Tensor]                         # per layer (B, H): the encoder's final states, both directions
     c: List[Tensor]
+
+
+class LSTMDecoderCache:
+    """The decoder's state between steps for N rows: hs, cs (per layer (N, H)) the cells' states,
+    feed (N, E) the last attentional output a_{t-1}; length, the target positions run."""
+
+    def __init__(self, hs: List[Tensor], cs: List[Tensor], feed: Tensor, max_length: int):
+        self.hs, self.cs, self.feed = hs, cs, feed
+        self.length, self.max_length = 0, max_length
+
+    @property
+    def batch_size(self) -> int:
+        return self.feed.shape[0]
+
+    def check_room(self, T: int) -> None:
+        if self.length + T > self.max_length:
+            raise ValueError(f"LSTMDecoderCache: {self.length} positions held + {T} new exceed max_length "
+                             f"{self.max_length}")
+
+    def reorder(self, index: Tensor) -> None:
+        _check_index("LSTMDecoderCache", index, self.batch_size)
+        self.hs = [h.index_select(0, index) for h in self.hs]
+        self.cs = [c.index_select(0, index) for c in self.cs]
+        self.feed = self.feed.index_select(0, index)
 
 
 class LSTMSeq2Seq(Seq2Seq):
@@ -111,16 +141,21 @@ class LSTMSeq2Seq(Seq2Seq):
         return EncoderMemory(keys_t, values, bias, W_c[:, H:], both_directions(h_n), both_directions(c_n))
 
     def decoder_step(self, x: Tensor, feed: Tensor, hs: list, cs: list, memory: EncoderMemory) -> Tensor:
-        """One decoder step: embedding x (B, E) and the last attentional output feed (B, E) ->
-        this step's attentional output a_t (B, E); the cells' states hs / cs are updated in place."""
+        """One decoder step: embedding x (N, E) and the last attentional output feed (N, E) ->
+        this step's attentional output a_t (N, E); the cells' states hs / cs are updated in place.
+        memory holds B = N / g sources, row i reading source i // g: a source's g rows attend
+        together, (g, H) x (H, S) (g = 1: one row a source)."""
         p = self.config.dropout if self.training else 0.0
-        x = torch.cat((x, feed), 1)                                       # (B, 2E)
+        x = torch.cat((x, feed), 1)                                       # (N, 2E)
         last = len(self.decoder_cells) - 1
         for i, cell in enumerate(self.decoder_cells):
             hs[i], cs[i] = cell(x, (hs[i], cs[i]))
-            x = dropout(hs[i], p) if i < last and p else hs[i]            # (B, H)
-        alpha = torch.softmax(torch.baddbmm(memory.bias, x.unsqueeze(1), memory.keys_t), -1)       # (B, 1, S)
-        a = torch.addmm(torch.bmm(alpha, memory.values).squeeze(1), x, memory.w_ch.t()).tanh_()    # (B, E)
+            x = dropout(hs[i], p) if i < last and p else hs[i]            # (N, H)
+        N, H = x.shape
+        B = memory.keys_t.shape[0]
+        alpha = torch.softmax(torch.baddbmm(memory.bias, x.view(B, N // B, H), memory.keys_t), -1)   # (B, g, S)
+        context = torch.bmm(alpha, memory.values).view(N, -1)                                         # (N, E)
+        a = torch.addmm(context, x, memory.w_ch.t()).tanh_()              # (N, E)
         return dropout(a, p) if p else a
 
     def decode(self, tgt_in: Tensor, memory: EncoderMemory) -> Tensor:
@@ -143,3 +178,48 @@ class LSTMSeq2Seq(Seq2Seq):
         memory, hs, cs, feed = state
         a = self.decoder_step(self.decoder_embed(tokens[:, t]), feed, hs, cs, memory)   # (B, E)
         return a, (memory, hs, cs, a)
+
+    # ------------------------------------------------------------------ generation (cached)
+
+    def new_cache(self, batch_size: int, max_length: int, memory: EncoderMemory) -> EncoderDecoderCache:
+        """The decoder's cache for batch_size rows, g = batch_size / B adjacent rows per source.
+
+        Args:
+            batch_size: N, a multiple of the B sources in memory.
+            max_length: the most target positions the rows will run (>= 1).
+            memory: encode_for_generation's (or encode's) output.
+        Returns:
+            an EncoderDecoderCache: decoder = an LSTMDecoderCache, every row starting from its
+            source's encoder states and a_0 = 0; memory = the EncoderMemory itself, per source.
+        Shapes:
+            hs, cs: per layer (N, H); feed (N, E); memory: keys (B, H, S), values (B, S, E).
+        """
+        name = type(self).__name__
+        B = memory.keys_t.shape[0]
+        g = rows_per_source(name, batch_size, B)
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"{name}.new_cache: max_length must be a positive int, got {max_length!r}")
+        feed = memory.values.new_zeros(batch_size, self.config.dim)                    # (N, E): a_0
+        state = LSTMDecoderCache([h.repeat_interleave(g, 0) for h in memory.h],
+                                 [c.repeat_interleave(g, 0) for c in memory.c], feed, max_length)
+        return EncoderDecoderCache(state, memory, B, g, feed.device)
+
+    def decode_step(self, tgt_in: Tensor, cache: EncoderDecoderCache) -> Tensor:
+        """The attentional outputs (N, T, E) of the T steps tgt_in (N, T) after the cache's; the
+        cache's states move on past them."""
+        state, memory = cache.decoder, cache.memory
+        if not isinstance(state, LSTMDecoderCache) or not isinstance(memory, EncoderMemory):
+            raise ValueError(f"{type(self).__name__}: the cache is not an LSTMSeq2Seq.new_cache one (it holds "
+                             f"{type(state).__name__}, {type(memory).__name__})")
+        if not cache.grouped:                                             # rows left their sources' order
+            memory = memory._replace(keys_t=cache.rows(memory.keys_t), values=cache.rows(memory.values),
+                                     bias=cache.rows(memory.bias))
+        p = self.config.dropout if self.training else 0.0
+        y = dropout(self.decoder_embed(tgt_in), p)                        # (N, T, E)
+        a, outs = state.feed, []
+        for t in range(y.shape[1]):
+            a = self.decoder_step(y[:, t], a, state.hs, state.cs, memory)   # (N, E)
+            outs.append(a)
+        state.feed = a
+        state.length += y.shape[1]
+        return torch.stack(outs, 1)                                       # (N, T, E)

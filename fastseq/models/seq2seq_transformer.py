@@ -15,6 +15,12 @@ blocks, norms and dropouts on the N real rows of the source and the target (the 
 its last position with a target), attention on the flash kernels with the source padding as key
 lengths and the decoder's causal mask as is_causal; every dropout fused into the pass next to it.
 
+Generation (seq2seq.py's protocol): new_cache computes every decoder layer's cross-attention keys
+and values once per source, (decoder_layers, 2, B, NH, S, D), and preallocates the self-attention
+KVCache of the N decoder rows; decode_step writes a step's keys and values into it in place and
+attends over the slice it holds, read in place, and each source's g rows attend to its cross keys
+as g queries of one attention (the sources' lengths as key lengths).
+
 share_embeddings: source and target embeddings are one matrix (the vocabulary is shared anyway);
 tie_weights: the output layer is the target embedding (Press & Wolf 2017).  Embeddings (and an
 untied output layer) start as N(0, 1/E) with the pad row 0, as fairseq; the layers keep torch's
@@ -22,17 +28,19 @@ initialization.  The batch, forward, loss and greedy_decode are described in seq
 """
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import functional as FF
 from ..functional import dropout
+from ..generation.cache import EncoderDecoderCache, KVCache
 from ..nn import LayerNorm, TransformerDecoderLayer, TransformerEncoderLayer
 from . import packing
-from .packing import Rows
-from .seq2seq import Seq2Seq, check_common, check_positive, sinusoids
+from .packing import Rows, _drop_add_norm, _norm, feed_forward
+from .seq2seq import Seq2Seq, check_common, check_positive, rows_per_source, sinusoids
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 
@@ -150,10 +158,127 @@ class TransformerSeq2Seq(Seq2Seq):
         rows = Rows(None, *tgt_in.shape, device=tgt_in.device)
         return rows.unpack(self.decode_rows(tgt_in, memory, rows))                       # (B, T, E)
 
-    # greedy decoding reruns the decoder over the whole prefix at every step: outputs are short
-    # here, and the generation issue (#12) brings the KV caches that make a step O(1) in the prefix
+    # ------------------------------------------------------------------ generation (cached)
+
+    def new_cache(self, batch_size: int, max_length: int, memory) -> EncoderDecoderCache:
+        """The decoder's cache for batch_size rows, g = batch_size / B adjacent rows per source.
+
+        Args:
+            batch_size: N, a multiple of the B sources in memory.
+            max_length: the most target positions the rows will hold, <= max_positions.
+            memory: encode_for_generation's (or encode's) output.
+        Returns:
+            an EncoderDecoderCache: decoder = a KVCache for the decoder's self-attention, memory =
+            CrossAttentionMemory, every decoder layer's cross-attention keys and values of the
+            sources, computed here once per source.
+        Shapes:
+            KVCache (decoder_layers, 2, N, NH, max_length, D); cross keys / values
+            (decoder_layers, 2, B, NH, S, D); key_lengths (B,) or None (no source padded).
+        """
+        c, name = self.config, type(self).__name__
+        enc, src_rows = memory                                                           # (M, E), Rows
+        B, S, E = src_rows.B, src_rows.T, c.dim
+        g = rows_per_source(name, batch_size, B)
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= c.max_positions:
+            raise ValueError(f"{name}.new_cache: max_length (target positions) must be an int in "
+                             f"[1, max_positions={c.max_positions}], got {max_length!r}")
+        NH = c.heads
+        D = E // NH
+        kv = []
+        for layer in self.decoder_layers:
+            w, b = layer.multihead_attn.in_proj_weight, layer.multihead_attn.in_proj_bias
+            k_v = src_rows.unpack(F.linear(enc, w[E:], b[E:]))                           # (B, S, 2E), 0 at pads
+            kv.append(k_v.view(B, S, 2, NH, D).permute(2, 0, 3, 1, 4))                   # (2, B, NH, S, D)
+        cross = CrossAttentionMemory(torch.stack(kv), None if src_rows.full else src_rows.lengths)
+        self_kv = KVCache(c.decoder_layers, batch_size, NH, D, max_length, enc.dtype, enc.device)
+        return EncoderDecoderCache(self_kv, cross, B, g, enc.device)
+
+    def decode_step(self, tgt_in: Tensor, cache: EncoderDecoderCache) -> Tensor:
+        """The decoder's outputs (N, T, E) at the T positions of tgt_in (N, T) after the cache's,
+        causal; their keys and values are appended to the cache."""
+        if not isinstance(cache.decoder, KVCache) or not isinstance(cache.memory, CrossAttentionMemory):
+            raise ValueError(f"{type(self).__name__}: the cache is not a TransformerSeq2Seq.new_cache one (it holds "
+                             f"{type(cache.decoder).__name__}, {type(cache.memory).__name__})")
+        n, T = cache.length, tgt_in.shape[1]
+        x = torch.add(self.positions[n:n + T], self.decoder_embed(tgt_in), alpha=self.embed_scale)   # (N, T, E)
+        x = dropout(x, self.config.dropout, self.training)
+        for i, layer in enumerate(self.decoder_layers):
+            x = decoder_layer_step(layer, x, cache, i, self.config.activation)
+        if self.decoder_norm is not None:
+            x = self.decoder_norm(x)
+        cache.decoder.advance(T)
+        return x                                                                         # (N, T, E)
+
+    # greedy_decode reruns the decoder over the whole prefix at every step: the plain reference
+    # (fastseq.generate runs the cached decode_step)
     def start(self, memory):
         return memory
 
     def step(self, tokens: Tensor, t: int, memory):
         return self.decode(tokens[:, :t + 1], memory)[:, -1], memory      # (B, E)
+
+
+# ---------------------------------------------------------------------------- cached decoder steps
+
+class CrossAttentionMemory(NamedTuple):
+    """What the decoder reads of B sources, computed once per source (new_cache)."""
+    kv: Tensor                              # (decoder_layers, 2, B, NH, S, D): cross-attention keys, values
+    key_lengths: Optional[Tensor]           # (B,): the sources' lengths, None when none is padded
+
+
+def self_attention_step(mha: nn.MultiheadAttention, x: Tensor, kv: KVCache, layer: int) -> Tensor:
+    """mha's causal self-attention of T new positions x (N, T, E) after the kv.length cached
+    ones: their keys / values written into the cache in place, the queries attending over the
+    cache's slice [0, length + T), read in place -> (N, T, E)."""
+    N, T, E = x.shape
+    NH, D = mha.num_heads, mha.head_dim
+    n = kv.length
+    q, k, v = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).view(N, T, 3, NH, D).permute(2, 0, 3, 1, 4)
+    k, v = kv.write(layer, k, v)                                                         # 2 x (N, NH, n + T, D)
+    visible = None
+    if n and T > 1:                                     # new query i sees keys j <= n + i (bottom-right causal)
+        visible = torch.arange(n + T, device=x.device).view(1, n + T) <= \
+            torch.arange(n, n + T, device=x.device).view(T, 1)                          # (T, n + T)
+    o = FF.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=mha.dropout if mha.training else 0.0,
+                                        is_causal=not n and T > 1)                      # (N, NH, T, D)
+    return F.linear(o.transpose(1, 2).reshape(N, T, E), mha.out_proj.weight, mha.out_proj.bias)   # (N, T, E)
+
+
+def cross_attention_step(mha: nn.MultiheadAttention, x: Tensor, cache: EncoderDecoderCache, layer: int) -> Tensor:
+    """mha(x, memory, memory) for queries x (N, T, E) over the sources' cached keys and values.
+    While the rows are grouped (row i reads source i // g) a source's g rows run as g T queries of
+    one attention over its keys, read once; otherwise each row gets a copy of its source's."""
+    N, T, E = x.shape
+    NH, D = mha.num_heads, mha.head_dim
+    k, v = cache.memory.kv[layer]                                                        # 2 x (B, NH, S, D)
+    lengths = cache.memory.key_lengths
+    q = F.linear(x, mha.in_proj_weight[:E], mha.in_proj_bias[:E])                        # (N, T, E)
+    if cache.grouped:
+        B = cache.sources
+        q = q.view(B, N // B * T, NH, D).transpose(1, 2)                                 # (B, NH, g T, D)
+    else:
+        k, v = cache.rows(k), cache.rows(v)                                              # 2 x (N, NH, S, D)
+        lengths = None if lengths is None else cache.rows(lengths)
+        q = q.view(N, T, NH, D).transpose(1, 2)                                          # (N, NH, T, D)
+    o = FF.scaled_dot_product_attention(q, k, v, dropout_p=mha.dropout if mha.training else 0.0,
+                                        key_lengths=lengths)                 # (B, NH, g T, D) or (N, NH, T, D)
+    return F.linear(o.transpose(1, 2).reshape(N, T, E), mha.out_proj.weight, mha.out_proj.bias)   # (N, T, E)
+
+
+def decoder_layer_step(layer: nn.TransformerDecoderLayer, x: Tensor, cache: EncoderDecoderCache, i: int,
+                       activation: str) -> Tensor:
+    """Decoder layer i on T new positions x (N, T, E) with its caches: what
+    packing.decoder_layer computes for them (the same norms, dropouts and fusions), with the
+    self-attention on the KVCache and the cross-attention on the sources' cached keys."""
+    tr = layer.training
+    p1, p2, p3 = layer.dropout1.p, layer.dropout2.p, layer.dropout3.p
+    kv = cache.decoder
+    if layer.norm_first:
+        h, x = _drop_add_norm(self_attention_step(layer.self_attn, _norm(x, layer.norm1), kv, i), x, layer.norm2,
+                              p1, tr, return_sum=True)                                  # norm2(x + sa), x + sa
+        h, x = _drop_add_norm(cross_attention_step(layer.multihead_attn, h, cache, i), x, layer.norm3, p2, tr,
+                              return_sum=True)                                          # norm3(x + ca), x + ca
+        return FF.dropout_add(feed_forward(layer, h, activation), x, p3, tr)
+    x = _drop_add_norm(self_attention_step(layer.self_attn, x, kv, i), x, layer.norm1, p1, tr)
+    x = _drop_add_norm(cross_attention_step(layer.multihead_attn, x, cache, i), x, layer.norm2, p2, tr)
+    return _drop_add_norm(feed_forward(layer, x, activation), x, layer.norm3, p3, tr)
