@@ -160,3 +160,20 @@ def test_small_batch_dot_path_and_blas_path_agree(dtype):
             _close(fused, ref, dtype)
     finally:
         k.set_small_rows(8)
+
+
+def test_fused_step_sees_replaced_and_strided_weights():
+    """The weight table is reused between steps only while every slot holds the same tensor at
+    the same address: a replaced Parameter, new .data and a transposed (strided) weight are seen."""
+    m = _model()
+    ids, mask = _prompt()
+    _decode(m, ids, mask, 1, "cpu")                                   # builds and keeps the table
+    with torch.no_grad():
+        m.ln_f.weight = torch.nn.Parameter(m.ln_f.weight * 1.5)
+        m.blocks[1].mlp.fc.bias.data = m.blocks[1].mlp.fc.bias.data + 0.3
+        w = m.blocks[0].attn.proj.weight
+        m.blocks[0].attn.proj.weight = torch.nn.Parameter(w.t().contiguous().t())   # same values, strided
+    assert not m.blocks[0].attn.proj.weight.is_contiguous()
+    fused, _ = _decode(m, ids, mask, 3, "cpu")
+    ref, _ = _decode(m, ids, mask, 3, "torch")
+    _close(fused, ref, torch.float64)

@@ -10,10 +10,10 @@ Registered with the dispatcher as op "gpt_decode_step" (backends "cpu" and "torc
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import _blas, _dispatch, _library
 from ..dropout import ACTIVATIONS
@@ -61,13 +61,40 @@ def backend(model, tokens: Tensor, cache) -> str:
     return _dispatch.choose_cached(OP, key, _facts, model, tokens, cache)
 
 
-def _weights(model) -> List[Tensor]:
-    """Every tensor the step reads, in decode.pyx's table order."""
+def _slots(model) -> List[Tuple[nn.Module, str]]:
+    """(module, parameter name) of every tensor the step reads, in decode.pyx's table order."""
     out = []
     for b in model.blocks:
-        out += [b.ln_1.weight, b.ln_1.bias, b.attn.qkv.weight, b.attn.qkv.bias, b.attn.proj.weight, b.attn.proj.bias,
-                b.ln_2.weight, b.ln_2.bias, b.mlp.fc.weight, b.mlp.fc.bias, b.mlp.proj.weight, b.mlp.proj.bias]
-    return out + [model.tok_emb.weight, model.pos_emb.weight, model.ln_f.weight, model.ln_f.bias, model.output_weight]
+        for m in (b.ln_1, b.attn.qkv, b.attn.proj, b.ln_2, b.mlp.fc, b.mlp.proj):
+            out += [(m, "weight"), (m, "bias")]
+    head = model.tok_emb if model.head is None else model.head
+    return out + [(model.tok_emb, "weight"), (model.pos_emb, "weight"), (model.ln_f, "weight"), (model.ln_f, "bias"),
+                  (head, "weight")]
+
+
+class _Table:
+    """A model's weight table (the addresses decode.pyx reads), kept on the model and reused while
+    every slot still holds the same contiguous tensor at the same address: checking that is ~80
+    dictionary lookups, gathering the slots again through nn.Module attributes ~150 us a step."""
+
+    def __init__(self, model):
+        self.slots = [(m._parameters, name, m._parameters[name]) for m, name in _slots(model)]
+        self.addresses = [t.data_ptr() for _, _, t in self.slots]
+        self.contiguous = all(t.is_contiguous() for _, _, t in self.slots)
+        self.table = torch.tensor(self.addresses, dtype=torch.int64)
+
+    def valid(self) -> bool:
+        for (params, name, t), address in zip(self.slots, self.addresses):
+            if params.get(name) is not t or t.data_ptr() != address:
+                return False
+        return True
+
+
+def _table(model) -> _Table:
+    t = model.__dict__.get("_fused_step_table")
+    if t is None or not t.valid():
+        t = model.__dict__["_fused_step_table"] = _Table(model)
+    return t
 
 
 def decode_step(model, tokens: Tensor, cache: KVCache, attention_mask: Optional[Tensor] = None) -> Tensor:
@@ -89,8 +116,13 @@ def decode_step(model, tokens: Tensor, cache: KVCache, attention_mask: Optional[
     k = _blas.cpu_kernels("decode")
     if cache.kv.shape[2] != B:
         raise ValueError(f"GPT: the cache holds {cache.kv.shape[2]} rows, the step has {B}")
-    ws_weights = [t.detach().contiguous() for t in _weights(model)]        # no copy when contiguous (always, for nn.Linear)
-    table = torch.tensor([t.data_ptr() for t in ws_weights], dtype=torch.int64)
+    t = _table(model)
+    keep = None
+    if t.contiguous:
+        table = t.table
+    else:                                                                  # a strided weight: contiguous copies
+        keep = [w.detach().contiguous() for _, _, w in t.slots]
+        table = torch.tensor([w.data_ptr() for w in keep], dtype=torch.int64)
     tok = tokens.reshape(B).contiguous()
     if attention_mask is not None and tuple(attention_mask.shape) != (B, n + 1):
         raise ValueError(f"GPT: attention_mask must be (B, cached + new) = ({B}, {n + 1}), got "
@@ -106,5 +138,6 @@ def decode_step(model, tokens: Tensor, cache: KVCache, attention_mask: Optional[
                     dtype == torch.float64)
     if rc != 0:
         raise ValueError(f"GPT: token ids must be in [0, vocab_size={c.vocab_size}), got {tok.tolist()}")
+    del keep
     cache.advance(1)
     return logits
