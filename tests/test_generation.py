@@ -226,7 +226,8 @@ class _FixedCache:
         self.length, self.B = 0, B
 
     def reorder(self, index):
-        assert index.shape == (self.B,) and index.dtype == torch.int64
+        assert index.dim() == 1 and 1 <= index.shape[0] <= self.B and index.dtype == torch.int64
+        self.B = index.shape[0]                                          # rows that ended leave
 
 
 class _FixedLM:
@@ -427,3 +428,36 @@ def test_beam_search_finds_the_brute_force_best_when_the_beam_holds_every_prefix
         hyps.sort(key=lambda h: -h[0])
         best = [h[1] + [pad] * (got.shape[1] - 3 - len(h[1])) for h in hyps[:R]]
         assert got[b * R:(b + 1) * R, 3:].tolist() == best
+
+
+class _Recorder:
+    """Wraps a model and records the batch size of every call."""
+
+    def __init__(self, model):
+        self.model, self.sizes = model, []
+
+    def new_cache(self, batch_size, max_length):
+        return self.model.new_cache(batch_size, max_length)
+
+    def __call__(self, tokens, cache=None, attention_mask=None):
+        self.sizes.append(tokens.shape[0])
+        return self.model(tokens, cache=cache, attention_mask=attention_mask)
+
+
+def test_finished_rows_leave_the_work_and_the_output_is_unchanged(pair):
+    """A row that emits EOS is dropped from the cache and from later steps (greedy search and
+    sampling); the sequences, the streamer's tokens and HF's output agree with every row kept."""
+    hf, fast = pair
+    ids, mask = _prompts(True)
+    eos = _an_eos(hf, ids, mask)                                       # row 0 ends at its 4th new token
+    rec = _Recorder(fast)
+    s = _Streamer()
+    got = generate(rec, ids, mask, max_new_tokens=14, eos_token_id=eos, pad_token_id=7, streamer=s)
+    assert torch.equal(got, _hf_generate(hf, ids, mask, max_new_tokens=14, eos_token_id=eos, pad_token_id=7))
+    assert rec.sizes[:4] == [3, 3, 3, 3] and rec.sizes[4] == 2         # prefill + 3 steps, then row 0 left
+    assert torch.equal(torch.stack(s.put_calls[1:], 1), got[:, 6:6 + len(s.put_calls) - 1])
+    # with output_scores every row keeps running (its scores are returned), to the same tokens
+    rec2 = _Recorder(fast)
+    got2, scores = generate(rec2, ids, mask, max_new_tokens=14, eos_token_id=eos, pad_token_id=7,
+                            output_scores=True)
+    assert torch.equal(got2, got) and set(rec2.sizes) == {3} and all(x.shape[0] == 3 for x in scores)

@@ -217,7 +217,23 @@ def test_reorder_moves_the_rows():
     last, _ = fast(tokens[index, 9:], cache=cache)
     torch.testing.assert_close(last[:, 0], fast(tokens[index])[:, -1], rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="int64 index"):
-        cache.reorder(torch.tensor([0, 1]))
+        cache.reorder(torch.tensor([0, 1, 2, 0]))              # more rows than the cache holds
+    with pytest.raises(ValueError, match="int64 index"):
+        cache.reorder(torch.tensor([0, 1], dtype=torch.int32))
+
+
+def test_reorder_with_fewer_rows_drops_the_others():
+    """An index shorter than the batch keeps the rows it names (rows that finished leave)."""
+    cfg, fast, _ = _pair(torch.float64)
+    fast.eval()
+    tokens = _batch(cfg, B=3, T=10)["tokens"]
+    _, cache = _decode_in_steps(fast, tokens[:, :9], max_length=10)
+    keep = torch.tensor([2, 0])
+    cache.reorder(keep)
+    assert cache.batch_size == 2
+    with torch.no_grad():
+        last, _ = fast(tokens[keep, 9:], cache=cache)
+    torch.testing.assert_close(last[:, 0], fast(tokens[keep])[:, -1], rtol=1e-10, atol=1e-12)
 
 
 def test_cache_bounds_and_masks_are_checked():

@@ -13,8 +13,10 @@ per source (the cross-attention keys and values of every layer, or the encoder's
 the map row -> source.  The per-source tensors are never copied per row: a source's g rows (its
 beams, or its samples) read the same keys, and reorder moves the map, not the keys.
 
-All of them count the positions they hold (`length`) and reorder their batch rows in place
-(`reorder(index)`: row i becomes old row index[i]), which beam search calls after each step.
+All of them count the positions they hold (`length`) and reorder their batch rows
+(`reorder(index)`: row i becomes old row index[i]), which beam search calls after each step;
+an index shorter than the batch drops the rows it does not name (greedy search and sampling
+call it when rows finish, so that finished rows leave the work).
 """
 from __future__ import annotations
 
@@ -25,8 +27,10 @@ from torch import Tensor
 
 
 def _check_index(name: str, index: Tensor, B: int) -> None:
-    if not isinstance(index, Tensor) or index.shape != (B,) or index.dtype != torch.int64:
-        raise ValueError(f"{name}.reorder: expected an int64 index of shape ({B},), got "
+    """reorder's index: int64 (b,), 1 <= b <= B (b < B: the rows not named leave the batch)."""
+    if not isinstance(index, Tensor) or index.dim() != 1 or not 1 <= index.shape[0] <= B \
+            or index.dtype != torch.int64:
+        raise ValueError(f"{name}.reorder: expected an int64 index of shape (b,), 1 <= b <= {B}, got "
                          f"{getattr(index, 'dtype', type(index).__name__)} of shape {list(getattr(index, 'shape', []))}")
 
 
@@ -62,9 +66,18 @@ class KVCache:
         self.length += T
 
     def reorder(self, index: Tensor) -> None:
+        """Row i becomes old row index[i]; with fewer indices than rows the batch shrinks to them
+        (new storage holding the kept rows; the positions held are copied, the rest stay free)."""
         _check_index("KVCache", index, self.batch_size)
+        index = index.to(self.kv.device)
         held = self.kv[:, :, :, :, :self.length]
-        held.copy_(held.index_select(2, index.to(self.kv.device)))
+        if index.shape[0] == self.batch_size:
+            held.copy_(held.index_select(2, index))
+            return
+        L, _, _, NH, S, D = self.kv.shape
+        kv = self.kv.new_empty(L, 2, index.shape[0], NH, S, D)
+        kv[:, :, :, :, :self.length] = held.index_select(2, index)
+        self.kv = kv
 
 
 class RecurrentCache:
@@ -92,6 +105,7 @@ class RecurrentCache:
 
     def reorder(self, index: Tensor) -> None:
         _check_index("RecurrentCache", index, self._B)
+        self._B = index.shape[0]
         if self.state is None:
             return
         if isinstance(self.state, tuple):
@@ -129,7 +143,7 @@ class EncoderDecoderCache:
 
     @property
     def batch_size(self) -> int:
-        return self.sources * self.rows_per_source
+        return self.source_of.shape[0]
 
     @property
     def length(self) -> int:
@@ -151,4 +165,4 @@ class EncoderDecoderCache:
         index = index.to(self.source_of.device)
         self.decoder.reorder(index)
         self.source_of = self.source_of.index_select(0, index)
-        self.grouped = torch.equal(self.source_of, self._home)
+        self.grouped = self.source_of.shape == self._home.shape and torch.equal(self.source_of, self._home)

@@ -234,6 +234,9 @@ class _EncodedSources:
 def _greedy_or_sample(model, input_ids: Tensor, mask: Optional[Tensor], start: Tensor, *, max_new_tokens: int,
                       processors: Processors, eos: Optional[Tensor], pad: int, do_sample: bool,
                       num_return_sequences: int, streamer, generator, output_scores: bool):
+    """The search loop of greedy search and sampling.  Rows that emit an EOS leave the work: the
+    cache drops them (cache.reorder with the running rows) and later steps run the rest only
+    (the scores returned with output_scores then cover every row, so then no row leaves)."""
     if streamer is not None:
         streamer.put(input_ids.cpu())
     R = num_return_sequences
@@ -241,34 +244,59 @@ def _greedy_or_sample(model, input_ids: Tensor, mask: Optional[Tensor], start: T
         input_ids, start = input_ids.repeat_interleave(R, 0), start.repeat_interleave(R, 0)
         mask = None if mask is None else mask.repeat_interleave(R, 0)
     N, P = input_ids.shape
-    seqs = torch.empty(N, P + max_new_tokens, dtype=torch.int64, device=input_ids.device)
+    device = input_ids.device
+    seqs = torch.full((N, P + max_new_tokens), pad, dtype=torch.int64, device=device)
     seqs[:, :P] = input_ids
-    running = torch.ones(N, dtype=torch.bool, device=input_ids.device)
+    rows = None                                          # the running rows of seqs (None: all N)
     scores_out: List[Tensor] = []
+    k_top = processors.top_k_sampling()                  # > 0: sample among the k best only
 
     cache = model.new_cache(N, P + max_new_tokens)
     logits, cache = model(input_ids, cache=cache, attention_mask=mask)
+    running = torch.ones(N, dtype=torch.bool, device=device)    # output_scores: finished rows run on pad
     n = 0
     for step in range(max_new_tokens):
         cur = P + step
-        scores = processors(logits[:, -1].float(), seqs[:, :cur], start, step)
+        held = seqs[:, :cur] if rows is None else seqs.index_select(0, rows)[:, :cur]
+        scores = processors(logits[:, -1].float(), held, start, step, top_k=not k_top)
         if output_scores:
             scores_out.append(scores)
-        if do_sample:
-            tok = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
-        else:
+        if not do_sample:
             tok = scores.argmax(-1)
+        elif k_top:                                      # softmax over the k best, not the vocabulary
+            best, ids = torch.topk(scores, min(k_top, scores.shape[-1]), dim=-1)
+            tok = ids.gather(1, torch.multinomial(best.softmax(-1), 1, generator=generator)).squeeze(1)
+        else:
+            tok = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+        leave = None
         if eos is not None:
-            tok = torch.where(running, tok, torch.full_like(tok, pad))
-            running &= ~torch.isin(tok, eos)
-        seqs[:, cur] = tok
+            ended = torch.isin(tok, eos)
+            if output_scores:
+                tok = torch.where(running, tok, torch.full_like(tok, pad))
+                running &= ~ended
+                done = not bool(running.any())
+            else:
+                done = bool(ended.all())
+                leave = ended if not done and bool(ended.any()) else None
+        else:
+            done = False
+        if rows is None:
+            seqs[:, cur] = tok
+        else:
+            seqs[rows, cur] = tok
         n = step + 1
         if streamer is not None:
-            streamer.put(tok.cpu())
-        if n == max_new_tokens or not bool(running.any()):
+            streamer.put(tok.cpu() if rows is None else seqs[:, cur].cpu())
+        if n == max_new_tokens or done:
             break
+        if leave is not None:                            # the rows that emitted an EOS leave the work
+            keep = (~leave).nonzero().squeeze(1)
+            cache.reorder(keep)
+            rows = keep if rows is None else rows.index_select(0, keep)
+            tok, start = tok.index_select(0, keep), start.index_select(0, keep)
+            mask = None if mask is None else mask.index_select(0, keep)
         if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(N, 1)], 1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
         logits, cache = model(tok[:, None], cache=cache, attention_mask=mask)
     if streamer is not None:
         streamer.end()

@@ -82,7 +82,13 @@ class Processors:
         self.penalty, self.ngram, self.min_new, self.eos = repetition_penalty, no_repeat_ngram_size, min_new_tokens, eos
         self.min_keep = min_keep
 
-    def __call__(self, scores: Tensor, seqs: Tensor, start: Tensor, new_len: int) -> Tensor:
+    def top_k_sampling(self) -> int:
+        """k when sampling is filtered by top-k alone (no top-p): the sampler can then draw among
+        the k best scores (topk, then a softmax over k) instead of a softmax over the vocabulary,
+        and the caller passes top_k=False.  0 otherwise."""
+        return max(self.top_k, self.min_keep) if self.do_sample and self.top_k > 0 and self.top_p >= 1.0 else 0
+
+    def __call__(self, scores: Tensor, seqs: Tensor, start: Tensor, new_len: int, top_k: bool = True) -> Tensor:
         if self.penalty != 1.0:
             scores = repetition_penalty(scores, seqs, start, self.penalty)
         if self.ngram > 0:
@@ -92,7 +98,7 @@ class Processors:
         if self.do_sample:
             if self.temperature != 1.0:
                 scores = scores / self.temperature
-            if self.top_k > 0:
+            if self.top_k > 0 and top_k:
                 scores = top_k_filter(scores, self.top_k, self.min_keep)
             if self.top_p < 1.0:
                 scores = top_p_filter(scores, self.top_p, self.min_keep)
