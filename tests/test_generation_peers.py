@@ -7,8 +7,13 @@ identical weights, token for token:
   (CTranslate2 bans tokens before the log-softmax and stops an item once num_beams hypotheses
   finished; see peers.py), so only the EOS-free search is compared;
 - CTranslate2's Translator holding a TransformerSeq2Seq's weights (and its position table)
-  chooses model.greedy_decode's tokens, EOS and padding included, post- and pre-norm;
-- a missing optional package gives registry.Skipped, and check_setup accepts a skipped peer.
+  chooses model.greedy_decode's tokens, EOS and padding included, post- and pre-norm; without an
+  end token (stop_at_eos=False) its greedy and beam-4 searches choose fastseq.generate's
+  (eos_token_id=None), every row running to max_len;
+- the torch.nn.LSTM / LSTMCell loop on an LSTMSeq2Seq's weights chooses fastseq.generate's
+  greedy tokens (1 and 2 layers, padded sources);
+- a missing optional package gives registry.Skipped (the translation case, whose only peer is
+  CTranslate2's, is skipped as a whole), and check_setup accepts a skipped peer.
 
 Skipped without transformers / ctranslate2 (optional extras).  fp32, eval mode, no timings.
 """
@@ -115,6 +120,17 @@ def test_ct2_sampling_and_eos(gpt):
                        _fastseq(model, x, eos_token_id=eos, min_new_tokens=NEW))
 
 
+def test_translation_case_without_ctranslate2_is_skipped(monkeypatch):
+    from fastseq.bench.registry import cases, load
+
+    load(["generation"])                                                        # registers the decode cases
+
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)                      # import ctranslate2 fails
+    case, = [c for c in cases("cpu", ["generation"]) if c.name.startswith("translate seq2seq Transformer")]
+    with pytest.raises(Skipped, match=r"^skipped: ctranslate2 is not installed"):
+        case.setup()
+
+
 @needs_hf
 def test_missing_ctranslate2_is_a_skip(monkeypatch):
     monkeypatch.setitem(sys.modules, "ctranslate2", None)                      # import ctranslate2 fails
@@ -163,3 +179,60 @@ def test_ct2_translator_greedy_matches_greedy_decode(norm_first, share, tie, act
     for row in beam.tolist():               # greedy_decode's form: up to one EOS, padding after it only
         end = row.index(c.eos_id) + 1 if c.eos_id in row else len(row)
         assert all(t == c.pad_id for t in row[end:])
+
+
+def _seq2seq_sources(B, V, seed=0):
+    """Right-padded sources of 5..12 tokens (ids 3..V-1), their lengths and attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(5, 13, (B,), generator=g)                                  # (B,)
+    S = int(lengths.max())
+    mask = (torch.arange(S).view(1, S) < lengths.view(B, 1)).long()                   # (B, S)
+    return torch.randint(3, V, (B, S), generator=g).masked_fill_(mask == 0, 0), lengths, mask
+
+
+@needs_ct2
+@pytest.mark.parametrize("norm_first,share", [(False, True), (True, False)])
+def test_ct2_translator_without_eos_matches_generate(norm_first, share):
+    """No end token: every row runs to max_len with EOS a token like any other, and the
+    Translator's greedy and beam-4 searches choose fastseq.generate's (eos_token_id=None)."""
+    from fastseq.generation import generate
+    from fastseq.models.seq2seq_transformer import TransformerSeq2Seq, TransformerSeq2SeqConfig
+
+    torch.manual_seed(0)
+    c = TransformerSeq2SeqConfig(vocab_size=64, dim=32, layers=2, heads=4, ffn_dim=64, dropout=0.0,
+                                 norm_first=norm_first, share_embeddings=share, max_positions=64)
+    model = TransformerSeq2Seq(c).eval()
+    src, lengths, mask = _seq2seq_sources(5, c.vocab_size)
+    greedy = generate(model, src, mask, decoder_start_token_id=c.bos_id, max_new_tokens=NEW)[:, 1:]
+    with torch.no_grad():                   # make the EOS win where row 0's third token did
+        model.output_weight[c.eos_id] = 1.01 * model.output_weight[greedy[0, 2]]
+    peers.ct2_seq2seq(model, cache=False)   # the weights changed: convert again
+    for beams in (1, 4):
+        want = generate(model, src, mask, decoder_start_token_id=c.bos_id, num_beams=beams, max_new_tokens=NEW)[:, 1:]
+        got = peers.ct2_translate(model, src, lengths, NEW, num_beams=beams, stop_at_eos=False)
+        assert want.shape == (5, NEW) and torch.equal(got, want)
+        if beams == 1:
+            assert (want[:, :-1] == c.eos_id).any()          # EOS chosen before the end, and the rows went on
+            greedy = want
+    assert not torch.equal(want, greedy)                      # beam search found other tokens than greedy
+
+
+@pytest.mark.parametrize("layers,B", [(1, 1), (2, 4)])
+def test_torch_lstmcell_loop_matches_generate(layers, B):
+    from fastseq.generation import generate
+    from fastseq.models.seq2seq_lstm import LSTMSeq2Seq, LSTMSeq2SeqConfig
+
+    torch.manual_seed(0)
+    c = LSTMSeq2SeqConfig(vocab_size=64, dim=16, hidden=32, layers=layers, dropout=0.0)
+    model = LSTMSeq2Seq(c).eval()
+    with torch.no_grad():                   # U(-1, 1): at its U(-0.1, 0.1) a model this small repeats one token
+        for p in model.parameters():
+            p.uniform_(-1.0, 1.0)
+    src, lengths, mask = _seq2seq_sources(B, c.vocab_size, seed=layers)
+    want = generate(model, src, mask, decoder_start_token_id=c.bos_id, max_new_tokens=NEW)[:, 1:]
+    got = peers.TorchLoopLSTMSeq2Seq(model).generate(src, lengths, NEW)
+    assert want.shape == (B, NEW) and torch.equal(got, want)
+    assert len(set(want.flatten().tolist())) > 3             # not one token repeated
+    if B > 1:                                                 # the pads are masked: a row alone decodes the same
+        assert torch.equal(peers.TorchLoopLSTMSeq2Seq(model).generate(src[1:2, :int(lengths[1])], lengths[1:2], NEW),
+                           got[1:2])

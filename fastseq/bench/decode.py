@@ -12,7 +12,10 @@ B * new tokens / time.
 
 The second half (issue #12): fastseq.generate on the same shape of model against Hugging Face's
 generate, CTranslate2 and a plain torch loop (peers.py), greedy, beam 4 and top-k 50 -- the
-"generation" benchmarks (registry.ALIASES: the family "generation" is this one).
+"generation" benchmarks (registry.ALIASES: the family "generation" is this one); then the
+encoder-decoder models: beam-4 translation with fastseq.models.TransformerSeq2Seq against
+CTranslate2's Translator, and greedy generation with fastseq.models.LSTMSeq2Seq against a
+torch.nn.LSTMCell loop.
 """
 from __future__ import annotations
 
@@ -184,3 +187,144 @@ for _B, _beams, _k in ((1, 1, 0), (8, 1, 0), (1, 4, 0), (1, 1, 50)):
     register(Case("decode", f"generate GPT-2 shape {_what} B={_B}, 128 new tokens", "cpu",
                   _generate_case(_B, 128, _beams, _k), peers=_GENERATE_PEERS[_mode], quick=False,
                   meta={"B": _B, "new_tokens": 128, "tokens": _B * 128}))
+
+
+# ============================================================================ encoder-decoder generation (issue #12)
+
+# Sources for both models: B rows of 20-40 tokens (random lengths; ids other than pad 0, bos 1,
+# eos 2), right-padded with pad_id, the attention mask 1 at the tokens.  Random weights, eval mode,
+# dropout 0.  No EOS: fastseq.generate runs with eos_token_id=None and the peers with no end token,
+# so every row of every implementation runs max_new_tokens steps -- the same work, and the beam
+# searches agree (peers.py: with an EOS, CTranslate2's and HF's beam conventions differ).
+# tokens/s = B x new tokens (the returned sequences; beam search's 4 x more rows not counted).
+
+SEQ2SEQ_V = 8000
+SRC_LENGTHS = (20, 40)
+
+
+def _sources(B, seed=1):
+    """(src (B, S) right-padded with 0, src_lengths (B,), attention_mask (B, S)) of B random
+    sources of SRC_LENGTHS tokens."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(SRC_LENGTHS[0], SRC_LENGTHS[1] + 1, (B,), generator=g)            # (B,)
+    S = int(lengths.max())
+    mask = (torch.arange(S).view(1, S) < lengths.view(B, 1)).long()                           # (B, S)
+    src = torch.randint(3, SEQ2SEQ_V, (B, S), generator=g).masked_fill_(mask == 0, 0)         # (B, S)
+    return src, lengths, mask
+
+
+def _seeded(build, seed=0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build().eval()
+
+
+# fairseq's transformer (base): E 512, 8 heads, FFN 2048, 6 + 6 post-norm layers, relu, one
+# vocabulary of 8000 shared by the source and target embeddings.  The output layer is its own
+# matrix (tie_weights=False): with random weights a tied post-norm model scores the decoder's
+# input embedding back and repeats one token for ever, which would check little; untied, the
+# rows' tokens vary.  Beam 4 at batch 32 (128 decoder rows), 48 new tokens, length_penalty 1
+# (without an EOS every hypothesis has the same length, so it cannot reorder them).  Peer:
+# CTranslate2's Translator on the same weights (peers.ct2_seq2seq, converted in setup; fp32,
+# torch.get_num_threads() threads), beam_size 4, end_token=[]; setup checks it returns
+# fastseq's tokens.  Without ctranslate2 the case is skipped (it has no other peer).
+# bytes = the decoder's weights one step reads (its layers less the cross-attention key / value
+# projections, which run once per source, plus the output layer) x steps; flops = 2 x those x
+# B x beams x steps + 2 x the encoder's layer weights x source tokens (attention's own
+# arithmetic not counted).
+
+TRANSLATE_B, TRANSLATE_BEAMS, TRANSLATE_NEW = 32, 4, 48
+
+
+def _translation_case(B, num_beams, new_tokens):
+    def setup():
+        from ..generation import generate
+        from ..models.seq2seq_transformer import TransformerSeq2Seq, TransformerSeq2SeqConfig
+
+        try:                                               # before building the model
+            peers.require("ctranslate2")
+        except Skipped as e:
+            raise Skipped(f"{e} (CTranslate2's Translator is this case's only peer)") from e
+        c = TransformerSeq2SeqConfig(vocab_size=SEQ2SEQ_V, dim=512, layers=6, heads=8, ffn_dim=2048, dropout=0.0,
+                                     share_embeddings=True, tie_weights=False)
+        model = _seeded(lambda: TransformerSeq2Seq(c))
+        src, lengths, mask = _sources(B)
+        peers.ct2_seq2seq(model)                           # converted here, not in the timed calls
+
+        def fast():
+            return generate(model, src, mask, decoder_start_token_id=c.bos_id, num_beams=num_beams,
+                            max_new_tokens=new_tokens, length_penalty=1.0, early_stopping=False)[:, 1:]
+
+        def translator():
+            return peers.ct2_translate(model, src, lengths, new_tokens, num_beams=num_beams, length_penalty=1.0,
+                                       stop_at_eos=False)
+
+        want, got = fast(), translator()                   # (B, new_tokens) each
+        if got.shape != want.shape or not torch.equal(got, want):
+            raise AssertionError(f"translation (beam {num_beams}, B={B}): fastseq.generate and CTranslate2's "
+                                 f"Translator chose different tokens (shapes {list(want.shape)} and "
+                                 f"{list(got.shape)}, {int((got != want).sum()) if got.shape == want.shape else '-'} "
+                                 f"differ)")
+        E = c.dim
+        step = sum(p.numel() for p in model.decoder_layers.parameters()) - c.decoder_layers * 2 * E * (E + 1) \
+            + model.output_weight.numel()
+        encoder = sum(p.numel() for p in model.encoder_layers.parameters())
+        return Setup(fastseq=fast, peers={"CTranslate2": translator}, bytes=4.0 * step * new_tokens,
+                     flops=2.0 * step * B * num_beams * new_tokens + 2.0 * encoder * int(lengths.sum()))
+    return setup
+
+
+register(Case("decode", f"translate seq2seq Transformer beam {TRANSLATE_BEAMS}, batch {TRANSLATE_B}, "
+              f"{TRANSLATE_NEW} new tokens", "cpu", _translation_case(TRANSLATE_B, TRANSLATE_BEAMS, TRANSLATE_NEW),
+              peers=("CTranslate2",), quick=False,
+              meta={"B": TRANSLATE_B, "num_beams": TRANSLATE_BEAMS, "new_tokens": TRANSLATE_NEW,
+                    "tokens": TRANSLATE_B * TRANSLATE_NEW}))
+
+
+# fairseq's lstm: E 512, a bidirectional 2-layer encoder (H/2 = 512 units a direction), a 2-layer
+# LSTMCell decoder of H = 1024 with input feeding and dot-product attention, vocabulary 8000
+# shared by the embeddings, its own output layer (as above), U(-0.1, 0.1) weights.  Greedy, 64 new
+# tokens, at B = 1 and 16.  Peer: peers.TorchLoopLSTMSeq2Seq, the model written out on torch.nn:
+# the sources encoded by a torch.nn.LSTM holding the model's encoder weights (packed, as the
+# model), the decoder as torch.nn.LSTMCell layers holding its cells' weights, the attention and
+# output layer per step; setup checks it returns fastseq's tokens.  bytes = the weights a decoder
+# step reads (cells, attention, output layer) x steps; flops = 2 x those x B x steps + 2 x the
+# encoder's weights x source tokens (each token runs through both directions' weights once).
+
+LSTM_NEW = 64
+
+
+def _lstm_case(B, new_tokens):
+    def setup():
+        from ..generation import generate
+        from ..models.seq2seq_lstm import LSTMSeq2Seq, LSTMSeq2SeqConfig
+
+        c = LSTMSeq2SeqConfig(vocab_size=SEQ2SEQ_V, dim=512, hidden=1024, layers=2, dropout=0.0,
+                              share_embeddings=True, tie_weights=False)
+        model = _seeded(lambda: LSTMSeq2Seq(c))
+        src, lengths, mask = _sources(B)
+        loop = peers.TorchLoopLSTMSeq2Seq(model)
+
+        def fast():
+            return generate(model, src, mask, decoder_start_token_id=c.bos_id, max_new_tokens=new_tokens)[:, 1:]
+
+        def torch_loop():
+            return loop.generate(src, lengths, new_tokens)
+
+        want, got = fast(), torch_loop()                   # (B, new_tokens) each
+        if got.shape != want.shape or not torch.equal(got, want):
+            raise AssertionError(f"LSTM decoder generation (greedy, B={B}): fastseq.generate and the torch "
+                                 f"LSTMCell loop chose different tokens (shapes {list(want.shape)} and "
+                                 f"{list(got.shape)})")
+        step = sum(p.numel() for p in model.decoder_cells.parameters()) + model.attention_proj.weight.numel() \
+            + model.attention_out.weight.numel() + model.output_weight.numel()
+        encoder = sum(p.numel() for p in model.encoder.parameters())
+        return Setup(fastseq=fast, peers={"torch LSTMCell loop": torch_loop}, bytes=4.0 * step * new_tokens,
+                     flops=2.0 * step * B * new_tokens + 2.0 * encoder * int(lengths.sum()))
+    return setup
+
+
+for _B in (1, 16):
+    register(Case("decode", f"LSTM decoder generation greedy B={_B}, {LSTM_NEW} new tokens", "cpu",
+                  _lstm_case(_B, LSTM_NEW), peers=("torch LSTMCell loop",), quick=False,
+                  meta={"B": _B, "new_tokens": LSTM_NEW, "tokens": _B * LSTM_NEW}))

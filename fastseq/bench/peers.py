@@ -11,8 +11,12 @@ weights of the model fastseq decodes.
   CTranslate2's built-in sinusoids are laid out otherwise (sin | cos halves, timescales
   10000^(-i / (E/2 - 1)), positions from 1), the model's are Vaswani's (sin, cos interleaved,
   10000^(-2i / E), positions from 0).
+  `ct2_translate(..., stop_at_eos=False)` passes no end token: every row runs to max_len.
 - `TorchLoopGPT2`: GPT-2 decoded with a preallocated KV cache the way a PyTorch user writes it
   (F.layer_norm, F.linear, F.scaled_dot_product_attention, tanh-GELU), on the HF model's weights.
+- `TorchLoopLSTMSeq2Seq`: a fastseq.models.LSTMSeq2Seq decoded greedily the way a PyTorch user
+  writes it: its encoder as a torch.nn.LSTM, its decoder as torch.nn.LSTMCell layers (the same
+  weights loaded), input feeding and dot-product attention written out per step.
 
 Each peer imports its package when first called and raises registry.Skipped ("skipped:
 ctranslate2 is not installed ...") when it is missing.  Conversions are cached per process, per
@@ -20,10 +24,11 @@ model object (and thread count): after changing a model's weights, convert it ag
 (`ct2_gpt2(model, cache=False)`, `ct2_seq2seq(model, cache=False)`), which replaces the cached copy.
 
 Matching conventions.  Greedy search and sampling agree with fastseq.generate exactly (sampling
-only in distribution).  CTranslate2's beam search agrees with Hugging Face's (and fastseq's) when
-no hypothesis can end before max_new_tokens, i.e. without an EOS (`eos_token_id=None` here,
-end_token=[] there): every step keeps the best num_beams of num_beams x V continuations, and the
-result is the best sum of log-probabilities (all lengths equal, so length_penalty cannot reorder).
+only in distribution).  CTranslate2's beam search (Generator and Translator) agrees with Hugging
+Face's (and fastseq's) when no hypothesis can end before max_new_tokens, i.e. without an EOS
+(`eos_token_id=None` / `stop_at_eos=False` here, end_token=[] there): every step keeps the best
+num_beams of num_beams x V continuations, and the result is the best sum of log-probabilities
+(all lengths equal, so length_penalty cannot reorder).
 With an EOS they differ by convention: CTranslate2 removes disabled tokens (min_length's EOS ban)
 before the log-softmax, HF after it; CTranslate2 keeps every hypothesis that finished and stops an
 item once num_beams of them did (as HF's early_stopping=True), or as soon as the best beam
@@ -290,7 +295,7 @@ def ct2_seq2seq(model, threads: Optional[int] = None, cache: bool = True) -> CT2
 
 
 def ct2_translate(model, src: Tensor, src_lengths: Tensor, max_len: int, *, num_beams: int = 1,
-                  length_penalty: float = 1.0, threads: Optional[int] = None) -> Tensor:
+                  length_penalty: float = 1.0, stop_at_eos: bool = True, threads: Optional[int] = None) -> Tensor:
     """Decode each source with CTranslate2's Translator on the model's weights, from bos_id to
     eos_id or max_len tokens, in TransformerSeq2Seq.greedy_decode's output form.
 
@@ -300,18 +305,24 @@ def ct2_translate(model, src: Tensor, src_lengths: Tensor, max_len: int, *, num_
         max_len: at most this many tokens per row, eos_id included.
         num_beams: 1: greedy search (the same tokens as model.greedy_decode); > 1: CTranslate2's
             beam search with length_penalty (finished hypotheses: sum log p / length ** penalty).
+        stop_at_eos: True: a row ends at eos_id; False: no end token (end_token=[]), eos_id is a
+            token like any other and every row runs to max_len (fastseq.generate with
+            eos_token_id=None: then beam search agrees too, see the module docstring).
+        threads: as ct2_seq2seq.
 
     Returns:
         each row's tokens ending at its eos_id (kept) with pad_id after it, int64.
 
     Shapes:
-        src: (B, S); src_lengths: (B,); returns (B, L), L <= max_len the longest row.
+        src: (B, S); src_lengths: (B,); returns (B, L), L <= max_len the longest row (L = max_len
+        without stop_at_eos).
     """
     m = ct2_seq2seq(model, threads)
     source = [[m.tokens[t] for t in row[:n]] for row, n in zip(src.tolist(), src_lengths.tolist())]
     results = m.translator.translate_batch(
         source, beam_size=num_beams, patience=1, num_hypotheses=1, length_penalty=length_penalty,
-        max_decoding_length=max_len, min_decoding_length=0, max_input_length=0, return_end_token=True)
+        max_decoding_length=max_len, min_decoding_length=0, max_input_length=0, return_end_token=True,
+        end_token=None if stop_at_eos else [])
     rows = [[m.ids[t] for t in r.hypotheses[0]] for r in results]
     return _pad_rows(rows, max(1, max(len(r) for r in rows)), m.pad_id)
 
@@ -385,3 +396,75 @@ class TorchLoopGPT2:
                 out[:, t] = logits.argmax(-1)
             tokens = out[:, t:t + 1]
         return out
+
+
+# ============================================================================ a plain torch loop, LSTM seq2seq
+
+class TorchLoopLSTMSeq2Seq:
+    """fastseq.models.LSTMSeq2Seq (fairseq's `lstm`: bidirectional encoder, LSTMCell decoder with
+    input feeding and dot-product attention) decoded greedily the way a PyTorch user writes it, on
+    the model's weights: torch.nn.LSTM over the packed source, torch.nn.LSTMCell layers, and per
+    step the attention of fairseq's AttentionLayer, q = W_a h, s = enc . q (pads -inf),
+    context = softmax(s) enc, a = tanh(W_c [context; h]), logits = W_out a, argmax."""
+
+    def __init__(self, model):
+        c = model.config
+        E, H, L = c.dim, c.hidden, c.layers
+        self.encoder = torch.nn.LSTM(E, H // 2, L, batch_first=True, bidirectional=True).eval()
+        self.encoder.load_state_dict(model.encoder.state_dict())                  # torch.nn.LSTM's keys
+        self.cells = []
+        for i, src_cell in enumerate(model.decoder_cells):
+            cell = torch.nn.LSTMCell(2 * E if i == 0 else H, H).eval()
+            cell.load_state_dict(src_cell.state_dict())
+            self.cells.append(cell)
+        for p in [*self.encoder.parameters(), *(p for cell in self.cells for p in cell.parameters())]:
+            p.requires_grad_(False)
+        self.src_embed = model.encoder_embed.weight.detach()                      # (V, E)
+        self.tgt_embed = model.decoder_embed.weight.detach()                      # (V, E)
+        self.w_a = model.attention_proj.weight.detach()                           # (H, H)
+        self.w_c = model.attention_out.weight.detach()                            # (E, 2H), context columns first
+        self.w_out = model.output_weight.detach()                                 # (V, E)
+        self.E, self.bos_id = E, c.bos_id
+
+    @torch.no_grad()
+    def generate(self, src: Tensor, src_lengths: Tensor, max_new_tokens: int) -> Tensor:
+        """Greedy decoding of right-padded sources from bos_id, no EOS (every row runs to
+        max_new_tokens).
+
+        Args:
+            src: the source token ids, right-padded; src_lengths: their lengths.
+            max_new_tokens: tokens to generate.
+
+        Returns:
+            the new tokens (the start token left out), int64.
+
+        Shapes:
+            src: (B, S); src_lengths: (B,); returns (B, max_new_tokens).
+        """
+        if not isinstance(src, Tensor) or src.dim() != 2 or src.numel() == 0:
+            raise ValueError(f"TorchLoopLSTMSeq2Seq.generate: src must be a non-empty (B, S) tensor of token ids, "
+                             f"got shape {list(getattr(src, 'shape', []))}")
+        B, S = src.shape
+        L = len(self.cells)
+        x = F.embedding(src, self.src_embed)                                     # (B, S, E)
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, src_lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, (h_n, c_n) = self.encoder(packed)                                    # h_n, c_n (2 L, B, H/2)
+        enc = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=S)[0]   # (B, S, H)
+        pads = torch.arange(S, device=src.device).view(1, S) >= src_lengths.to(src.device).view(B, 1)   # (B, S)
+        hs = [torch.cat((h_n[2 * i], h_n[2 * i + 1]), 1) for i in range(L)]      # (B, H): [forward; backward]
+        cs = [torch.cat((c_n[2 * i], c_n[2 * i + 1]), 1) for i in range(L)]
+        feed = enc.new_zeros(B, self.E)                                           # (B, E): a_0
+        tok = torch.full((B,), self.bos_id, dtype=torch.int64, device=src.device)
+        new = torch.empty(B, max_new_tokens, dtype=torch.int64, device=src.device)
+        for t in range(max_new_tokens):
+            h = torch.cat((F.embedding(tok, self.tgt_embed), feed), 1)           # (B, 2E): input feeding
+            for i, cell in enumerate(self.cells):
+                hs[i], cs[i] = cell(h, (hs[i], cs[i]))
+                h = hs[i]                                                         # (B, H)
+            q = F.linear(h, self.w_a)                                             # (B, H)
+            s = torch.bmm(enc, q.unsqueeze(2)).squeeze(2).masked_fill_(pads, float("-inf"))   # (B, S)
+            context = torch.bmm(torch.softmax(s, -1).unsqueeze(1), enc).squeeze(1)          # (B, H)
+            feed = torch.tanh(F.linear(torch.cat((context, h), 1), self.w_c))     # (B, E)
+            tok = F.linear(feed, self.w_out).argmax(-1)                           # (B,)
+            new[:, t] = tok
+        return new
