@@ -36,48 +36,95 @@ def _check_index(name: str, index: Tensor, B: int) -> None:
 
 class KVCache:
     """Keys and values of `layers` attention layers for `batch_size` rows and up to `max_length`
-    positions, preallocated: kv (L, 2, B, NH, S_max, D)."""
+    positions, preallocated: kv (L, 2, B, NH, S_max, D).
+
+    Beam search reorders rows after every step.  Copying the held positions of every layer for
+    that is O(length) a step, O(length^2) a search, and at batch 32 x 4 beams it was 44 % of a
+    translation's time; instead the cache keeps origin (B, S_max): the cache row holding
+    position j of row i.  reorder gathers this table of ints, never the keys; row i writes its
+    new positions into cache row i (a position not yet written is referenced by no row, so any
+    row's slot is free for it).  Attention reads through the table: attend_step (fastseq's CPU
+    kernel) and GPT's fused step in place; `write` gathers the keys it returns (other paths).
+    Rows that leave (an index shorter than the batch) keep their storage; the rows left are
+    0 .. b-1."""
 
     def __init__(self, layers: int, batch_size: int, heads: int, head_dim: int, max_length: int,
                  dtype=torch.float32, device=None):
         self.kv = torch.empty(layers, 2, batch_size, heads, max_length, head_dim, dtype=dtype, device=device)
         self.length = 0
         self.max_length = max_length
+        self.origin: Optional[Tensor] = None          # (b, S_max) int64; None: row i's positions in row i
+        self._rows = batch_size
 
     @property
     def batch_size(self) -> int:
-        return self.kv.shape[2]
+        return self._rows
 
     def check_room(self, T: int) -> None:
         if self.length + T > self.max_length:
             raise ValueError(f"KVCache: {self.length} positions held + {T} new exceed max_length {self.max_length}")
 
+    def _store(self, layer: int, k: Tensor, v: Tensor) -> None:
+        n, T, b = self.length, k.shape[2], self._rows
+        kv = self.kv[layer]
+        kv[0, :b, :, n:n + T] = k
+        kv[1, :b, :, n:n + T] = v
+        if self.origin is not None:
+            self.origin[:, n:n + T] = torch.arange(b, device=self.origin.device).view(b, 1)
+
     def write(self, layer: int, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         """Store k, v (B, NH, T, D) at positions [length, length + T) of `layer`; returns the
-        cache's keys and values for [0, length + T), views (B, NH, length + T, D)."""
-        n, T = self.length, k.shape[2]
+        cache's keys and values for [0, length + T), (B, NH, length + T, D): views read in place,
+        or, after a reorder, gathered through origin."""
+        self._store(layer, k, v)
+        n, T, b = self.length, k.shape[2], self._rows
         kv = self.kv[layer]
-        kv[0, :, :, n:n + T] = k
-        kv[1, :, :, n:n + T] = v
-        return kv[0, :, :, :n + T], kv[1, :, :, :n + T]
+        if self.origin is None:
+            return kv[0, :b, :, :n + T], kv[1, :b, :, :n + T]
+        rows = self.origin[:, :n + T]                                         # (b, S)
+        pos = torch.arange(n + T, device=rows.device).expand(b, n + T)
+        return kv[0][rows, :, pos].transpose(1, 2), kv[1][rows, :, pos].transpose(1, 2)   # (b, NH, S, D)
+
+    def can_attend_step(self, q: Tensor, training: bool) -> bool:
+        """Whether attend_step runs this step: one query, CPU fp32 / fp64 matching the cache, no
+        gradient or dropout wanted, fastseq's CPU kernels available and not overridden by
+        use_backend."""
+        from .. import _dispatch
+        return q.shape[2] == 1 and q.device.type == "cpu" and q.dtype == self.kv.dtype \
+            and q.dtype in (torch.float32, torch.float64) and not training \
+            and not (torch.is_grad_enabled() and q.requires_grad) \
+            and _dispatch.forced_backend() in (None, "cpu") and _dispatch.backend_missing("cpu") is None
+
+    def attend_step(self, layer: int, q: Tensor, k: Tensor, v: Tensor, num_threads: int) -> Tensor:
+        """Store one new position's k, v (B, NH, 1, D) and return the attention of q (B, NH, 1, D)
+        over every held position (through origin, without a copy), fastseq's CPU kernel: the
+        caller checks the device, dtype and contiguity (q contiguous).  -> (B, NH, 1, D)."""
+        from .. import _blas
+        self._store(layer, k, v)
+        q = q.contiguous()
+        b, NH, _, D = q.shape
+        nk = self.length + 1
+        o = torch.empty_like(q)
+        work = q.new_empty(max(1, num_threads) * nk)
+        _blas.cpu_kernels("decode").attend_cache(
+            q.data_ptr(), self.kv[layer].data_ptr(), 0 if self.origin is None else self.origin.data_ptr(), 0,
+            o.data_ptr(), work.data_ptr(), b, self.kv.shape[2], NH, D, self.max_length, nk, num_threads,
+            q.dtype == torch.float64)
+        return o
 
     def advance(self, T: int) -> None:
         """The T positions every layer has written are now held."""
         self.length += T
 
     def reorder(self, index: Tensor) -> None:
-        """Row i becomes old row index[i]; with fewer indices than rows the batch shrinks to them
-        (new storage holding the kept rows; the positions held are copied, the rest stay free)."""
-        _check_index("KVCache", index, self.batch_size)
+        """Row i becomes old row index[i] (the origin table is gathered, not the keys); with fewer
+        indices than rows the batch shrinks to them."""
+        _check_index("KVCache", index, self._rows)
         index = index.to(self.kv.device)
-        held = self.kv[:, :, :, :, :self.length]
-        if index.shape[0] == self.batch_size:
-            held.copy_(held.index_select(2, index))
-            return
-        L, _, _, NH, S, D = self.kv.shape
-        kv = self.kv.new_empty(L, 2, index.shape[0], NH, S, D)
-        kv[:, :, :, :, :self.length] = held.index_select(2, index)
-        self.kv = kv
+        if self.origin is None:
+            self.origin = torch.arange(self._rows, device=self.kv.device).view(-1, 1).repeat(1, self.max_length)
+        self.origin = self.origin.index_select(0, index)
+        self._rows = index.shape[0]
 
 
 class RecurrentCache:

@@ -114,8 +114,8 @@ def decode_step(model, tokens: Tensor, cache: KVCache, attention_mask: Optional[
     B = tokens.shape[0]
     n = cache.length
     k = _blas.cpu_kernels("decode")
-    if cache.kv.shape[2] != B:
-        raise ValueError(f"GPT: the cache holds {cache.kv.shape[2]} rows, the step has {B}")
+    if cache.batch_size != B:
+        raise ValueError(f"GPT: the cache holds {cache.batch_size} rows, the step has {B}")
     t = _table(model)
     keep = None
     if t.contiguous:
@@ -132,8 +132,12 @@ def decode_step(model, tokens: Tensor, cache: KVCache, attention_mask: Optional[
     dtype = cache.kv.dtype
     ws = torch.empty(k.workspace_size(B, c.dim, c.ffn_dim, cache.max_length, nt), dtype=dtype)
     logits = torch.empty(B, 1, c.vocab_size, dtype=dtype)
-    rc = k.gpt_step(table.data_ptr(), tok.data_ptr(), 0, 0 if mask is None else mask.data_ptr(), cache.kv.data_ptr(),
-                    ws.data_ptr(), logits.data_ptr(), B, B, c.dim, c.heads, c.ffn_dim, c.layers, c.vocab_size,
+    origin = cache.origin
+    if origin is not None:
+        origin[:, n] = torch.arange(B)                                     # the new position goes into row i
+    rc = k.gpt_step(table.data_ptr(), tok.data_ptr(), 0 if origin is None else origin.data_ptr(),
+                    0 if mask is None else mask.data_ptr(), cache.kv.data_ptr(),
+                    ws.data_ptr(), logits.data_ptr(), B, cache.kv.shape[2], c.dim, c.heads, c.ffn_dim, c.layers, c.vocab_size,
                     cache.max_length, n, ACTIVATIONS.index(c.activation), c.layer_norm_eps, nt,
                     dtype == torch.float64)
     if rc != 0:

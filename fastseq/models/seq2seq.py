@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from ..functional import linear_cross_entropy
 from ..generation.cache import EncoderDecoderCache
+from ..generation.linear import linear
 from .packing import Rows
 
 __all__ = ["TransformerSeq2SeqConfig", "TransformerSeq2Seq", "LSTMSeq2SeqConfig", "LSTMSeq2Seq", "Seq2Seq",
@@ -112,7 +113,7 @@ class Seq2Seq(nn.Module):
         """
         if cache is not None:
             self._check_step(src, src_lengths, tgt_in, cache)
-            return F.linear(self.decode_step(tgt_in, cache), self.output_weight), cache   # (N, T, V)
+            return linear(self.decode_step(tgt_in, cache), self.output_weight), cache     # (N, T, V)
         if tgt_in is None:
             raise ValueError(f"{type(self).__name__}: expected tgt_in (the decoder's input tokens) with the sources, "
                              "got None")

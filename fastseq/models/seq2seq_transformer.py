@@ -34,9 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _dispatch
 from .. import functional as FF
 from ..functional import dropout
 from ..generation.cache import EncoderDecoderCache, KVCache
+from ..generation.linear import linear
 from ..nn import LayerNorm, TransformerDecoderLayer, TransformerEncoderLayer
 from . import packing
 from .packing import Rows, _drop_add_norm, _norm, feed_forward
@@ -233,7 +235,11 @@ def self_attention_step(mha: nn.MultiheadAttention, x: Tensor, kv: KVCache, laye
     N, T, E = x.shape
     NH, D = mha.num_heads, mha.head_dim
     n = kv.length
-    q, k, v = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).view(N, T, 3, NH, D).permute(2, 0, 3, 1, 4)
+    q, k, v = linear(x, mha.in_proj_weight, mha.in_proj_bias).view(N, T, 3, NH, D).permute(2, 0, 3, 1, 4)
+    training = mha.training and mha.dropout > 0
+    if kv.can_attend_step(q, training):                  # one query a row, read in place through kv.origin
+        o = kv.attend_step(layer, q, k, v, _dispatch.num_threads())                      # (N, NH, 1, D)
+        return linear(o.view(N, 1, E), mha.out_proj.weight, mha.out_proj.bias)        # (N, 1, E)
     k, v = kv.write(layer, k, v)                                                         # 2 x (N, NH, n + T, D)
     visible = None
     if n and T > 1:                                     # new query i sees keys j <= n + i (bottom-right causal)
@@ -241,7 +247,7 @@ def self_attention_step(mha: nn.MultiheadAttention, x: Tensor, kv: KVCache, laye
             torch.arange(n, n + T, device=x.device).view(T, 1)                          # (T, n + T)
     o = FF.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=mha.dropout if mha.training else 0.0,
                                         is_causal=not n and T > 1)                      # (N, NH, T, D)
-    return F.linear(o.transpose(1, 2).reshape(N, T, E), mha.out_proj.weight, mha.out_proj.bias)   # (N, T, E)
+    return linear(o.transpose(1, 2).reshape(N, T, E), mha.out_proj.weight, mha.out_proj.bias)   # (N, T, E)
 
 
 def cross_attention_step(mha: nn.MultiheadAttention, x: Tensor, cache: EncoderDecoderCache, layer: int) -> Tensor:
@@ -252,7 +258,7 @@ def cross_attention_step(mha: nn.MultiheadAttention, x: Tensor, cache: EncoderDe
     NH, D = mha.num_heads, mha.head_dim
     k, v = cache.memory.kv[layer]                                                        # 2 x (B, NH, S, D)
     lengths = cache.memory.key_lengths
-    q = F.linear(x, mha.in_proj_weight[:E], mha.in_proj_bias[:E])                        # (N, T, E)
+    q = linear(x, mha.in_proj_weight[:E], mha.in_proj_bias[:E])                        # (N, T, E)
     if cache.grouped:
         B = cache.sources
         q = q.view(B, N // B * T, NH, D).transpose(1, 2)                                 # (B, NH, g T, D)
@@ -262,7 +268,16 @@ def cross_attention_step(mha: nn.MultiheadAttention, x: Tensor, cache: EncoderDe
         q = q.view(N, T, NH, D).transpose(1, 2)                                          # (N, NH, T, D)
     o = FF.scaled_dot_product_attention(q, k, v, dropout_p=mha.dropout if mha.training else 0.0,
                                         key_lengths=lengths)                 # (B, NH, g T, D) or (N, NH, T, D)
-    return F.linear(o.transpose(1, 2).reshape(N, T, E), mha.out_proj.weight, mha.out_proj.bias)   # (N, T, E)
+    return linear(o.transpose(1, 2).reshape(N, T, E), mha.out_proj.weight, mha.out_proj.bias)   # (N, T, E)
+
+
+def feed_forward_step(layer: nn.TransformerDecoderLayer, x: Tensor, activation: str) -> Tensor:
+    """packing.feed_forward for a decode step: in inference both GEMMs are generation.linear's
+    (columns split over the threads, bias + activation in the epilogue)."""
+    if layer.training and layer.dropout.p > 0:
+        return feed_forward(layer, x, activation)
+    h = linear(x, layer.linear1.weight, layer.linear1.bias, activation)                  # (N, T, F)
+    return linear(h, layer.linear2.weight, layer.linear2.bias)                           # (N, T, E)
 
 
 def decoder_layer_step(layer: nn.TransformerDecoderLayer, x: Tensor, cache: EncoderDecoderCache, i: int,
@@ -278,7 +293,7 @@ def decoder_layer_step(layer: nn.TransformerDecoderLayer, x: Tensor, cache: Enco
                               p1, tr, return_sum=True)                                  # norm2(x + sa), x + sa
         h, x = _drop_add_norm(cross_attention_step(layer.multihead_attn, h, cache, i), x, layer.norm3, p2, tr,
                               return_sum=True)                                          # norm3(x + ca), x + ca
-        return FF.dropout_add(feed_forward(layer, h, activation), x, p3, tr)
+        return FF.dropout_add(feed_forward_step(layer, h, activation), x, p3, tr)
     x = _drop_add_norm(self_attention_step(layer.self_attn, x, kv, i), x, layer.norm1, p1, tr)
     x = _drop_add_norm(cross_attention_step(layer.multihead_attn, x, cache, i), x, layer.norm2, p2, tr)
-    return _drop_add_norm(feed_forward(layer, x, activation), x, layer.norm3, p3, tr)
+    return _drop_add_norm(feed_forward_step(layer, x, activation), x, layer.norm3, p3, tr)

@@ -33,13 +33,14 @@ Masks.  mask (Bc, n + 1), 1 = token, 0 = left padding, as GPT.forward's attentio
 Face's rules): a key is visible when it is a token, and the query always sees itself; the new
 token's position counts the tokens before it (cumsum(mask) - 1, a pad position is 1).
 
-Rows.  rows (B,) maps step row i to cache row rows[i] (a batch whose finished rows left the
-work); NULL: the identity (B = the cache's batch).
+Beams.  origin (B, S_max), when given, names the cache row that holds position j of row i
+(KVCache.origin: beam search reorders this table instead of copying the cache); the new
+position n of row i is written into cache row i.  NULL: row i's positions are all in row i.
 
 The kernels never allocate and never validate shapes (fastseq/generation/gpt_step.py does);
 they check token ids against the vocabulary and return -1 for a bad one.
 """
-from cython.parallel cimport parallel, threadid
+from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport INFINITY
 from libc.stdint cimport int64_t
 
@@ -94,16 +95,16 @@ def slots():
 
 
 cdef struct Step:
-    Py_ssize_t B          # step rows
-    Py_ssize_t Bc         # cache rows
+    Py_ssize_t B          # rows
+    Py_ssize_t Bc         # cache rows (>= B: rows that finished left)
     Py_ssize_t E, NH, D, F, L, V
     Py_ssize_t S_max      # the cache's positions
     Py_ssize_t n          # positions already cached; the new token goes to n
     int act               # fastseq.dropout.ACTIVATIONS index
     double eps
     const int64_t* tok    # (B,)
-    const int64_t* rows   # (B,) or NULL
-    const int64_t* mask   # (Bc, n + 1) or NULL
+    const int64_t* origin # (B, S_max) or NULL
+    const int64_t* mask   # (B, n + 1) or NULL
     const size_t* w       # the weight table
 
 
@@ -204,21 +205,61 @@ cdef inline Py_ssize_t position_(const Step* s, Py_ssize_t r) noexcept nogil:
     return c
 
 
+cdef inline void attend_row_(const real* q, const real* kc, const real* vc, const int64_t* org,
+                             Py_ssize_t row_stride, Py_ssize_t nk, Py_ssize_t D, const int64_t* m, real* sc,
+                             real* o) noexcept nogil:
+    """o = softmax(q K^T / sqrt(D)) V over nk cached positions of one (row, head): position j's
+    key and value are kc + j D and vc + j D in the row's own cache row (org NULL), or in cache
+    row org[j], row_stride elements from row 0's.  m (nk,) or NULL: 0 = a pad key (the last key,
+    the query's own, is always seen).  sc: nk scores of scratch."""
+    cdef Py_ssize_t j, c, off
+    cdef real mx, tot, inv, acc, scale = rsqrt_(<real> D)
+    cdef const real* kj
+    cdef const real* vj
+    if org == NULL:
+        scores_1_(q, kc, D, nk, D, scale, sc)
+    else:
+        for j in range(nk):
+            kj = kc + (org[j] * row_stride + j * D)
+            acc = 0
+            for c in range(D):
+                acc = acc + q[c] * kj[c]
+            sc[j] = scale * acc
+    if m != NULL:
+        for j in range(nk - 1):
+            if m[j] == 0:
+                sc[j] = -INFINITY
+    mx = row_max_(sc, nk)
+    tot = 0
+    for j in range(nk):
+        sc[j] = exp_(sc[j] - mx)
+        tot = tot + sc[j]
+    for c in range(D):
+        o[c] = 0
+    if org == NULL:
+        accumulate_1_(sc, vc, D, nk, D, o)
+    else:
+        for j in range(nk):
+            vj = vc + (org[j] * row_stride + j * D)
+            for c in range(D):
+                o[c] = o[c] + sc[j] * vj[c]
+    inv = 1 / tot
+    for c in range(D):
+        o[c] = o[c] * inv
+
+
 cdef void qkv_attend_(const Step* s, Py_ssize_t l, const size_t* w, real* kv, const real* u, real* qkv,
                       real* att, real* sc, int team, int tid) noexcept nogil:
     """This thread's heads [h0, h1): their q, k and v columns of qkv = u W_qkv^T + b_qkv (three
     column slices, one per projection), the new keys and values written into the cache, and
     attention for every row -- no other thread reads or writes these columns, so no barrier."""
     cdef Py_ssize_t E = s.E, D = s.D, NH = s.NH, n = s.n, S = s.S_max
-    cdef Py_ssize_t h0, h1, part, i, h, r, j, c
+    cdef Py_ssize_t h0, h1, part, i, h, j, c
     cdef const real* W = <const real*> w[QKV_W]
     cdef const real* bias = <const real*> w[QKV_B]
     cdef const real* q
     cdef real* kc
     cdef real* vc
-    cdef real* o
-    cdef const int64_t* m
-    cdef real mx, tot, inv, scale = rsqrt_(<real> D)
     h0, h1 = chunk_(NH, team, tid)
     if h0 >= h1:
         return
@@ -229,32 +270,17 @@ cdef void qkv_attend_(const Step* s, Py_ssize_t l, const size_t* w, real* kv, co
             for j in range((h1 - h0) * D):
                 qkv[i * 3 * E + c + j] = qkv[i * 3 * E + c + j] + bias[c + j]
     for i in range(s.B):
-        r = i if s.rows == NULL else s.rows[i]
         for h in range(h0, h1):
             q = qkv + i * 3 * E + h * D
-            kc = kv + (((l * 2 + 0) * s.Bc + r) * NH + h) * S * D             # (S_max, D) of (l, r, h)
-            vc = kv + (((l * 2 + 1) * s.Bc + r) * NH + h) * S * D
+            kc = kv + (((l * 2 + 0) * s.Bc + i) * NH + h) * S * D             # (S_max, D) of (l, row i, h)
+            vc = kv + (((l * 2 + 1) * s.Bc + i) * NH + h) * S * D
             for c in range(D):
                 kc[n * D + c] = q[E + c]
                 vc[n * D + c] = q[2 * E + c]
-            scores_1_(q, kc, D, n + 1, D, scale, sc)
-            if s.mask != NULL:
-                m = s.mask + r * (n + 1)
-                for j in range(n):
-                    if m[j] == 0:
-                        sc[j] = -INFINITY
-            mx = row_max_(sc, n + 1)
-            tot = 0
-            for j in range(n + 1):
-                sc[j] = exp_(sc[j] - mx)
-                tot = tot + sc[j]
-            o = att + i * E + h * D
-            for c in range(D):
-                o[c] = 0
-            accumulate_1_(sc, vc, D, n + 1, D, o)
-            inv = 1 / tot
-            for c in range(D):
-                o[c] = o[c] * inv
+            if s.origin != NULL:                        # positions in other rows: strides from row 0
+                kc, vc = kc - i * NH * S * D, vc - i * NH * S * D
+            attend_row_(q, kc, vc, (s.origin + i * S) if s.origin != NULL else NULL, NH * S * D, n + 1, D,
+                        (s.mask + i * (n + 1)) if s.mask != NULL else NULL, sc, att + i * E + h * D)
 
 
 cdef void step_(const Step* s, real* kv, real* ws, real* logits, int team, int tid) noexcept nogil:
@@ -277,7 +303,7 @@ cdef void step_(const Step* s, real* kv, real* ws, real* logits, int team, int t
 
     lo, hi = chunk_(B, team, tid)                   # x = W_tok[token] + W_pos[position]
     for i in range(lo, hi):
-        pos = position_(s, i if s.rows == NULL else s.rows[i])
+        pos = position_(s, i)
         for j in range(E):
             x[i * E + j] = tok_emb[s.tok[i] * E + j] + pos_emb[pos * E + j]
     fs_barrier()
@@ -317,17 +343,17 @@ def workspace_size(Py_ssize_t B, Py_ssize_t E, Py_ssize_t F, Py_ssize_t S_max, i
     return B * (5 * E + F) + max(1, num_threads) * (B * E + S_max)
 
 
-def gpt_step(size_t table, size_t tok, size_t rows, size_t mask, size_t kv, size_t ws, size_t logits,
+def gpt_step(size_t table, size_t tok, size_t origin, size_t mask, size_t kv, size_t ws, size_t logits,
              Py_ssize_t B, Py_ssize_t Bc, Py_ssize_t E, Py_ssize_t NH, Py_ssize_t F, Py_ssize_t L, Py_ssize_t V,
              Py_ssize_t S_max, Py_ssize_t n, int act, double eps, int num_threads, bint dbl):
     """One decode step (see the top of this file); addresses of contiguous buffers of doubles
-    (dbl) or floats, rows / mask 0 when absent.  Releases the GIL.  Returns 0, or -1 when a token
+    (dbl) or floats, origin / mask 0 when absent.  Releases the GIL.  Returns 0, or -1 when a token
     id is outside [0, V)."""
     cdef Step s
     cdef int rc
     s.B, s.Bc, s.E, s.NH, s.D, s.F, s.L, s.V = B, Bc, E, NH, E // NH, F, L, V
     s.S_max, s.n, s.act, s.eps = S_max, n, act, eps
-    s.tok, s.rows, s.mask = <const int64_t*> tok, <const int64_t*> rows, <const int64_t*> mask
+    s.tok, s.origin, s.mask = <const int64_t*> tok, <const int64_t*> origin, <const int64_t*> mask
     s.w = <const size_t*> table
     with nogil:
         if dbl:
@@ -335,3 +361,69 @@ def gpt_step(size_t table, size_t tok, size_t rows, size_t mask, size_t kv, size
         else:
             rc = run_(&s, <float*> kv, <float*> ws, <float*> logits, num_threads)
     return rc
+
+
+# ---------------------------------------------------------------------------------------------
+# a linear layer for decode-sized inputs (fastseq/generation/linear.py): y = act(x W^T + b)
+# ---------------------------------------------------------------------------------------------
+
+cdef void linear_run_(const real* x, const real* W, const real* b, real* y, Py_ssize_t M, Py_ssize_t K,
+                      Py_ssize_t N, int act, int num_threads) noexcept nogil:
+    cdef int tid
+    if num_threads <= 1:
+        linear_cols_(x, M, K, W, b, y, N, False, act, 1, 0)
+        return
+    with parallel(num_threads=num_threads):
+        tid = threadid()
+        linear_cols_(x, M, K, W, b, y, N, False, act, fs_team_size(), tid)
+
+
+def linear(size_t x, size_t w, size_t b, size_t y, Py_ssize_t M, Py_ssize_t K, Py_ssize_t N, int act,
+           int num_threads, bint dbl):
+    """y (M, N) = act(x (M, K) W^T + b), W (N, K), b (N,) or 0, act -1 (none) or an activation
+    code: each thread computes a contiguous slice of the columns with its own single-threaded BLAS
+    call (or the dot-product path for M <= small_rows) and applies the epilogue to it.  At decode
+    shapes (M ~ 1-256 rows, weights of MBs) this runs at ~2x the rate of one multi-threaded BLAS
+    call, which splits such a product poorly.  Addresses of contiguous buffers.  Releases the GIL."""
+    with nogil:
+        if dbl:
+            linear_run_(<const double*> x, <const double*> w, <const double*> b, <double*> y, M, K, N, act,
+                        num_threads)
+        else:
+            linear_run_(<const float*> x, <const float*> w, <const float*> b, <float*> y, M, K, N, act,
+                        num_threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# one query per row over a KVCache layer, through its origin table (KVCache.attend_step)
+# ---------------------------------------------------------------------------------------------
+
+cdef void attend_cache_(const real* q, real* kv, const int64_t* origin, const int64_t* mask, real* o, real* work,
+                        Py_ssize_t N, Py_ssize_t Bc, Py_ssize_t NH, Py_ssize_t D, Py_ssize_t S, Py_ssize_t nk,
+                        int num_threads) noexcept nogil:
+    cdef Py_ssize_t u, i, h, stride = NH * S * D
+    cdef const real* k0
+    cdef const real* v0
+    cdef int tid
+    for u in prange(N * NH, num_threads=max(1, num_threads), schedule="static"):
+        i, h = u // NH, u % NH
+        tid = threadid()
+        k0 = kv + ((0 * Bc + (0 if origin != NULL else i)) * NH + h) * S * D
+        v0 = kv + ((1 * Bc + (0 if origin != NULL else i)) * NH + h) * S * D
+        attend_row_(q + u * D, k0, v0, (origin + i * S) if origin != NULL else NULL, stride, nk, D,
+                    (mask + i * nk) if mask != NULL else NULL, work + tid * nk, o + u * D)
+
+
+def attend_cache(size_t q, size_t kv, size_t origin, size_t mask, size_t o, size_t work, Py_ssize_t N,
+                 Py_ssize_t Bc, Py_ssize_t NH, Py_ssize_t D, Py_ssize_t S, Py_ssize_t nk, int num_threads, bint dbl):
+    """o (N, NH, D) = attention of q (N, NH, D), one query a row, over the nk positions held in
+    kv (2, Bc, NH, S, D), one layer of a KVCache: row i's position j in cache row origin[i, j]
+    (origin (N, S); 0: row i); mask (N, nk) 1 = token or 0.  work: num_threads * nk scratch.
+    Releases the GIL."""
+    with nogil:
+        if dbl:
+            attend_cache_(<const double*> q, <double*> kv, <const int64_t*> origin, <const int64_t*> mask,
+                          <double*> o, <double*> work, N, Bc, NH, D, S, nk, num_threads)
+        else:
+            attend_cache_(<const float*> q, <float*> kv, <const int64_t*> origin, <const int64_t*> mask,
+                          <float*> o, <float*> work, N, Bc, NH, D, S, nk, num_threads)
