@@ -1,6 +1,9 @@
 # cython: language_level=3
 """One decode step of a GPT-2-style decoder in one call: every layer, the final norm and the
 output layer, for one new token per row, reading and appending to a preallocated KV cache.
+Also here: the pieces other decoders' steps use (fastseq/generation/): `linear` (a GEMM with
+the columns split over the threads) and `attend_cache` (one query a row over a KV cache layer,
+through its origin table).
 
 Per layer (pre-norm; x (B, E) is the residual stream, u its normalized copy):
     u    = ln_1(x)
@@ -21,7 +24,8 @@ is what separates a Python library from a C++ engine.  Here the whole step is on
 region: each thread owns a contiguous slice of every GEMM's output columns (it reads only
 its slice of the weight: the threads share the weight traffic, each with its own single-
 threaded BLAS call, whose epilogue -- bias, activation, residual -- it applies to its own
-columns while they are in cache).  For the QKV projection the slice is the thread's heads
+columns while they are in cache; up to 8 rows the dot-product path of _dot_rows.h replaces
+BLAS).  For the QKV projection the slice is the thread's heads
 (their q, k and v columns), so it attends for those heads right after, without waiting for
 the others; each thread normalizes every row itself (B E work, less than a barrier costs at
 decode sizes).  The phases meet at 4 barriers a layer: after attention, after each residual
@@ -29,7 +33,7 @@ add, after the feed-forward's first GEMM.  (A barrier is cheap on an idle machin
 on a loaded one a thread waiting for a descheduled partner can lose a time slice, so fewer
 is better.)
 
-Masks.  mask (Bc, n + 1), 1 = token, 0 = left padding, as GPT.forward's attention_mask (Hugging
+Masks.  mask (B, n + 1), 1 = token, 0 = left padding, as GPT.forward's attention_mask (Hugging
 Face's rules): a key is visible when it is a token, and the query always sees itself; the new
 token's position counts the tokens before it (cumsum(mask) - 1, a pad position is 1).
 
