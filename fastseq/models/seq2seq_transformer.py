@@ -1,7 +1,9 @@
 """The Transformer encoder-decoder (Vaswani et al. 2017, "Attention Is All You Need"), in the shape
 of fairseq's `transformer` model.
 
-    x = dropout(sqrt(E) embed(tokens) + PE[positions])         sinusoidal positions, a fixed table
+    x = dropout(sqrt(E) embed(tokens) + PE[positions])         sinusoidal positions, a fixed table:
+        the paper's (sin, cos interleaved, positions from 0; seq2seq.sinusoids), not fairseq's
+        (sin half then cos half, timescale ln(1e4) / (E/2 - 1), positions from padding_idx + 1)
     encoder: N layers of self-attention (source pads masked) + feed-forward
     decoder: N layers of causal self-attention + cross-attention to the encoder's outputs (source
              pads masked) + feed-forward
