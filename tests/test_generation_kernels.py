@@ -26,13 +26,15 @@ def test_linear_matches_torch(dtype, M, K, N, activation):
     L._runs = lambda *a: calls.append(real(*a)) or calls[-1]
     try:
         got = L.linear(x, w, b, activation)
-        got_nobias = L.linear(x, w)
+        got_nobias = L.linear(x, w, None, activation)
     finally:
         L._runs = real
     assert calls == [2 * M <= L.MAX_ROWS] * 2
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
-    torch.testing.assert_close(got_nobias, F.linear(x, w), rtol=tol, atol=tol * want.abs().max().item())
+    act = {None: lambda t: t, "relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+           "silu": F.silu}[activation]
+    torch.testing.assert_close(got_nobias, act(F.linear(x, w)), rtol=tol, atol=tol * want.abs().max().item())
 
 
 def test_linear_falls_back_where_the_kernel_does_not_run():
@@ -71,7 +73,7 @@ def test_reorder_moves_the_origin_table_not_the_keys(dtype):
     assert torch.equal(c.kv[:, :, :, :, :5], before)                    # nothing copied
     assert c.origin[:, :5].tolist() == [[2] * 5, [2] * 5, [0] * 5, [3] * 5]
     q, k, v = torch.randn(3, 4, 3, 1, 8, generator=g, dtype=dtype)
-    o = c.attend_step(0, q, k, v, num_threads=2)
+    o = c.attend_step(0, q, k, v)
     # the reference: the keys each row sees, gathered, and torch's attention
     K = torch.cat([keys_before[index], k], 2)
     V = torch.cat([before[0, 1, :, :, :5][index], v], 2)
@@ -96,7 +98,7 @@ def test_reorder_with_fewer_rows_then_more_steps():
         rows = [rows[i] for i in index.tolist()]
         b = len(rows)
         q, k, v = torch.randn(3, b, 3, 1, 8, generator=g, dtype=torch.float64)
-        o = c.attend_step(0, q, k, v, num_threads=1)
+        o = c.attend_step(0, q, k, v)
         c.advance(1)
         for i in range(b):
             hist_k[i] = torch.cat([hist_k[i], k[i]], 1)

@@ -177,3 +177,68 @@ def test_fused_step_sees_replaced_and_strided_weights():
     fused, _ = _decode(m, ids, mask, 3, "cpu")
     ref, _ = _decode(m, ids, mask, 3, "torch")
     _close(fused, ref, torch.float64)
+
+
+def _decode_with_reorders(m, ids, mask, backend, small_rows):
+    """Prefill, then steps with beam-style reorders (duplicates, then a shrinking index that is
+    not increasing) and a padded mask, on a cache whose unwritten storage is NaN (a read of a
+    position not held, or of another row's, would show)."""
+    from fastseq import _blas
+    k = _blas.cpu_kernels("decode")
+    B = ids.shape[0]
+    g = torch.Generator().manual_seed(4)
+    ctx = fastseq.use_backend("torch") if backend == "torch" else torch.no_grad()
+    out = []
+    try:
+        k.set_small_rows(small_rows)
+        with torch.no_grad(), ctx:
+            cache = m.new_cache(B, ids.shape[1] + 6)
+            cache.kv.fill_(float("nan"))
+            logits, cache = m(ids, cache=cache, attention_mask=mask)
+            for index in (None, torch.tensor([2, 2, 0, 1]), None, torch.tensor([3, 0, 1]), None):
+                if index is not None:
+                    cache.reorder(index)
+                    mask = mask.index_select(0, index)
+                b = mask.shape[0]
+                tok = torch.randint(0, V, (b, 1), generator=g)
+                mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
+                logits, cache = m(tok, cache=cache, attention_mask=mask)
+                out.append(logits)
+    finally:
+        k.set_small_rows(8)
+    return out
+
+
+@pytest.mark.parametrize("small_rows", [8, 0])
+def test_fused_step_through_the_origin_table_with_a_mask(small_rows):
+    """Beam search's reorders move a table of cache rows, not the keys: the fused step (dot path
+    and BLAS path) reads through it with a padded mask, fp64, as the module path reads the
+    gathered keys; nothing outside the held positions is read (the rest of the cache is NaN)."""
+    m = _model()
+    ids, mask = _prompt(B=4)
+    got = _decode_with_reorders(m, ids, mask, "cpu", small_rows)
+    want = _decode_with_reorders(m, ids, mask, "torch", small_rows)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        _close(a, b, torch.float64)
+
+
+def test_int32_tokens_and_more_threads_than_heads():
+    m = _model(heads=2)
+    ids, mask = _prompt()
+    ref, _ = _decode(m, ids, mask, 3, "torch")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)                                    # a thread with no head, few columns
+        fused, _ = _decode(m, ids, mask, 3, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    _close(fused, ref, torch.float64)
+    with torch.no_grad():
+        c64, c32 = m.new_cache(3, 9), m.new_cache(3, 9)
+        m(ids, cache=c64, attention_mask=mask)
+        m(ids, cache=c32, attention_mask=mask)
+        step_mask = torch.cat([mask, mask.new_ones(3, 1)], 1)
+        a, _ = m(torch.tensor([[1], [2], [3]]), cache=c64, attention_mask=step_mask)
+        b, _ = m(torch.tensor([[1], [2], [3]], dtype=torch.int32), cache=c32, attention_mask=step_mask)
+    assert torch.equal(a, b)

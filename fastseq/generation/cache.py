@@ -3,7 +3,8 @@ place for beam search.
 
 KVCache: the keys and values of every attention layer, (L, 2, B, NH, S_max, D) allocated once.
 A step writes its T new keys and values at [length, length + T) and attention reads the slice
-[0, length + T) in place (fastseq's CPU attention reads a row-strided view without copying).
+[0, length + T) in place (fastseq's CPU attention reads a row-strided view without copying);
+after a beam-search reorder, through a table of cache rows (see KVCache).
 
 RecurrentCache: the recurrent layers' state, (h, c) or h, each (layers, B, H).
 
@@ -44,9 +45,10 @@ class KVCache:
     position j of row i.  reorder gathers this table of ints, never the keys; row i writes its
     new positions into cache row i (a position not yet written is referenced by no row, so any
     row's slot is free for it).  Attention reads through the table: attend_step (fastseq's CPU
-    kernel) and GPT's fused step in place; `write` gathers the keys it returns (other paths).
-    Rows that leave (an index shorter than the batch) keep their storage; the rows left are
-    0 .. b-1."""
+    kernel) and GPT's fused step in place; `write` gathers the keys it returns (the module path,
+    other devices).  Rows that leave without a reorder (an increasing index shorter than the
+    batch, as greedy search and sampling drop finished rows) are moved down once instead, so
+    every path keeps reading in place; the rows left are 0 .. b-1 of the storage."""
 
     def __init__(self, layers: int, batch_size: int, heads: int, head_dim: int, max_length: int,
                  dtype=torch.float32, device=None):
@@ -89,17 +91,20 @@ class KVCache:
         """Whether attend_step runs this step: one query, CPU fp32 / fp64 matching the cache, no
         gradient or dropout wanted, fastseq's CPU kernels available and not overridden by
         use_backend."""
-        from .. import _dispatch
-        return q.shape[2] == 1 and q.device.type == "cpu" and q.dtype == self.kv.dtype \
+        from .. import _dispatch, _library
+        if _library.transformed() or torch.compiler.is_compiling():
+            return False
+        return q.shape[2] == 1 and q.device.type == "cpu" and self.kv.device.type == "cpu" and q.dtype == self.kv.dtype \
             and q.dtype in (torch.float32, torch.float64) and not training \
             and not (torch.is_grad_enabled() and q.requires_grad) \
             and _dispatch.forced_backend() in (None, "cpu") and _dispatch.backend_missing("cpu") is None
 
-    def attend_step(self, layer: int, q: Tensor, k: Tensor, v: Tensor, num_threads: int) -> Tensor:
+    def attend_step(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Store one new position's k, v (B, NH, 1, D) and return the attention of q (B, NH, 1, D)
-        over every held position (through origin, without a copy), fastseq's CPU kernel: the
-        caller checks the device, dtype and contiguity (q contiguous).  -> (B, NH, 1, D)."""
-        from .. import _blas
+        over every held position (through origin, without a copy) on fastseq's CPU kernel, with
+        torch's thread count; the caller checks can_attend_step first.  -> (B, NH, 1, D)."""
+        from .. import _blas, _dispatch
+        num_threads = _dispatch.num_threads()
         self._store(layer, k, v)
         q = q.contiguous()
         b, NH, _, D = q.shape
@@ -107,7 +112,7 @@ class KVCache:
         o = torch.empty_like(q)
         work = q.new_empty(max(1, num_threads) * nk)
         _blas.cpu_kernels("decode").attend_cache(
-            q.data_ptr(), self.kv[layer].data_ptr(), 0 if self.origin is None else self.origin.data_ptr(), 0,
+            q.data_ptr(), self.kv[layer].data_ptr(), 0 if self.origin is None else self.origin.data_ptr(),
             o.data_ptr(), work.data_ptr(), b, self.kv.shape[2], NH, D, self.max_length, nk, num_threads,
             q.dtype == torch.float64)
         return o
@@ -121,6 +126,12 @@ class KVCache:
         indices than rows the batch shrinks to them."""
         _check_index("KVCache", index, self._rows)
         index = index.to(self.kv.device)
+        if self.origin is None and index.shape[0] < self._rows and bool((index[1:] > index[:-1]).all()):
+            b, n = index.shape[0], self.length               # rows left, none reordered: move the kept
+            held = self.kv[:, :, :, :, :n]                   # rows down once, and the keys stay in
+            held[:, :, :b] = held.index_select(2, index)     # place for every path (no table to read)
+            self._rows = b
+            return
         if self.origin is None:
             self.origin = torch.arange(self._rows, device=self.kv.device).view(-1, 1).repeat(1, self.max_length)
         self.origin = self.origin.index_select(0, index)

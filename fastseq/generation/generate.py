@@ -4,7 +4,9 @@ The model protocol: ``cache = model.new_cache(batch_size, max_length)`` prealloc
 decoder's state; ``logits, cache = model(tokens, cache=cache, attention_mask=mask)`` runs the T
 new tokens (B, T) -- the whole prompt first, then one token per step -- with mask None or
 (B, cache.length + T) (1 = real token, 0 = left padding) and returns their logits (B, T, V);
-``cache.reorder(index)`` makes row i the old row index[i] (beam search).
+``cache.reorder(index)`` makes row i the old row index[i] (beam search); an index shorter than
+the batch drops the rows it does not name (greedy search and sampling drop the rows that emitted
+an EOS, so finished rows leave the work; a cache must accept 1 <= len(index) <= its batch).
 
 Encoder-decoder models (``model.is_encoder_decoder`` True, Hugging Face's flag) follow HF's
 convention: input_ids and attention_mask are the sources, encoded once, and the decoder starts
@@ -249,7 +251,7 @@ def _greedy_or_sample(model, input_ids: Tensor, mask: Optional[Tensor], start: T
     seqs[:, :P] = input_ids
     rows = None                                          # the running rows of seqs (None: all N)
     scores_out: List[Tensor] = []
-    k_top = processors.top_k_sampling()                  # > 0: sample among the k best only
+    k_top = 0 if output_scores else processors.top_k_sampling()   # > 0: sample among the k best only
 
     cache = model.new_cache(N, P + max_new_tokens)
     logits, cache = model(input_ids, cache=cache, attention_mask=mask)

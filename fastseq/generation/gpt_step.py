@@ -26,8 +26,10 @@ def _facts(model, tokens: Tensor, cache) -> dict:
     c = model.config
     w = model.tok_emb.weight
     dropout = model.training and max(c.dropout, c.attention_dropout, c.embedding_dropout) > 0
+    kv = getattr(cache, "kv", None)
     return {"device": w.device.type, "dtype": w.dtype, "tokens_device": tokens.device.type,
-            "cache": type(cache).__name__, "cache_dtype": getattr(getattr(cache, "kv", None), "dtype", None),
+            "tokens_dtype": tokens.dtype, "cache": type(cache).__name__, "cache_dtype": getattr(kv, "dtype", None),
+            "cache_device": getattr(getattr(kv, "device", None), "type", None),
             "dropout": dropout, "grad": torch.is_grad_enabled() and w.requires_grad}
 
 
@@ -35,10 +37,11 @@ def _cpu_reasons(f: dict) -> List[str]:
     out = []
     if f["dtype"] not in (torch.float32, torch.float64):
         out.append(f"the fused step runs fp32 and fp64, got {f['dtype']}")
-    if f["tokens_device"] != "cpu":
-        out.append(f"tokens must be on the CPU, got {f['tokens_device']}")
-    if f["cache"] != "KVCache" or f["cache_dtype"] != f["dtype"]:
-        out.append(f"the cache must be a KVCache of the model's dtype, got {f['cache']} of {f['cache_dtype']}")
+    if f["tokens_device"] != "cpu" or f["tokens_dtype"] not in (torch.int64, torch.int32):
+        out.append(f"tokens must be int64 or int32 on the CPU, got {f['tokens_dtype']} on {f['tokens_device']}")
+    if f["cache"] != "KVCache" or f["cache_dtype"] != f["dtype"] or f["cache_device"] != "cpu":
+        out.append(f"the cache must be a CPU KVCache of the model's dtype, got {f['cache']} of {f['cache_dtype']} "
+                   f"on {f['cache_device']}")
     if f["dropout"]:
         out.append("training with dropout (the fused step is inference only)")
     if f["grad"]:
@@ -54,7 +57,9 @@ def backend(model, tokens: Tensor, cache) -> str:
     if _library.transformed() or torch.compiler.is_compiling():
         return "torch"
     w = model.tok_emb.weight
-    key = (w.device, w.dtype, tokens.device, type(cache), getattr(getattr(cache, "kv", None), "dtype", None),
+    kv = getattr(cache, "kv", None)
+    key = (w.device, w.dtype, tokens.device, tokens.dtype, type(cache), getattr(kv, "dtype", None),
+           getattr(kv, "device", None),
            model.training and max(model.config.dropout, model.config.attention_dropout,
                                   model.config.embedding_dropout) > 0,
            torch.is_grad_enabled() and w.requires_grad)
@@ -81,6 +86,8 @@ class _Table:
         self.slots = [(m._parameters, name, m._parameters[name]) for m, name in _slots(model)]
         self.addresses = [t.data_ptr() for _, _, t in self.slots]
         self.contiguous = all(t.is_contiguous() for _, _, t in self.slots)
+        w = model.tok_emb.weight                 # the step reads every slot as the model's dtype, on the CPU
+        self.uniform = all(t.dtype == w.dtype and t.device.type == "cpu" for _, _, t in self.slots)
         self.table = torch.tensor(self.addresses, dtype=torch.int64)
 
     def valid(self) -> bool:
@@ -114,16 +121,24 @@ def decode_step(model, tokens: Tensor, cache: KVCache, attention_mask: Optional[
     B = tokens.shape[0]
     n = cache.length
     k = _blas.cpu_kernels("decode")
+    if tokens.dim() != 2 or tokens.shape[1] != 1:
+        raise ValueError(f"GPT: the fused step takes one token a row, (B, 1), got {tuple(tokens.shape)}")
     if cache.batch_size != B:
         raise ValueError(f"GPT: the cache holds {cache.batch_size} rows, the step has {B}")
+    if n + 1 > c.max_positions:
+        raise ValueError(f"GPT: sequence length {n + 1} exceeds max_positions {c.max_positions}")
+    cache.check_room(1)
     t = _table(model)
+    if not t.uniform:
+        raise ValueError("GPT: the fused step needs every parameter on the CPU in the model's dtype, got "
+                         + ", ".join(sorted({f"{w.dtype} on {w.device}" for _, _, w in t.slots})))
     keep = None
     if t.contiguous:
         table = t.table
     else:                                                                  # a strided weight: contiguous copies
         keep = [w.detach().contiguous() for _, _, w in t.slots]
         table = torch.tensor([w.data_ptr() for w in keep], dtype=torch.int64)
-    tok = tokens.reshape(B).contiguous()
+    tok = tokens.reshape(B).to(torch.int64).contiguous()
     if attention_mask is not None and tuple(attention_mask.shape) != (B, n + 1):
         raise ValueError(f"GPT: attention_mask must be (B, cached + new) = ({B}, {n + 1}), got "
                          f"{tuple(attention_mask.shape)}")
@@ -141,7 +156,8 @@ def decode_step(model, tokens: Tensor, cache: KVCache, attention_mask: Optional[
                     cache.max_length, n, ACTIVATIONS.index(c.activation), c.layer_norm_eps, nt,
                     dtype == torch.float64)
     if rc != 0:
-        raise ValueError(f"GPT: token ids must be in [0, vocab_size={c.vocab_size}), got {tok.tolist()}")
+        bad = tok[(tok < 0) | (tok >= c.vocab_size)].tolist()
+        raise ValueError(f"GPT: token ids must be in [0, vocab_size={c.vocab_size}), got {bad}")
     del keep
     cache.advance(1)
     return logits

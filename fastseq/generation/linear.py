@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _blas, _dispatch
+from .. import _blas, _dispatch, _library
 from ..dropout import ACTIVATIONS
 
 MAX_ROWS = 512          # more rows: BLAS's own threading does as well
@@ -59,10 +59,14 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation:
 
 
 def _runs(x: Tensor, weight: Tensor, bias: Optional[Tensor], M: int) -> bool:
-    if not (0 < M <= MAX_ROWS and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and weight.dtype == x.dtype and weight.is_contiguous() and x.shape[-1] == weight.shape[1]):
+    if _library.transformed() or torch.compiler.is_compiling():
         return False
-    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous() or bias.shape != weight.shape[:1]):
+    if not (0 < M <= MAX_ROWS and x.device.type == "cpu" and weight.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype and weight.is_contiguous()
+            and x.shape[-1] == weight.shape[1]):
+        return False
+    if bias is not None and (bias.device.type != "cpu" or bias.dtype != x.dtype or not bias.is_contiguous()
+                             or bias.shape != weight.shape[:1]):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):

@@ -85,7 +85,9 @@ class Processors:
     def top_k_sampling(self) -> int:
         """k when sampling is filtered by top-k alone (no top-p): the sampler can then draw among
         the k best scores (topk, then a softmax over k) instead of a softmax over the vocabulary,
-        and the caller passes top_k=False.  0 otherwise."""
+        and the caller passes top_k=False.  0 otherwise.  The one difference: a score tied with the
+        k-th best is kept by top_k_filter (as HF) and left to topk's choice here, which only exact
+        ties in the logits can tell apart."""
         return max(self.top_k, self.min_keep) if self.do_sample and self.top_k > 0 and self.top_p >= 1.0 else 0
 
     def __call__(self, scores: Tensor, seqs: Tensor, start: Tensor, new_len: int, top_k: bool = True) -> Tensor:

@@ -255,10 +255,6 @@ class GPT(nn.Module):
         """
         if cache is not None and isinstance(tokens, Tensor) and tokens.dim() == 2 and tokens.shape[1] == 1 \
                 and gpt_step.backend(self, tokens, cache) == "cpu":                # one compiled call per step
-            if cache.length + 1 > self.config.max_positions:
-                raise ValueError(f"GPT: sequence length {cache.length + 1} exceeds max_positions "
-                                 f"{self.config.max_positions}")
-            cache.check_room(1)
             return gpt_step.decode_step(self, tokens, cache, attention_mask), cache
         logits = torch.nn.functional.linear(self.hidden(tokens, cache, attention_mask), self.output_weight)
         return logits if cache is None else (logits, cache)                      # (B, T, V)

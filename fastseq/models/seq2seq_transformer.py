@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _dispatch
 from .. import functional as FF
 from ..functional import dropout
 from ..generation.cache import EncoderDecoderCache, KVCache
@@ -240,7 +239,7 @@ def self_attention_step(mha: nn.MultiheadAttention, x: Tensor, kv: KVCache, laye
     q, k, v = linear(x, mha.in_proj_weight, mha.in_proj_bias).view(N, T, 3, NH, D).permute(2, 0, 3, 1, 4)
     training = mha.training and mha.dropout > 0
     if kv.can_attend_step(q, training):                  # one query a row, read in place through kv.origin
-        o = kv.attend_step(layer, q, k, v, _dispatch.num_threads())                      # (N, NH, 1, D)
+        o = kv.attend_step(layer, q, k, v)                                               # (N, NH, 1, D)
         return linear(o.view(N, 1, E), mha.out_proj.weight, mha.out_proj.bias)        # (N, 1, E)
     k, v = kv.write(layer, k, v)                                                         # 2 x (N, NH, n + T, D)
     visible = None

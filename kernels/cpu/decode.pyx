@@ -175,21 +175,24 @@ cdef inline void linear_cols_(const real* a, Py_ssize_t B, Py_ssize_t K, const r
                               real* y, Py_ssize_t N, bint accumulate, int act, int team, int tid) noexcept nogil:
     """This thread's columns of y (B, N) = a (B, K) W^T + bias (W (N, K)); accumulate: y += that
     (the residual add); act >= 0: y = act(that) (bias given).  bias may be NULL (no bias)."""
-    cdef Py_ssize_t lo, hi, i, j
+    cdef Py_ssize_t lo, hi, i, j, nb
     cdef real ones[ACT_BLOCK]
+    cdef real zeros[ACT_BLOCK]
     lo, hi = cols_(N, team, tid)
     if lo >= hi:
         return
     matmul_t_(a, B, K, W, lo, hi, y, N, accumulate)
-    if bias == NULL:
-        return
-    if act >= 0:
+    if act >= 0:                                # y = act(y + bias): the bias as blocks, zeros if none
         for j in range(ACT_BLOCK):
             ones[j] = 1
+            zeros[j] = 0
         for i in range(B):
-            for j in range(lo, hi, 256):        # step ACT_BLOCK (a literal for a C loop)
-                act_fwd_(y + i * N + j, bias + j, ones, y + i * N + j, min(<Py_ssize_t> ACT_BLOCK, hi - j), act)
-    else:
+            j = lo
+            while j < hi:
+                nb = min(<Py_ssize_t> ACT_BLOCK, hi - j)
+                act_fwd_(y + i * N + j, (bias + j) if bias != NULL else zeros, ones, y + i * N + j, nb, act)
+                j += nb
+    elif bias != NULL:
         for i in range(B):
             for j in range(lo, hi):
                 y[i * N + j] = y[i * N + j] + bias[j]
@@ -402,7 +405,7 @@ def linear(size_t x, size_t w, size_t b, size_t y, Py_ssize_t M, Py_ssize_t K, P
 # one query per row over a KVCache layer, through its origin table (KVCache.attend_step)
 # ---------------------------------------------------------------------------------------------
 
-cdef void attend_cache_(const real* q, real* kv, const int64_t* origin, const int64_t* mask, real* o, real* work,
+cdef void attend_cache_(const real* q, real* kv, const int64_t* origin, real* o, real* work,
                         Py_ssize_t N, Py_ssize_t Bc, Py_ssize_t NH, Py_ssize_t D, Py_ssize_t S, Py_ssize_t nk,
                         int num_threads) noexcept nogil:
     cdef Py_ssize_t u, i, h, stride = NH * S * D
@@ -414,20 +417,21 @@ cdef void attend_cache_(const real* q, real* kv, const int64_t* origin, const in
         tid = threadid()
         k0 = kv + ((0 * Bc + (0 if origin != NULL else i)) * NH + h) * S * D
         v0 = kv + ((1 * Bc + (0 if origin != NULL else i)) * NH + h) * S * D
-        attend_row_(q + u * D, k0, v0, (origin + i * S) if origin != NULL else NULL, stride, nk, D,
-                    (mask + i * nk) if mask != NULL else NULL, work + tid * nk, o + u * D)
+        attend_row_(q + u * D, k0, v0, (origin + i * S) if origin != NULL else NULL, stride, nk, D, NULL,
+                    work + tid * nk, o + u * D)
 
 
-def attend_cache(size_t q, size_t kv, size_t origin, size_t mask, size_t o, size_t work, Py_ssize_t N,
+def attend_cache(size_t q, size_t kv, size_t origin, size_t o, size_t work, Py_ssize_t N,
                  Py_ssize_t Bc, Py_ssize_t NH, Py_ssize_t D, Py_ssize_t S, Py_ssize_t nk, int num_threads, bint dbl):
     """o (N, NH, D) = attention of q (N, NH, D), one query a row, over the nk positions held in
     kv (2, Bc, NH, S, D), one layer of a KVCache: row i's position j in cache row origin[i, j]
-    (origin (N, S); 0: row i); mask (N, nk) 1 = token or 0.  work: num_threads * nk scratch.
+    (origin (N, S); 0: row i); every position is a token (a decoder's own cache has no padding).
+    work: num_threads * nk scratch.
     Releases the GIL."""
     with nogil:
         if dbl:
-            attend_cache_(<const double*> q, <double*> kv, <const int64_t*> origin, <const int64_t*> mask,
-                          <double*> o, <double*> work, N, Bc, NH, D, S, nk, num_threads)
+            attend_cache_(<const double*> q, <double*> kv, <const int64_t*> origin, <double*> o, <double*> work,
+                          N, Bc, NH, D, S, nk, num_threads)
         else:
-            attend_cache_(<const float*> q, <float*> kv, <const int64_t*> origin, <const int64_t*> mask,
-                          <float*> o, <float*> work, N, Bc, NH, D, S, nk, num_threads)
+            attend_cache_(<const float*> q, <float*> kv, <const int64_t*> origin, <float*> o, <float*> work,
+                          N, Bc, NH, D, S, nk, num_threads)
