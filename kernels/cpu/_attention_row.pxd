@@ -3,6 +3,7 @@
 # decode.pyx (the fused decode step).
 
 from libc.math cimport INFINITY, exp
+from libc.stdint cimport int64_t
 
 from _common cimport real
 
@@ -56,4 +57,33 @@ cdef inline void accumulate_1_(const real* p, const real* v, Py_ssize_t vs, Py_s
         pj = p[j]
         vj = v + j * vs
         for c in range(Dv):
+            acc[c] = acc[c] + pj * vj[c]
+
+
+# The same through a table of rows (a KV cache reordered by beam search, KVCache.origin): key /
+# value j is in row org[j], so its address is base + org[j] * row_stride + j * D.
+cdef inline void scores_rows_(const real* q, const real* k, const int64_t* org, Py_ssize_t row_stride,
+                              Py_ssize_t nk, Py_ssize_t D, real scale, real* sc) noexcept nogil:
+    """sc[j] = scale * q . k_j, k_j = k + org[j] row_stride + j D."""
+    cdef Py_ssize_t j, c
+    cdef real s
+    cdef const real* kj
+    for j in range(nk):
+        kj = k + (org[j] * row_stride + j * D)
+        s = 0
+        for c in range(D):
+            s = s + q[c] * kj[c]
+        sc[j] = scale * s
+
+
+cdef inline void accumulate_rows_(const real* p, const real* v, const int64_t* org, Py_ssize_t row_stride,
+                                  Py_ssize_t nk, Py_ssize_t D, real* acc) noexcept nogil:
+    """acc += sum_j p[j] v_j, v_j = v + org[j] row_stride + j D."""
+    cdef Py_ssize_t j, c
+    cdef real pj
+    cdef const real* vj
+    for j in range(nk):
+        pj = p[j]
+        vj = v + (org[j] * row_stride + j * D)
+        for c in range(D):
             acc[c] = acc[c] + pj * vj[c]

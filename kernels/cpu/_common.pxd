@@ -35,6 +35,14 @@ cdef inline (Py_ssize_t, Py_ssize_t) chunk_(Py_ssize_t n, Py_ssize_t parts, Py_s
     return lo, lo + q + (1 if k < r else 0)
 
 
+cdef inline (Py_ssize_t, Py_ssize_t) col_slice_(Py_ssize_t n, int parts, int k, Py_ssize_t align) noexcept nogil:
+    """Columns [lo, hi) of part k when n columns are cut into `parts` near-equal slices that start
+    at multiples of align (whole vectors or cache lines for each thread)."""
+    cdef Py_ssize_t per = ((n + parts - 1) // parts + align - 1) // align * align
+    cdef Py_ssize_t lo = min(n, k * per)
+    return lo, min(n, lo + per)
+
+
 # ---------------------------------------------------------------------------- pointer helpers
 # The `def` entries take typed memoryviews; the nogil cores take raw pointers.
 

@@ -26,9 +26,7 @@ cdef inline void sum_(real* acc, const real* a, Py_ssize_t n) noexcept nogil:
 
 cdef inline (Py_ssize_t, Py_ssize_t) cols_(Py_ssize_t G, int nt, int tid) noexcept nogil:
     """Thread tid's columns [c0, c1) of G, in slices of a multiple of 8 (a vector of floats)."""
-    cdef Py_ssize_t per = ((G + nt - 1) // nt + 7) // 8 * 8
-    cdef Py_ssize_t c0 = min(G, tid * per)
-    return c0, min(G, c0 + per)
+    return col_slice_(G, nt, tid, 8)
 
 
 cdef inline int ln_threads_(int num_threads, Py_ssize_t G) noexcept nogil:

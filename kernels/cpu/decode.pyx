@@ -48,10 +48,10 @@ from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport INFINITY
 from libc.stdint cimport int64_t
 
-from _common cimport real, chunk_, rsqrt_
+from _common cimport real, chunk_, col_slice_, rsqrt_
 from _row_norm cimport row_stats_
 from _activation cimport act_fwd_
-from _attention_row cimport exp_, row_max_, scores_1_, accumulate_1_
+from _attention_row cimport exp_, row_max_, scores_1_, accumulate_1_, scores_rows_, accumulate_rows_
 from fastseq._cpu._blas cimport gemm_rm, install_blas, blas_installed
 
 cdef extern from "_fastmath.h" nogil:
@@ -114,10 +114,7 @@ cdef struct Step:
 
 cdef inline (Py_ssize_t, Py_ssize_t) cols_(Py_ssize_t N, int team, int tid) noexcept nogil:
     """Thread tid's slice [lo, hi) of N columns: near-equal, starting at multiples of COL_ALIGN."""
-    cdef Py_ssize_t per = (N + team - 1) // team
-    per = (per + COL_ALIGN - 1) // COL_ALIGN * COL_ALIGN
-    cdef Py_ssize_t lo = min(tid * per, N)
-    return lo, min(lo + per, N)
+    return col_slice_(N, team, tid, COL_ALIGN)
 
 
 cdef inline void norm_rows_(const real* x, real* u, Py_ssize_t B, Py_ssize_t E, const real* w, const real* b,
@@ -219,19 +216,12 @@ cdef inline void attend_row_(const real* q, const real* kc, const real* vc, cons
     key and value are kc + j D and vc + j D in the row's own cache row (org NULL), or in cache
     row org[j], row_stride elements from row 0's.  m (nk,) or NULL: 0 = a pad key (the last key,
     the query's own, is always seen).  sc: nk scores of scratch."""
-    cdef Py_ssize_t j, c, off
-    cdef real mx, tot, inv, acc, scale = rsqrt_(<real> D)
-    cdef const real* kj
-    cdef const real* vj
+    cdef Py_ssize_t j, c
+    cdef real mx, tot, inv, scale = rsqrt_(<real> D)
     if org == NULL:
         scores_1_(q, kc, D, nk, D, scale, sc)
     else:
-        for j in range(nk):
-            kj = kc + (org[j] * row_stride + j * D)
-            acc = 0
-            for c in range(D):
-                acc = acc + q[c] * kj[c]
-            sc[j] = scale * acc
+        scores_rows_(q, kc, org, row_stride, nk, D, scale, sc)
     if m != NULL:
         for j in range(nk - 1):
             if m[j] == 0:
@@ -246,10 +236,7 @@ cdef inline void attend_row_(const real* q, const real* kc, const real* vc, cons
     if org == NULL:
         accumulate_1_(sc, vc, D, nk, D, o)
     else:
-        for j in range(nk):
-            vj = vc + (org[j] * row_stride + j * D)
-            for c in range(D):
-                o[c] = o[c] + sc[j] * vj[c]
+        accumulate_rows_(sc, vc, org, row_stride, nk, D, o)
     inv = 1 / tot
     for c in range(D):
         o[c] = o[c] * inv

@@ -47,7 +47,7 @@ from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport exp, tanh
 from libc.stdint cimport int64_t
 
-from _common cimport chunk_, copy_, ptr_, real
+from _common cimport chunk_, col_slice_, copy_, ptr_, real
 from _row_norm cimport row_norm_bwd_, row_normalize_, row_stats_
 from fastseq._cpu._blas cimport gemm_rm, install_blas, blas_installed
 

@@ -1,5 +1,6 @@
-"""The decode-step kernels outside GPT's fused step: generation.linear (columns split over the
-threads) against torch.nn.functional.linear, and KVCache's origin table (beam search reorders
+"""The decode family's kernels (kernels/cpu/decode.pyx) outside GPT's fused step, which
+tests/test_gpt_step.py covers: generation.linear (columns split over the threads) against
+torch.nn.functional.linear, and KVCache's origin table (beam search reorders
 rows without copying keys) read by attend_step against the gathered keys and torch's SDPA."""
 
 import pytest
