@@ -107,3 +107,25 @@ def test_reorder_with_fewer_rows_then_more_steps():
             want = F.scaled_dot_product_attention(q[i], hist_k[i], hist_v[i])
             torch.testing.assert_close(o[i], want, rtol=1e-12, atol=1e-12)
     assert c.batch_size == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_attend_sources_reads_each_rows_source_in_place(dtype, with_lengths):
+    """Cross-attention of one query a row over its source's keys (rows in any order, sources
+    read in place) against torch's SDPA on per-row copies with the padding masked."""
+    from fastseq.generation.cache import attend_sources
+    g = torch.Generator().manual_seed(1)
+    B, NH, S, D, N = 3, 2, 7, 8, 5
+    kv = torch.randn(2, B, NH, S, D, generator=g, dtype=dtype)
+    q = torch.randn(N, NH, 1, D, generator=g, dtype=dtype)
+    source_of = torch.tensor([2, 0, 0, 1, 2])
+    lengths = torch.tensor([7, 3, 5]) if with_lengths else None
+    o = attend_sources(q, kv, source_of, lengths)
+    k, v = kv[0][source_of], kv[1][source_of]                            # (N, NH, S, D) copies
+    mask = None
+    if lengths is not None:
+        mask = (torch.arange(S)[None, :] < lengths[source_of][:, None]).view(N, 1, 1, S)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(o, want, rtol=tol, atol=tol)

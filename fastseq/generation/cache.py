@@ -91,13 +91,7 @@ class KVCache:
         """Whether attend_step runs this step: one query, CPU fp32 / fp64 matching the cache, no
         gradient or dropout wanted, fastseq's CPU kernels available and not overridden by
         use_backend."""
-        from .. import _dispatch, _library
-        if _library.transformed() or torch.compiler.is_compiling():
-            return False
-        return q.shape[2] == 1 and q.device.type == "cpu" and self.kv.device.type == "cpu" and q.dtype == self.kv.dtype \
-            and q.dtype in (torch.float32, torch.float64) and not training \
-            and not (torch.is_grad_enabled() and q.requires_grad) \
-            and _dispatch.forced_backend() in (None, "cpu") and _dispatch.backend_missing("cpu") is None
+        return q.shape[2] == 1 and not training and decode_kernels_run(q, self.kv)
 
     def attend_step(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Store one new position's k, v (B, NH, 1, D) and return the attention of q (B, NH, 1, D)
@@ -136,6 +130,44 @@ class KVCache:
             self.origin = torch.arange(self._rows, device=self.kv.device).view(-1, 1).repeat(1, self.max_length)
         self.origin = self.origin.index_select(0, index)
         self._rows = index.shape[0]
+
+
+def decode_kernels_run(q: Tensor, *tensors: Tensor) -> bool:
+    """Whether the decode family's CPU kernels take a step reading q and tensors: all on the CPU
+    in one dtype, fp32 or fp64, no gradient wanted, not under torch.compile / torch.func, the
+    kernels built and not overridden by use_backend."""
+    from .. import _dispatch, _library
+    if _library.transformed() or torch.compiler.is_compiling():
+        return False
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) \
+        and all(t.device.type == "cpu" and t.dtype == q.dtype for t in tensors) \
+        and not (torch.is_grad_enabled() and q.requires_grad) \
+        and _dispatch.forced_backend() in (None, "cpu") and _dispatch.backend_missing("cpu") is None
+
+
+def attend_sources(q: Tensor, kv: Tensor, source_of: Tensor, key_lengths: Optional[Tensor]) -> Tensor:
+    """A seq2seq decoder's cross-attention for one query a row on fastseq's CPU kernel: row i
+    attends over the keys and values of source source_of[i] (its first key_lengths[source]
+    positions), read in place -- no per-row copy of a source after beam search moves rows
+    (the caller checks decode_kernels_run first).
+
+    Shapes:
+        q (N, NH, 1, D); kv (2, B, NH, S, D), contiguous; source_of (N,); key_lengths (B,) or None;
+        -> (N, NH, 1, D).
+    """
+    from .. import _blas, _dispatch
+    nt = _dispatch.num_threads()
+    q = q.contiguous()
+    N, NH, _, D = q.shape
+    _, B, _, S, _ = kv.shape
+    src = source_of.to(torch.int64).contiguous()
+    lengths = None if key_lengths is None else key_lengths.to(torch.int64).contiguous()
+    o = torch.empty_like(q)
+    work = q.new_empty(max(1, nt) * S)
+    _blas.cpu_kernels("decode").attend_sources(q.data_ptr(), kv.contiguous().data_ptr(), src.data_ptr(),
+                                               0 if lengths is None else lengths.data_ptr(), o.data_ptr(),
+                                               work.data_ptr(), N, B, NH, D, S, nt, q.dtype == torch.float64)
+    return o
 
 
 class RecurrentCache:

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from .. import functional as FF
 from ..functional import dropout
-from ..generation.cache import EncoderDecoderCache, KVCache
+from ..generation.cache import EncoderDecoderCache, KVCache, attend_sources, decode_kernels_run
 from ..generation.linear import linear
 from ..nn import LayerNorm, TransformerDecoderLayer, TransformerEncoderLayer
 from . import packing
@@ -253,13 +253,18 @@ def self_attention_step(mha: nn.MultiheadAttention, x: Tensor, kv: KVCache, laye
 
 def cross_attention_step(mha: nn.MultiheadAttention, x: Tensor, cache: EncoderDecoderCache, layer: int) -> Tensor:
     """mha(x, memory, memory) for queries x (N, T, E) over the sources' cached keys and values.
-    While the rows are grouped (row i reads source i // g) a source's g rows run as g T queries of
-    one attention over its keys, read once; otherwise each row gets a copy of its source's."""
+    A one-token step in inference on the CPU reads each row's source in place (cache.source_of,
+    the decode kernel).  Otherwise, while the rows are grouped (row i reads source i // g), a
+    source's g rows run as g T queries of one attention over its keys; failing that each row
+    gets a copy of its source's."""
     N, T, E = x.shape
     NH, D = mha.num_heads, mha.head_dim
     k, v = cache.memory.kv[layer]                                                        # 2 x (B, NH, S, D)
     lengths = cache.memory.key_lengths
     q = linear(x, mha.in_proj_weight[:E], mha.in_proj_bias[:E])                        # (N, T, E)
+    if T == 1 and not (mha.training and mha.dropout > 0) and decode_kernels_run(q, k):   # rows read in place
+        o = attend_sources(q.view(N, 1, NH, D).transpose(1, 2), cache.memory.kv[layer], cache.source_of, lengths)
+        return linear(o.view(N, 1, E), mha.out_proj.weight, mha.out_proj.bias)          # (N, 1, E)
     if cache.grouped:
         B = cache.sources
         q = q.view(B, N // B * T, NH, D).transpose(1, 2)                                 # (B, NH, g T, D)

@@ -422,3 +422,37 @@ def attend_cache(size_t q, size_t kv, size_t origin, size_t o, size_t work, Py_s
         else:
             attend_cache_(<const float*> q, <float*> kv, <const int64_t*> origin, <float*> o, <float*> work,
                           N, Bc, NH, D, S, nk, num_threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# one query per row over its source's keys (a seq2seq decoder's cross-attention step)
+# ---------------------------------------------------------------------------------------------
+
+cdef void attend_sources_(const real* q, const real* kv, const int64_t* source_of, const int64_t* lengths,
+                          real* o, real* work, Py_ssize_t N, Py_ssize_t Bs, Py_ssize_t NH, Py_ssize_t D,
+                          Py_ssize_t S, int num_threads) noexcept nogil:
+    cdef Py_ssize_t u, i, h, src, nk
+    cdef int tid
+    for u in prange(N * NH, num_threads=max(1, num_threads), schedule="static"):
+        i, h = u // NH, u % NH
+        tid = threadid()
+        src = source_of[i]
+        nk = S if lengths == NULL else lengths[src]
+        attend_row_(q + u * D, kv + ((0 * Bs + src) * NH + h) * S * D, kv + ((1 * Bs + src) * NH + h) * S * D,
+                    NULL, 0, nk, D, NULL, work + tid * S, o + u * D)
+
+
+def attend_sources(size_t q, size_t kv, size_t source_of, size_t lengths, size_t o, size_t work, Py_ssize_t N,
+                   Py_ssize_t Bs, Py_ssize_t NH, Py_ssize_t D, Py_ssize_t S, int num_threads, bint dbl):
+    """o (N, NH, D) = attention of q (N, NH, D), one query a row, over the keys and values of row
+    i's source, kv (2, Bs, NH, S, D) (one layer of a seq2seq decoder's cross-attention memory):
+    source source_of[i], its first lengths[source] positions (lengths 0: all S).  No copy of a
+    source per row, however the rows were reordered.  work: num_threads * S scratch.  Releases
+    the GIL."""
+    with nogil:
+        if dbl:
+            attend_sources_(<const double*> q, <const double*> kv, <const int64_t*> source_of,
+                            <const int64_t*> lengths, <double*> o, <double*> work, N, Bs, NH, D, S, num_threads)
+        else:
+            attend_sources_(<const float*> q, <const float*> kv, <const int64_t*> source_of,
+                            <const int64_t*> lengths, <float*> o, <float*> work, N, Bs, NH, D, S, num_threads)
