@@ -461,3 +461,50 @@ def test_finished_rows_leave_the_work_and_the_output_is_unchanged(pair):
     got2, scores = generate(rec2, ids, mask, max_new_tokens=14, eos_token_id=eos, pad_token_id=7,
                             output_scores=True)
     assert torch.equal(got2, got) and set(rec2.sizes) == {3} and all(x.shape[0] == 3 for x in scores)
+
+
+class _RowCache:
+    """A cache that remembers which prompt each row continues (reordered and shrunk as rows move)."""
+
+    def __init__(self, B):
+        self.length, self.prompt = 0, None
+
+    def reorder(self, index):
+        assert index.dim() == 1 and 1 <= index.shape[0] <= self.prompt.shape[0]
+        self.prompt = self.prompt.index_select(0, index)
+
+
+class _PerPromptLM:
+    """Next-token log-probabilities fixed per prompt (its first token picks a row of `table`)."""
+
+    def __init__(self, table):
+        self.table, self.sizes = table, []
+
+    def new_cache(self, batch_size, max_length):
+        return _RowCache(batch_size)
+
+    def __call__(self, tokens, cache=None, attention_mask=None):
+        B, T = tokens.shape
+        self.sizes.append(B)
+        if cache.prompt is None:
+            cache.prompt = tokens[:, 0].clone()
+        cache.length += T
+        return self.table[cache.prompt].view(B, 1, -1).expand(B, T, -1), cache
+
+
+@pytest.mark.parametrize("early_stopping", [True, False])
+def test_beam_search_items_that_are_done_leave_the_work(early_stopping):
+    """A prompt whose beam search is done stops costing rows (the cache drops its beams) while
+    the others search on; the sequences equal a run with output_scores, where every row runs."""
+    probs = torch.tensor([[0.6, 0.1, 0.1, 0.1, 0.1],          # prompt 0: EOS (0) first, done early
+                          [0.01, 0.3, 0.29, 0.2, 0.2]])       # prompt 1: EOS unlikely, runs on
+    ids = torch.tensor([[0, 3], [1, 2]])
+    kw = dict(max_new_tokens=6, num_beams=3, eos_token_id=0, pad_token_id=4, early_stopping=early_stopping,
+              length_penalty=1.0)
+    lm = _PerPromptLM(probs.log())
+    got = generate(lm, ids, **kw)
+    lm2 = _PerPromptLM(probs.log())
+    got2, _ = generate(lm2, ids, output_scores=True, **kw)
+    assert torch.equal(got, got2) and set(lm2.sizes) == {6}
+    assert lm.sizes[0] == 6 and min(lm.sizes) == 3 and lm.sizes == sorted(lm.sizes, reverse=True)
+    assert got[0, 2].item() == 0                                     # prompt 0's best: EOS at once

@@ -14,7 +14,9 @@ continues the best num_beams that did not finish.  An item is done (HF's BeamHyp
 - early_stopping="never": the same, but with the longest possible length (max_new_tokens) when
   length_penalty > 0, so it only stops when no running hypothesis can improve.
 
-Done items keep running with the others (their rows are cheap at this size) but cannot change.
+An item that is done cannot change any more: its rows leave the work (the cache drops them with
+the reorder of that step) and the others search on (with output_scores every row keeps running,
+so that each step's scores cover them all).
 """
 from __future__ import annotations
 
@@ -57,64 +59,87 @@ def beam_search(model, input_ids: Tensor, mask: Optional[Tensor], start: Tensor,
     done_full = torch.zeros(B, nb, dtype=torch.bool, device=dev)      # slot holds a finished hypothesis
     done_len = torch.zeros(B, nb, dtype=torch.int64, device=dev)
     may_improve = torch.ones(B, 1, dtype=torch.bool, device=dev)
-    row_offset = (torch.arange(B, device=dev) * nb)[:, None]          # (B, 1)
+    items = None                                                       # the items still searching (None: all B)
     scores_out: List[Tensor] = []
+
+    # the finished sets of the items still searching, (b, nb, ...); written back when items leave
+    f_seqs, f_scores, f_full, f_len = done_seqs, done_scores, done_full, done_len
 
     cache = model.new_cache(N, L)
     logits, cache = model(seqs[:, :P], cache=cache, attention_mask=mask)
     for step in range(max_new_tokens):
         cur = P + step                                                 # tokens held per row
+        b = running.shape[0]                                           # items still searching
         logp = F.log_softmax(logits[:, -1].float(), dim=-1)
         logp = processors(logp, seqs[:, :cur], start, step)
         if output_scores:
             scores_out.append(logp)
         V = logp.shape[-1]
-        total = (logp.view(B, nb, V) + running[:, :, None]).view(B, nb * V)
+        total = (logp.view(b, nb, V) + running[:, :, None]).view(b, nb * V)
         if do_sample:
             pick = torch.multinomial(total.softmax(-1), K, generator=generator)
             top = total.gather(1, pick)
             top, order = top.sort(dim=-1, descending=True)
             pick = pick.gather(1, order)
         else:
-            top, pick = torch.topk(total, K)                          # (B, K)
+            top, pick = torch.topk(total, K)                          # (b, K)
         beam, tok = pick // V, pick % V
-        cand = _gather(seqs.view(B, nb, L), beam).clone()             # (B, K, L)
+        cand = _gather(seqs.view(b, nb, L), beam).clone()             # (b, K, L)
         cand[:, :, cur] = tok
         ends = torch.zeros_like(tok, dtype=torch.bool) if eos is None else torch.isin(tok, eos)
         ends |= cur + 1 >= L
 
         # the best num_beams continuations that did not end run on
         live = top + ends.float() * _NEG
-        keep = torch.topk(live, nb).indices                           # (B, nb)
+        keep = torch.topk(live, nb).indices                           # (b, nb)
         running = _gather(live, keep)
-        seqs = _gather(cand, keep).view(N, L)
-        src_rows = (_gather(beam, keep) + row_offset).view(N)
+        seqs = _gather(cand, keep).view(b * nb, L)
+        src_rows = (_gather(beam, keep) + (torch.arange(b, device=dev) * nb)[:, None]).view(b * nb)
 
         # the ones that ended join the finished set if they beat its worst member
         fin = top / ((step + 1) ** length_penalty)
-        fin += (done_full.all(1, keepdim=True) & (early_stopping is True)).float() * _NEG
+        fin += (f_full.all(1, keepdim=True) & (early_stopping is True)).float() * _NEG
         fin += (~may_improve).float() * _NEG
         just = ends & in_top[None, :]
         fin += (~just).float() * _NEG
-        merged = torch.topk(torch.cat([done_scores, fin], 1), nb).indices
-        done_seqs = _gather(torch.cat([done_seqs, cand], 1), merged)
-        done_scores = _gather(torch.cat([done_scores, fin], 1), merged)
-        done_full = _gather(torch.cat([done_full, just], 1), merged)
-        done_len = _gather(torch.cat([done_len, torch.full_like(tok, step + 1)], 1), merged)
+        merged = torch.topk(torch.cat([f_scores, fin], 1), nb).indices
+        f_seqs = _gather(torch.cat([f_seqs, cand], 1), merged)
+        f_scores = _gather(torch.cat([f_scores, fin], 1), merged)
+        f_full = _gather(torch.cat([f_full, just], 1), merged)
+        f_len = _gather(torch.cat([f_len, torch.full_like(tok, step + 1)], 1), merged)
 
-        cache.reorder(src_rows)
         # is_done: can the best running hypothesis still beat the worst finished one?
         n_new = max_new_tokens if (early_stopping == "never" and length_penalty > 0.0) else step + 1
         best_possible = running[:, :1] / (n_new ** length_penalty)
-        worst = torch.where(done_full, done_scores.min(1, keepdim=True).values, torch.full_like(done_scores, _NEG))
+        worst = torch.where(f_full, f_scores.min(1, keepdim=True).values, torch.full_like(f_scores, _NEG))
         may_improve &= (best_possible > worst).any(1, keepdim=True)
-        all_full = bool(done_full.all()) and early_stopping is True
-        if not bool(may_improve.any()) or all_full or bool(ends.all()):
+        searching = may_improve[:, 0] & ~(f_full.all(1) & (early_stopping is True))   # (b,)
+        if not bool(searching.any()) or bool(ends.all()) or step + 1 == max_new_tokens:
+            cache.reorder(src_rows)
             break
+        if output_scores or bool(searching.all()):
+            cache.reorder(src_rows)
+        else:                                   # items that are done leave the work (they cannot change)
+            if items is None:
+                items = torch.arange(B, device=dev)
+            done_seqs[items], done_scores[items], done_full[items], done_len[items] = f_seqs, f_scores, f_full, f_len
+            left = searching.nonzero().squeeze(1)                      # (b',)
+            rows = (left[:, None] * nb + torch.arange(nb, device=dev)).view(-1)
+            cache.reorder(src_rows.index_select(0, rows))
+            items = items.index_select(0, left)
+            running, may_improve = running.index_select(0, left), may_improve.index_select(0, left)
+            f_seqs, f_scores = f_seqs.index_select(0, left), f_scores.index_select(0, left)
+            f_full, f_len = f_full.index_select(0, left), f_len.index_select(0, left)
+            seqs, start = seqs.index_select(0, rows), start.index_select(0, rows)
+            mask = None if mask is None else mask.index_select(0, rows)
         if mask is not None:
-            mask = torch.cat([mask, mask.new_ones(N, 1)], 1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
         logits, cache = model(seqs[:, cur:cur + 1], cache=cache, attention_mask=mask)
 
+    if items is None:
+        done_seqs, done_scores, done_full, done_len = f_seqs, f_scores, f_full, f_len
+    else:
+        done_seqs[items], done_scores[items], done_full[items], done_len[items] = f_seqs, f_scores, f_full, f_len
     R = num_return_sequences
     out_len = P + int(done_len[:, :R].max())
     return done_seqs[:, :R].reshape(B * R, L)[:, :out_len], scores_out
