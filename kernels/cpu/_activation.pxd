@@ -3,17 +3,14 @@
 # Codes are the index in fastseq.dropout.ACTIVATIONS.  The fp32 transcendental functions are
 # _fastmath.h's branch-free ones (gcc vectorizes the loops that call them), fp64 uses libm.
 
-from _common cimport real
+from _common cimport real, exp_, tanh_
 
 cdef extern from "_fastmath.h" nogil:
-    float fs_expf(float)
-    float fs_tanhf(float)
     float fs_normcdff(float)
     float fs_normpdff(float)
 
 cdef extern from "<math.h>" nogil:
     double exp(double)
-    double tanh(double)
     double erfc(double)
 
 
@@ -25,20 +22,6 @@ cdef enum:
 
 
 # One loop per activation: the switch stays out of the loops, which gcc vectorizes.
-
-cdef inline real act_exp_(real v) noexcept nogil:
-    if real is float:
-        return fs_expf(v)
-    else:
-        return exp(v)
-
-
-cdef inline real act_tanh_(real v) noexcept nogil:
-    if real is float:
-        return fs_tanhf(v)
-    else:
-        return tanh(v)
-
 
 cdef inline real normcdf_(real u) noexcept nogil:
     """Phi(u); fp64 through erfc(-u / sqrt 2) / 2, accurate in both tails."""
@@ -77,10 +60,10 @@ cdef inline void act_fwd_(const real* x, const real* b, const real* mul, real* y
     elif act == GELU_TANH:
         for j in range(n):
             u = x[j] + b[j]
-            a = 0.5 * u * (1 + act_tanh_(k * (u + c * u * u * u)))
+            a = 0.5 * u * (1 + tanh_(k * (u + c * u * u * u)))
             y[j] = a * mul[j]
     else:
         for j in range(n):
             u = x[j] + b[j]
-            a = u / (1 + act_exp_(-u))                      # u sigmoid(u)
+            a = u / (1 + exp_(-u))                      # u sigmoid(u)
             y[j] = a * mul[j]

@@ -2,32 +2,9 @@
 # query over a key / value cache: attention.pyx (flash forward, backward's recomputation) and
 # decode.pyx (the fused decode step).
 
-from libc.math cimport INFINITY, exp
 from libc.stdint cimport int64_t
 
 from _common cimport real
-
-cdef extern from "_fastmath.h" nogil:
-    float fs_expf(float x)
-    float fs_rowmaxf(const float* x, long n)
-
-
-cdef inline real exp_(real x) noexcept nogil:
-    if real is float:
-        return fs_expf(x)
-    else:
-        return exp(x)
-
-
-cdef inline real row_max_(const real* x, Py_ssize_t n) noexcept nogil:
-    """max ignoring NaN; -inf when nothing is visible."""
-    cdef Py_ssize_t j
-    cdef real m = -INFINITY
-    if real is float:
-        return fs_rowmaxf(x, n)
-    for j in range(n):
-        m = x[j] if x[j] > m else m
-    return m
 
 
 # One query row (decode) reads each key and value row once: the BLAS calls' fixed costs (two per

@@ -1,5 +1,7 @@
 # Shared declarations for the Cython CPU kernels.
 
+from libc.math cimport INFINITY
+
 # The element types every kernel is compiled for.  Accumulation happens in the same type:
 # fp32 for float inputs, fp64 for double inputs (DESIGN.md section 5).
 ctypedef fused real:
@@ -19,6 +21,39 @@ cdef extern from "<math.h>" nogil:
     double exp(double)
     float tanhf(float)
     double tanh(double)
+
+
+cdef extern from "_fastmath.h" nogil:
+    float fs_expf(float x)
+    float fs_tanhf(float x)
+    float fs_rowmaxf(const float* x, long n)
+
+
+cdef inline real exp_(real v) noexcept nogil:
+    """exp; fp32 through _fastmath.h's branch-free one (loops that call it vectorize), fp64 libm's."""
+    if real is float:
+        return fs_expf(v)
+    else:
+        return exp(v)
+
+
+cdef inline real tanh_(real v) noexcept nogil:
+    """tanh; fp32 through _fastmath.h's branch-free one, fp64 libm's."""
+    if real is float:
+        return fs_tanhf(v)
+    else:
+        return tanh(v)
+
+
+cdef inline real row_max_(const real* x, Py_ssize_t n) noexcept nogil:
+    """max of a row ignoring NaN; -inf for an empty or all -inf row (a softmax's shift)."""
+    cdef Py_ssize_t j
+    cdef real m = -INFINITY
+    if real is float:
+        return fs_rowmaxf(x, n)
+    for j in range(n):
+        m = x[j] if x[j] > m else m
+    return m
 
 
 cdef inline real rsqrt_(real v) noexcept nogil:

@@ -35,8 +35,8 @@ from cython.parallel cimport prange, threadid
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.math cimport INFINITY, log, exp
 
-from _common cimport real, chunk_, ptr_
-from _attention_row cimport exp_, row_max_, scores_1_, accumulate_1_
+from _common cimport real, chunk_, exp_, ptr_, row_max_
+from _attention_row cimport scores_1_, accumulate_1_
 from _dropout_mask cimport Drop, drop_, keep_mul_, MASK_BLOCK
 from fastseq._cpu._blas cimport gemm_rm, install_blas, blas_installed
 

@@ -30,40 +30,15 @@ from cython.parallel cimport prange
 from libc.math cimport INFINITY, NAN
 from libc.stdint cimport int64_t
 
-from _common cimport real, chunk_, LANES
+from _common cimport real, chunk_, exp_, row_max_, LANES
 from _row_norm cimport row_sum_dev_
-
-cdef extern from "_fastmath.h" nogil:
-    float fs_expf(float)
-    float fs_rowmaxf(const float* x, long n)
 
 cdef extern from * nogil:
     void __builtin_prefetch(const void* addr)
 
 cdef extern from "<math.h>" nogil:
-    double exp(double)
     double log(double)
     float logf(float)
-
-
-cdef inline real row_max_(const real* z, Py_ssize_t n) noexcept nogil:
-    """max ignoring NaN (NaN reaches the sum and so the loss); -inf for an all -inf row."""
-    cdef Py_ssize_t j
-    cdef real m
-    if real is float:
-        return fs_rowmaxf(z, n)
-    else:
-        m = -INFINITY
-        for j in range(n):
-            m = z[j] if z[j] > m else m
-        return m
-
-
-cdef inline real exp_(real v) noexcept nogil:
-    if real is float:
-        return fs_expf(v)
-    else:
-        return exp(v)
 
 
 cdef inline real log_(real v) noexcept nogil:

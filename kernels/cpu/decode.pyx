@@ -48,10 +48,10 @@ from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport INFINITY
 from libc.stdint cimport int64_t
 
-from _common cimport real, chunk_, col_slice_, rsqrt_
+from _common cimport real, chunk_, col_slice_, exp_, row_max_, rsqrt_
 from _row_norm cimport row_stats_
 from _activation cimport act_fwd_
-from _attention_row cimport exp_, row_max_, scores_1_, accumulate_1_, scores_rows_, accumulate_rows_
+from _attention_row cimport scores_1_, accumulate_1_, scores_rows_, accumulate_rows_
 from fastseq._cpu._blas cimport gemm_rm, install_blas, blas_installed
 
 cdef extern from "_fastmath.h" nogil:

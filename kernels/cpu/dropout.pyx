@@ -23,9 +23,9 @@ The kernels never allocate and never validate: fastseq/dropout.py does both.
 from cython.parallel cimport prange
 from libc.stdint cimport uint64_t
 
-from _common cimport real, chunk_, fixed_order_col_sums_
+from _common cimport real, chunk_, exp_, fixed_order_col_sums_, tanh_
 from _dropout_mask cimport Drop, drop_, keep_mul_, keep_span_, MASK_BLOCK
-from _activation cimport RELU, GELU, GELU_TANH, SILU, act_exp_, act_tanh_, normcdf_, normpdf_, act_fwd_
+from _activation cimport RELU, GELU, GELU_TANH, SILU, normcdf_, normpdf_, act_fwd_
 
 cdef double GELU_K = 0.7978845608028654         # sqrt(2 / pi)
 cdef double GELU_A = 0.044715
@@ -107,13 +107,13 @@ cdef void act_bwd_(const real* x, const real* b, const real* dy, const real* mul
         for j in range(n):
             u = x[j] + b[j]
             g = dy[j] * mul[j]
-            t = act_tanh_(k * (u + c * u * u * u))
+            t = tanh_(k * (u + c * u * u * u))
             dx[j] = g * (0.5 * (1 + t) + 0.5 * u * (1 - t * t) * k * (1 + 3 * c * u * u))
     else:
         for j in range(n):
             u = x[j] + b[j]
             g = dy[j] * mul[j]
-            s = 1 / (1 + act_exp_(-u))
+            s = 1 / (1 + exp_(-u))
             dx[j] = g * (s * (1 + u * (1 - s)))
 
 

@@ -44,16 +44,13 @@ pointwise pass reads G gate columns and writes G + 2 columns (activations, c and
 is the traffic: at B = 1 a step is a matrix-vector product, bound by the copy bandwidth.
 """
 from cython.parallel cimport parallel, prange, threadid
-from libc.math cimport exp, tanh
 from libc.stdint cimport int64_t
 
-from _common cimport chunk_, col_slice_, copy_, ptr_, real
+from _common cimport chunk_, col_slice_, copy_, exp_, ptr_, real, tanh_
 from _row_norm cimport row_norm_bwd_, row_normalize_, row_stats_
 from fastseq._cpu._blas cimport gemm_rm, install_blas, blas_installed
 
 cdef extern from "_fastmath.h" nogil:
-    float fs_expf(float x)
-    float fs_tanhf(float x)
     void fs_barrier()
     int fs_team_size()
 
@@ -69,17 +66,7 @@ def has_blas():
 
 cdef inline real sigmoid_(real x) noexcept nogil:
     cdef real one = 1
-    if real is float:
-        return one / (one + fs_expf(-x))
-    else:
-        return one / (one + exp(-x))
-
-
-cdef inline real tanh_(real x) noexcept nogil:
-    if real is float:
-        return fs_tanhf(x)          # branch-free, one exp: gcc vectorizes the loops that call it
-    else:
-        return tanh(x)
+    return one / (one + exp_(-x))
 
 
 cdef inline (Py_ssize_t, Py_ssize_t, Py_ssize_t) step_(const int64_t[::1] offs, Py_ssize_t t) noexcept nogil:
