@@ -71,8 +71,6 @@ class KVCache:
         kv = self.kv[layer]
         kv[0, :b, :, n:n + T] = k
         kv[1, :b, :, n:n + T] = v
-        if self.origin is not None:
-            self.origin[:, n:n + T] = torch.arange(b, device=self.origin.device).view(b, 1)
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         """Store k, v (B, NH, T, D) at positions [length, length + T) of `layer`; returns the
@@ -94,9 +92,18 @@ class KVCache:
         return q.shape[2] == 1 and not training and decode_kernels_run(q, self.kv)
 
     def attend_step(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Store one new position's k, v (B, NH, 1, D) and return the attention of q (B, NH, 1, D)
-        over every held position (through origin, without a copy) on fastseq's CPU kernel, with
-        torch's thread count; the caller checks can_attend_step first.  -> (B, NH, 1, D)."""
+        """One decode step's attention on fastseq's CPU kernel (with torch's thread count): the
+        new position's keys and values are stored, then every held position is read in place,
+        through origin after a reorder.  The caller checks can_attend_step first.
+
+        Args:
+            layer: the attention layer.
+            q, k, v: the new position's query, key and value.
+        Returns:
+            the attention output.
+        Shapes:
+            q, k, v (B, NH, 1, D); output (B, NH, 1, D).
+        """
         from .. import _blas, _dispatch
         num_threads = _dispatch.num_threads()
         self._store(layer, k, v)
@@ -129,6 +136,9 @@ class KVCache:
         if self.origin is None:
             self.origin = torch.arange(self._rows, device=self.kv.device).view(-1, 1).repeat(1, self.max_length)
         self.origin = self.origin.index_select(0, index)
+        # the positions not written yet: row i will write them into cache row i (set here once,
+        # not by every layer's write)
+        self.origin[:, self.length:] = torch.arange(index.shape[0], device=self.kv.device).view(-1, 1)
         self._rows = index.shape[0]
 
 
@@ -151,6 +161,13 @@ def attend_sources(q: Tensor, kv: Tensor, source_of: Tensor, key_lengths: Option
     positions), read in place -- no per-row copy of a source after beam search moves rows
     (the caller checks decode_kernels_run first).
 
+    Args:
+        q: one query per row and head.
+        kv: the sources' keys and values of one layer.
+        source_of: the source each row reads.
+        key_lengths: each source's length, or None (all S positions).
+    Returns:
+        the attention output.
     Shapes:
         q (N, NH, 1, D); kv (2, B, NH, S, D), contiguous; source_of (N,); key_lengths (B,) or None;
         -> (N, NH, 1, D).

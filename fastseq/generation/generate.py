@@ -259,7 +259,7 @@ def _greedy_or_sample(model, input_ids: Tensor, mask: Optional[Tensor], start: T
     n = 0
     for step in range(max_new_tokens):
         cur = P + step
-        held = seqs[:, :cur] if rows is None else seqs.index_select(0, rows)[:, :cur]
+        held = seqs[:, :cur] if rows is None else seqs[:, :cur].index_select(0, rows)
         scores = processors(logits[:, -1].float(), held, start, step, top_k=not k_top)
         if output_scores:
             scores_out.append(scores)

@@ -147,9 +147,7 @@ def decode_step(model, tokens: Tensor, cache: KVCache, attention_mask: Optional[
     dtype = cache.kv.dtype
     ws = torch.empty(k.workspace_size(B, c.dim, c.ffn_dim, cache.max_length, nt), dtype=dtype)
     logits = torch.empty(B, 1, c.vocab_size, dtype=dtype)
-    origin = cache.origin
-    if origin is not None:
-        origin[:, n] = torch.arange(B)                                     # the new position goes into row i
+    origin = cache.origin                  # its positions >= n already name row i (KVCache.reorder)
     rc = k.gpt_step(table.data_ptr(), tok.data_ptr(), 0 if origin is None else origin.data_ptr(),
                     0 if mask is None else mask.data_ptr(), cache.kv.data_ptr(),
                     ws.data_ptr(), logits.data_ptr(), B, cache.kv.shape[2], c.dim, c.heads, c.ffn_dim, c.layers, c.vocab_size,
