@@ -90,6 +90,145 @@ cdef void lstm_h_(const real* o, const real* c, real* h, Py_ssize_t nb) noexcept
         h[j] = o[j] * tanh_(c[j])
 
 
+cdef inline float* fptr_(float[::1] a) noexcept nogil:
+    return &a[0] if a is not None and a.shape[0] > 0 else NULL
+
+
+def lstm_forward_panels(float[::1] xp, float[::1] w_hh, float[::1] h0, float[::1] c0, float[::1] y, float[::1] cs,
+                        float[::1] gates, float[::1] panels, const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H,
+                        Py_ssize_t ub, int num_threads, bint save=True, bint xp_blocked=True, float[::1] x=None,
+                        Py_ssize_t I=0, float[::1] w_ih=None, float[::1] bias=None):
+    """lstm_forward (same arguments and outputs), fp32, on packed panels (_panel.h): each thread
+    packs its unit blocks' rows of W_hh once into panels of panel_width() units, and per step
+    runs the register-blocked product of h_{t-1} with each panel and the cell on its tile.
+
+    With I > 0 the input projection is fused too: row b's pre-activations are [x_b | h_{t-1,b}]
+    [W_ih | W_hh]^T + bias, x (N, I), w_ih (4H, I), bias (4H,) (b_ih + b_hh, or None), all in
+    torch's order, and xp is not read.  panels: lstm_panel_floats(H, I + H, ub, False) floats."""
+    cdef Py_ssize_t nblk = (H + ub - 1) // ub
+    cdef int tid, nt = max(1, min(num_threads, nblk))
+    if T == 0 or H == 0:
+        return
+    if nt == 1:
+        with nogil:
+            lstm_fwd_panel_thread_(fptr_(xp), xp_blocked, fptr_(x), I, fptr_(w_ih), fptr_(bias), &w_hh[0], &h0[0],
+                                   &c0[0], &y[0], &cs[0], fptr_(gates), &panels[0], &offs[0], T, H, ub, save, 0, 1)
+        return
+    with nogil, parallel(num_threads=nt):
+        tid = threadid()
+        lstm_fwd_panel_thread_(fptr_(xp), xp_blocked, fptr_(x), I, fptr_(w_ih), fptr_(bias), &w_hh[0], &h0[0],
+                               &c0[0], &y[0], &cs[0], fptr_(gates), &panels[0], &offs[0], T, H, ub, save, tid,
+                               fs_team_size())
+
+
+cdef void lstm_fwd_panel_thread_(const float* xp, bint xp_blocked, const float* x, Py_ssize_t I, const float* w_ih,
+                                 const float* bias, const float* w, const float* h0, const float* c0, float* y,
+                                 float* cs, float* gates, float* panels, const int64_t* offs, Py_ssize_t T,
+                                 Py_ssize_t H, Py_ssize_t ub, bint save, int tid, int nt) noexcept nogil:
+    """Thread tid's part of lstm_forward_panels: pack its blocks k = tid, tid + nt, ..., then per
+    step each block's panels (panel q: units j0 + q vw ..) and a barrier.  The gate stride of xp
+    and of the saved gates is nb in the blocked layout (block k's gate g at column 4 j0 + g nb),
+    H in torch's order."""
+    cdef Py_ssize_t t, k, q, j0, nb, u, r0, bt, rp, H4 = 4 * H, nblk = (H + ub - 1) // ub, B0 = offs[1] - offs[0]
+    cdef Py_ssize_t vw = fs_panel_width(), Kp = I + H
+    cdef Py_ssize_t per_block = (ub + vw - 1) // vw * 4 * vw * Kp, per_panel = 4 * vw * Kp, gx, xcol, acol
+    cdef const float* hprev
+    cdef const float* cprev
+    cdef const float* xrow
+    cdef float* act
+    cdef float* c
+    k = tid
+    while k < nblk:
+        j0, nb = k * ub, min(ub, H - k * ub)
+        if I > 0:
+            fs_pack_gates(w_ih, H, I, j0, nb, vw, Kp, 0, panels + k * per_block)
+        fs_pack_gates(w, H, H, j0, nb, vw, Kp, I, panels + k * per_block)
+        k = k + nt
+    for t in range(T):
+        r0, bt, rp = offs[t], offs[t + 1] - offs[t], offs[t - 1] if t > 0 else 0
+        hprev = h0 if t == 0 else y + rp * H
+        act = gates + r0 * H4 if save else NULL
+        if save:
+            cprev, c = (c0 if t == 0 else cs + rp * H), cs + r0 * H
+        else:
+            cprev, c = (c0 if t == 0 else cs + ((t - 1) % 2) * B0 * H), cs + (t % 2) * B0 * H
+        k = tid
+        while k < nblk:
+            j0, nb = k * ub, min(ub, H - k * ub)
+            q = 0
+            while q * vw < nb:
+                u = j0 + q * vw
+                if I > 0:              # the bias (torch's order) stands for xp: the same for every row
+                    xrow, gx = (bias + u if bias != NULL else NULL), H
+                elif xp_blocked:
+                    xrow, gx = xp + r0 * H4 + 4 * j0 + q * vw, nb
+                else:
+                    xrow, gx = xp + r0 * H4 + u, H
+                fs_lstm_panel(bt, I, x + r0 * I if I > 0 else NULL, I, H, hprev, H, panels + k * per_block + q * per_panel,
+                              xrow, 0 if I > 0 else H4, gx, cprev + u, c + u, y + r0 * H + u, H,
+                              act + 4 * j0 + q * vw if save else NULL, H4, nb, <int> min(vw, nb - q * vw))
+                q = q + 1
+            k = k + nt
+        fs_barrier()
+
+
+def lstm_backward_panels(float[::1] dy, float[::1] w_hh, float[::1] c0, float[::1] cs, float[::1] gates,
+                         float[::1] dgates, float[::1] dh, float[::1] dc, float[::1] panels, const int64_t[::1] offs,
+                         Py_ssize_t T, Py_ssize_t H, Py_ssize_t ub, int num_threads):
+    """lstm_backward (same arguments and outputs), fp32, with dh_next = dG_t W_hh on packed
+    panels: w_hh in torch's row order, each thread packs the columns of its units once (panels
+    of 4 panel_width() units over the 4H blocked gate rows).  panels: lstm_panel_floats(H, H, ub,
+    True) floats."""
+    cdef Py_ssize_t nblk = (H + ub - 1) // ub
+    cdef int tid, nt = max(1, min(num_threads, nblk))
+    if T == 0 or H == 0:
+        return
+    if nt == 1:
+        with nogil:
+            lstm_bwd_panel_thread_(&dy[0], &w_hh[0], &c0[0], &cs[0], &gates[0], &dgates[0], &dh[0], &dc[0],
+                                   &panels[0], &offs[0], T, H, ub, 0, 1)
+        return
+    with nogil, parallel(num_threads=nt):
+        tid = threadid()
+        lstm_bwd_panel_thread_(&dy[0], &w_hh[0], &c0[0], &cs[0], &gates[0], &dgates[0], &dh[0], &dc[0],
+                               &panels[0], &offs[0], T, H, ub, tid, fs_team_size())
+
+
+cdef void lstm_bwd_panel_thread_(const float* dy, const float* w, const float* c0, const float* cs,
+                                 const float* gates, float* dg, float* dh, float* dc, float* panels,
+                                 const int64_t* offs, Py_ssize_t T, Py_ssize_t H, Py_ssize_t ub, int tid,
+                                 int nt) noexcept nogil:
+    """lstm_bwd_thread_ with its dh_next columns from the thread's packed panels."""
+    cdef Py_ssize_t t, k, b, p, j0, nb, col, r0, bt, H4 = 4 * H, nblk = (H + ub - 1) // ub
+    cdef Py_ssize_t vw4 = 4 * fs_panel_width(), per_block = (ub + vw4 - 1) // vw4 * vw4 * H4
+    cdef const float* cprev
+    k = tid
+    while k < nblk:
+        fs_pack_units(w, H, ub, k * ub, min(ub, H - k * ub), <int> (vw4 // 4), panels + k * per_block)
+        k = k + nt
+    for t in range(T - 1, -1, -1):
+        r0, bt = offs[t], offs[t + 1] - offs[t]
+        cprev = c0 if t == 0 else cs + offs[t - 1] * H
+        k = tid
+        while k < nblk:                                    # the gate gradients of this thread's blocks
+            j0, nb = k * ub, min(ub, H - k * ub)
+            col = 4 * j0
+            for b in range(bt):
+                lstm_cell_bwd_(gates + (r0 + b) * H4 + col, nb, cs + (r0 + b) * H + j0, cprev + b * H + j0,
+                               dy + (r0 + b) * H + j0, dh + b * H + j0, dc + b * H + j0, dg + (r0 + b) * H4 + col, nb)
+            k = k + nt
+        fs_barrier()
+        k = tid
+        while k < nblk:                                    # dh_next[:, its units] = dG_t W_hh[:, its units]
+            j0, nb = k * ub, min(ub, H - k * ub)
+            p = 0
+            while p * vw4 < nb:
+                fs_panel_gemm(bt, H4, dg + r0 * H4, H4, panels + k * per_block + p * vw4 * H4, dh + j0 + p * vw4, H,
+                              <int> min(vw4, nb - p * vw4))
+                p = p + 1
+            k = k + nt
+
+
 def lstm_backward(real[::1] dy, real[::1] w_hh, real[::1] c0, real[::1] cs, real[::1] gates, real[::1] dgates,
                   real[::1] dh, real[::1] dc, const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H, Py_ssize_t ub,
                   int num_threads):

@@ -54,6 +54,18 @@ cdef extern from "_fastmath.h" nogil:
     void fs_barrier()
     int fs_team_size()
 
+cdef extern from "_panel.h" nogil:
+    int fs_panel_supported(int isa)
+    int fs_panel_select(int isa)
+    int fs_panel_isa()
+    int fs_panel_width()
+    void fs_pack_gates(const float* W, long H, long K, long j0, long nb, int vw, long Kp, long k0, float* P)
+    void fs_pack_units(const float* W, long H, long ub, long u0, long nu, int vw, float* P)
+    void fs_lstm_panel(long bt, long K1, const float* x, long ldx, long K2, const float* hprev, long ldh,
+                       const float* P, const float* xp, long ldxp, long gx, const float* cprev, float* c, float* h,
+                       long ldc, float* act, long ldact, long ga, int nu)
+    void fs_panel_gemm(long bt, long K, const float* a, long lda, const float* P, float* out, long ldo, int ncol)
+
 
 def set_blas(size_t sgemm_addr, size_t dgemm_addr):
     """Install the GEMM of every kernel module (fastseq._cpu._blas owns it; see _blas.pyx)."""
@@ -72,6 +84,36 @@ cdef inline real sigmoid_(real x) noexcept nogil:
 cdef inline (Py_ssize_t, Py_ssize_t, Py_ssize_t) step_(const int64_t[::1] offs, Py_ssize_t t) noexcept nogil:
     """(first row of step t, its row count B_t, first row of step t - 1)."""
     return offs[t], offs[t + 1] - offs[t], offs[t - 1] if t > 0 else 0
+
+
+# ============================================================================ packed panels (fp32)
+
+_ISA_NAMES = ("generic", "avx2", "avx512")
+
+
+def panel_isa(name=None):
+    """The instruction set of the packed-panel kernels (_panel.h): with a name ("generic", "avx2",
+    "avx512", or "best"), use it first (ValueError if this CPU lacks it).  Returns the one in use."""
+    if name is not None:
+        isa = -1 if name == "best" else (_ISA_NAMES.index(name) if name in _ISA_NAMES else -2)
+        if isa == -2 or fs_panel_select(isa) < 0:
+            raise ValueError(f"panel_isa: {name!r} is not available on this CPU (have: "
+                             f"{[n for i, n in enumerate(_ISA_NAMES) if fs_panel_supported(i)]})")
+    return _ISA_NAMES[fs_panel_isa()]
+
+
+def panel_width():
+    """Floats per vector of the instruction set in use (the units of one forward panel)."""
+    return fs_panel_width()
+
+
+def lstm_panel_floats(Py_ssize_t H, Py_ssize_t K, Py_ssize_t ub, bint backward):
+    """Floats of the packed weights of lstm_forward_panels (K = its panel rows: H, or I + H with the
+    input projection fused) or of lstm_backward_panels (backward=True)."""
+    cdef Py_ssize_t vw = fs_panel_width(), nblk = (H + ub - 1) // ub
+    if backward:
+        return nblk * ((ub + 4 * vw - 1) // (4 * vw)) * 4 * vw * 4 * H
+    return nblk * ((ub + vw - 1) // vw) * 4 * vw * K
 
 
 # ============================================================================ the per-step GEMM
