@@ -26,6 +26,7 @@ import torch
 
 from .. import _dispatch, _library
 from ..layer_norm import layer_norm as _fused_layer_norm
+from . import cpu as cpu_loops
 from . import ops
 from . import reference as ref
 from .functions import (GRULayerFunction, LayerNormGRULayerFunction, LayerNormLSTMLayerFunction, LSTMLayerFunction,
@@ -120,8 +121,12 @@ def _lstm_fused(x, rows, h0, c0, p, eps, backend, w_hr=None, alias=False):
                                      h0, c0, permute(w_hh, perm), w_hr, alias=alias)
         return y, (h, c)
     if not grad and not _library.captured(x):    # xp in torch's order, nothing kept: no weight is permuted
-        y, h, c = LSTMLayerFunction.infer(backend, rows.offs, ub, project(x, w_ih, b_ih, False, b_hh), h0, c0, w_hh,
-                                            alias=alias)
+        if backend == "cpu" and w_ih.dtype == x.dtype and cpu_loops.fuses_projection(rows, x.dtype):
+            y, h, c = LSTMLayerFunction.infer_projected(backend, rows.offs, ub, x, w_ih, b_ih, b_hh, h0, c0, w_hh,
+                                                        alias=alias)
+        else:
+            y, h, c = LSTMLayerFunction.infer(backend, rows.offs, ub, project(x, w_ih, b_ih, False, b_hh), h0, c0,
+                                              w_hh, alias=alias)
         return y, (h, c)
     # xp blocked: the backward's dG is its gradient
     y, h, c = _project_and_apply("lstm_layer", True, x, w_ih, b_ih, b_hh, gate_perm(H, ub, 4), backend, rows.offs, ub,

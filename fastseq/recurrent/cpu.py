@@ -73,9 +73,10 @@ def _vec(n: int, dtype: torch.dtype):
 _local = threading.local()
 
 
-def scratch(n: int, dtype: torch.dtype, zero: bool = False) -> np.ndarray:
-    """n elements of this thread's scratch of `dtype` (grown on demand; zeroed if asked)."""
-    key = (dtype, zero)
+def scratch(n: int, dtype: torch.dtype, zero: bool = False, name: str = "") -> np.ndarray:
+    """n elements of this thread's scratch of `dtype` (grown on demand; zeroed if asked); a
+    `name` keeps a buffer apart from the others (the packed panels from a step's scratch)."""
+    key = (dtype, zero, name)
     bufs = getattr(_local, "bufs", None)
     if bufs is None:
         bufs = _local.bufs = {}
@@ -88,23 +89,73 @@ def scratch(n: int, dtype: torch.dtype, zero: bool = False) -> np.ndarray:
     return out
 
 
-def lstm_forward(rows, ub, xp, w_hh, h0, c0):
-    """-> y, cs (N, H): every step's h and c; gates (N, 4H): the activated gates (blocked).  xp blocked."""
-    N, H, dt = rows.N, w_hh.shape[1], xp.dtype
+# ---------------------------------------------------------------------------- packed panels
+
+_PANEL_MIN_T = 2      # steps: the panels cost one pass over W_hh (packing), a step of the old path one more
+_FUSE_MIN_ROWS = 8    # rows a step, on average, from which the input projection runs inside the loop
+
+
+def panel_isa(name=None) -> str:
+    """The instruction set of the packed-panel LSTM kernels ("avx512", "avx2", "generic"); with a
+    name ("best" included) use that one from now on (tests force each; ValueError if the CPU
+    lacks it)."""
+    return kernels().panel_isa(name)
+
+
+def uses_panels(rows, dtype) -> bool:
+    """Whether the LSTM's loops run on packed panels (kernels/cpu/_panel.h): fp32 and T >= 2."""
+    return dtype == torch.float32 and rows.T >= _PANEL_MIN_T
+
+
+def fuses_projection(rows, dtype) -> bool:
+    """Whether the LSTM's forward also runs its input projection on the panels: with at least
+    _FUSE_MIN_ROWS rows a step, [x_t | h_{t-1}] [W_ih | W_hh]^T per step beats one large GEMM for
+    x W_ih^T plus writing and reading back the (N, 4H) product.  With fewer rows the per-step
+    read of W_ih's panels costs more (at (64, 1, 256) 0.96 ms against 0.67)."""
+    return uses_panels(rows, dtype) and rows.N >= _FUSE_MIN_ROWS * rows.T
+
+
+def _panels(H: int, K: int, ub: int, backward: bool, dt):
+    return scratch(kernels().lstm_panel_floats(H, K, ub, backward), dt, name="panels")
+
+
+def lstm_forward(rows, ub, xp, w_hh, h0, c0, x=None, w_ih=None, bias=None):
+    """-> y, cs (N, H): every step's h and c; gates (N, 4H): the activated gates (blocked).  xp
+    blocked; or, where fuses_projection(), xp None and x (N, I), w_ih (4H, I), bias (4H,) or
+    None in torch's order."""
+    N, H, dt = rows.N, w_hh.shape[1], w_hh.dtype
     (y, y_), (cs, cs_), (gates, g_) = _out(N, H, dt), _out(N, H, dt), _out(N, 4 * H, dt)
-    kernels().lstm_forward(_a(xp), _a(w_hh), _a(h0), _a(c0), y_, cs_, g_, scratch(rows.B * 4 * H, dt), rows.offs_np,
-                           rows.T, H, ub, _dispatch.num_threads())
+    if uses_panels(rows, dt):
+        I = 0 if x is None else x.shape[1]
+        kernels().lstm_forward_panels(None if xp is None else _a(xp), _a(w_hh), _a(h0), _a(c0), y_, cs_, g_,
+                                      _panels(H, I + H, ub, False, dt), rows.offs_np, rows.T, H, ub,
+                                      _dispatch.num_threads(), True, True, *_fused_args(x, w_ih, bias))
+    else:
+        kernels().lstm_forward(_a(xp), _a(w_hh), _a(h0), _a(c0), y_, cs_, g_, scratch(rows.B * 4 * H, dt),
+                               rows.offs_np, rows.T, H, ub, _dispatch.num_threads())
     return y, cs, gates
 
 
-def lstm_infer(rows, ub, xp, w_hh, h0, c0):
-    """Inference: xp in torch's order, nothing kept -> y (N, H), c_n (B, H)."""
-    B, H, dt = rows.B, w_hh.shape[1], xp.dtype
+def _fused_args(x, w_ih, bias):
+    if x is None:
+        return None, 0, None, None
+    return _a(x), x.shape[1], _a(w_ih), None if bias is None else _a(bias)
+
+
+def lstm_infer(rows, ub, xp, w_hh, h0, c0, x=None, w_ih=None, bias=None):
+    """Inference: xp in torch's order (or x, w_ih, bias as lstm_forward's), nothing kept -> y (N, H), c_n (B, H)."""
+    B, H, dt = rows.B, w_hh.shape[1], w_hh.dtype
     y, y_ = _out(rows.N, H, dt)
     cs = np_empty((2 * B, H), _NP[dt])                            # c of steps t % 2 (the kernel's doc; B H small)
-    step = scratch(B * 4 * H, dt)
-    kernels().lstm_forward(_a(xp), _a(w_hh), _a(h0), _a(c0), y_, cs.reshape(-1), step, step, rows.offs_np, rows.T, H,
-                           ub, _dispatch.num_threads(), False, False)
+    if uses_panels(rows, dt):
+        I = 0 if x is None else x.shape[1]
+        kernels().lstm_forward_panels(None if xp is None else _a(xp), _a(w_hh), _a(h0), _a(c0), y_, cs.reshape(-1),
+                                      None, _panels(H, I + H, ub, False, dt), rows.offs_np, rows.T, H, ub,
+                                      _dispatch.num_threads(), False, False, *_fused_args(x, w_ih, bias))
+    else:
+        step = scratch(B * 4 * H, dt)
+        kernels().lstm_forward(_a(xp), _a(w_hh), _a(h0), _a(c0), y_, cs.reshape(-1), step, step, rows.offs_np,
+                               rows.T, H, ub, _dispatch.num_threads(), False, False)
     if rows.padded:
         half = (rows.T - 1) % 2 * B
         return y, torch.from_numpy(cs[half:half + B])
@@ -112,12 +163,18 @@ def lstm_infer(rows, ub, xp, w_hh, h0, c0):
 
 
 def lstm_backward(rows, ub, dy, w_hh, c0, cs, gates, dh, dc):
-    """w_hh with blocked rows; dh, dc (B, H) the carries (in: gradients at the final state, out:
-    at the initial) -> dgates (N, 4H) blocked."""
-    H = cs.shape[1]
-    dg, dg_ = _out(rows.N, 4 * H, dy.dtype)
-    kernels().lstm_backward(_a(dy), _a(w_hh), _a(c0), _a(cs), _a(gates), dg_, _a(dh), _a(dc), rows.offs_np, rows.T, H,
-                            ub, _dispatch.num_threads())
+    """w_hh in torch's row order; dh, dc (B, H) the carries (in: gradients at the final state,
+    out: at the initial) -> dgates (N, 4H) blocked."""
+    H, dt = cs.shape[1], dy.dtype
+    dg, dg_ = _out(rows.N, 4 * H, dt)
+    if uses_panels(rows, dt):
+        kernels().lstm_backward_panels(_a(dy), _a(w_hh), _a(c0), _a(cs), _a(gates), dg_, _a(dh), _a(dc),
+                                       _panels(H, H, ub, True, dt), rows.offs_np, rows.T, H, ub,
+                                       _dispatch.num_threads())
+    else:
+        from .functions import gate_perm, permute         # (functions imports this module)
+        kernels().lstm_backward(_a(dy), _a(permute(w_hh, gate_perm(H, ub, 4))), _a(c0), _a(cs), _a(gates), dg_,
+                                _a(dh), _a(dc), rows.offs_np, rows.T, H, ub, _dispatch.num_threads())
     return dg
 
 

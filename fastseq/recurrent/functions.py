@@ -187,9 +187,15 @@ class ProjectedLayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, name: str, k: int, x, w_ih, b_ih, b_hh, perm, *args):
         fn = FUNCTION[name]
-        xp = project_blocked(x, w_ih, b_ih, perm, False, b_hh)
         inner = _Ctx()
-        out = _keep(inner, fn, (*args[:k], xp, *args[k + 1:]))
+        if name == "lstm_layer" and args[0] == "cpu" and _fuses_projection(args[1], args[4], x, w_ih):
+            backend, offs, ub, _, h0, c0, w_hh = args          # the projection inside the loop: no xp
+            out, saved = LSTMLayerFunction.compute_projected(backend, offs, ub, x, w_ih, b_ih, b_hh, h0, c0, w_hh)
+            inner.save_for_backward(*saved)
+            inner.backend, inner.ub = backend, ub
+        else:
+            xp = project_blocked(x, w_ih, b_ih, perm, False, b_hh)
+            out = _keep(inner, fn, (*args[:k], xp, *args[k + 1:]))
         ctx.save_for_backward(x, w_ih, perm, *inner.saved_tensors)
         del inner.saved_tensors
         ctx.name, ctx.k, ctx.inner = name, k, inner          # inner: the cell Function's ctx attributes
@@ -208,6 +214,11 @@ class ProjectedLayerFunction(torch.autograd.Function):
         dx, dw, db, db2 = _project_backward(g[k], x, w_ih, perm, (n[2], n[3], n[4] and ctx.has_bias,
                                                                   n[5] and ctx.has_bias))
         return (None, None, dx, dw, db, db2, None) + tuple(g[:k]) + (None,) + tuple(g[k + 1:])
+
+
+def _fuses_projection(offs, h0, x, w_ih) -> bool:
+    """Whether the CPU LSTM's forward runs x's projection inside its loop (cpu.fuses_projection)."""
+    return w_ih.dtype == x.dtype and cpu.fuses_projection(R.of(offs, h0.shape[0], x.shape[0]), x.dtype)
 
 
 # entered at the C++ apply (fastseq/_library.py, direct_apply): the layers reach it only outside torch.func
@@ -243,12 +254,22 @@ class LSTMLayerFunction(torch.autograd.Function):
         rows, H = R.of(offs, h0.shape[0], y.shape[0]), w_hh.shape[1]
         dy = _grad_or_zeros(dy, rows.N, H, y)
         dh, dc = _carry(dh_n, h0), _carry(dc_n, c0)
-        dg = LOOPS[ctx.backend].lstm_backward(rows, ctx.ub, dy, permute(w_hh, gate_perm(H, ctx.ub, 4)), c0, cs, gates,
-                                              dh, dc)
+        dg = LOOPS[ctx.backend].lstm_backward(rows, ctx.ub, dy, w_hh, c0, cs, gates, dh, dc)
         dw_hh = None
         if ctx.needs_input_grad[6]:
             dw_hh = permute(dg.t() @ rows.h_prev(h0, y), inverse_perm(H, ctx.ub, 4))     # (4H, H)
         return None, None, None, dg, dh, dc, dw_hh
+
+    @staticmethod
+    def compute_projected(backend: str, offs, ub: int, x, w_ih, b_ih, b_hh, h0, c0, w_hh, alias: bool = False):
+        """compute() with the input projection inside the time loop (the CPU's fused forward,
+        cpu.fuses_projection): x (N, I) and W_ih, b_ih, b_hh in torch's order instead of xp.
+        The same outputs and saved tensors as compute() on xp = x W_ih^T + b_ih + b_hh."""
+        rows = R.of(offs, h0.shape[0], x.shape[0])
+        h0, c0, w_hh = h0.contiguous(), c0.contiguous(), w_hh.contiguous()
+        y, cs, gates = LOOPS[backend].lstm_forward(rows, ub, None, w_hh, h0, c0, x.contiguous(), w_ih.contiguous(),
+                                                   _bias(b_ih, b_hh))
+        return (y, rows.final(y, h0, alias), rows.final(cs, c0, alias)), (offs, h0, c0, w_hh, y, cs, gates)
 
     @staticmethod
     def infer(backend: str, offs, ub: int, xp, h0, c0, w_hh, alias: bool = False):
@@ -256,6 +277,21 @@ class LSTMLayerFunction(torch.autograd.Function):
         rows = R.of(offs, h0.shape[0], xp.shape[0])
         y, c_n = LOOPS[backend].lstm_infer(rows, ub, xp, w_hh.contiguous(), h0.contiguous(), c0.contiguous())
         return y, rows.final(y, h0, alias), c_n
+
+    @staticmethod
+    def infer_projected(backend: str, offs, ub: int, x, w_ih, b_ih, b_hh, h0, c0, w_hh, alias: bool = False):
+        """infer() with the input projection inside the time loop (as compute_projected)."""
+        rows = R.of(offs, h0.shape[0], x.shape[0])
+        y, c_n = LOOPS[backend].lstm_infer(rows, ub, None, w_hh.contiguous(), h0.contiguous(), c0.contiguous(),
+                                           x.contiguous(), w_ih.contiguous(), _bias(b_ih, b_hh))
+        return y, rows.final(y, h0, alias), c_n
+
+
+def _bias(b_ih, b_hh):
+    """The LSTM's two biases as one (4H,), or None."""
+    if b_ih is None:
+        return b_hh.detach().contiguous() if b_hh is not None else None
+    return (b_ih.detach() + b_hh.detach()) if b_hh is not None else b_ih.detach().contiguous()
 
 
 class LSTMProjLayerFunction(torch.autograd.Function):
