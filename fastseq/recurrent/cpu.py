@@ -162,11 +162,16 @@ def lstm_infer(rows, ub, xp, w_hh, h0, c0, x=None, w_ih=None, bias=None):
     return y, torch.from_numpy(cs[(rows.lengths() - 1) % 2 * B + np.arange(B)])
 
 
-def lstm_backward(rows, ub, dy, w_hh, c0, cs, gates, dh, dc):
+def lstm_backward(rows, ub, dy, w_hh, c0, cs, gates, dh, dc, reuse: bool = False):
     """w_hh in torch's row order; dh, dc (B, H) the carries (in: gradients at the final state,
-    out: at the initial) -> dgates (N, 4H) blocked."""
+    out: at the initial) -> dgates (N, 4H) blocked.  reuse: dgates may live in this thread's
+    scratch (the caller drops it before the next call: no fresh (N, 4H) pages per call)."""
     H, dt = cs.shape[1], dy.dtype
-    dg, dg_ = _out(rows.N, 4 * H, dt)
+    if reuse:
+        dg_ = scratch(rows.N * 4 * H, dt, name="dgates")
+        dg = torch.from_numpy(dg_).view(rows.N, 4 * H)
+    else:
+        dg, dg_ = _out(rows.N, 4 * H, dt)
     if uses_panels(rows, dt):
         kernels().lstm_backward_panels(_a(dy), _a(w_hh), _a(c0), _a(cs), _a(gates), dg_, _a(dh), _a(dc),
                                        _panels(H, H, ub, True, dt), rows.offs_np, rows.T, H, ub,

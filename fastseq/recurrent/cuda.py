@@ -84,7 +84,8 @@ def _prev(t, rp, bt, first, seq, H):
     return _rows(first, H, 0, bt) if t == 0 else _rows(seq, H, rp, rp + bt)
 
 
-def lstm_forward(rows, ub, xp, w_hh, h0, c0):
+def lstm_forward(rows, ub, xp, w_hh, h0, c0, x=None, w_ih=None, bias=None):
+    """(x, w_ih, bias: the CPU's projection inside the loop; never passed here, cpu.fuses_projection.)"""
     H = w_hh.shape[1]
     y, cs, gates = _new(xp, rows.N, H), _new(xp, rows.N, H), _new(xp, rows.N, 4 * H)
     _lstm_forward(rows, xp, w_hh, h0, c0, y, cs, gates)
@@ -104,13 +105,13 @@ def _lstm_forward(rows, xp, w_hh, h0, c0, y, cs, gates):
                             _arr(_rows(y, H, r0, r1)), _arr(_rows(gates, 4 * H, r0, r1)), bt, H, s)
 
 
-def lstm_infer(rows, ub, xp, w_hh, h0, c0):
+def lstm_infer(rows, ub, xp, w_hh, h0, c0, x=None, w_ih=None, bias=None):
     y, cs, _ = lstm_forward(rows, ub, xp, w_hh, h0, c0)
     return y, rows.final(cs, c0)
 
 
 @_on_device
-def lstm_backward(rows, ub, dy, w_hh, c0, cs, gates, dh, dc):
+def lstm_backward(rows, ub, dy, w_hh, c0, cs, gates, dh, dc, reuse: bool = False):
     K, s, H = _k(), _stream(dy), w_hh.shape[1]
     dgates = _new(dy, rows.N, 4 * H)
     w = w_hh.view(4 * H, H)

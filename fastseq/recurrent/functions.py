@@ -209,6 +209,7 @@ class ProjectedLayerFunction(torch.autograd.Function):
         inner, k, needs = ctx.inner, ctx.k, ctx.needs_input_grad[7:]
         inner.saved_tensors = tuple(saved)
         inner.needs_input_grad = needs[:k] + (any(ctx.needs_input_grad[2:6]),) + needs[k + 1:]
+        inner.dxp_scratch = True            # dG is used up here (the projection's gradients): reusable memory
         g = FUNCTION[ctx.name].backward(inner, *grads)
         n = ctx.needs_input_grad
         dx, dw, db, db2 = _project_backward(g[k], x, w_ih, perm, (n[2], n[3], n[4] and ctx.has_bias,
@@ -254,10 +255,11 @@ class LSTMLayerFunction(torch.autograd.Function):
         rows, H = R.of(offs, h0.shape[0], y.shape[0]), w_hh.shape[1]
         dy = _grad_or_zeros(dy, rows.N, H, y)
         dh, dc = _carry(dh_n, h0), _carry(dc_n, c0)
-        dg = LOOPS[ctx.backend].lstm_backward(rows, ctx.ub, dy, w_hh, c0, cs, gates, dh, dc)
+        dg = LOOPS[ctx.backend].lstm_backward(rows, ctx.ub, dy, w_hh, c0, cs, gates, dh, dc,
+                                              getattr(ctx, "dxp_scratch", False))
         dw_hh = None
         if ctx.needs_input_grad[6]:
-            dw_hh = permute(dg.t() @ rows.h_prev(h0, y), inverse_perm(H, ctx.ub, 4))     # (4H, H)
+            dw_hh = permute(rows.grad_w_hh(dg, h0, y), inverse_perm(H, ctx.ub, 4))     # (4H, H)
         return None, None, None, dg, dh, dc, dw_hh
 
     @staticmethod
@@ -320,7 +322,7 @@ class LSTMProjLayerFunction(torch.autograd.Function):
         dy = _grad_or_zeros(dy, rows.N, P, y)
         dh, dc = _carry(dh_n, h0), _carry(dc_n, c0)
         dg, dhp = LOOPS[ctx.backend].lstm_proj_backward(rows, ctx.ub, dy, w_hh, w_hr, c0, cs, gates, dh, dc)
-        dw_hh = dg.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[6] else None
+        dw_hh = rows.grad_w_hh(dg, h0, y) if ctx.needs_input_grad[6] else None
         dw_hr = dhp.t() @ m if ctx.needs_input_grad[7] else None
         return None, None, None, dg, dh, dc, dw_hh, dw_hr
 
@@ -352,7 +354,7 @@ class GRULayerFunction(torch.autograd.Function):
         dy = _grad_or_zeros(dy, rows.N, H, y)
         dh = _carry(dh_n, h0)
         dxp, dgh = LOOPS[ctx.backend].gru_backward(rows, ctx.ub, dy, w_hh, h0, y, gates, ghn, dh)
-        dw_hh = dgh.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[5] else None
+        dw_hh = rows.grad_w_hh(dgh, h0, y) if ctx.needs_input_grad[5] else None
         db_hh = dgh.sum(0) if ctx.needs_input_grad[6] else None
         return None, None, None, dxp, dh, dw_hh, db_hh
 
@@ -381,7 +383,7 @@ class RNNLayerFunction(torch.autograd.Function):
         dy = _grad_or_zeros(dy, rows.N, H, y)
         dh = _carry(dh_n, h0)
         dg = LOOPS[ctx.backend].rnn_backward(rows, ctx.ub, ctx.relu, dy, w_hh, y, dh)
-        dw_hh = dg.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[6] else None
+        dw_hh = rows.grad_w_hh(dg, h0, y) if ctx.needs_input_grad[6] else None
         return None, None, None, None, dg, dh, dw_hh
 
 
@@ -415,7 +417,7 @@ class LayerNormLSTMLayerFunction(torch.autograd.Function):
         dh, dc = _carry(dh_n, h0), _carry(dc_n, c0)
         dg, dgh, dg_hh, dg_c, db_c = LOOPS[ctx.backend].ln_lstm_backward(rows, dy, w_hh, g_hh, g_c, b_c, c0, cs, gates,
                                                                           ghat, rstd_h, chat, rstd_c, dh, dc)
-        dw_hh = dgh.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[6] else None
+        dw_hh = rows.grad_w_hh(dgh, h0, y) if ctx.needs_input_grad[6] else None
         keep = ctx.needs_input_grad
         return (None, None, None, dg, dh, dc, dw_hh, dg_hh if keep[7] else None, dg_c if keep[8] else None,
                 db_c if keep[9] else None)
@@ -449,7 +451,7 @@ class LayerNormGRULayerFunction(torch.autograd.Function):
         dh = _carry(dh_n, h0)
         dxp, dgh, dg_hh, db_hh = LOOPS[ctx.backend].ln_gru_backward(rows, dy, w_hh, g_hh, h0, y, gates, ghat, rstd_h,
                                                                      ghn, dh)
-        dw_hh = dgh.t() @ rows.h_prev(h0, y) if ctx.needs_input_grad[5] else None
+        dw_hh = rows.grad_w_hh(dgh, h0, y) if ctx.needs_input_grad[5] else None
         keep = ctx.needs_input_grad
         return None, None, None, dxp, dh, dw_hh, dg_hh if keep[6] else None, db_hh if keep[7] else None
 

@@ -79,6 +79,13 @@ class Rows:
             return seq[self.N - self.B:].clone()
         return seq.index_select(0, self.last(seq.device))
 
+    def grad_w_hh(self, dg: torch.Tensor, h0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """dW_hh = sum_t dG_t^T h_{t-1} (G H, H) from dg (N, G H), h0 (B, H), y (N, H).  Padded:
+        dG_0^T h0 + dG_{1:}^T y_{:-1} as two GEMMs, without forming h_prev (an (N, H) copy)."""
+        if self.padded:
+            return torch.addmm(dg[:self.B].t() @ h0, dg[self.B:].t(), y[:self.N - self.B])
+        return dg.t() @ self.h_prev(h0, y)
+
     def h_prev(self, h0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(N, H): h_{t-1} of every row, from h0 (B, H) and the outputs y (N, H)."""
         if self.padded:
