@@ -68,11 +68,10 @@ FS_INLINE void FS_N(fs_acc_row1_)(FS_VEC acc[FS_RB][4], long K, const float* a, 
     acc[0][3] += e3;
 }
 
-/* tile[r][c][l] = sum_k [a1 | a2][r][k] P[k][c][l] for r < R <= FS_RB: a row of A is a1's
- * first K1 elements (row stride lda1) followed by a2's K2 (stride lda2), P has K1 + K2 rows. */
-FS_INLINE void FS_N(fs_tile_fixed_)(const int R, long K1, const float* a1, long lda1, long K2, const float* a2,
-                                    long lda2, const float* P, float* tile) {
-    FS_VEC acc[FS_RB][4];
+/* The accumulators of R rows (R <= FS_RB): acc[r][c] = sum_k [a1 | a2][r][k] P[k][c], a row of
+ * A being a1's first K1 elements (row stride lda1) followed by a2's K2 (stride lda2). */
+FS_INLINE void FS_N(fs_tile_)(const int R, FS_VEC acc[FS_RB][4], long K1, const float* a1, long lda1, long K2,
+                              const float* a2, long lda2, const float* P) {
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++)
         acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = (FS_VEC){0};
@@ -85,93 +84,126 @@ FS_INLINE void FS_N(fs_tile_fixed_)(const int R, long K1, const float* a1, long 
             FS_N(fs_acc_rows_)(R, acc, K1, a1, lda1, P);
         FS_N(fs_acc_rows_)(R, acc, K2, a2, lda2, P + K1 * 4 * FS_VW);
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; r++)
-        memcpy(tile + r * 4 * FS_VW, acc[r], sizeof acc[r]);
 }
 
-FS_TARGET static void FS_N(fs_tile_)(int R, long K1, const float* a1, long lda1, long K2, const float* a2,
-                                     long lda2, const float* P, float* tile) {
-    switch (R) {     /* one register allocation per row count */
-    case 1: FS_N(fs_tile_fixed_)(1, K1, a1, lda1, K2, a2, lda2, P, tile); break;
-    case 2: FS_N(fs_tile_fixed_)(2, K1, a1, lda1, K2, a2, lda2, P, tile); break;
-#if FS_RB > 2
-    case 3: FS_N(fs_tile_fixed_)(3, K1, a1, lda1, K2, a2, lda2, P, tile); break;
-    case 4: FS_N(fs_tile_fixed_)(4, K1, a1, lda1, K2, a2, lda2, P, tile); break;
-#endif
-#if FS_RB > 4
-    case 5: FS_N(fs_tile_fixed_)(5, K1, a1, lda1, K2, a2, lda2, P, tile); break;
-    case 6: FS_N(fs_tile_fixed_)(6, K1, a1, lda1, K2, a2, lda2, P, tile); break;
-#endif
-    default: break;
+/* ---------------------------------------------------------------- lane-wise math on vectors */
+
+typedef int FS_N(fs_ivec_) __attribute__((vector_size(FS_VW * 4)));
+#define FS_IVEC FS_N(fs_ivec_)
+
+FS_INLINE FS_VEC FS_N(fs_sel_)(FS_IVEC m, FS_VEC a, FS_VEC b) {      /* m ? a : b, m all ones or zeros */
+    return (FS_VEC)((m & (FS_IVEC)a) | (~m & (FS_IVEC)b));
+}
+
+/* _fastmath.h's fs_expf on every lane (same range reduction and polynomial, n = x / ln 2 rounded
+ * half away from zero by a truncating conversion: the 1.5 2^23 shift trick would be folded away
+ * under -fassociative-math): x < -87.3 gives 0, x > 88.7 +inf, NaN NaN. */
+FS_INLINE FS_VEC FS_N(fs_vexp_)(FS_VEC x) {
+    const FS_VEC lo = (FS_VEC){0} - 87.3f, hi = (FS_VEC){0} + 88.7f, half = (FS_VEC){0} + 0.5f;
+    FS_VEC xc = FS_N(fs_sel_)(x < lo, lo, x);
+    xc = FS_N(fs_sel_)(xc > hi, hi, xc);
+    FS_VEC v = xc * 1.44269504088896341f;
+    FS_IVEC ni = __builtin_convertvector(v + FS_N(fs_sel_)(v < 0.0f, -half, half), FS_IVEC);
+    FS_VEC n = __builtin_convertvector(ni, FS_VEC);
+    FS_VEC r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    FS_VEC p = r * (1.0f / 720.0f) + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    FS_VEC y = p * (FS_VEC)((ni + 127) << 23);
+    y = FS_N(fs_sel_)(x < lo, (FS_VEC){0}, y);
+    y = FS_N(fs_sel_)(x > hi, (FS_VEC){0} + __builtin_inff(), y);
+    return FS_N(fs_sel_)(x != x, x, y);
+}
+
+FS_INLINE FS_VEC FS_N(fs_vsigmoid_)(FS_VEC x) {
+    return 1.0f / (1.0f + FS_N(fs_vexp_)(-x));
+}
+
+/* fs_tanhf on every lane: the odd polynomial below |x| = 0.625, 2 / (1 + exp(-2x)) - 1 above. */
+FS_INLINE FS_VEC FS_N(fs_vtanh_)(FS_VEC x) {
+    FS_VEC z = x * x;
+    FS_VEC p = z * -5.70498872745e-3f + 2.06390887954e-2f;
+    p = p * z - 5.37397155531e-2f;
+    p = p * z + 1.33314422036e-1f;
+    p = p * z - 3.33332819422e-1f;
+    FS_VEC small = p * z * x + x;
+    FS_VEC big = 2.0f / (1.0f + FS_N(fs_vexp_)(-2.0f * x)) - 1.0f;
+    FS_VEC ax = (FS_VEC)((FS_IVEC)x & 0x7fffffff);
+    return FS_N(fs_sel_)(ax < 0.625f, small, big);
+}
+
+/* The first n lanes at p (the rest 0) / stored to p. */
+FS_INLINE FS_VEC FS_N(fs_ldn_)(const float* p, int n) {
+    float t[FS_VW] = {0};
+    if (n == FS_VW)
+        return FS_N(fs_ld_)(p);
+    for (int l = 0; l < n; l++)
+        t[l] = p[l];
+    return FS_N(fs_ld_)(t);
+}
+
+FS_INLINE void FS_N(fs_stn_)(float* p, FS_VEC v, int n) {
+    if (n == FS_VW) {
+        memcpy(p, &v, sizeof v);
+    } else {
+        float t[FS_VW];
+        memcpy(t, &v, sizeof v);
+        for (int l = 0; l < n; l++)
+            p[l] = t[l];
     }
 }
 
-/* The LSTM cell on one row's tile (the 4 gate columns of FS_VW units): pre = tile + xp, then
+/* The LSTM cell on one row's accumulators (the 4 gate columns of FS_VW units): pre = acc + xp,
  *   i, f, o = s(pre_i, pre_f, pre_o), g = tanh(pre_g);  c = f cprev + i g;  h = o tanh(c)
  * for the first nu lanes.  xp's gate q at xp + q gx (NULL: none); act (NULL: not kept) gets
- * the activated gates, gate q at act + q ga.  One transcendental per loop over the lanes: gcc
- * vectorizes each. */
-FS_INLINE void FS_N(fs_lstm_cell_)(const float* tile, const float* xp, long gx, const float* cprev, float* c,
-                                   float* h, float* act, long ga, int nu) {
-    float g[4][FS_VW] __attribute__((aligned(64)));
-    float cp[FS_VW] __attribute__((aligned(64))), cn[FS_VW] __attribute__((aligned(64)));
-    float hn[FS_VW] __attribute__((aligned(64)));
-    int q, l;
-    memcpy(g, tile, sizeof g);
-    if (nu == FS_VW) {
-        if (xp)
-            for (q = 0; q < 4; q++)
-                for (l = 0; l < FS_VW; l++)
-                    g[q][l] += xp[q * gx + l];
-        memcpy(cp, cprev, sizeof cp);
-    } else {
-        memset(cp, 0, sizeof cp);
-        for (l = 0; l < nu; l++) {
-            if (xp)
-                for (q = 0; q < 4; q++)
-                    g[q][l] += xp[q * gx + l];
-            cp[l] = cprev[l];
-        }
+ * the activated gates, gate q at act + q ga. */
+FS_INLINE void FS_N(fs_lstm_cell_)(FS_VEC a[4], const float* xp, long gx, const float* cprev, float* c, float* h,
+                                   float* act, long ga, int nu) {
+    if (xp) {
+        a[0] += FS_N(fs_ldn_)(xp, nu);
+        a[1] += FS_N(fs_ldn_)(xp + gx, nu);
+        a[2] += FS_N(fs_ldn_)(xp + 2 * gx, nu);
+        a[3] += FS_N(fs_ldn_)(xp + 3 * gx, nu);
     }
-    for (l = 0; l < FS_VW; l++)
-        g[0][l] = 1.0f / (1.0f + fs_expf(-g[0][l]));
-    for (l = 0; l < FS_VW; l++)
-        g[1][l] = 1.0f / (1.0f + fs_expf(-g[1][l]));
-    for (l = 0; l < FS_VW; l++)
-        g[2][l] = fs_tanhf(g[2][l]);
-    for (l = 0; l < FS_VW; l++)
-        g[3][l] = 1.0f / (1.0f + fs_expf(-g[3][l]));
-    for (l = 0; l < FS_VW; l++)
-        cn[l] = g[1][l] * cp[l] + g[0][l] * g[2][l];
-    for (l = 0; l < FS_VW; l++)
-        hn[l] = g[3][l] * fs_tanhf(cn[l]);
-    if (nu == FS_VW) {      /* fixed sizes: vector stores, not calls to memcpy */
-        memcpy(c, cn, sizeof cn);
-        memcpy(h, hn, sizeof hn);
-        if (act)
-            for (q = 0; q < 4; q++)
-                memcpy(act + q * ga, g[q], sizeof g[q]);
-    } else {
-        for (l = 0; l < nu; l++) {
-            c[l] = cn[l];
-            h[l] = hn[l];
-            if (act)
-                for (q = 0; q < 4; q++)
-                    act[q * ga + l] = g[q][l];
-        }
+    FS_VEC i = FS_N(fs_vsigmoid_)(a[0]), f = FS_N(fs_vsigmoid_)(a[1]);
+    FS_VEC g = FS_N(fs_vtanh_)(a[2]), o = FS_N(fs_vsigmoid_)(a[3]);
+    FS_VEC cn = f * FS_N(fs_ldn_)(cprev, nu) + i * g;
+    FS_N(fs_stn_)(c, cn, nu);
+    FS_N(fs_stn_)(h, o * FS_N(fs_vtanh_)(cn), nu);
+    if (act) {
+        FS_N(fs_stn_)(act, i, nu);
+        FS_N(fs_stn_)(act + ga, f, nu);
+        FS_N(fs_stn_)(act + 2 * ga, g, nu);
+        FS_N(fs_stn_)(act + 3 * ga, o, nu);
     }
+}
+
+/* R rows of one LSTM step for one panel (fs_lstm_panel_'s arguments, rows already offset). */
+FS_INLINE void FS_N(fs_lstm_rows_)(const int R, long K1, const float* x, long ldx, long K2, const float* hprev,
+                                   long ldh, const float* P, const float* xp, long ldxp, long gx,
+                                   const float* cprev, float* c, float* h, long ldc, float* act, long ldact, long ga,
+                                   int nu) {
+    FS_VEC acc[FS_RB][4];
+    FS_N(fs_tile_)(R, acc, K1, x, ldx, K2, hprev, ldh, P);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++)
+        FS_N(fs_lstm_cell_)(acc[r], xp ? xp + r * ldxp : 0, gx, cprev + r * ldc, c + r * ldc, h + r * ldc,
+                            act ? act + r * ldact : 0, ga, nu);
 }
 
 /* One LSTM step for one gate panel (FS_VW units) over bt rows: row b's pre-activations are
- * [x_b | h_b] P (+ xp_b), then the cell (fs_lstm_cell_).  Row b reads x + b ldx (K1 elements,
- * K1 = 0: none), hprev + b ldh (K2), xp + b ldxp, cprev / c / h + b ldc, act + b ldact. */
+ * [x_b | h_b] P (+ xp_b), then the cell (fs_lstm_cell_) on the accumulators.  Row b reads
+ * x + b ldx (K1 elements, K1 = 0: none), hprev + b ldh (K2), xp + b ldxp (ldxp = 0: one row for
+ * all, the bias), cprev / c / h + b ldc, act + b ldact. */
 FS_TARGET static void FS_N(fs_lstm_panel_)(long bt, long K1, const float* x, long ldx, long K2, const float* hprev,
                                            long ldh, const float* P, const float* xp, long ldxp, long gx,
                                            const float* cprev, float* c, float* h, long ldc, float* act, long ldact,
                                            long ga, int nu) {
-    float tile[FS_RB * 4 * FS_VW] __attribute__((aligned(64)));
-    long r0, b;
+    long r0;
     for (r0 = 0; r0 < bt; r0 += FS_RB) {
         int r, q, R = bt - r0 < FS_RB ? (int)(bt - r0) : FS_RB;
         /* xp and the saved gates are read / written a vector per gate, strided: the hardware
@@ -183,11 +215,40 @@ FS_TARGET static void FS_N(fs_lstm_panel_)(long bt, long K1, const float* x, lon
                 if (act)
                     __builtin_prefetch(act + (r0 + r) * ldact + q * ga, 1, 2);
             }
-        FS_N(fs_tile_)(R, K1, x + r0 * ldx, ldx, K2, hprev + r0 * ldh, ldh, P, tile);
-        for (r = 0; r < R; r++) {
-            b = r0 + r;
-            FS_N(fs_lstm_cell_)(tile + r * 4 * FS_VW, xp ? xp + b * ldxp : 0, gx, cprev + b * ldc, c + b * ldc,
-                                h + b * ldc, act ? act + b * ldact : 0, ga, nu);
+#define FS_ROWS_(n) FS_N(fs_lstm_rows_)(n, K1, x + r0 * ldx, ldx, K2, hprev + r0 * ldh, ldh, P, \
+                                        xp ? xp + r0 * ldxp : 0, ldxp, gx, cprev + r0 * ldc, c + r0 * ldc, \
+                                        h + r0 * ldc, ldc, act ? act + r0 * ldact : 0, ldact, ga, nu)
+        switch (R) {     /* one register allocation per row count */
+        case 1: FS_ROWS_(1); break;
+        case 2: FS_ROWS_(2); break;
+#if FS_RB > 2
+        case 3: FS_ROWS_(3); break;
+        case 4: FS_ROWS_(4); break;
+#endif
+#if FS_RB > 4
+        case 5: FS_ROWS_(5); break;
+        case 6: FS_ROWS_(6); break;
+#endif
+        default: break;
+        }
+#undef FS_ROWS_
+    }
+}
+
+/* R rows of the plain product, stored: out[r][0:ncol]. */
+FS_INLINE void FS_N(fs_gemm_rows_)(const int R, long K, const float* a, long lda, const float* P, float* out,
+                                   long ldo, int ncol) {
+    FS_VEC acc[FS_RB][4];
+    FS_N(fs_tile_)(R, acc, 0, a, 0, K, a, lda, P);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        if (ncol == 4 * FS_VW) {
+            memcpy(out + r * ldo, acc[r], sizeof acc[r]);
+        } else {
+            float t[4 * FS_VW];
+            memcpy(t, acc[r], sizeof t);
+            for (int l = 0; l < ncol; l++)
+                out[r * ldo + l] = t[l];
         }
     }
 }
@@ -196,21 +257,28 @@ FS_TARGET static void FS_N(fs_lstm_panel_)(long bt, long K1, const float* x, lon
  * product, the backward's dh_next = dG W_hh. */
 FS_TARGET static void FS_N(fs_panel_gemm_)(long bt, long K, const float* a, long lda, const float* P, float* out,
                                            long ldo, int ncol) {
-    float tile[FS_RB * 4 * FS_VW] __attribute__((aligned(64)));
     long r0;
     for (r0 = 0; r0 < bt; r0 += FS_RB) {
-        int r, R = bt - r0 < FS_RB ? (int)(bt - r0) : FS_RB;
-        FS_N(fs_tile_)(R, 0, a, 0, K, a + r0 * lda, lda, P, tile);
-        for (r = 0; r < R; r++) {
-            if (ncol == 4 * FS_VW)
-                memcpy(out + (r0 + r) * ldo, tile + r * 4 * FS_VW, 4 * FS_VW * sizeof(float));
-            else
-                for (int l = 0; l < ncol; l++)
-                    out[(r0 + r) * ldo + l] = tile[r * 4 * FS_VW + l];
+        int R = bt - r0 < FS_RB ? (int)(bt - r0) : FS_RB;
+        const float* ar = a + r0 * lda;
+        float* o = out + r0 * ldo;
+        switch (R) {
+        case 1: FS_N(fs_gemm_rows_)(1, K, ar, lda, P, o, ldo, ncol); break;
+        case 2: FS_N(fs_gemm_rows_)(2, K, ar, lda, P, o, ldo, ncol); break;
+#if FS_RB > 2
+        case 3: FS_N(fs_gemm_rows_)(3, K, ar, lda, P, o, ldo, ncol); break;
+        case 4: FS_N(fs_gemm_rows_)(4, K, ar, lda, P, o, ldo, ncol); break;
+#endif
+#if FS_RB > 4
+        case 5: FS_N(fs_gemm_rows_)(5, K, ar, lda, P, o, ldo, ncol); break;
+        case 6: FS_N(fs_gemm_rows_)(6, K, ar, lda, P, o, ldo, ncol); break;
+#endif
+        default: break;
         }
     }
 }
 
+#undef FS_IVEC
 #undef FS_N
 #undef FS_VEC
 #undef FS_INLINE
