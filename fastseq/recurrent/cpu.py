@@ -62,7 +62,9 @@ def _out(n: int, width: int, dtype: torch.dtype):
         a = np_empty((n, width), _NP[dtype])
         return torch.from_numpy(a), a.reshape(-1)
     t = _alloc.empty((n, width), dtype, "cpu")
-    return t, t.numpy().reshape(-1)
+    a = t.numpy().reshape(-1)
+    a.view(np.uint8)[::4096] = 0        # fault its pages in here, not inside a kernel's parallel region (_out)
+    return t, a
 
 
 def _vec(n: int, dtype: torch.dtype):
