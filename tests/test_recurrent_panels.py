@@ -1,0 +1,223 @@
+"""The LSTM's packed-panel kernels (kernels/cpu/_panel.h, issue 13), on every instruction set this
+CPU has (AVX-512, AVX2 + FMA, generic vectors), each forced in turn:
+  - fastseq.nn.LSTM in fp32 against torch.nn.LSTM run in fp64: outputs, final states and every
+    gradient, padded and packed, B = 1 (the one-row kernel), the input projection inside the loop
+    (>= 8 rows a step) and outside, sizes that leave partial panels, two layers both ways;
+  - the kernels against the BLAS-based loops they replace, argument for argument (saved gates,
+    both xp layouts, one and two threads, one block and many);
+  - saturated gates, inf and NaN;
+  - which loop runs when (fp32 and T >= 2: panels; fp64 and T = 1: the BLAS loops).
+Every output buffer and the reused scratch (panels, dG) start as NaN."""
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fastseq
+from fastseq.recurrent import cpu
+from fastseq.recurrent import rows as R
+from fastseq.recurrent.cells import unit_block
+from fastseq.recurrent.functions import gate_perm
+
+ISAS = ["generic", "avx2", "avx512"]
+TOL = dict(rtol=2e-4, atol=3e-5)
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Force each instruction set the CPU has (skip the others); back to the best one after."""
+    try:
+        cpu.panel_isa(request.param)
+    except ValueError:
+        pytest.skip(f"this CPU has no {request.param}")
+    yield request.param
+    cpu.panel_isa("best")
+
+
+@pytest.fixture
+def poison(poison, monkeypatch):
+    """conftest's poison, plus the CPU loops' NumPy outputs and reused scratch start as NaN."""
+    real = cpu.scratch
+
+    def nan_scratch(n, dtype, zero=False, name=""):
+        out = real(n, dtype, zero, name)
+        if not zero:
+            out.fill(np.nan)
+        return out
+    monkeypatch.setattr(cpu, "np_empty", lambda shape, dtype: np.full(shape, np.nan, dtype))
+    monkeypatch.setattr(cpu, "scratch", nan_scratch)
+    yield
+
+
+def _pair(I, H, **kw):
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(I, H, **kw).double()
+    fast = fastseq.nn.LSTM(I, H, **kw)
+    fast.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    return ref, fast
+
+
+def _run(module, x, hx, lengths):
+    """Output (padded), final states and the gradients of x, hx and every parameter of a weighted loss."""
+    inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if lengths is not None else x
+    out, (h, c) = module(inp, hx)
+    if lengths is not None:
+        out = pad_packed_sequence(out, total_length=x.shape[0])[0]
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    loss = (out * w).sum() + (h * h.detach().sin()).sum() + (c * c.detach().cos()).sum()
+    leaves = [x, *hx, *module.parameters()]
+    return [out, h, c, *torch.autograd.grad(loss, leaves)]
+
+
+CONFIGS = [  # T, B, I, H, layers, bidirectional, lengths
+    (6, 1, 5, 20, 1, False, None),            # one row: the split-k kernel; 20 = a full and a partial panel
+    (5, 9, 7, 37, 1, False, None),            # 9 rows a step: projection inside the loop; 37 units
+    (4, 12, 16, 64, 2, True, None),           # several panels and unit blocks, two layers both ways
+    (7, 10, 6, 24, 1, False, [7, 2, 5, 7, 1, 3, 6, 4, 7, 2]),    # packed: 4..10 rows a step
+    (3, 2, 3, 8, 1, True, [3, 1]),            # tiny, packed
+]
+
+
+@pytest.mark.parametrize("T,B,I,H,layers,bidirectional,lengths", CONFIGS)
+def test_lstm_matches_torch_on_every_isa(poison, isa, T, B, I, H, layers, bidirectional, lengths):
+    ref, fast = _pair(I, H, num_layers=layers, bidirectional=bidirectional)
+    dirs = 2 if bidirectional else 1
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
+    h0 = torch.randn(layers * dirs, B, H, generator=g, dtype=torch.float64)
+    c0 = torch.randn(layers * dirs, B, H, generator=g, dtype=torch.float64)
+    lengths = torch.tensor(lengths) if lengths is not None else None
+    leaves = lambda dt: [t.to(dt).requires_grad_() for t in (x, h0, c0)]    # noqa: E731
+    x32, h32, c32 = leaves(torch.float32)
+    x64, h64, c64 = leaves(torch.float64)
+    got = _run(fast, x32, (h32, c32), lengths)
+    exp = _run(ref, x64, (h64, c64), lengths)
+    for i, (a, b) in enumerate(zip(got, exp)):
+        torch.testing.assert_close(a.double(), b, **TOL, msg=lambda m: f"item {i} on {isa}: {m}")
+    with torch.no_grad():                                   # inference: the loop that keeps nothing
+        inp = pack_padded_sequence(x32, lengths, enforce_sorted=False) if lengths is not None else x32
+        out, (h, c) = fast(inp, (h32, c32))
+        if lengths is not None:
+            out = pad_packed_sequence(out, total_length=T)[0]
+        for i, (a, b) in enumerate(zip((out, h, c), exp[:3])):
+            torch.testing.assert_close(a.double(), b, **TOL, msg=lambda m: f"inference item {i} on {isa}: {m}")
+
+
+# ---------------------------------------------------------------------------- the kernels against the BLAS loops
+
+def _layer(T, B, I, H, seed=0, scale=0.3):
+    g = np.random.default_rng(seed)
+    f = lambda *s: (g.standard_normal(s) * scale).astype(np.float32)      # noqa: E731
+    return f(T * B, I), f(4 * H, I), f(4 * H), f(4 * H, H), f(B, H), f(B, H)
+
+
+@pytest.mark.parametrize("T,B,I,H", [(5, 1, 8, 40), (4, 7, 12, 33), (3, 13, 5, 64)])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("save", [True, False])
+def test_panel_kernels_agree_with_the_blas_loops(isa, T, B, I, H, threads, save):
+    """lstm_forward_panels (xp blocked, in torch's order, or the projection fused) and
+    lstm_backward_panels give what lstm_forward / lstm_backward give on the same arguments."""
+    K = cpu.kernels()
+    x, w_ih, b, w_hh, h0, c0 = _layer(T, B, I, H)
+    N, H4 = T * B, 4 * H
+    offs = np.arange(T + 1, dtype=np.int64) * B
+    per_thread = -(-H // threads)
+    for ub in sorted({H, max(8, -(-per_thread // 8) * 8)}):                # one block; a block per thread
+        perm = gate_perm(H, ub, 4)
+        xp = x @ w_ih.T + b
+        xpb = xp[:, perm.numpy()] if perm is not None else xp
+
+        def outs():
+            return (np.full(N * H, np.nan, np.float32), np.full(N * H if save else 2 * B * H, np.nan, np.float32),
+                    np.full(N * H4, np.nan, np.float32))
+        ref = outs()
+        K.lstm_forward((xpb if save else xp).reshape(-1).copy(), w_hh.reshape(-1), h0.reshape(-1), c0.reshape(-1),
+                       *ref, np.empty(B * H4, np.float32), offs, T, H, ub, threads, save, save)
+        panels = np.full(K.lstm_panel_floats(H, I + H, ub, False), np.nan, np.float32)
+        for fused in (False, True):
+            got = outs()
+            extra = (x.reshape(-1), I, w_ih.reshape(-1), b) if fused else ()
+            K.lstm_forward_panels(None if fused else (xpb if save else xp).reshape(-1).copy(), w_hh.reshape(-1),
+                                  h0.reshape(-1), c0.reshape(-1), *got, panels, offs, T, H, ub, threads, save,
+                                  save, *extra)
+            keep = 3 if save else 2
+            for name, a, e in list(zip(("y", "c", "gates"), got, ref))[:keep]:
+                np.testing.assert_allclose(a, e, rtol=1e-5, atol=2e-6, err_msg=f"{name}, fused={fused}, ub={ub}")
+        if not save:
+            continue
+        y, cs, gates = ref
+        dy = _layer(T, B, H, 1, seed=2)[0].reshape(-1)
+        dh, dc = np.ones(B * H, np.float32), np.full(B * H, 0.5, np.float32)
+        wb = (w_hh[perm.numpy()] if perm is not None else w_hh).reshape(-1).copy()
+        res = {}
+        for name in ("blas", "panels"):
+            dg, dh_, dc_ = np.full(N * H4, np.nan, np.float32), dh.copy(), dc.copy()
+            if name == "blas":
+                K.lstm_backward(dy, wb, c0.reshape(-1), cs, gates, dg, dh_, dc_, offs, T, H, ub, threads)
+            else:
+                P = np.full(K.lstm_panel_floats(H, H, ub, True), np.nan, np.float32)
+                K.lstm_backward_panels(dy, w_hh.reshape(-1), c0.reshape(-1), cs, gates, dg, dh_, dc_, P, offs, T, H,
+                                       ub, threads)
+            res[name] = (dg, dh_, dc_)
+        for what, a, e in zip(("dG", "dh0", "dc0"), res["panels"], res["blas"]):
+            np.testing.assert_allclose(a, e, rtol=1e-5, atol=2e-6, err_msg=f"{what}, ub={ub}")
+
+
+def test_saturated_gates_inf_and_nan_as_torch(poison, isa):
+    """Pre-activations far past the exp range saturate the gates exactly as torch's; an inf input
+    and a NaN input give what torch gives, in the same rows."""
+    ref, fast = _pair(4, 24)
+    ref.float()
+    for fill in (1e4, -1e4, float("inf"), float("nan")):
+        for B in (1, 9):                                     # the one-row kernel; the fused projection
+            x = torch.randn(5, B, 4)
+            x[2, 0, 1] = fill
+            x[4, B - 1] = -fill if fill == fill else fill
+            with torch.no_grad():
+                got, (h, c) = fast(x)
+                exp, (eh, ec) = ref(x)
+            for a, e in ((got, exp), (h, eh), (c, ec)):
+                assert torch.equal(a.isnan(), e.isnan()), f"NaN positions differ for {fill} on {isa}"
+                torch.testing.assert_close(a.nan_to_num(), e.nan_to_num(), **TOL)
+
+
+# ---------------------------------------------------------------------------- which loop runs
+
+def _spy(monkeypatch):
+    K, calls = cpu.kernels(), []
+    for name in ("lstm_forward", "lstm_forward_panels", "lstm_backward", "lstm_backward_panels"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, (lambda n, f: lambda *a, **k: calls.append(
+            (n, a[15] if n == "lstm_forward_panels" else None)) or f(*a, **k))(name, real))   # a[15]: x, when fused
+    return calls
+
+
+@pytest.mark.parametrize("T,B,dtype,expect", [
+    (6, 1, torch.float32, ["lstm_forward_panels", "lstm_backward_panels"]),
+    (6, 8, torch.float32, ["lstm_forward_panels:fused", "lstm_backward_panels"]),
+    (1, 8, torch.float32, ["lstm_forward", "lstm_backward"]),            # T = 1: packing would cost more
+    (6, 8, torch.float64, ["lstm_forward", "lstm_backward"]),            # the panels are fp32
+])
+def test_which_loop_runs(monkeypatch, T, B, dtype, expect):
+    calls = _spy(monkeypatch)
+    m = fastseq.nn.LSTM(5, 16).to(dtype)
+    x = torch.randn(T, B, 5, dtype=dtype, requires_grad=True)
+    m(x)[0].sum().backward()
+    names = [n + (":fused" if n == "lstm_forward_panels" and calls[i][1] is not None else "")
+             for i, (n, _) in enumerate(calls)]
+    assert names == expect
+    calls.clear()
+    with torch.no_grad():
+        m(x)
+    assert [n for n, _ in calls] == [expect[0].split(":")[0]]
+    assert cpu.fuses_projection(R.padded(T, B), dtype) == expect[0].endswith("fused")
+    assert unit_block(16) >= 8
+
+
+def test_panel_isa_names_what_it_was_given():
+    with pytest.raises(ValueError, match="'sse9'"):
+        cpu.panel_isa("sse9")
+    assert cpu.panel_isa() in ISAS
+    assert cpu.panel_isa("generic") == "generic"
+    cpu.panel_isa("best")
+    assert cpu.kernels().panel_width() in (4, 8, 16)
