@@ -20,13 +20,16 @@ def poison(monkeypatch):
     """Every fastseq output buffer starts as NaN, so an element a kernel forgets to write shows."""
     import fastseq._alloc as alloc
 
-    real_empty, real_empty_like = alloc.empty, alloc.empty_like
+    real_empty, real_empty_like, real_reused = alloc.empty, alloc.empty_like, alloc.reused
 
     def nan_empty(shape, dtype, device):
         t = real_empty(shape, dtype, device)
         if dtype.is_floating_point:
             t.fill_(float("nan"))
         return t
+
+    def nan_reused(shape, dtype):
+        return real_reused(shape, dtype).fill_(float("nan"))
 
     def nan_empty_like(like):
         t = real_empty_like(like)
@@ -36,6 +39,7 @@ def poison(monkeypatch):
 
     monkeypatch.setattr(alloc, "empty", nan_empty)
     monkeypatch.setattr(alloc, "empty_like", nan_empty_like)
+    monkeypatch.setattr(alloc, "reused", nan_reused)
     yield
 
 

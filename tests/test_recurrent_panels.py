@@ -221,3 +221,19 @@ def test_panel_isa_names_what_it_was_given():
     assert cpu.panel_isa("generic") == "generic"
     cpu.panel_isa("best")
     assert cpu.kernels().panel_width() in (4, 8, 16)
+
+
+def test_reused_outputs_never_alias_a_live_tensor():
+    """fastseq._alloc.reused hands a buffer out again only once no tensor or view holds it."""
+    from fastseq import _alloc
+    a = _alloc.reused((512, 1024), torch.float32)
+    view = a[3:5]
+    del a
+    b = _alloc.reused((512, 1024), torch.float32)           # the first is still held through `view`
+    assert b.data_ptr() != view.data_ptr() - 3 * 1024 * 4
+    b.fill_(1.0)
+    ptr = b.data_ptr()
+    del b
+    c = _alloc.reused((1024, 512), torch.float32)           # the same bytes, free again
+    assert c.data_ptr() == ptr
+    del view, c

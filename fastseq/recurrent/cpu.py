@@ -55,16 +55,15 @@ _SMALL = 1 << 20        # bytes: smaller outputs are NumPy's, larger ones fastse
 
 def _out(n: int, width: int, dtype: torch.dtype):
     """A new (n, width) output: (tensor, flat numpy view of it).  Below 1 MiB a NumPy array (the
-    cheapest allocation, ~1 us); above, fastseq._alloc's (torch's allocator, NumPy's huge pages
-    from 32 MiB): NumPy's own huge-page advice on every array of 4 MiB and more made the GRU
-    (128, 32, 256) backward 30% slower (fresh pages per call)."""
+    cheapest allocation, ~1 us); above, memory reused from an earlier output no tensor holds any
+    more (fastseq._alloc.reused: no pages to fault in per call; torch.empty when
+    FASTSEQ_HUGEPAGES=0).  (NumPy's own huge-page advice on every array of 4 MiB and more had
+    made the GRU (128, 32, 256) backward 30% slower: fresh pages per call.)"""
     if n * width * _ITEMSIZE[dtype] < _SMALL:
         a = np_empty((n, width), _NP[dtype])
         return torch.from_numpy(a), a.reshape(-1)
-    t = _alloc.empty((n, width), dtype, "cpu")
-    a = t.numpy().reshape(-1)
-    a.view(np.uint8)[::4096] = 0        # fault its pages in here, not inside a kernel's parallel region (_out)
-    return t, a
+    t = _alloc.reused((n, width), dtype) if _alloc.ENABLED else _alloc.empty((n, width), dtype, "cpu")
+    return t, t.numpy().reshape(-1)
 
 
 def _vec(n: int, dtype: torch.dtype):

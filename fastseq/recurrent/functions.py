@@ -210,7 +210,10 @@ class ProjectedLayerFunction(torch.autograd.Function):
         inner.saved_tensors = tuple(saved)
         inner.needs_input_grad = needs[:k] + (any(ctx.needs_input_grad[2:6]),) + needs[k + 1:]
         inner.dxp_scratch = True            # dG is used up here (the projection's gradients): reusable memory
-        g = FUNCTION[ctx.name].backward(inner, *grads)
+        try:
+            g = FUNCTION[ctx.name].backward(inner, *grads)
+        finally:                            # y among them: ctx -> inner -> y -> y.grad_fn -> ctx would be a
+            del inner.saved_tensors         # cycle, its buffers held until Python's cyclic GC ran
         n = ctx.needs_input_grad
         dx, dw, db, db2 = _project_backward(g[k], x, w_ih, perm, (n[2], n[3], n[4] and ctx.has_bias,
                                                                   n[5] and ctx.has_bias))
