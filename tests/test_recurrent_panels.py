@@ -237,3 +237,35 @@ def test_reused_outputs_never_alias_a_live_tensor():
     c = _alloc.reused((1024, 512), torch.float32)           # the same bytes, free again
     assert c.data_ptr() == ptr
     del view, c
+
+
+@pytest.mark.parametrize("kind", ["LayerNormLSTM", "LayerNormGRU"])
+@pytest.mark.parametrize("T,B,C,H", [(6, 3, 11, 37), (4, 9, 16, 64), (5, 1, 7, 20)])
+def test_layer_norm_cells_on_every_isa(poison, isa, kind, T, B, C, H):
+    """The layer-normalized cells' per-step GEMM slices on the panels (forward h W_hh^T by rows of
+    W_hh, backward dgh W_hh by its columns, the GRU's accumulating) against the reference in fp64."""
+    import copy
+    from _recurrent_helpers import ln_module
+    torch.manual_seed(0)
+    m = ln_module(kind, C, H, torch.float32)
+    x = torch.randn(T, B, C, dtype=torch.float64)
+    h0 = torch.randn(1, B, H, dtype=torch.float64)
+    c0 = torch.randn(1, B, H, dtype=torch.float64)
+
+    def hx(dt):
+        leaf = lambda t: t.to(dt, copy=True).requires_grad_()     # noqa: E731
+        return (leaf(h0), leaf(c0)) if kind == "LayerNormLSTM" else leaf(h0)
+
+    def run(mod, dt):
+        xs, hs = x.to(dt).requires_grad_(), hx(dt)
+        out, st = mod(xs, hs)
+        st = st if isinstance(st, tuple) else (st,)
+        w = torch.linspace(-1, 1, out.numel(), dtype=dt).view_as(out)
+        loss = (out * w).sum() + sum((s * s.detach().sin()).sum() for s in st)
+        leaves = [xs, *(hs if isinstance(hs, tuple) else (hs,)), *mod.parameters()]
+        return [out, *st, *torch.autograd.grad(loss, leaves)]
+    got = run(m, torch.float32)
+    with fastseq.use_backend("torch"):
+        exp = run(copy.deepcopy(m).double(), torch.float64)
+    for i, (a, b) in enumerate(zip(got, exp)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4, msg=lambda m_: f"item {i} on {isa}: {m_}")

@@ -120,6 +120,14 @@ def _panels(H: int, K: int, ub: int, backward: bool, dt):
     return scratch(kernels().lstm_panel_floats(H, K, ub, backward), dt, name="panels")
 
 
+def _ln_panels(rows, G: int, H: int, dt):
+    """The packed-panel scratch of a layer-normalized cell of G gates (fp32, T >= 2), else None
+    (its loops then run BLAS per step)."""
+    if not uses_panels(rows, dt):
+        return None
+    return scratch(kernels().ln_panel_floats(G, H, _dispatch.num_threads()), dt, name="panels")
+
+
 def lstm_forward(rows, ub, xp, w_hh, h0, c0, x=None, w_ih=None, bias=None):
     """-> y, cs (N, H): every step's h and c; gates (N, 4H): the activated gates (blocked).  xp
     blocked; or, where fuses_projection(), xp None and x (N, I), w_ih (4H, I), bias (4H,) or
@@ -246,7 +254,7 @@ def ln_lstm_forward(rows, eps, xp, w_hh, g_hh, g_c, b_c, h0, c0):
     (rstd_h, rh_), (chat, chat_), (rstd_c, rc_) = _vec(N, dt), _out(N, H, dt), _vec(N, dt)
     kernels().ln_lstm_forward(_a(xp), _a(w_hh), _a(g_hh), _a(g_c), _a(b_c), _a(h0), _a(c0), y_, cs_, g_, ghat_, rh_,
                               chat_, rc_, scratch(rows.B * 4 * H, dt), rows.offs_np, rows.T, H, eps,
-                              _dispatch.num_threads())
+                              _dispatch.num_threads(), _ln_panels(rows, 4, H, dt))
     return y, cs, gates, ghat, rstd_h, chat, rstd_c
 
 
@@ -258,7 +266,7 @@ def ln_lstm_backward(rows, dy, w_hh, g_hh, g_c, b_c, c0, cs, gates, ghat, rstd_h
     sums = scratch(nt * 6 * H, dt, zero=True)                  # per thread: sum dG ghat, dcn chat, dcn
     kernels().ln_lstm_backward(_a(dy), _a(w_hh), _a(g_hh), _a(g_c), _a(b_c), _a(c0), _a(cs), _a(gates), _a(ghat),
                                _a(rstd_h), _a(chat), _a(rstd_c), dg_, dgh_, dcn_, _a(dh), _a(dc), sums, rows.offs_np,
-                               rows.T, H, nt)
+                               rows.T, H, nt, _ln_panels(rows, 4, H, dt))
     dg_hh, dg_c, db_c = torch.from_numpy(sums.reshape(nt, 6 * H).sum(0)).split([4 * H, H, H])
     return dg, dgh, dg_hh, dg_c, db_c
 
@@ -269,7 +277,8 @@ def ln_gru_forward(rows, eps, xp, w_hh, g_hh, b_hh, h0):
     (y, y_), (gates, g_), (ghat, ghat_), (rstd_h, rh_), (ghn, ghn_) = _out(N, H, dt), _out(N, 3 * H, dt), \
         _out(N, 3 * H, dt), _vec(N, dt), _out(N, H, dt)
     kernels().ln_gru_forward(_a(xp), _a(w_hh), _a(g_hh), _a(b_hh), _a(h0), y_, g_, ghat_, rh_, ghn_,
-                             scratch(rows.B * 3 * H, dt), rows.offs_np, rows.T, H, eps, _dispatch.num_threads())
+                             scratch(rows.B * 3 * H, dt), rows.offs_np, rows.T, H, eps, _dispatch.num_threads(),
+                             _ln_panels(rows, 3, H, dt))
     return y, gates, ghat, rstd_h, ghn
 
 
@@ -279,6 +288,6 @@ def ln_gru_backward(rows, dy, w_hh, g_hh, h0, y, gates, ghat, rstd_h, ghn, dh):
     (dxp, dxp_), (dgh, dgh_), (_, da_) = _out(N, 3 * H, dt), _out(N, 3 * H, dt), _out(N, 3 * H, dt)
     sums = scratch(nt * 6 * H, dt, zero=True)                  # per thread: sum da ghat, da
     kernels().ln_gru_backward(_a(dy), _a(w_hh), _a(g_hh), _a(h0), _a(y), _a(gates), _a(ghat), _a(rstd_h), _a(ghn),
-                              dxp_, da_, dgh_, _a(dh), sums, rows.offs_np, rows.T, H, nt)
+                              dxp_, da_, dgh_, _a(dh), sums, rows.offs_np, rows.T, H, nt, _ln_panels(rows, 3, H, dt))
     dg_hh, db_hh = torch.from_numpy(sums.reshape(nt, 6 * H).sum(0)).split([3 * H, 3 * H])
     return dxp, dgh, dg_hh, db_hh

@@ -122,18 +122,18 @@ static inline void fs_lstm_panel(long bt, long K1, const float* x, long ldx, lon
 }
 
 static inline void fs_panel_gemm(long bt, long K, const float* a, long lda, const float* P, float* out, long ldo,
-                                 int ncol) {
+                                 int ncol, int add) {
     switch (fs_panel_isa()) {
 #if FS_PANEL_X86
     case FS_PANEL_AVX512:
-        fs_panel_gemm_avx512(bt, K, a, lda, P, out, ldo, ncol);
+        fs_panel_gemm_avx512(bt, K, a, lda, P, out, ldo, ncol, add);
         return;
     case FS_PANEL_AVX2:
-        fs_panel_gemm_avx2(bt, K, a, lda, P, out, ldo, ncol);
+        fs_panel_gemm_avx2(bt, K, a, lda, P, out, ldo, ncol, add);
         return;
 #endif
     default:
-        fs_panel_gemm_generic(bt, K, a, lda, P, out, ldo, ncol);
+        fs_panel_gemm_generic(bt, K, a, lda, P, out, ldo, ncol, add);
     }
 }
 
@@ -163,24 +163,49 @@ static void fs_pack_gates(const float* W, long H, long K, long j0, long nb, int 
     }
 }
 
-/* Backward panels of units [u0, u0 + nu): panel p (units u0 + p 4 vw ..) at P + p 4 vw 4H,
- * P[q][c][l] = W[row(q)][u0 + p 4 vw + c vw + l] with row(q) the torch row of blocked gate row q
- * (blocks of ub units; ub >= H: torch's order), W (4H, H). */
-static void fs_pack_units(const float* W, long H, long ub, long u0, long nu, int vw, float* P) {
-    long p, q, np = (nu + 4 * vw - 1) / (4 * vw), H4 = 4 * H;
+/* Backward panels of units [u0, u0 + nu): panel p (units u0 + p 4 vw ..) at P + p 4 vw G H,
+ * P[q][c][l] = W[row(q)][u0 + p 4 vw + c vw + l] for the G H gate rows q, W (G H, H): row(q) the
+ * torch row of blocked gate row q (blocks of ub units, G rows each; ub >= H: torch's order). */
+static void fs_pack_units(const float* W, long G, long H, long ub, long u0, long nu, int vw, float* P) {
+    long p, q, np = (nu + 4 * vw - 1) / (4 * vw), GH = G * H;
     for (p = 0; p < np; p++) {
         long u = u0 + p * 4 * vw;
         long n = u0 + nu - u < 4 * vw ? u0 + nu - u : 4 * vw;
-        float* pp = P + p * 4 * vw * H4;
-        for (q = 0; q < H4; q++) {
+        float* pp = P + p * 4 * vw * GH;
+        for (q = 0; q < GH; q++) {
             long row = q;
             if (ub < H) {
-                long kb = q / (4 * ub), r = q - kb * 4 * ub;
+                long kb = q / (G * ub), r = q - kb * G * ub;
                 long nb = H - kb * ub < ub ? H - kb * ub : ub;
                 row = (r / nb) * H + kb * ub + r % nb;
             }
             memcpy(pp + q * 4 * vw, W + row * H + u, n * sizeof(float));
             memset(pp + q * 4 * vw + n, 0, (4 * vw - n) * sizeof(float));
+        }
+    }
+}
+
+/* Panels of W's rows [r0, r0 + nr) as output columns of a x W^T: panel p (rows r0 + p 4 vw ..)
+ * at P + p 4 vw K, P[k][c][l] = W[r0 + p 4 vw + c vw + l][k] (0 past the last row), W (., K):
+ * the layer-normalized cells' column slices of h W_hh^T. */
+static void fs_pack_rows(const float* W, long K, long r0, long nr, int vw, float* P) {
+    long p, k, kb, np = (nr + 4 * vw - 1) / (4 * vw);
+    int c, l;
+    for (p = 0; p < np; p++) {
+        float* pp = P + p * 4 * vw * K;
+        for (c = 0; c < 4; c++) {
+            long first = p * 4 * vw + c * vw;
+            int n = nr - first >= vw ? vw : (nr > first ? (int)(nr - first) : 0);
+            const float* w = W + (r0 + first) * K;
+            for (kb = 0; kb < K; kb += 16) {        /* as fs_pack_gates */
+                long ke = kb + 16 < K ? kb + 16 : K;
+                for (l = 0; l < n; l++)
+                    for (k = kb; k < ke; k++)
+                        pp[(k * 4 + c) * vw + l] = w[l * K + k];
+                for (; l < vw; l++)
+                    for (k = kb; k < ke; k++)
+                        pp[(k * 4 + c) * vw + l] = 0;
+            }
         }
     }
 }

@@ -235,43 +235,49 @@ FS_TARGET static void FS_N(fs_lstm_panel_)(long bt, long K1, const float* x, lon
     }
 }
 
-/* R rows of the plain product, stored: out[r][0:ncol]. */
+/* R rows of the plain product: out[r][0:ncol] = (or +=, add) the accumulators. */
 FS_INLINE void FS_N(fs_gemm_rows_)(const int R, long K, const float* a, long lda, const float* P, float* out,
-                                   long ldo, int ncol) {
+                                   long ldo, int ncol, int add) {
     FS_VEC acc[FS_RB][4];
     FS_N(fs_tile_)(R, acc, 0, a, 0, K, a, lda, P);
 #pragma GCC unroll 8
     for (int r = 0; r < R; r++) {
+        float t[4 * FS_VW];
+        float* o = out + r * ldo;
+        if (add) {
+            for (int c = 0; c < 4; c++)
+                acc[r][c] += FS_N(fs_ldn_)(o + c * FS_VW, ncol - c * FS_VW < 0 ? 0 : (ncol - c * FS_VW > FS_VW ?
+                                                                                      FS_VW : ncol - c * FS_VW));
+        }
         if (ncol == 4 * FS_VW) {
-            memcpy(out + r * ldo, acc[r], sizeof acc[r]);
+            memcpy(o, acc[r], sizeof acc[r]);
         } else {
-            float t[4 * FS_VW];
             memcpy(t, acc[r], sizeof t);
             for (int l = 0; l < ncol; l++)
-                out[r * ldo + l] = t[l];
+                o[l] = t[l];
         }
     }
 }
 
-/* out[b][0:ncol] = a_b P (the panel's 4 FS_VW columns, the first ncol kept) for b < bt: a plain
- * product, the backward's dh_next = dG W_hh. */
+/* out[b][0:ncol] = (or +=, add) a_b P (the panel's 4 FS_VW columns, the first ncol kept) for
+ * b < bt: a plain product, the backward's dh_next = dG W_hh, the layer-normalized cells' slices. */
 FS_TARGET static void FS_N(fs_panel_gemm_)(long bt, long K, const float* a, long lda, const float* P, float* out,
-                                           long ldo, int ncol) {
+                                           long ldo, int ncol, int add) {
     long r0;
     for (r0 = 0; r0 < bt; r0 += FS_RB) {
         int R = bt - r0 < FS_RB ? (int)(bt - r0) : FS_RB;
         const float* ar = a + r0 * lda;
         float* o = out + r0 * ldo;
         switch (R) {
-        case 1: FS_N(fs_gemm_rows_)(1, K, ar, lda, P, o, ldo, ncol); break;
-        case 2: FS_N(fs_gemm_rows_)(2, K, ar, lda, P, o, ldo, ncol); break;
+        case 1: FS_N(fs_gemm_rows_)(1, K, ar, lda, P, o, ldo, ncol, add); break;
+        case 2: FS_N(fs_gemm_rows_)(2, K, ar, lda, P, o, ldo, ncol, add); break;
 #if FS_RB > 2
-        case 3: FS_N(fs_gemm_rows_)(3, K, ar, lda, P, o, ldo, ncol); break;
-        case 4: FS_N(fs_gemm_rows_)(4, K, ar, lda, P, o, ldo, ncol); break;
+        case 3: FS_N(fs_gemm_rows_)(3, K, ar, lda, P, o, ldo, ncol, add); break;
+        case 4: FS_N(fs_gemm_rows_)(4, K, ar, lda, P, o, ldo, ncol, add); break;
 #endif
 #if FS_RB > 4
-        case 5: FS_N(fs_gemm_rows_)(5, K, ar, lda, P, o, ldo, ncol); break;
-        case 6: FS_N(fs_gemm_rows_)(6, K, ar, lda, P, o, ldo, ncol); break;
+        case 5: FS_N(fs_gemm_rows_)(5, K, ar, lda, P, o, ldo, ncol, add); break;
+        case 6: FS_N(fs_gemm_rows_)(6, K, ar, lda, P, o, ldo, ncol, add); break;
 #endif
         default: break;
         }

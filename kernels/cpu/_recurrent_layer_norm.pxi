@@ -29,6 +29,52 @@ cdef inline (Py_ssize_t, Py_ssize_t) cols_(Py_ssize_t G, int nt, int tid) noexce
     return col_slice_(G, nt, tid, 8)
 
 
+cdef inline real* optr_(real[::1] a) noexcept nogil:
+    return &a[0] if a is not None and a.shape[0] > 0 else NULL
+
+
+# fp32 with `panels` (ln_panel_floats): each thread packs its column slice of W_hh once and runs its
+# per-step GEMM slice on the panels (_panel.h); else (fp64, or panels None) BLAS per step.
+
+cdef real* ln_pack_(const real* w, real* panels, bint forward, Py_ssize_t GH, Py_ssize_t H, int nt,
+                    int tid) noexcept nogil:
+    """Thread tid's panels (packed here): forward, its columns of h W_hh^T (rows of W_hh); backward,
+    its columns of dgh W_hh (columns of W_hh over all GH rows).  NULL where there are none."""
+    cdef Py_ssize_t k0, k1
+    cdef real* mine
+    if real is float:
+        if panels == NULL:
+            return NULL
+        if forward:
+            k0, k1 = cols_(GH, nt, tid)
+            mine = panels + tid * ln_panel_stride_(GH, H, nt)
+            if k1 > k0:
+                fs_pack_rows(w, H, k0, k1 - k0, fs_panel_width(), mine)
+        else:
+            k0, k1 = cols_(H, nt, tid)
+            mine = panels + tid * ln_panel_stride_(H, GH, nt)
+            if k1 > k0:
+                fs_pack_units(w, GH // H, H, H, k0, k1 - k0, fs_panel_width(), mine)
+        return mine
+    return NULL
+
+
+cdef void ln_cols_(real* mine, bint forward, Py_ssize_t bt, Py_ssize_t k0, Py_ssize_t k1, Py_ssize_t K,
+                   const real* a, const real* w, Py_ssize_t ldw, real beta, real* out, Py_ssize_t ldo) noexcept nogil:
+    """out[:bt, k0:k1] (= or +=, beta 0 or 1) a W_hh[k0:k1]^T (forward, K = H) or a W_hh[:, k0:k1]
+    (backward, K = G H), a (bt, K): on the thread's panels where it has them."""
+    if real is float:
+        if mine != NULL:
+            panel_cols_(bt, K, a, K, mine, k1 - k0, out + k0, ldo, beta != 0)
+            return
+    if forward:
+        step_gemm_(False, True, <int> bt, <int> (k1 - k0), <int> K, 1, a, <int> K, w + k0 * ldw, <int> ldw, beta,
+                   out + k0, <int> ldo)
+    else:
+        step_gemm_(False, False, <int> bt, <int> (k1 - k0), <int> K, 1, a, <int> K, w + k0, <int> ldw, beta,
+                   out + k0, <int> ldo)
+
+
 cdef inline int ln_threads_(int num_threads, Py_ssize_t G) noexcept nogil:
     """Threads for a layer-normalized cell: at least 64 gate columns each, else one (a small step
     costs less than the barriers)."""
@@ -43,7 +89,7 @@ cdef inline int ln_threads_(int num_threads, Py_ssize_t G) noexcept nogil:
 def ln_lstm_forward(real[::1] xp, real[::1] w_hh, real[::1] gamma_hh, real[::1] gamma_c, real[::1] beta_c,
                     real[::1] h0, real[::1] c0, real[::1] y, real[::1] cs, real[::1] gates, real[::1] ghat,
                     real[::1] rstd_h, real[::1] chat, real[::1] rstd_c, real[::1] g_step, const int64_t[::1] offs,
-                    Py_ssize_t T, Py_ssize_t H, double eps, int num_threads):
+                    Py_ssize_t T, Py_ssize_t H, double eps, int num_threads, real[::1] panels=None):
     """Layer-normalized LSTM (Ba et al. 2016) over T steps:
 
         G   = xp_t + gamma_hh LN(h_{t-1} W_hh^T)        (xp_t = LN(x_t W_ih^T) gamma_ih + biases)
@@ -60,31 +106,31 @@ def ln_lstm_forward(real[::1] xp, real[::1] w_hh, real[::1] gamma_hh, real[::1] 
         with nogil:
             ln_lstm_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(gamma_hh), ptr_(gamma_c), ptr_(beta_c), ptr_(h0), ptr_(c0),
                                 ptr_(y), ptr_(cs), ptr_(gates), ptr_(ghat), ptr_(rstd_h), ptr_(chat), ptr_(rstd_c),
-                                ptr_(g_step), &offs[0], T, H, eps, 0, 1)
+                                ptr_(g_step), optr_(panels), &offs[0], T, H, eps, 0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         ln_lstm_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(gamma_hh), ptr_(gamma_c), ptr_(beta_c), ptr_(h0), ptr_(c0),
                             ptr_(y), ptr_(cs), ptr_(gates), ptr_(ghat), ptr_(rstd_h), ptr_(chat), ptr_(rstd_c),
-                            ptr_(g_step), &offs[0], T, H, eps, tid, fs_team_size())
+                            ptr_(g_step), optr_(panels), &offs[0], T, H, eps, tid, fs_team_size())
 
 
 cdef void ln_lstm_fwd_thread_(const real* xp, const real* w, const real* ghh, const real* gc, const real* bc,
                               const real* h0, const real* c0, real* y, real* cs, real* gates, real* ghat,
-                              real* rstd_h, real* chat, real* rstd_c, real* gs, const int64_t* offs, Py_ssize_t T,
+                              real* rstd_h, real* chat, real* rstd_c, real* gs, real* panels, const int64_t* offs, Py_ssize_t T,
                               Py_ssize_t H, double eps, int tid, int nt) noexcept nogil:
     cdef Py_ssize_t t, b, j, row, r0, bt, rp, k0, k1, lo, hi, H4 = 4 * H
     cdef const real* hprev
     cdef const real* cprev
     cdef real e = <real> eps
+    cdef real* mine = ln_pack_(w, panels, True, H4, H, nt, tid)
     for t in range(T):
         r0, bt, rp = offs[t], offs[t + 1] - offs[t], offs[t - 1] if t > 0 else 0
         hprev = h0 if t == 0 else y + rp * H
         cprev = c0 if t == 0 else cs + rp * H
         k0, k1 = cols_(H4, nt, tid)
         if k1 > k0:                                      # gs[:, k0:k1] = h_{t-1} W_hh[k0:k1]^T
-            step_gemm_(False, True, <int> bt, <int> (k1 - k0), <int> H, 1, hprev, <int> H, w + k0 * H, <int> H,
-                    0, gs + k0, <int> H4)
+            ln_cols_(mine, True, bt, k0, k1, H, hprev, w, H, 0, gs, H4)
         fs_barrier()
         lo, hi = chunk_(bt, nt, tid)
         for b in range(lo, hi):
@@ -107,7 +153,7 @@ cdef void ln_h_(const real* o, const real* chat, const real* gc, const real* bc,
 def ln_lstm_backward(real[::1] dy, real[::1] w_hh, real[::1] gamma_hh, real[::1] gamma_c, real[::1] beta_c,
                      real[::1] c0, real[::1] cs, real[::1] gates, real[::1] ghat, real[::1] rstd_h, real[::1] chat,
                      real[::1] rstd_c, real[::1] dgates, real[::1] dgh, real[::1] dcn, real[::1] dh, real[::1] dc,
-                     real[::1] sums, const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H, int num_threads):
+                     real[::1] sums, const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H, int num_threads, real[::1] panels=None):
     """Backward through time of ln_lstm_forward, per row of step t:
 
         dh_t = dy + dh_next;  u = gamma_c chat + beta_c;  dcn = dh_t o (1 - tanh(u)^2)   (dL/du)
@@ -126,24 +172,25 @@ def ln_lstm_backward(real[::1] dy, real[::1] w_hh, real[::1] gamma_hh, real[::1]
         with nogil:
             ln_lstm_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(gamma_hh), ptr_(gamma_c), ptr_(beta_c), ptr_(c0), ptr_(cs),
                                 ptr_(gates), ptr_(ghat), ptr_(rstd_h), ptr_(chat), ptr_(rstd_c), ptr_(dgates), ptr_(dgh),
-                                ptr_(dcn), ptr_(dh), ptr_(dc), ptr_(sums), &offs[0], T, H, 0, 1)
+                                ptr_(dcn), ptr_(dh), ptr_(dc), ptr_(sums), optr_(panels), &offs[0], T, H, 0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         ln_lstm_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(gamma_hh), ptr_(gamma_c), ptr_(beta_c), ptr_(c0), ptr_(cs),
                             ptr_(gates), ptr_(ghat), ptr_(rstd_h), ptr_(chat), ptr_(rstd_c), ptr_(dgates), ptr_(dgh),
-                            ptr_(dcn), ptr_(dh), ptr_(dc), ptr_(sums), &offs[0], T, H, tid, fs_team_size())
+                            ptr_(dcn), ptr_(dh), ptr_(dc), ptr_(sums), optr_(panels), &offs[0], T, H, tid, fs_team_size())
 
 
 cdef void ln_lstm_bwd_thread_(const real* dy, const real* w, const real* ghh, const real* gc, const real* bc,
                               const real* c0, const real* cs, const real* gates, const real* ghat,
                               const real* rstd_h, const real* chat, const real* rstd_c, real* dg, real* dgh,
-                              real* dcn, real* dh, real* dc, real* sums, const int64_t* offs, Py_ssize_t T,
+                              real* dcn, real* dh, real* dc, real* sums, real* panels, const int64_t* offs, Py_ssize_t T,
                               Py_ssize_t H, int tid, int nt) noexcept nogil:
     """Rows phase (its rows: everything up to dgh), barrier, columns phase (its columns of
     dh_next = dgh_t W_hh), barrier (the next rows phase reads whole rows of dh)."""
     cdef Py_ssize_t t, b, row, r0, bt, k0, k1, lo, hi, H4 = 4 * H
     cdef const real* cprev
+    cdef real* mine = ln_pack_(w, panels, False, H4, H, nt, tid)
     for t in range(T - 1, -1, -1):
         r0, bt = offs[t], offs[t + 1] - offs[t]
         cprev = c0 if t == 0 else cs + offs[t - 1] * H
@@ -159,9 +206,8 @@ cdef void ln_lstm_bwd_thread_(const real* dy, const real* w, const real* ghh, co
             sum_(sums + tid * 6 * H + 5 * H, dcn + row * H, H)
         fs_barrier()
         k0, k1 = cols_(H, nt, tid)
-        if k1 > k0:
-            step_gemm_(False, False, <int> bt, <int> (k1 - k0), <int> H4, 1, dgh + r0 * H4, <int> H4, w + k0, <int> H,
-                    0, dh + k0, <int> H)
+        if k1 > k0:                                      # dh_next[:, k0:k1] = dgh_t W_hh[:, k0:k1]
+            ln_cols_(mine, False, bt, k0, k1, H4, dgh + r0 * H4, w, H, 0, dh, H)
         fs_barrier()
 
 
@@ -188,7 +234,7 @@ cdef void ln_lstm_row_bwd_(const real* act, const real* chat, real rstd_c, const
 
 def ln_gru_forward(real[::1] xp, real[::1] w_hh, real[::1] gamma_hh, real[::1] b_hh, real[::1] h0, real[::1] y,
                    real[::1] gates, real[::1] ghat, real[::1] rstd_h, real[::1] ghn, real[::1] g_step,
-                   const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H, double eps, int num_threads):
+                   const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H, double eps, int num_threads, real[::1] panels=None):
     """Layer-normalized GRU over T steps: the GRU with its recurrent term
     a = gamma_hh LN(h_{t-1} W_hh^T) + b_hh (LN over the 3H row) in place of h_{t-1} W_hh^T + b_hh,
     and xp = LN(x W_ih^T) gamma_ih + b_ih.  Saves y (N, H), gates, ghat (N, 3H), rstd_h (N,),
@@ -199,27 +245,27 @@ def ln_gru_forward(real[::1] xp, real[::1] w_hh, real[::1] gamma_hh, real[::1] b
     if nt == 1:
         with nogil:
             ln_gru_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(gamma_hh), ptr_(b_hh), ptr_(h0), ptr_(y), ptr_(gates),
-                               ptr_(ghat), ptr_(rstd_h), ptr_(ghn), ptr_(g_step), &offs[0], T, H, eps, 0, 1)
+                               ptr_(ghat), ptr_(rstd_h), ptr_(ghn), ptr_(g_step), optr_(panels), &offs[0], T, H, eps, 0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         ln_gru_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(gamma_hh), ptr_(b_hh), ptr_(h0), ptr_(y), ptr_(gates),
-                           ptr_(ghat), ptr_(rstd_h), ptr_(ghn), ptr_(g_step), &offs[0], T, H, eps, tid, fs_team_size())
+                           ptr_(ghat), ptr_(rstd_h), ptr_(ghn), ptr_(g_step), optr_(panels), &offs[0], T, H, eps, tid, fs_team_size())
 
 
 cdef void ln_gru_fwd_thread_(const real* xp, const real* w, const real* ghh, const real* bhh, const real* h0,
-                             real* y, real* gates, real* ghat, real* rstd_h, real* ghn, real* gs, const int64_t* offs,
+                             real* y, real* gates, real* ghat, real* rstd_h, real* ghn, real* gs, real* panels, const int64_t* offs,
                              Py_ssize_t T, Py_ssize_t H, double eps, int tid, int nt) noexcept nogil:
     cdef Py_ssize_t t, b, j, row, r0, bt, k0, k1, lo, hi, H3 = 3 * H
     cdef const real* hprev
     cdef real e = <real> eps
+    cdef real* mine = ln_pack_(w, panels, True, H3, H, nt, tid)
     for t in range(T):
         r0, bt = offs[t], offs[t + 1] - offs[t]
         hprev = h0 if t == 0 else y + offs[t - 1] * H
         k0, k1 = cols_(H3, nt, tid)
-        if k1 > k0:
-            step_gemm_(False, True, <int> bt, <int> (k1 - k0), <int> H, 1, hprev, <int> H, w + k0 * H, <int> H,
-                    0, gs + k0, <int> H3)
+        if k1 > k0:                                      # gs[:, k0:k1] = h_{t-1} W_hh[k0:k1]^T
+            ln_cols_(mine, True, bt, k0, k1, H, hprev, w, H, 0, gs, H3)
         fs_barrier()
         lo, hi = chunk_(bt, nt, tid)
         for b in range(lo, hi):
@@ -234,7 +280,7 @@ cdef void ln_gru_fwd_thread_(const real* xp, const real* w, const real* ghh, con
 
 def ln_gru_backward(real[::1] dy, real[::1] w_hh, real[::1] gamma_hh, real[::1] h0, real[::1] y, real[::1] gates,
                     real[::1] ghat, real[::1] rstd_h, real[::1] ghn, real[::1] dxp, real[::1] da, real[::1] dgh,
-                    real[::1] dh, real[::1] sums, const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H, int num_threads):
+                    real[::1] dh, real[::1] sums, const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H, int num_threads, real[::1] panels=None):
     """Backward through time of ln_gru_forward: the GRU step backward (gru_cell_bwd_) gives dxp
     and da (gradient of the recurrent term a, (N, 3H)); then dgh = LN'(gamma_hh da), the gradient
     of h_{t-1} W_hh^T, and dh_next = dh_t z + dgh W_hh.  sums (num_threads, 6H), zeroed by the
@@ -245,22 +291,23 @@ def ln_gru_backward(real[::1] dy, real[::1] w_hh, real[::1] gamma_hh, real[::1] 
     if nt == 1:
         with nogil:
             ln_gru_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(gamma_hh), ptr_(h0), ptr_(y), ptr_(gates), ptr_(ghat),
-                               ptr_(rstd_h), ptr_(ghn), ptr_(dxp), ptr_(da), ptr_(dgh), ptr_(dh), ptr_(sums), &offs[0], T, H,
+                               ptr_(rstd_h), ptr_(ghn), ptr_(dxp), ptr_(da), ptr_(dgh), ptr_(dh), ptr_(sums), optr_(panels), &offs[0], T, H,
                                0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         ln_gru_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(gamma_hh), ptr_(h0), ptr_(y), ptr_(gates), ptr_(ghat),
-                           ptr_(rstd_h), ptr_(ghn), ptr_(dxp), ptr_(da), ptr_(dgh), ptr_(dh), ptr_(sums), &offs[0], T, H,
+                           ptr_(rstd_h), ptr_(ghn), ptr_(dxp), ptr_(da), ptr_(dgh), ptr_(dh), ptr_(sums), optr_(panels), &offs[0], T, H,
                            tid, fs_team_size())
 
 
 cdef void ln_gru_bwd_thread_(const real* dy, const real* w, const real* ghh, const real* h0, const real* y,
                              const real* gates, const real* ghat, const real* rstd_h, const real* ghn, real* dxp,
-                             real* da, real* dgh, real* dh, real* sums, const int64_t* offs, Py_ssize_t T, Py_ssize_t H,
+                             real* da, real* dgh, real* dh, real* sums, real* panels, const int64_t* offs, Py_ssize_t T, Py_ssize_t H,
                              int tid, int nt) noexcept nogil:
     cdef Py_ssize_t t, b, row, r0, bt, k0, k1, lo, hi, H3 = 3 * H
     cdef const real* hprev
+    cdef real* mine = ln_pack_(w, panels, False, H3, H, nt, tid)
     for t in range(T - 1, -1, -1):
         r0, bt = offs[t], offs[t + 1] - offs[t]
         hprev = h0 if t == 0 else y + offs[t - 1] * H
@@ -276,6 +323,5 @@ cdef void ln_gru_bwd_thread_(const real* dy, const real* w, const real* ghh, con
         fs_barrier()
         k0, k1 = cols_(H, nt, tid)
         if k1 > k0:                                      # dh_next[:, k0:k1] = dh_t z + dgh_t W_hh[:, k0:k1]
-            step_gemm_(False, False, <int> bt, <int> (k1 - k0), <int> H3, 1, dgh + r0 * H3, <int> H3, w + k0, <int> H,
-                    1, dh + k0, <int> H)
+            ln_cols_(mine, False, bt, k0, k1, H3, dgh + r0 * H3, w, H, 1, dh, H)
         fs_barrier()

@@ -204,7 +204,7 @@ cdef void lstm_bwd_panel_thread_(const float* dy, const float* w, const float* c
     cdef const float* cprev
     k = tid
     while k < nblk:
-        fs_pack_units(w, H, ub, k * ub, min(ub, H - k * ub), <int> (vw4 // 4), panels + k * per_block)
+        fs_pack_units(w, 4, H, ub, k * ub, min(ub, H - k * ub), <int> (vw4 // 4), panels + k * per_block)
         k = k + nt
     for t in range(T - 1, -1, -1):
         r0, bt = offs[t], offs[t + 1] - offs[t]
@@ -224,7 +224,7 @@ cdef void lstm_bwd_panel_thread_(const float* dy, const float* w, const float* c
             p = 0
             while p * vw4 < nb:
                 fs_panel_gemm(bt, H4, dg + r0 * H4, H4, panels + k * per_block + p * vw4 * H4, dh + j0 + p * vw4, H,
-                              <int> min(vw4, nb - p * vw4))
+                              <int> min(vw4, nb - p * vw4), 0)
                 p = p + 1
             k = k + nt
 

@@ -60,11 +60,13 @@ cdef extern from "_panel.h" nogil:
     int fs_panel_isa()
     int fs_panel_width()
     void fs_pack_gates(const float* W, long H, long K, long j0, long nb, int vw, long Kp, long k0, float* P)
-    void fs_pack_units(const float* W, long H, long ub, long u0, long nu, int vw, float* P)
+    void fs_pack_units(const float* W, long G, long H, long ub, long u0, long nu, int vw, float* P)
+    void fs_pack_rows(const float* W, long K, long r0, long nr, int vw, float* P)
     void fs_lstm_panel(long bt, long K1, const float* x, long ldx, long K2, const float* hprev, long ldh,
                        const float* P, const float* xp, long ldxp, long gx, const float* cprev, float* c, float* h,
                        long ldc, float* act, long ldact, long ga, int nu)
-    void fs_panel_gemm(long bt, long K, const float* a, long lda, const float* P, float* out, long ldo, int ncol)
+    void fs_panel_gemm(long bt, long K, const float* a, long lda, const float* P, float* out, long ldo, int ncol,
+                       int add)
 
 
 def set_blas(size_t sgemm_addr, size_t dgemm_addr):
@@ -114,6 +116,33 @@ def lstm_panel_floats(Py_ssize_t H, Py_ssize_t K, Py_ssize_t ub, bint backward):
     if backward:
         return nblk * ((ub + 4 * vw - 1) // (4 * vw)) * 4 * vw * 4 * H
     return nblk * ((ub + vw - 1) // vw) * 4 * vw * K
+
+
+def ln_panel_floats(Py_ssize_t G, Py_ssize_t H, int num_threads):
+    """Floats of the packed weights of a layer-normalized cell of G gates (ln_lstm_forward /
+    _backward, ln_gru_*) for up to num_threads threads: the larger of its forward's and its
+    backward's (ln_panels_fwd_ / ln_panels_bwd_)."""
+    cdef Py_ssize_t n, most = 0
+    for n in range(1, max(1, num_threads) + 1):        # the team OpenMP starts may be smaller
+        most = max(most, n * max(ln_panel_stride_(G * H, H, n), ln_panel_stride_(H, G * H, n)))
+    return most
+
+
+cdef Py_ssize_t ln_panel_stride_(Py_ssize_t cols, Py_ssize_t K, Py_ssize_t nt) noexcept nogil:
+    """Floats of one thread's panels over its column slice (col_slice_, align 8) of `cols` columns
+    with K rows each."""
+    cdef Py_ssize_t vw4 = 4 * fs_panel_width(), per = ((cols + nt - 1) // nt + 7) // 8 * 8
+    return (per + vw4 - 1) // vw4 * vw4 * K
+
+
+cdef void panel_cols_(Py_ssize_t bt, Py_ssize_t K, const float* a, Py_ssize_t lda, const float* P, Py_ssize_t n,
+                      float* out, Py_ssize_t ldo, bint add) noexcept nogil:
+    """out[:bt, :n] = (or +=, add) a P for n output columns packed as consecutive panels of
+    4 panel_width()."""
+    cdef Py_ssize_t p = 0, vw4 = 4 * fs_panel_width()
+    while p * vw4 < n:
+        fs_panel_gemm(bt, K, a, lda, P + p * vw4 * K, out + p * vw4, ldo, <int> min(vw4, n - p * vw4), add)
+        p = p + 1
 
 
 # ============================================================================ the per-step GEMM
