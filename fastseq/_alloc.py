@@ -4,9 +4,11 @@ glibc serves every block of 32 MiB or more with a fresh mmap, whose 4 KiB pages 
 one when the kernel first writes them: for an (8192, 1024) fp32 output that costs ~11 ms on the
 2-core dev box, four times the kernel itself.  NumPy asks the OS for transparent huge pages
 (madvise MADV_HUGEPAGE) on its large allocations, which cuts that cost 3-5x, so CPU outputs of
-32 MiB and more are NumPy-owned memory wrapped zero-copy as torch tensors.  Smaller outputs
-(which glibc mostly recycles from its heap), and every output when FASTSEQ_HUGEPAGES=0, come
-from torch.empty.  torch gets the same effect for all its tensors from THP_MEM_ALLOC_ENABLE=1,
+32 MiB and more are NumPy-owned memory wrapped zero-copy as torch tensors, and that memory is
+reused (reused() below): a training loop allocates the same large outputs every step, and even
+huge pages cost a fault and a zeroing each (inside a kernel's parallel region a fault also
+stalls the other threads at the next barrier).  Smaller outputs (which glibc mostly recycles
+from its heap), and every output when FASTSEQ_HUGEPAGES=0, come from torch.empty.  torch gets the same effect for all its tensors from THP_MEM_ALLOC_ENABLE=1,
 or from a preloaded tcmalloc (README, performance notes).
 
 The one visible difference: such a tensor's storage cannot be resized (`resize_` to a larger
@@ -33,7 +35,7 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     for d in shape:
         numel *= d
     if ENABLED and numel * _ITEMSIZE.get(dtype, 0) >= HUGE_BYTES and torch.device(device).type == "cpu":
-        return torch.from_numpy(np.empty(tuple(shape), dtype=_NP[dtype]))
+        return reused(shape, dtype)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -41,7 +43,7 @@ def empty_like(t: torch.Tensor) -> torch.Tensor:
     """A contiguous uninitialized tensor of t's shape, dtype and device.  (torch.empty_like costs
     ~1 us where torch.empty(t.shape, dtype=..., device=...) costs ~2.5: parsing the arguments.)"""
     if ENABLED and t.is_cpu and t.numel() * _ITEMSIZE.get(t.dtype, 0) >= HUGE_BYTES:
-        return torch.from_numpy(np.empty(tuple(t.shape), dtype=_NP[t.dtype]))
+        return reused(t.shape, t.dtype)
     return torch.empty_like(t) if t.is_contiguous() else torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
