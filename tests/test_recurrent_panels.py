@@ -269,3 +269,34 @@ def test_layer_norm_cells_on_every_isa(poison, isa, kind, T, B, C, H):
         exp = run(copy.deepcopy(m).double(), torch.float64)
     for i, (a, b) in enumerate(zip(got, exp)):
         torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4, msg=lambda m_: f"item {i} on {isa}: {m_}")
+
+
+@pytest.mark.parametrize("kind,kw", [("GRU", {}), ("RNN", {}), ("RNN", {"nonlinearity": "relu"})],
+                         ids=["gru", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("T,B,I,H,lengths", [(6, 1, 5, 20, None), (5, 9, 7, 37, None), (4, 12, 16, 64, None),
+                                             (7, 10, 6, 24, [7, 2, 5, 7, 1, 3, 6, 4, 7, 2])])
+def test_gru_and_rnn_on_every_isa(poison, monkeypatch, isa, kind, kw, T, B, I, H, lengths):
+    """The GRU's and RNN's unit blocks on the panels (forward gate rows, backward columns; the
+    GRU's accumulating) against torch.nn in fp64: outputs, final state, every gradient.  The
+    forwards' size thresholds are lowered so that these small layers take the panels too."""
+    monkeypatch.setattr(cpu, "_BLOCK_FWD_MIN_ROWS", 0)
+    monkeypatch.setattr(cpu, "_BLOCK_FWD_MIN_H", 0)
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, kind)(I, H, **kw).double()
+    fast = getattr(fastseq.nn, kind)(I, H, **kw)
+    fast.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    g = torch.Generator().manual_seed(1)
+    x, h0 = torch.randn(T, B, I, generator=g, dtype=torch.float64), torch.randn(1, B, H, generator=g, dtype=torch.float64)
+    lengths = torch.tensor(lengths) if lengths is not None else None
+
+    def run(mod, dt):
+        xs, hs = x.to(dt, copy=True).requires_grad_(), h0.to(dt, copy=True).requires_grad_()
+        inp = pack_padded_sequence(xs, lengths, enforce_sorted=False) if lengths is not None else xs
+        out, h = mod(inp, hs)
+        if lengths is not None:
+            out = pad_packed_sequence(out, total_length=T)[0]
+        w = torch.linspace(-1, 1, out.numel(), dtype=dt).view_as(out)
+        loss = (out * w).sum() + (h * h.detach().sin()).sum()
+        return [out, h, *torch.autograd.grad(loss, [xs, hs, *mod.parameters()])]
+    for i, (a, b) in enumerate(zip(run(fast, torch.float32), run(ref, torch.float64))):
+        torch.testing.assert_close(a.double(), b, **TOL, msg=lambda m: f"item {i} on {isa}: {m}")

@@ -29,10 +29,6 @@ cdef inline (Py_ssize_t, Py_ssize_t) cols_(Py_ssize_t G, int nt, int tid) noexce
     return col_slice_(G, nt, tid, 8)
 
 
-cdef inline real* optr_(real[::1] a) noexcept nogil:
-    return &a[0] if a is not None and a.shape[0] > 0 else NULL
-
-
 # fp32 with `panels` (ln_panel_floats): each thread packs its column slice of W_hh once and runs its
 # per-step GEMM slice on the panels (_panel.h); else (fp64, or panels None) BLAS per step.
 

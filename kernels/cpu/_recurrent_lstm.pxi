@@ -90,10 +90,6 @@ cdef void lstm_h_(const real* o, const real* c, real* h, Py_ssize_t nb) noexcept
         h[j] = o[j] * tanh_(c[j])
 
 
-cdef inline float* fptr_(float[::1] a) noexcept nogil:
-    return &a[0] if a is not None and a.shape[0] > 0 else NULL
-
-
 def lstm_forward_panels(float[::1] xp, float[::1] w_hh, float[::1] h0, float[::1] c0, float[::1] y, float[::1] cs,
                         float[::1] gates, float[::1] panels, const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H,
                         Py_ssize_t ub, int num_threads, bint save=True, bint xp_blocked=True, float[::1] x=None,
@@ -111,13 +107,13 @@ def lstm_forward_panels(float[::1] xp, float[::1] w_hh, float[::1] h0, float[::1
         return
     if nt == 1:
         with nogil:
-            lstm_fwd_panel_thread_(fptr_(xp), xp_blocked, fptr_(x), I, fptr_(w_ih), fptr_(bias), &w_hh[0], &h0[0],
-                                   &c0[0], &y[0], &cs[0], fptr_(gates), &panels[0], &offs[0], T, H, ub, save, 0, 1)
+            lstm_fwd_panel_thread_(optr_(xp), xp_blocked, optr_(x), I, optr_(w_ih), optr_(bias), &w_hh[0], &h0[0],
+                                   &c0[0], &y[0], &cs[0], optr_(gates), &panels[0], &offs[0], T, H, ub, save, 0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
-        lstm_fwd_panel_thread_(fptr_(xp), xp_blocked, fptr_(x), I, fptr_(w_ih), fptr_(bias), &w_hh[0], &h0[0],
-                               &c0[0], &y[0], &cs[0], fptr_(gates), &panels[0], &offs[0], T, H, ub, save, tid,
+        lstm_fwd_panel_thread_(optr_(xp), xp_blocked, optr_(x), I, optr_(w_ih), optr_(bias), &w_hh[0], &h0[0],
+                               &c0[0], &y[0], &cs[0], optr_(gates), &panels[0], &offs[0], T, H, ub, save, tid,
                                fs_team_size())
 
 

@@ -83,6 +83,11 @@ cdef inline real sigmoid_(real x) noexcept nogil:
     return one / (one + exp_(-x))
 
 
+cdef inline real* optr_(real[::1] a) noexcept nogil:
+    """ptr_ of an optional buffer: NULL for None (or empty)."""
+    return &a[0] if a is not None and a.shape[0] > 0 else NULL
+
+
 cdef inline (Py_ssize_t, Py_ssize_t, Py_ssize_t) step_(const int64_t[::1] offs, Py_ssize_t t) noexcept nogil:
     """(first row of step t, its row count B_t, first row of step t - 1)."""
     return offs[t], offs[t + 1] - offs[t], offs[t - 1] if t > 0 else 0
