@@ -16,8 +16,8 @@ size raises).  bench/ reports kernel-only time beside the end-to-end time, so th
 stay apart.
 """
 import os
-import sys
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -65,46 +65,56 @@ def scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- reused large outputs
 
-_POOL = []                      # NumPy byte buffers, each backing at most one live output at a time
+_POOL = []                      # [buffer, weakref to the array torch holds, or None]: most recently used last
 _POOL_LOCK = threading.Lock()
-POOL_FREE_BYTES = 512 << 20     # free buffers kept for reuse beyond this are let go, oldest first
+POOL_FREE_BYTES = int(os.environ.get("FASTSEQ_POOL_MB", "512")) << 20   # free buffers kept beyond this are let go
 
 
 def reused(shape, dtype: torch.dtype) -> torch.Tensor:
     """A new CPU output of `shape` in memory reused from an earlier output of the same byte size
-    that no tensor holds any more (a caching allocator for the recurrent family's large outputs).
+    that no tensor holds any more (a caching allocator for the large CPU outputs).
 
     Why: a training loop allocates the same large outputs every call; glibc returns them to the
     OS and the next call faults fresh pages in, one by one, inside the kernel's parallel region,
     where each fault also stalls the other threads at the next barrier.  Measured on the LSTM
     (512, 64, 128) training forward: 17-110 ms of faults against a 55 ms kernel.
 
-    A buffer is free when nothing but this pool references it: the tensor's storage holds the
-    NumPy view, the view holds the buffer, so the reference count says when every tensor and view
-    sharing it is gone.  Contents are undefined (callers write every element)."""
+    A buffer is free when the NumPy array handed to torch.from_numpy is gone: the tensor's
+    storage holds that array, every view of the tensor holds the storage, and an array from
+    t.numpy() holds the tensor, so the array dies only with the last of them (a weak reference
+    tells).  Contents are undefined (callers write every element).  FASTSEQ_POOL_MB (default 512)
+    bounds the free memory kept; release_pool() lets it all go."""
     numel = 1
     for d in shape:
         numel *= d
     nbytes = numel * _ITEMSIZE[dtype]
     with _POOL_LOCK:
-        buf = None
-        for i in range(len(_POOL)):     # (not enumerate: its reused tuple holds one more reference)
-            b = _POOL[i]
-            if b.nbytes == nbytes and sys.getrefcount(b) == 3:       # _POOL, b, getrefcount's argument
-                buf = _POOL.pop(i)
+        entry = None
+        for i in range(len(_POOL)):
+            e = _POOL[i]
+            if e[0].nbytes == nbytes and _free(e):
+                entry = _POOL.pop(i)
                 break
-        b = None
-        if buf is None:
-            buf = np.empty(nbytes, np.uint8)
-            buf[::4096] = 0             # fault its pages in now, outside any kernel's parallel region
-        _POOL.append(buf)               # most recently used last
+        if entry is None:
+            entry = [np.empty(nbytes, np.uint8), None]
+            entry[0][::4096] = 0        # fault its pages in now, outside any kernel's parallel region
+        held = entry[0].view(_NP[dtype]).reshape(tuple(shape))
+        entry[1] = weakref.ref(held)
+        _POOL.append(entry)
         free = 0
         for i in range(len(_POOL) - 1, -1, -1):
-            b = _POOL[i]
-            if sys.getrefcount(b) == 3:
-                free += b.nbytes
+            if _free(_POOL[i]):
+                free += _POOL[i][0].nbytes
                 if free > POOL_FREE_BYTES:
                     del _POOL[i]
-        b = None
-        out = torch.from_numpy(buf.view(_NP[dtype]).reshape(tuple(shape)))
-    return out
+    return torch.from_numpy(held)
+
+
+def _free(entry) -> bool:
+    return entry[1] is None or entry[1]() is None
+
+
+def release_pool() -> None:
+    """Let go of every free buffer reused() keeps."""
+    with _POOL_LOCK:
+        _POOL[:] = [e for e in _POOL if not _free(e)]

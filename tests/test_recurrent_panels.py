@@ -188,8 +188,8 @@ def _spy(monkeypatch):
     for name in ("lstm_forward", "lstm_forward_panels", "lstm_backward", "lstm_backward_panels"):
         real = getattr(K, name)
         monkeypatch.setattr(K, name, (lambda n, f: lambda *a, **k: calls.append(
-            (n, a[15] if n == "lstm_forward_panels" else None)) or f(*a, **k))(name, real))   # a[15]: x, when fused
-    return calls
+            (n, a[15] if n == "lstm_forward_panels" and len(a) == 19 else None)) or f(*a, **k))(name, real))
+    return calls                           # (lstm_forward_panels' 16th of 19 arguments: x, when fused)
 
 
 @pytest.mark.parametrize("T,B,dtype,expect", [
@@ -223,20 +223,83 @@ def test_panel_isa_names_what_it_was_given():
     assert cpu.kernels().panel_width() in (4, 8, 16)
 
 
-def test_reused_outputs_never_alias_a_live_tensor():
-    """fastseq._alloc.reused hands a buffer out again only once no tensor or view holds it."""
+def test_reused_outputs_never_alias_a_live_tensor(monkeypatch):
+    """fastseq._alloc.reused hands a buffer out again only once nothing holds it: not a view, not
+    an array from .numpy(), not autograd's saved tensors; free buffers past the bound are let go."""
     from fastseq import _alloc
-    a = _alloc.reused((512, 1024), torch.float32)
-    view = a[3:5]
-    del a
-    b = _alloc.reused((512, 1024), torch.float32)           # the first is still held through `view`
-    assert b.data_ptr() != view.data_ptr() - 3 * 1024 * 4
-    b.fill_(1.0)
-    ptr = b.data_ptr()
-    del b
-    c = _alloc.reused((1024, 512), torch.float32)           # the same bytes, free again
-    assert c.data_ptr() == ptr
-    del view, c
+    monkeypatch.setattr(_alloc, "_POOL", [])
+    shape, f32 = (512, 1024), torch.float32
+    a = _alloc.reused(shape, f32)
+    held = {"view": a[3:5]}
+    b = _alloc.reused(shape, f32)
+    held["numpy"] = b.numpy()
+    c = _alloc.reused(shape, f32)
+    w = torch.randn(shape, requires_grad=True)
+    held["saved"] = (w * c).sum()                           # autograd saves c
+    ptrs = {a.data_ptr(), b.data_ptr(), c.data_ptr()}
+    del a, b, c
+    d = _alloc.reused(shape, f32)
+    assert d.data_ptr() not in ptrs and len(ptrs) == 3, "a buffer still held was handed out again"
+    held.clear()
+    e = _alloc.reused((1024, 512), f32)                     # the same bytes, free again now
+    assert e.data_ptr() in ptrs
+    del d, e
+    monkeypatch.setattr(_alloc, "POOL_FREE_BYTES", 2 * 512 * 1024 * 4)
+    keep = _alloc.reused((8, 8), f32)                       # any call trims the free ones past the bound
+    assert sum(x[0].nbytes for x in _alloc._POOL if _alloc._free(x)) <= _alloc.POOL_FREE_BYTES
+    del keep
+    _alloc.release_pool()
+    assert not [x for x in _alloc._POOL if _alloc._free(x)]
+
+
+@pytest.fixture(params=[1, 3], ids=["1thread", "3threads"])
+def threads(request):
+    """One thread (no team) and three (uneven splits of every block and column slice)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "LayerNormLSTM", "LayerNormGRU"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_thread_counts_bias_and_fused_packed_rows(poison, threads, monkeypatch, kind, bias):
+    """Packed sequences of 8-10 rows a step (the LSTM's projection inside the loop with rows
+    leaving), with and without biases, at one and three threads, against torch.nn / the reference
+    in fp64."""
+    import copy
+    monkeypatch.setattr(cpu, "_BLOCK_FWD_MIN_H", 0)
+    torch.manual_seed(0)
+    lengths = torch.tensor([4, 4, 4, 2, 4, 4, 3, 4, 4, 4])
+    T, B, I, H = 4, 10, 6, 40
+    if kind.startswith("LayerNorm"):
+        from _recurrent_helpers import ln_module
+        fast = ln_module(kind, I, H, torch.float32, bias=bias)
+        ref, backend = copy.deepcopy(fast).double(), "torch"
+    else:
+        ref = getattr(torch.nn, kind)(I, H, bias=bias).double()
+        fast = getattr(fastseq.nn, kind)(I, H, bias=bias)
+        fast.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+        backend = None
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
+
+    def run(mod, dt):
+        xs = x.to(dt, copy=True).requires_grad_()
+        out, st = mod(pack_padded_sequence(xs, lengths, enforce_sorted=False))
+        out = pad_packed_sequence(out, total_length=T)[0]
+        st = st if isinstance(st, tuple) else (st,)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=dt).view_as(out)).sum() + sum(s.sum() for s in st)
+        return [out, *st, *torch.autograd.grad(loss, [xs, *mod.parameters()])]
+    got = run(fast, torch.float32)
+    if backend:
+        with fastseq.use_backend(backend):
+            exp = run(ref, torch.float64)
+    else:
+        exp = run(ref, torch.float64)
+    tol = dict(rtol=1e-3, atol=1e-4) if kind.startswith("LayerNorm") else TOL
+    for i, (a, b) in enumerate(zip(got, exp)):
+        torch.testing.assert_close(a.double(), b, **tol, msg=lambda m: f"item {i}, {threads} threads: {m}")
 
 
 @pytest.mark.parametrize("kind", ["LayerNormLSTM", "LayerNormGRU"])
@@ -300,3 +363,25 @@ def test_gru_and_rnn_on_every_isa(poison, monkeypatch, isa, kind, kw, T, B, I, H
         return [out, h, *torch.autograd.grad(loss, [xs, hs, *mod.parameters()])]
     for i, (a, b) in enumerate(zip(run(fast, torch.float32), run(ref, torch.float64))):
         torch.testing.assert_close(a.double(), b, **TOL, msg=lambda m: f"item {i} on {isa}: {m}")
+
+
+@pytest.mark.parametrize("kind,B,T,dtype,fwd,bwd", [
+    ("GRU", 8, 6, torch.float32, False, True),     # H = 40 < 256: the forward keeps BLAS
+    ("GRU", 1, 6, torch.float64, False, False),
+    ("RNN", 8, 1, torch.float32, False, False),    # T = 1
+    ("LayerNormLSTM", 3, 6, torch.float32, True, True),
+    ("LayerNormGRU", 3, 6, torch.float64, False, False),
+])
+def test_which_loops_take_panels(monkeypatch, kind, B, T, dtype, fwd, bwd):
+    """The panels argument the GRU / RNN / layer-normalized loops get: fp32 and T >= 2 (the GRU /
+    RNN forwards from 8 rows a step and H = 256), else None (BLAS per step)."""
+    K, seen = cpu.kernels(), {}
+    prefix = {"GRU": "gru", "RNN": "rnn", "LayerNormLSTM": "ln_lstm", "LayerNormGRU": "ln_gru"}[kind]
+    for part in ("forward", "backward"):
+        name = f"{prefix}_{part}"
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, (lambda p, f: lambda *a: seen.__setitem__(p, a[-1] is not None) or f(*a))(part, real))
+    m = getattr(fastseq.nn, kind)(5, 40).to(dtype)
+    x = torch.randn(T, B, 5, dtype=dtype, requires_grad=True)
+    m(x)[0].sum().backward()
+    assert seen == {"forward": fwd, "backward": bwd}

@@ -98,10 +98,15 @@ _BLOCK_FWD_MIN_ROWS, _BLOCK_FWD_MIN_H = 8, 256    # the GRU / RNN forwards' pane
 
 
 def panel_isa(name=None) -> str:
-    """The instruction set of the packed-panel LSTM kernels ("avx512", "avx2", "generic"); with a
-    name ("best" included) use that one from now on (tests force each; ValueError if the CPU
-    lacks it)."""
-    return kernels().panel_isa(name)
+    """The instruction set of the packed-panel kernels ("avx512", "avx2", "generic"); with a name
+    ("best": the widest the CPU has) use that one from now on.  For tests and benchmarks: not
+    while another thread runs a recurrent kernel."""
+    K = kernels()
+    if name is not None:
+        if name not in K.ISA_NAMES + ("best",) or K.panel_isa(-1 if name == "best" else K.ISA_NAMES.index(name)) < 0:
+            have = [n for i, n in enumerate(K.ISA_NAMES) if K.panel_supported(i)]
+            raise ValueError(f"panel_isa: {name!r} is not available on this CPU (it has: {have})")
+    return K.ISA_NAMES[K.panel_isa()]
 
 
 def uses_panels(rows, dtype) -> bool:

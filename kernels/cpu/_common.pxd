@@ -82,8 +82,8 @@ cdef inline (Py_ssize_t, Py_ssize_t) col_slice_(Py_ssize_t n, int parts, int k, 
 # The `def` entries take typed memoryviews; the nogil cores take raw pointers.
 
 cdef inline real* ptr_(real[::1] a) noexcept nogil:
-    """The first element's address, NULL for an empty view (an absent optional buffer)."""
-    return &a[0] if a.shape[0] > 0 else NULL
+    """The first element's address, NULL for None or an empty view (an absent optional buffer)."""
+    return &a[0] if a is not None and a.shape[0] > 0 else NULL
 
 
 cdef inline void copy_(real* dst, const real* src, Py_ssize_t n) noexcept nogil:

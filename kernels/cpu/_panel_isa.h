@@ -95,17 +95,29 @@ FS_INLINE FS_VEC FS_N(fs_sel_)(FS_IVEC m, FS_VEC a, FS_VEC b) {      /* m ? a : 
     return (FS_VEC)((m & (FS_IVEC)a) | (~m & (FS_IVEC)b));
 }
 
-/* _fastmath.h's fs_expf on every lane (same range reduction and polynomial, n = x / ln 2 rounded
- * half away from zero by a truncating conversion: the 1.5 2^23 shift trick would be folded away
- * under -fassociative-math): x < -87.3 gives 0, x > 88.7 +inf, NaN NaN. */
+/* Keeps the compiler from reassociating across this point (the build has -fassociative-math,
+ * which would fold a two-constant range reduction into one rounded constant). */
+#if defined(__x86_64__)
+#define FS_NO_REASSOC(v) __asm__("" : "+x"(v))
+#else
+#define FS_NO_REASSOC(v) ((void)0)
+#endif
+
+/* _fastmath.h's fs_expf on every lane (the same Cody-Waite reduction in two constants and the
+ * same polynomial; n = x / ln 2 rounded half away from zero by a truncating conversion, since the
+ * 1.5 2^23 shift trick would be folded away under -fassociative-math).  x < -87.3 gives 0; x
+ * past ~88.38 overflows to +inf (as fs_expf); NaN gives NaN (its lanes are zeroed before the
+ * conversion, whose result would be undefined, and restored at the end). */
 FS_INLINE FS_VEC FS_N(fs_vexp_)(FS_VEC x) {
     const FS_VEC lo = (FS_VEC){0} - 87.3f, hi = (FS_VEC){0} + 88.7f, half = (FS_VEC){0} + 0.5f;
     FS_VEC xc = FS_N(fs_sel_)(x < lo, lo, x);
     xc = FS_N(fs_sel_)(xc > hi, hi, xc);
+    xc = FS_N(fs_sel_)(x != x, (FS_VEC){0}, xc);
     FS_VEC v = xc * 1.44269504088896341f;
     FS_IVEC ni = __builtin_convertvector(v + FS_N(fs_sel_)(v < 0.0f, -half, half), FS_IVEC);
     FS_VEC n = __builtin_convertvector(ni, FS_VEC);
     FS_VEC r = xc - n * 0.693359375f;
+    FS_NO_REASSOC(r);
     r = r - n * -2.12194440e-4f;
     FS_VEC p = r * (1.0f / 720.0f) + 1.0f / 120.0f;
     p = p * r + 1.0f / 24.0f;
@@ -285,6 +297,7 @@ FS_TARGET static void FS_N(fs_panel_gemm_)(long bt, long K, const float* a, long
 }
 
 #undef FS_IVEC
+#undef FS_NO_REASSOC
 #undef FS_N
 #undef FS_VEC
 #undef FS_INLINE

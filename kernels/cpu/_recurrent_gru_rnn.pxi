@@ -38,8 +38,10 @@ cdef void block_product_(real* panels, bint forward, Py_ssize_t G, Py_ssize_t H,
                          Py_ssize_t ldo) noexcept nogil:
     """Block k's part of one step's recurrent product, out (= or +=, beta 0 or 1):
     forward  out[:, G j0 : G (j0 + nb)] = a W_hh[G j0 : G (j0 + nb)]^T  (a = h_{t-1}, (bt, H));
-    backward out[:, j0 : j0 + nb] = a W_hh[:, j0 : j0 + nb]             (a = dG_t, (bt, G H));
-    on its panels where given (fp32), else BLAS."""
+    backward out[:, j0 : j0 + nb] = a W_hh[:, j0 : j0 + nb]             (a = dG_t, (bt, G H)),
+    the gradient of the forward's product with respect to h_{t-1} (dL/dh_{t-1} = dG_t W_hh; W_hh's
+    rows and dG's columns are both in the blocked order, so the rows pack as they are); on its
+    panels where given (fp32), else BLAS."""
     cdef Py_ssize_t j0 = k * ub, nb = min(ub, H - k * ub)
     if real is float:
         if panels != NULL:
@@ -91,7 +93,7 @@ def gru_forward(real[::1] xp, real[::1] w_hh, real[::1] b_hh, real[::1] h0, real
     cdef real* pg = ptr_(gates)
     cdef real* pn = ptr_(ghn)
     cdef real* gs = ptr_(g_step)
-    cdef real* pp = optr_(panels)
+    cdef real* pp = ptr_(panels)
     cdef const real* hprev
     cdef int nt = max(1, min(num_threads, nblk))
     if T == 0 or H == 0:
@@ -140,12 +142,12 @@ def gru_backward(real[::1] dy, real[::1] w_hh, real[::1] h0, real[::1] y, real[:
     if nt == 1:
         with nogil:
             gru_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(h0), ptr_(y), ptr_(gates), ptr_(ghn), ptr_(dxp), ptr_(dgh),
-                            ptr_(dh), optr_(panels), &offs[0], T, H, ub, 0, 1)
+                            ptr_(dh), ptr_(panels), &offs[0], T, H, ub, 0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         gru_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(h0), ptr_(y), ptr_(gates), ptr_(ghn), ptr_(dxp), ptr_(dgh),
-                        ptr_(dh), optr_(panels), &offs[0], T, H, ub, tid, fs_team_size())
+                        ptr_(dh), ptr_(panels), &offs[0], T, H, ub, tid, fs_team_size())
 
 
 cdef void gru_bwd_thread_(const real* dy, const real* w, const real* h0, const real* y, const real* gates,
@@ -201,7 +203,7 @@ def rnn_forward(real[::1] xp, real[::1] w_hh, real[::1] h0, real[::1] y, const i
     cdef real* pxp = ptr_(xp)
     cdef real* pw = ptr_(w_hh)
     cdef real* py = ptr_(y)
-    cdef real* pp = optr_(panels)
+    cdef real* pp = ptr_(panels)
     cdef const real* hprev
     cdef int nt = max(1, min(num_threads, nblk))
     if T == 0 or H == 0:
@@ -255,12 +257,12 @@ def rnn_backward(real[::1] dy, real[::1] w_hh, real[::1] y, real[::1] dg, real[:
         return
     if nt == 1:
         with nogil:
-            rnn_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(y), ptr_(dg), ptr_(dh), optr_(panels), &offs[0], T, H, ub, relu,
+            rnn_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(y), ptr_(dg), ptr_(dh), ptr_(panels), &offs[0], T, H, ub, relu,
                             0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
-        rnn_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(y), ptr_(dg), ptr_(dh), optr_(panels), &offs[0], T, H, ub, relu,
+        rnn_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(y), ptr_(dg), ptr_(dh), ptr_(panels), &offs[0], T, H, ub, relu,
                         tid, fs_team_size())
 
 

@@ -102,13 +102,13 @@ def ln_lstm_forward(real[::1] xp, real[::1] w_hh, real[::1] gamma_hh, real[::1] 
         with nogil:
             ln_lstm_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(gamma_hh), ptr_(gamma_c), ptr_(beta_c), ptr_(h0), ptr_(c0),
                                 ptr_(y), ptr_(cs), ptr_(gates), ptr_(ghat), ptr_(rstd_h), ptr_(chat), ptr_(rstd_c),
-                                ptr_(g_step), optr_(panels), &offs[0], T, H, eps, 0, 1)
+                                ptr_(g_step), ptr_(panels), &offs[0], T, H, eps, 0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         ln_lstm_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(gamma_hh), ptr_(gamma_c), ptr_(beta_c), ptr_(h0), ptr_(c0),
                             ptr_(y), ptr_(cs), ptr_(gates), ptr_(ghat), ptr_(rstd_h), ptr_(chat), ptr_(rstd_c),
-                            ptr_(g_step), optr_(panels), &offs[0], T, H, eps, tid, fs_team_size())
+                            ptr_(g_step), ptr_(panels), &offs[0], T, H, eps, tid, fs_team_size())
 
 
 cdef void ln_lstm_fwd_thread_(const real* xp, const real* w, const real* ghh, const real* gc, const real* bc,
@@ -168,13 +168,13 @@ def ln_lstm_backward(real[::1] dy, real[::1] w_hh, real[::1] gamma_hh, real[::1]
         with nogil:
             ln_lstm_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(gamma_hh), ptr_(gamma_c), ptr_(beta_c), ptr_(c0), ptr_(cs),
                                 ptr_(gates), ptr_(ghat), ptr_(rstd_h), ptr_(chat), ptr_(rstd_c), ptr_(dgates), ptr_(dgh),
-                                ptr_(dcn), ptr_(dh), ptr_(dc), ptr_(sums), optr_(panels), &offs[0], T, H, 0, 1)
+                                ptr_(dcn), ptr_(dh), ptr_(dc), ptr_(sums), ptr_(panels), &offs[0], T, H, 0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         ln_lstm_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(gamma_hh), ptr_(gamma_c), ptr_(beta_c), ptr_(c0), ptr_(cs),
                             ptr_(gates), ptr_(ghat), ptr_(rstd_h), ptr_(chat), ptr_(rstd_c), ptr_(dgates), ptr_(dgh),
-                            ptr_(dcn), ptr_(dh), ptr_(dc), ptr_(sums), optr_(panels), &offs[0], T, H, tid, fs_team_size())
+                            ptr_(dcn), ptr_(dh), ptr_(dc), ptr_(sums), ptr_(panels), &offs[0], T, H, tid, fs_team_size())
 
 
 cdef void ln_lstm_bwd_thread_(const real* dy, const real* w, const real* ghh, const real* gc, const real* bc,
@@ -241,12 +241,12 @@ def ln_gru_forward(real[::1] xp, real[::1] w_hh, real[::1] gamma_hh, real[::1] b
     if nt == 1:
         with nogil:
             ln_gru_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(gamma_hh), ptr_(b_hh), ptr_(h0), ptr_(y), ptr_(gates),
-                               ptr_(ghat), ptr_(rstd_h), ptr_(ghn), ptr_(g_step), optr_(panels), &offs[0], T, H, eps, 0, 1)
+                               ptr_(ghat), ptr_(rstd_h), ptr_(ghn), ptr_(g_step), ptr_(panels), &offs[0], T, H, eps, 0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         ln_gru_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(gamma_hh), ptr_(b_hh), ptr_(h0), ptr_(y), ptr_(gates),
-                           ptr_(ghat), ptr_(rstd_h), ptr_(ghn), ptr_(g_step), optr_(panels), &offs[0], T, H, eps, tid, fs_team_size())
+                           ptr_(ghat), ptr_(rstd_h), ptr_(ghn), ptr_(g_step), ptr_(panels), &offs[0], T, H, eps, tid, fs_team_size())
 
 
 cdef void ln_gru_fwd_thread_(const real* xp, const real* w, const real* ghh, const real* bhh, const real* h0,
@@ -287,13 +287,13 @@ def ln_gru_backward(real[::1] dy, real[::1] w_hh, real[::1] gamma_hh, real[::1] 
     if nt == 1:
         with nogil:
             ln_gru_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(gamma_hh), ptr_(h0), ptr_(y), ptr_(gates), ptr_(ghat),
-                               ptr_(rstd_h), ptr_(ghn), ptr_(dxp), ptr_(da), ptr_(dgh), ptr_(dh), ptr_(sums), optr_(panels), &offs[0], T, H,
+                               ptr_(rstd_h), ptr_(ghn), ptr_(dxp), ptr_(da), ptr_(dgh), ptr_(dh), ptr_(sums), ptr_(panels), &offs[0], T, H,
                                0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         ln_gru_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(gamma_hh), ptr_(h0), ptr_(y), ptr_(gates), ptr_(ghat),
-                           ptr_(rstd_h), ptr_(ghn), ptr_(dxp), ptr_(da), ptr_(dgh), ptr_(dh), ptr_(sums), optr_(panels), &offs[0], T, H,
+                           ptr_(rstd_h), ptr_(ghn), ptr_(dxp), ptr_(da), ptr_(dgh), ptr_(dh), ptr_(sums), ptr_(panels), &offs[0], T, H,
                            tid, fs_team_size())
 
 

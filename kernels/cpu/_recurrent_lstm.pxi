@@ -107,13 +107,13 @@ def lstm_forward_panels(float[::1] xp, float[::1] w_hh, float[::1] h0, float[::1
         return
     if nt == 1:
         with nogil:
-            lstm_fwd_panel_thread_(optr_(xp), xp_blocked, optr_(x), I, optr_(w_ih), optr_(bias), &w_hh[0], &h0[0],
-                                   &c0[0], &y[0], &cs[0], optr_(gates), &panels[0], &offs[0], T, H, ub, save, 0, 1)
+            lstm_fwd_panel_thread_(ptr_(xp), xp_blocked, ptr_(x), I, ptr_(w_ih), ptr_(bias), &w_hh[0], &h0[0],
+                                   &c0[0], &y[0], &cs[0], ptr_(gates), &panels[0], &offs[0], T, H, ub, save, 0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
-        lstm_fwd_panel_thread_(optr_(xp), xp_blocked, optr_(x), I, optr_(w_ih), optr_(bias), &w_hh[0], &h0[0],
-                               &c0[0], &y[0], &cs[0], optr_(gates), &panels[0], &offs[0], T, H, ub, save, tid,
+        lstm_fwd_panel_thread_(ptr_(xp), xp_blocked, ptr_(x), I, ptr_(w_ih), ptr_(bias), &w_hh[0], &h0[0],
+                               &c0[0], &y[0], &cs[0], ptr_(gates), &panels[0], &offs[0], T, H, ub, save, tid,
                                fs_team_size())
 
 
@@ -172,9 +172,12 @@ def lstm_backward_panels(float[::1] dy, float[::1] w_hh, float[::1] c0, float[::
                          float[::1] dgates, float[::1] dh, float[::1] dc, float[::1] panels, const int64_t[::1] offs,
                          Py_ssize_t T, Py_ssize_t H, Py_ssize_t ub, int num_threads):
     """lstm_backward (same arguments and outputs), fp32, with dh_next = dG_t W_hh on packed
-    panels: w_hh in torch's row order, each thread packs the columns of its units once (panels
-    of 4 panel_width() units over the 4H blocked gate rows).  panels: lstm_panel_floats(H, H, ub,
-    True) floats."""
+    panels.  The forward's G_t = xp_t + h_{t-1} W_hh^T gives dL/dh_{t-1} = dG_t W_hh, entry by
+    entry dh_next[b, j] = sum_q dG_t[b, q] W_hh[row(q), j] over the 4H gate columns q of dG in
+    the blocked order (row(q): the torch row of blocked column q).  w_hh in torch's row order:
+    each thread packs, once, the columns j of its units over all 4H rows q in that order (panels
+    of 4 panel_width() units, fs_pack_units) and forms exactly the dh_next columns its next step
+    reads.  panels: lstm_panel_floats(H, H, ub, True) floats."""
     cdef Py_ssize_t nblk = (H + ub - 1) // ub
     cdef int tid, nt = max(1, min(num_threads, nblk))
     if T == 0 or H == 0:

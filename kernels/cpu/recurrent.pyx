@@ -4,8 +4,16 @@
 Cells (gate order as torch): LSTM (i, f, g, o), GRU (r, z, n), Elman RNN (tanh / relu), and the
 layer-normalized LSTM and GRU (Ba et al. 2016).  The binding does the input projection of every
 step as one GEMM beforehand and the weight GEMMs over all steps afterwards; these kernels run the
-sequential part.  Per step: the recurrent GEMM through torch's BLAS, then one fused OpenMP pass
-over the gates.
+sequential part.  Per step: the recurrent product, then one fused OpenMP pass over the gates.
+
+The recurrent product.  In fp32 (layers of two steps and more) it runs on packed panels
+(_panel.h): W_hh is the same for all T steps, so each thread packs its slice once per call
+into the register-blocked kernel's layout and keeps it in its core's cache across the steps.
+The LSTM's cell runs on the accumulators themselves (lstm_forward_panels: the (B, 4H)
+pre-activations never reach memory), and with 8 rows a step or more its input projection runs
+there too ([x_t | h_{t-1}] [W_ih | W_hh]^T: no (N, 4H) xp is written and read back).  Every
+backward forms dh_next = dG W_hh on panels of W_hh's columns.  fp64 (and T = 1) take torch's
+BLAS per step (step_gemm_).
 
 Rows.  The sequence is stored packed, as torch's PackedSequence: step t owns rows
 [offs[t], offs[t + 1]) of every (rows, .) buffer, B_t = offs[t + 1] - offs[t] of them, and the
@@ -83,11 +91,6 @@ cdef inline real sigmoid_(real x) noexcept nogil:
     return one / (one + exp_(-x))
 
 
-cdef inline real* optr_(real[::1] a) noexcept nogil:
-    """ptr_ of an optional buffer: NULL for None (or empty)."""
-    return &a[0] if a is not None and a.shape[0] > 0 else NULL
-
-
 cdef inline (Py_ssize_t, Py_ssize_t, Py_ssize_t) step_(const int64_t[::1] offs, Py_ssize_t t) noexcept nogil:
     """(first row of step t, its row count B_t, first row of step t - 1)."""
     return offs[t], offs[t + 1] - offs[t], offs[t - 1] if t > 0 else 0
@@ -95,18 +98,22 @@ cdef inline (Py_ssize_t, Py_ssize_t, Py_ssize_t) step_(const int64_t[::1] offs, 
 
 # ============================================================================ packed panels (fp32)
 
-_ISA_NAMES = ("generic", "avx2", "avx512")
+ISA_NAMES = ("generic", "avx2", "avx512")
+fs_panel_select(-1)          # the widest this CPU has, chosen once here (not racily inside a parallel region)
 
 
-def panel_isa(name=None):
-    """The instruction set of the packed-panel kernels (_panel.h): with a name ("generic", "avx2",
-    "avx512", or "best"), use it first (ValueError if this CPU lacks it).  Returns the one in use."""
-    if name is not None:
-        isa = -1 if name == "best" else (_ISA_NAMES.index(name) if name in _ISA_NAMES else -2)
-        if isa == -2 or fs_panel_select(isa) < 0:
-            raise ValueError(f"panel_isa: {name!r} is not available on this CPU (have: "
-                             f"{[n for i, n in enumerate(_ISA_NAMES) if fs_panel_supported(i)]})")
-    return _ISA_NAMES[fs_panel_isa()]
+def panel_isa(int isa=-2):
+    """The instruction set of the packed-panel kernels (_panel.h), an index into ISA_NAMES.  With
+    isa >= 0 (or -1: the widest), use it from now on; returns -1 if the CPU lacks it.  Switching
+    while another thread runs a recurrent kernel is not supported (the panels' width changes):
+    the knob is for tests and benchmarks (fastseq.recurrent.cpu.panel_isa)."""
+    if isa >= -1:
+        return fs_panel_select(isa)
+    return fs_panel_isa()
+
+
+def panel_supported(int isa):
+    return bool(fs_panel_supported(isa))
 
 
 def panel_width():
