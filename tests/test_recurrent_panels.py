@@ -111,7 +111,7 @@ def _layer(T, B, I, H, seed=0, scale=0.3):
     return f(T * B, I), f(4 * H, I), f(4 * H), f(4 * H, H), f(B, H), f(B, H)
 
 
-@pytest.mark.parametrize("T,B,I,H", [(5, 1, 8, 40), (4, 7, 12, 33), (3, 13, 5, 64)])
+@pytest.mark.parametrize("T,B,I,H", [(5, 1, 8, 40), (4, 7, 12, 33), (3, 13, 5, 64), (3, 26, 300, 72)])  # last: k slices, 2 super-blocks
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("save", [True, False])
 def test_panel_kernels_agree_with_the_blas_loops(isa, T, B, I, H, threads, save):

@@ -16,6 +16,7 @@ module docstring); the layer-normalized cells keep torch's order.
 """
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -27,10 +28,13 @@ _K = None
 
 
 def kernels():
-    """fastseq._cpu.recurrent with its GEMM installed."""
+    """fastseq._cpu.recurrent with its GEMM installed (and FASTSEQ_PANEL_ISA applied: "avx512",
+    "avx2" or "generic" runs the packed-panel kernels on that instruction set, for benchmarks)."""
     global _K
     if _K is None:
         _K = _blas.cpu_kernels("recurrent")
+        if os.environ.get("FASTSEQ_PANEL_ISA"):
+            panel_isa(os.environ["FASTSEQ_PANEL_ISA"])
     return _K
 
 
