@@ -193,7 +193,8 @@ def _spy(monkeypatch):
 
 
 @pytest.mark.parametrize("T,B,dtype,expect", [
-    (6, 1, torch.float32, ["lstm_forward_panels", "lstm_backward_panels"]),
+    (6, 1, torch.float32, ["lstm_forward", "lstm_backward_panels"]),          # one row: BLAS's dot products
+    (6, 2, torch.float32, ["lstm_forward_panels", "lstm_backward_panels"]),
     (6, 8, torch.float32, ["lstm_forward_panels:fused", "lstm_backward_panels"]),
     (1, 8, torch.float32, ["lstm_forward", "lstm_backward"]),            # T = 1: packing would cost more
     (6, 8, torch.float64, ["lstm_forward", "lstm_backward"]),            # the panels are fp32

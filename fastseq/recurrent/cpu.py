@@ -113,9 +113,15 @@ def panel_isa(name=None) -> str:
     return K.ISA_NAMES[K.panel_isa()]
 
 
-def uses_panels(rows, dtype) -> bool:
-    """Whether the LSTM's loops run on packed panels (kernels/cpu/_panel.h): fp32 and T >= 2."""
-    return dtype == torch.float32 and rows.T >= _PANEL_MIN_T
+def uses_panels(rows, dtype, lstm_forward: bool = False) -> bool:
+    """Whether the recurrent loops run on packed panels (kernels/cpu/_panel.h): fp32 and T >= 2;
+    the LSTM's forward from 2 rows a step (a lone row's step is a matrix-vector product that BLAS's
+    dot products run as fast without the packing: (T, 1, 256) forwards at T = 8, 16, 32, 64 took
+    0.07, 0.19, 0.21, 0.80 ms against 0.12, 0.29, 0.29, 0.92 on panels; at (16, 2), (8, 4), (4, 8)
+    the panels won 1.09-1.21x)."""
+    if dtype != torch.float32 or rows.T < _PANEL_MIN_T:
+        return False
+    return not lstm_forward or rows.N >= 2 * rows.T
 
 
 def fuses_projection(rows, dtype) -> bool:
@@ -123,7 +129,7 @@ def fuses_projection(rows, dtype) -> bool:
     _FUSE_MIN_ROWS rows a step, [x_t | h_{t-1}] [W_ih | W_hh]^T per step beats one large GEMM for
     x W_ih^T plus writing and reading back the (N, 4H) product.  With fewer rows the per-step
     read of W_ih's panels costs more (at (64, 1, 256) 0.96 ms against 0.67)."""
-    return uses_panels(rows, dtype) and rows.N >= _FUSE_MIN_ROWS * rows.T
+    return uses_panels(rows, dtype, True) and rows.N >= _FUSE_MIN_ROWS * rows.T
 
 
 def _panels(H: int, K: int, ub: int, backward: bool, dt):
@@ -155,7 +161,7 @@ def lstm_forward(rows, ub, xp, w_hh, h0, c0, x=None, w_ih=None, bias=None):
     None in torch's order."""
     N, H, dt = rows.N, w_hh.shape[1], w_hh.dtype
     (y, y_), (cs, cs_), (gates, g_) = _out(N, H, dt), _out(N, H, dt), _out(N, 4 * H, dt)
-    if uses_panels(rows, dt):
+    if uses_panels(rows, dt, True):
         I = 0 if x is None else x.shape[1]
         kernels().lstm_forward_panels(None if xp is None else _a(xp), _a(w_hh), _a(h0), _a(c0), y_, cs_, g_,
                                       _panels(H, I + H, ub, False, dt), rows.offs_np, rows.T, H, ub,
@@ -177,7 +183,7 @@ def lstm_infer(rows, ub, xp, w_hh, h0, c0, x=None, w_ih=None, bias=None):
     B, H, dt = rows.B, w_hh.shape[1], w_hh.dtype
     y, y_ = _out(rows.N, H, dt)
     cs = np_empty((2 * B, H), _NP[dt])                            # c of steps t % 2 (the kernel's doc; B H small)
-    if uses_panels(rows, dt):
+    if uses_panels(rows, dt, True):
         I = 0 if x is None else x.shape[1]
         kernels().lstm_forward_panels(None if xp is None else _a(xp), _a(w_hh), _a(h0), _a(c0), y_, cs.reshape(-1),
                                       None, _panels(H, I + H, ub, False, dt), rows.offs_np, rows.T, H, ub,
