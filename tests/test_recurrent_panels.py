@@ -111,7 +111,8 @@ def _layer(T, B, I, H, seed=0, scale=0.3):
     return f(T * B, I), f(4 * H, I), f(4 * H), f(4 * H, H), f(B, H), f(B, H)
 
 
-@pytest.mark.parametrize("T,B,I,H", [(5, 1, 8, 40), (4, 7, 12, 33), (3, 13, 5, 64), (3, 26, 300, 72)])  # last: k slices, 2 super-blocks
+@pytest.mark.parametrize("T,B,I,H", [(5, 1, 8, 40), (4, 7, 12, 33), (3, 13, 5, 64),
+                                     (3, 26, 300, 72)])         # the last: long k, more rows than 24
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("save", [True, False])
 def test_panel_kernels_agree_with_the_blas_loops(isa, T, B, I, H, threads, save):
@@ -350,7 +351,8 @@ def test_gru_and_rnn_on_every_isa(poison, monkeypatch, isa, kind, kw, T, B, I, H
     fast = getattr(fastseq.nn, kind)(I, H, **kw)
     fast.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
     g = torch.Generator().manual_seed(1)
-    x, h0 = torch.randn(T, B, I, generator=g, dtype=torch.float64), torch.randn(1, B, H, generator=g, dtype=torch.float64)
+    x = torch.randn(T, B, I, generator=g, dtype=torch.float64)
+    h0 = torch.randn(1, B, H, generator=g, dtype=torch.float64)
     lengths = torch.tensor(lengths) if lengths is not None else None
 
     def run(mod, dt):
@@ -381,7 +383,8 @@ def test_which_loops_take_panels(monkeypatch, kind, B, T, dtype, fwd, bwd):
     for part in ("forward", "backward"):
         name = f"{prefix}_{part}"
         real = getattr(K, name)
-        monkeypatch.setattr(K, name, (lambda p, f: lambda *a: seen.__setitem__(p, a[-1] is not None) or f(*a))(part, real))
+        spy = (lambda p, f: lambda *a: seen.__setitem__(p, a[-1] is not None) or f(*a))(part, real)
+        monkeypatch.setattr(K, name, spy)
     m = getattr(fastseq.nn, kind)(5, 40).to(dtype)
     x = torch.randn(T, B, 5, dtype=dtype, requires_grad=True)
     m(x)[0].sum().backward()

@@ -113,7 +113,8 @@ def ln_lstm_forward(real[::1] xp, real[::1] w_hh, real[::1] gamma_hh, real[::1] 
 
 cdef void ln_lstm_fwd_thread_(const real* xp, const real* w, const real* ghh, const real* gc, const real* bc,
                               const real* h0, const real* c0, real* y, real* cs, real* gates, real* ghat,
-                              real* rstd_h, real* chat, real* rstd_c, real* gs, real* panels, const int64_t* offs, Py_ssize_t T,
+                              real* rstd_h, real* chat, real* rstd_c, real* gs, real* panels, const int64_t* offs,
+                              Py_ssize_t T,
                               Py_ssize_t H, double eps, int tid, int nt) noexcept nogil:
     cdef Py_ssize_t t, b, j, row, r0, bt, rp, k0, k1, lo, hi, H4 = 4 * H
     cdef const real* hprev
@@ -149,7 +150,8 @@ cdef void ln_h_(const real* o, const real* chat, const real* gc, const real* bc,
 def ln_lstm_backward(real[::1] dy, real[::1] w_hh, real[::1] gamma_hh, real[::1] gamma_c, real[::1] beta_c,
                      real[::1] c0, real[::1] cs, real[::1] gates, real[::1] ghat, real[::1] rstd_h, real[::1] chat,
                      real[::1] rstd_c, real[::1] dgates, real[::1] dgh, real[::1] dcn, real[::1] dh, real[::1] dc,
-                     real[::1] sums, const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H, int num_threads, real[::1] panels=None):
+                     real[::1] sums, const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H, int num_threads,
+                     real[::1] panels=None):
     """Backward through time of ln_lstm_forward, per row of step t:
 
         dh_t = dy + dh_next;  u = gamma_c chat + beta_c;  dcn = dh_t o (1 - tanh(u)^2)   (dL/du)
@@ -167,20 +169,23 @@ def ln_lstm_backward(real[::1] dy, real[::1] w_hh, real[::1] gamma_hh, real[::1]
     if nt == 1:
         with nogil:
             ln_lstm_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(gamma_hh), ptr_(gamma_c), ptr_(beta_c), ptr_(c0), ptr_(cs),
-                                ptr_(gates), ptr_(ghat), ptr_(rstd_h), ptr_(chat), ptr_(rstd_c), ptr_(dgates), ptr_(dgh),
+                                ptr_(gates), ptr_(ghat), ptr_(rstd_h), ptr_(chat), ptr_(rstd_c), ptr_(dgates),
+                                ptr_(dgh),
                                 ptr_(dcn), ptr_(dh), ptr_(dc), ptr_(sums), ptr_(panels), &offs[0], T, H, 0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         ln_lstm_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(gamma_hh), ptr_(gamma_c), ptr_(beta_c), ptr_(c0), ptr_(cs),
                             ptr_(gates), ptr_(ghat), ptr_(rstd_h), ptr_(chat), ptr_(rstd_c), ptr_(dgates), ptr_(dgh),
-                            ptr_(dcn), ptr_(dh), ptr_(dc), ptr_(sums), ptr_(panels), &offs[0], T, H, tid, fs_team_size())
+                            ptr_(dcn), ptr_(dh), ptr_(dc), ptr_(sums), ptr_(panels), &offs[0], T, H, tid,
+                            fs_team_size())
 
 
 cdef void ln_lstm_bwd_thread_(const real* dy, const real* w, const real* ghh, const real* gc, const real* bc,
                               const real* c0, const real* cs, const real* gates, const real* ghat,
                               const real* rstd_h, const real* chat, const real* rstd_c, real* dg, real* dgh,
-                              real* dcn, real* dh, real* dc, real* sums, real* panels, const int64_t* offs, Py_ssize_t T,
+                              real* dcn, real* dh, real* dc, real* sums, real* panels, const int64_t* offs,
+                              Py_ssize_t T,
                               Py_ssize_t H, int tid, int nt) noexcept nogil:
     """Rows phase (its rows: everything up to dgh), barrier, columns phase (its columns of
     dh_next = dgh_t W_hh), barrier (the next rows phase reads whole rows of dh)."""
@@ -230,7 +235,8 @@ cdef void ln_lstm_row_bwd_(const real* act, const real* chat, real rstd_c, const
 
 def ln_gru_forward(real[::1] xp, real[::1] w_hh, real[::1] gamma_hh, real[::1] b_hh, real[::1] h0, real[::1] y,
                    real[::1] gates, real[::1] ghat, real[::1] rstd_h, real[::1] ghn, real[::1] g_step,
-                   const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H, double eps, int num_threads, real[::1] panels=None):
+                   const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H, double eps, int num_threads,
+                   real[::1] panels=None):
     """Layer-normalized GRU over T steps: the GRU with its recurrent term
     a = gamma_hh LN(h_{t-1} W_hh^T) + b_hh (LN over the 3H row) in place of h_{t-1} W_hh^T + b_hh,
     and xp = LN(x W_ih^T) gamma_ih + b_ih.  Saves y (N, H), gates, ghat (N, 3H), rstd_h (N,),
@@ -241,16 +247,19 @@ def ln_gru_forward(real[::1] xp, real[::1] w_hh, real[::1] gamma_hh, real[::1] b
     if nt == 1:
         with nogil:
             ln_gru_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(gamma_hh), ptr_(b_hh), ptr_(h0), ptr_(y), ptr_(gates),
-                               ptr_(ghat), ptr_(rstd_h), ptr_(ghn), ptr_(g_step), ptr_(panels), &offs[0], T, H, eps, 0, 1)
+                               ptr_(ghat), ptr_(rstd_h), ptr_(ghn), ptr_(g_step), ptr_(panels), &offs[0], T, H, eps,
+                               0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         ln_gru_fwd_thread_(ptr_(xp), ptr_(w_hh), ptr_(gamma_hh), ptr_(b_hh), ptr_(h0), ptr_(y), ptr_(gates),
-                           ptr_(ghat), ptr_(rstd_h), ptr_(ghn), ptr_(g_step), ptr_(panels), &offs[0], T, H, eps, tid, fs_team_size())
+                           ptr_(ghat), ptr_(rstd_h), ptr_(ghn), ptr_(g_step), ptr_(panels), &offs[0], T, H, eps, tid,
+                           fs_team_size())
 
 
 cdef void ln_gru_fwd_thread_(const real* xp, const real* w, const real* ghh, const real* bhh, const real* h0,
-                             real* y, real* gates, real* ghat, real* rstd_h, real* ghn, real* gs, real* panels, const int64_t* offs,
+                             real* y, real* gates, real* ghat, real* rstd_h, real* ghn, real* gs, real* panels,
+                             const int64_t* offs,
                              Py_ssize_t T, Py_ssize_t H, double eps, int tid, int nt) noexcept nogil:
     cdef Py_ssize_t t, b, j, row, r0, bt, k0, k1, lo, hi, H3 = 3 * H
     cdef const real* hprev
@@ -276,7 +285,8 @@ cdef void ln_gru_fwd_thread_(const real* xp, const real* w, const real* ghh, con
 
 def ln_gru_backward(real[::1] dy, real[::1] w_hh, real[::1] gamma_hh, real[::1] h0, real[::1] y, real[::1] gates,
                     real[::1] ghat, real[::1] rstd_h, real[::1] ghn, real[::1] dxp, real[::1] da, real[::1] dgh,
-                    real[::1] dh, real[::1] sums, const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H, int num_threads, real[::1] panels=None):
+                    real[::1] dh, real[::1] sums, const int64_t[::1] offs, Py_ssize_t T, Py_ssize_t H,
+                    int num_threads, real[::1] panels=None):
     """Backward through time of ln_gru_forward: the GRU step backward (gru_cell_bwd_) gives dxp
     and da (gradient of the recurrent term a, (N, 3H)); then dgh = LN'(gamma_hh da), the gradient
     of h_{t-1} W_hh^T, and dh_next = dh_t z + dgh W_hh.  sums (num_threads, 6H), zeroed by the
@@ -287,19 +297,22 @@ def ln_gru_backward(real[::1] dy, real[::1] w_hh, real[::1] gamma_hh, real[::1] 
     if nt == 1:
         with nogil:
             ln_gru_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(gamma_hh), ptr_(h0), ptr_(y), ptr_(gates), ptr_(ghat),
-                               ptr_(rstd_h), ptr_(ghn), ptr_(dxp), ptr_(da), ptr_(dgh), ptr_(dh), ptr_(sums), ptr_(panels), &offs[0], T, H,
+                               ptr_(rstd_h), ptr_(ghn), ptr_(dxp), ptr_(da), ptr_(dgh), ptr_(dh), ptr_(sums),
+                               ptr_(panels), &offs[0], T, H,
                                0, 1)
         return
     with nogil, parallel(num_threads=nt):
         tid = threadid()
         ln_gru_bwd_thread_(ptr_(dy), ptr_(w_hh), ptr_(gamma_hh), ptr_(h0), ptr_(y), ptr_(gates), ptr_(ghat),
-                           ptr_(rstd_h), ptr_(ghn), ptr_(dxp), ptr_(da), ptr_(dgh), ptr_(dh), ptr_(sums), ptr_(panels), &offs[0], T, H,
+                           ptr_(rstd_h), ptr_(ghn), ptr_(dxp), ptr_(da), ptr_(dgh), ptr_(dh), ptr_(sums),
+                           ptr_(panels), &offs[0], T, H,
                            tid, fs_team_size())
 
 
 cdef void ln_gru_bwd_thread_(const real* dy, const real* w, const real* ghh, const real* h0, const real* y,
                              const real* gates, const real* ghat, const real* rstd_h, const real* ghn, real* dxp,
-                             real* da, real* dgh, real* dh, real* sums, real* panels, const int64_t* offs, Py_ssize_t T, Py_ssize_t H,
+                             real* da, real* dgh, real* dh, real* sums, real* panels, const int64_t* offs,
+                             Py_ssize_t T, Py_ssize_t H,
                              int tid, int nt) noexcept nogil:
     cdef Py_ssize_t t, b, row, r0, bt, k0, k1, lo, hi, H3 = 3 * H
     cdef const real* hprev

@@ -160,7 +160,8 @@ cdef void lstm_fwd_panel_thread_(const float* xp, bint xp_blocked, const float* 
                     xrow, gx = xp + r0 * H4 + 4 * j0 + q * vw, nb
                 else:
                     xrow, gx = xp + r0 * H4 + u, H
-                fs_lstm_panel(bt, I, x + r0 * I if I > 0 else NULL, I, H, hprev, H, panels + k * per_block + q * per_panel,
+                fs_lstm_panel(bt, I, x + r0 * I if I > 0 else NULL, I, H, hprev, H,
+                              panels + k * per_block + q * per_panel,
                               xrow, 0 if I > 0 else H4, gx, cprev + u, c + u, y + r0 * H + u, H,
                               act + 4 * j0 + q * vw if save else NULL, H4, nb, <int> min(vw, nb - q * vw))
                 q = q + 1
