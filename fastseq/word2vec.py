@@ -65,6 +65,12 @@ def cum_table(counts: np.ndarray, power: float = 0.75, domain: int = 2 ** 31 - 1
     return np.round(np.cumsum(w) / w.sum() * domain).astype(np.uint32)
 
 
+def cum_starts(cum: np.ndarray) -> np.ndarray:
+    """start[k]: the first entry of cum above k 2^15, k = 0 .. 2^16 (the kernel's negative_
+    scans from start[x >> 15] for the first entry above a draw x)."""
+    return np.searchsorted(cum, np.arange(2 ** 16 + 1, dtype=np.int64) << 15, side="right").astype(np.int32)
+
+
 def _encode(sentences, index: dict):
     """Word indices (int32, words outside the vocabulary dropped) and sentence offsets (int64);
     sentences longer than MAX_SENTENCE are split."""
@@ -198,6 +204,8 @@ class Word2Vec:
                                  ("epochs", epochs, 1), ("min_count", min_count, 1)):
             if int(value) < low:
                 raise ValueError(f"Word2Vec: {name} must be at least {low}, got {value!r}")
+        if int(negative) > 64:
+            raise ValueError(f"Word2Vec: negative must be at most 64, got {negative!r}")
         if sample < 0 or alpha <= 0 or min_alpha < 0:
             raise ValueError(f"Word2Vec: sample, alpha, min_alpha must be >= 0, > 0, >= 0; got {sample}, {alpha}, "
                              f"{min_alpha}")
@@ -246,7 +254,8 @@ class Word2Vec:
         W, U = self.wv.vectors.reshape(-1), self.syn1neg.reshape(-1)
         done, t0 = [], time.perf_counter()
         for epoch in range(self.epochs):
-            done.append(_kernels().train_epoch(ids, offs, W, U, self.cum_table, self.keep, scratch, vecs,
+            done.append(_kernels().train_epoch(ids, offs, W, U, self.cum_table, cum_starts(self.cum_table), self.keep,
+                                               scratch, vecs,
                                                self.vector_size, self.window, self.negative, bool(self.sg),
                                                bool(self.cbow_mean), self.alpha, self.min_alpha, epoch, self.epochs,
                                                self.seed, nt))

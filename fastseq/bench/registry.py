@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 # The case files, one per family; importing one registers its cases.
 FAMILY_MODULES = ("layer_norm", "attention", "recurrent", "dropout", "cross_entropy", "overhead", "decode",
-                  "models")
+                  "models", "word2vec")
 ALIASES = {"generation": "decode"}     # issue #12 names the generation benchmarks "generation"
 
 

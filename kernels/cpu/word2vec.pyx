@@ -1,4 +1,4 @@
-# cython: language_level=3
+# cython: language_level=3, cdivision=True
 """word2vec training (Mikolov et al. 2013): skip-gram and CBOW with negative sampling, fp32,
 Hogwild over OpenMP threads (issue 14).  fastseq/word2vec.py builds the vocabulary and the
 tables and calls train_epoch once per epoch.
@@ -36,7 +36,11 @@ from _common cimport exp_
 cdef extern from "_fastmath.h" nogil:
     int fs_team_size()
 
+cdef extern from *:
+    void __builtin_prefetch(const void* p) nogil
+
 cdef enum:
+    MAX_NEGATIVE = 64     # negatives per pair at most (Word2Vec checks)
     MAX_EXP = 6           # |v . U[u]| past this: the sigmoid taken as 0 or 1 (word2vec.c's table range)
     MAX_THREADS = 256
 
@@ -57,18 +61,25 @@ cdef inline uint64_t seed_(uint64_t seed, int64_t epoch, int64_t s) noexcept nog
     return z ^ (z >> 31)
 
 
-cdef inline int32_t negative_(const uint32_t* cum, int32_t V, uint64_t* r) noexcept nogil:
-    """A word drawn from the unigram^0.75 distribution: cum is its cumulative table scaled to
-    [0, 2^31 - 1] (gensim's cum_table), searched for the first entry above the draw."""
-    cdef uint32_t x = <uint32_t> ((next_(r) >> 16) % cum[V - 1])
-    cdef int32_t lo = 0, hi = V - 1, mid
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if cum[mid] > x:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+cdef inline int32_t negative_(const uint32_t* cum, const int32_t* start, int32_t V, uint64_t* r) noexcept nogil:
+    """A word drawn from the unigram^0.75 distribution: the first entry of cum (its cumulative
+    table scaled to [0, 2^31 - 1], gensim's cum_table) above the draw x = (r >> 16) mod 2^31 - 1.
+    start[k] is the first entry above k 2^15, so the answer lies in [start[k], start[k + 1]] for
+    k = x >> 15: a short scan instead of a binary search's unpredictable branches, and the modulo
+    by folding instead of a 64-bit division (the two were ~80% of a pair's time)."""
+    cdef uint64_t a = next_(r) >> 16
+    cdef uint32_t x
+    cdef int32_t i
+    if cum[V - 1] == 0x7FFFFFFF:                     # a mod (2^31 - 1), a < 2^48
+        a = (a & 0x7FFFFFFF) + (a >> 31)
+        a = (a & 0x7FFFFFFF) + (a >> 31)
+        x = <uint32_t> (a - 0x7FFFFFFF if a >= 0x7FFFFFFF else a)
+    else:
+        x = <uint32_t> (a % cum[V - 1])
+    i = start[x >> 15]
+    while i < V - 1 and cum[i] <= x:
+        i = i + 1
+    return i
 
 
 cdef inline float dot_(const float* a, const float* b, Py_ssize_t D) noexcept nogil:
@@ -85,32 +96,51 @@ cdef inline void axpy_(float g, const float* x, float* y, Py_ssize_t D) noexcept
         y[j] = y[j] + g * x[j]
 
 
-cdef void pair_(const float* v, float* e, int32_t w, float* U, const uint32_t* cum, int32_t V, int negative,
+cdef inline void step_(float g, const float* v, float* u, float* e, Py_ssize_t D) noexcept nogil:
+    """e += g u;  u += g v   (one pass over u: the read for e is the one the update needs)."""
+    cdef Py_ssize_t j
+    cdef float uj
+    for j in range(D):
+        uj = u[j]
+        e[j] = e[j] + g * uj
+        u[j] = uj + g * v[j]
+
+
+cdef void pair_(const float* v, float* e, int32_t w, float* U, const uint32_t* cum, const int32_t* start,
+                int32_t V, int negative,
                 float alpha, Py_ssize_t D, uint64_t* r) noexcept nogil:
     """One (input vector v, output word w) update of U's rows with negative sampling; the input's
-    gradient step accumulates into e (the caller adds it to the input rows)."""
-    cdef int d
+    gradient step accumulates into e (the caller adds it to the input rows).  The negatives are
+    drawn first (the same draws in the same order) so that their rows, at random places in U, are
+    on their way into the cache while the earlier ones are used."""
+    cdef int d, j
     cdef int32_t u
-    cdef float f, g, label
+    cdef int32_t target[MAX_NEGATIVE + 1]
+    cdef float f, g, label, one = 1
+    cdef const char* row
+    target[0] = w
+    for d in range(1, negative + 1):
+        target[d] = negative_(cum, start, V, r)
+        row = <const char*> (U + <Py_ssize_t> target[d] * D)
+        for j in range(0, <int> (D * 4), 64):
+            __builtin_prefetch(row + j)
     for d in range(negative + 1):
-        if d == 0:
-            u, label = w, 1
-        else:
-            u, label = negative_(cum, V, r), 0
-            if u == w:
-                continue
+        u = target[d]
+        if d > 0 and u == w:
+            continue
+        label = one if d == 0 else 0
         f = dot_(v, U + <Py_ssize_t> u * D, D)
         if f > MAX_EXP:
-            g = (label - 1) * alpha
+            g = (label - one) * alpha
         elif f < -MAX_EXP:
             g = label * alpha
         else:
-            g = (label - 1 / (1 + exp_(-f))) * alpha
-        axpy_(g, U + <Py_ssize_t> u * D, e, D)
-        axpy_(g, v, U + <Py_ssize_t> u * D, D)
+            g = (label - one / (one + exp_(-f))) * alpha
+        step_(g, v, U + <Py_ssize_t> u * D, e, D)
 
 
 cdef int64_t sentence_(const int32_t* words, Py_ssize_t n, float* W, float* U, const uint32_t* cum,
+                       const int32_t* start,
                        const uint32_t* keep, int32_t V, Py_ssize_t D, int window, int negative, bint sg,
                        bint cbow_mean, float alpha, uint64_t r, int32_t* kept, float* v, float* e) noexcept nogil:
     """Train on one sentence; returns the words it kept after subsampling."""
@@ -132,7 +162,7 @@ cdef int64_t sentence_(const int32_t* words, Py_ssize_t n, float* W, float* U, c
                     continue
                 for i in range(D):
                     e[i] = 0
-                pair_(W + <Py_ssize_t> kept[j] * D, e, kept[pos], U, cum, V, negative, alpha, D, &r)
+                pair_(W + <Py_ssize_t> kept[j] * D, e, kept[pos], U, cum, start, V, negative, alpha, D, &r)
                 axpy_(1, e, W + <Py_ssize_t> kept[j] * D, D)
         else:
             cw = 0
@@ -148,7 +178,7 @@ cdef int64_t sentence_(const int32_t* words, Py_ssize_t n, float* W, float* U, c
             if cbow_mean:
                 for i in range(D):
                     v[i] = v[i] / cw
-            pair_(v, e, kept[pos], U, cum, V, negative, alpha, D, &r)
+            pair_(v, e, kept[pos], U, cum, start, V, negative, alpha, D, &r)
             for j in range(lo, hi):
                 if j != pos:
                     axpy_(1, e, W + <Py_ssize_t> kept[j] * D, D)
@@ -156,7 +186,7 @@ cdef int64_t sentence_(const int32_t* words, Py_ssize_t n, float* W, float* U, c
 
 
 def train_epoch(const int32_t[::1] words, const int64_t[::1] offs, float[::1] W, float[::1] U,
-                const uint32_t[::1] cum, const uint32_t[::1] keep, int32_t[::1] scratch, float[::1] vecs,
+                const uint32_t[::1] cum, const int32_t[::1] start, const uint32_t[::1] keep, int32_t[::1] scratch, float[::1] vecs,
                 Py_ssize_t D, int window, int negative, bint sg, bint cbow_mean, double alpha_0, double alpha_1,
                 int64_t epoch, int64_t epochs, uint64_t seed, int num_threads):
     """One epoch over the corpus (module docstring).  W, U (V D,); cum, keep (V,); scratch
@@ -174,13 +204,15 @@ def train_epoch(const int32_t[::1] words, const int64_t[::1] offs, float[::1] W,
         counts[t] = 0
     if nt == 1:
         with nogil:
-            counts[0] = epoch_part_(&words[0], &offs[0], S, N, &W[0], &U[0], &cum[0], &keep[0], V, D, window,
+            counts[0] = epoch_part_(&words[0], &offs[0], S, N, &W[0], &U[0], &cum[0], &start[0], &keep[0], V, D,
+                                    window,
                                     negative, sg, cbow_mean, alpha_0, alpha_1, epoch, epochs, seed, &scratch[0],
                                     &vecs[0], 0, 1)
     else:
         with nogil, parallel(num_threads=nt):
             tid = threadid()
-            counts[tid] = epoch_part_(&words[0], &offs[0], S, N, &W[0], &U[0], &cum[0], &keep[0], V, D, window,
+            counts[tid] = epoch_part_(&words[0], &offs[0], S, N, &W[0], &U[0], &cum[0], &start[0], &keep[0], V, D,
+                                    window,
                                       negative, sg, cbow_mean, alpha_0, alpha_1, epoch, epochs, seed,
                                       &scratch[0] + tid * longest, &vecs[0] + tid * 2 * D, tid, fs_team_size())
     for t in range(nt):
@@ -189,7 +221,7 @@ def train_epoch(const int32_t[::1] words, const int64_t[::1] offs, float[::1] W,
 
 
 cdef int64_t epoch_part_(const int32_t* words, const int64_t* offs, Py_ssize_t S, int64_t N, float* W, float* U,
-                         const uint32_t* cum, const uint32_t* keep, int32_t V, Py_ssize_t D, int window,
+                         const uint32_t* cum, const int32_t* start, const uint32_t* keep, int32_t V, Py_ssize_t D, int window,
                          int negative, bint sg, bint cbow_mean, double alpha_0, double alpha_1, int64_t epoch,
                          int64_t epochs, uint64_t seed, int32_t* kept, float* vecs, int tid, int nt) noexcept nogil:
     """Thread tid's sentences [S tid / nt, S (tid + 1) / nt)."""
@@ -200,6 +232,6 @@ cdef int64_t epoch_part_(const int32_t* words, const int64_t* offs, Py_ssize_t S
     for s in range(s0, s1):
         progress = (<double> epoch * N + offs[s]) / (<double> epochs * N)
         alpha = <float> (alpha_0 - (alpha_0 - alpha_1) * progress)
-        m = m + sentence_(words + offs[s], offs[s + 1] - offs[s], W, U, cum, keep, V, D, window, negative, sg,
+        m = m + sentence_(words + offs[s], offs[s + 1] - offs[s], W, U, cum, start, keep, V, D, window, negative, sg,
                           cbow_mean, alpha, seed_(seed, epoch, s), kept, vecs, vecs + D)
     return m
