@@ -235,6 +235,7 @@ class Word2Vec:
         self.counts = counts
         self.keep = keep_thresholds(counts, self.sample)
         self.cum_table = cum_table(counts)
+        self.cum_start = cum_starts(self.cum_table)
         rng = np.random.default_rng(self.seed)
         D = self.vector_size
         vectors = ((rng.random((len(words), D)) - 0.5) / D).astype(np.float32)
@@ -254,7 +255,7 @@ class Word2Vec:
         W, U = self.wv.vectors.reshape(-1), self.syn1neg.reshape(-1)
         done, t0 = [], time.perf_counter()
         for epoch in range(self.epochs):
-            done.append(_kernels().train_epoch(ids, offs, W, U, self.cum_table, cum_starts(self.cum_table), self.keep,
+            done.append(_kernels().train_epoch(ids, offs, W, U, self.cum_table, self.cum_start, self.keep,
                                                scratch, vecs,
                                                self.vector_size, self.window, self.negative, bool(self.sg),
                                                bool(self.cbow_mean), self.alpha, self.min_alpha, epoch, self.epochs,
@@ -282,6 +283,7 @@ class Word2Vec:
                 alpha=alpha, min_alpha=min_alpha, epochs=epochs, seed=seed, cbow_mean=cbow_mean)
         m.counts = data["counts"]
         m.keep, m.cum_table = keep_thresholds(m.counts, sample), cum_table(m.counts)
+        m.cum_start = cum_starts(m.cum_table)
         m.wv = KeyedVectors(list(data["words"]), data["vectors"])
         m.syn1neg = data["syn1neg"]
         return m
