@@ -8,7 +8,8 @@ gensim user recognizes.
     emb = model.wv.to_embedding(freeze=True)          # a torch.nn.Embedding for a downstream model
 
 The pieces, in gensim's definitions:
-  - vocabulary: words seen at least min_count times, most frequent first (ties: first seen);
+  - vocabulary: words seen at least min_count times, most frequent first (ties: the later seen
+    first, as gensim's reversed stable sort);
   - subsampling: a word of count c is kept with probability min(1, (sqrt(c / t) + 1) t / c),
     t = sample x (the kept words' total count), stored as an integer out of 2^32;
   - negatives: drawn from count^0.75, a cumulative table scaled to [0, 2^31 - 1];
@@ -39,14 +40,16 @@ def _kernels():
 # ============================================================================ vocabulary and tables
 
 def build_vocab(sentences: Iterable[Sequence[str]], min_count: int):
-    """(words most frequent first, their counts (int64), total words seen)."""
+    """(words most frequent first, ties the later seen first, as gensim; their counts (int64);
+    the total words seen)."""
     counts = collections.Counter()
     total = 0
     for sentence in sentences:
         counts.update(sentence)
         total += len(sentence)
-    kept = [(w, c) for w, c in counts.most_common() if c >= min_count]
-    return [w for w, _ in kept], np.array([c for _, c in kept], dtype=np.int64), total
+    seen = [(w, c) for w, c in counts.items() if c >= min_count]      # first-seen order
+    order = np.argsort(np.array([c for _, c in seen], dtype=np.int64), kind="stable")[::-1]
+    return [seen[i][0] for i in order], np.array([seen[i][1] for i in order], dtype=np.int64), total
 
 
 def keep_thresholds(counts: np.ndarray, sample: float) -> np.ndarray:
@@ -87,6 +90,26 @@ def _encode(sentences, index: dict):
 def _read(corpus_file: str) -> List[List[str]]:
     with open(corpus_file, encoding="utf-8") as f:
         return [line.split() for line in f if line.strip()]
+
+
+def _progress_bar(epochs: int):
+    """A progress bar over the epochs (tqdm's; a line per epoch without it)."""
+    try:
+        from tqdm import tqdm
+        return tqdm(total=epochs, unit="epoch", desc="word2vec")
+    except ImportError:
+        class _Lines:
+            n = 0
+
+            def update(self, k):
+                self.n += k
+
+            def set_postfix_str(self, s):
+                print(f"word2vec epoch {self.n}/{epochs}: {s}")
+
+            def close(self):
+                pass
+        return _Lines()
 
 
 # ============================================================================ the vectors
@@ -254,15 +277,18 @@ class Word2Vec:
         vecs = np.empty(2 * self.vector_size * nt, dtype=np.float32)
         W, U = self.wv.vectors.reshape(-1), self.syn1neg.reshape(-1)
         done, t0 = [], time.perf_counter()
+        bar = _progress_bar(self.epochs) if self.progress else None
         for epoch in range(self.epochs):
             done.append(_kernels().train_epoch(ids, offs, W, U, self.cum_table, self.cum_start, self.keep,
                                                scratch, vecs,
                                                self.vector_size, self.window, self.negative, bool(self.sg),
                                                bool(self.cbow_mean), self.alpha, self.min_alpha, epoch, self.epochs,
                                                self.seed, nt))
-            if self.progress:
-                dt = time.perf_counter() - t0
-                print(f"word2vec epoch {epoch + 1}/{self.epochs}: {len(ids) * (epoch + 1) / dt:,.0f} words/s")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"{len(ids) * (epoch + 1) / (time.perf_counter() - t0):,.0f} words/s")
+        if bar is not None:
+            bar.close()
         self.words_per_second = len(ids) * self.epochs / max(time.perf_counter() - t0, 1e-9)
         self.wv._unit = None
         return done

@@ -17,9 +17,9 @@ M64 = (1 << 64) - 1
 def test_vocabulary_counts_order_and_min_count():
     sents = [["a", "b", "b", "c"], ["c", "c", "d"], ["b"]]
     words, counts, total = build_vocab(sents, min_count=2)
-    assert words == ["b", "c"] and counts.tolist() == [3, 3] and total == 8   # ties: first seen first
+    assert words == ["c", "b"] and counts.tolist() == [3, 3] and total == 8   # ties: the later seen first (gensim)
     words, counts, _ = build_vocab(sents, min_count=1)
-    assert words == ["b", "c", "a", "d"] and counts.tolist() == [3, 3, 1, 1]
+    assert words == ["c", "b", "d", "a"] and counts.tolist() == [3, 3, 1, 1]
 
 
 def test_subsampling_thresholds_follow_the_formula():
@@ -181,6 +181,12 @@ def test_analogies_save_load_and_embedding(tmp_path):
     assert m.wv.to_embedding(freeze=False).weight.requires_grad
 
 
+def test_progress_bar_reports_words_per_second(capsys):
+    m = Word2Vec(_corpus(seed=5, n=50), vector_size=8, min_count=1, epochs=2, workers=1, progress=True)
+    assert m.words_per_second > 0
+    assert "words/s" in capsys.readouterr().err + capsys.readouterr().out
+
+
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="corpus is empty"):
         Word2Vec([[], []], min_count=1)
@@ -190,3 +196,17 @@ def test_bad_input_is_named():
         Word2Vec([["a"]], vector_size=0)
     with pytest.raises(KeyError, match="'zzz' is not in the vocabulary"):
         Word2Vec([["a", "b"]] * 3, min_count=1, vector_size=4).wv["zzz"]
+
+
+def test_tables_match_gensims():
+    """An independent oracle (gensim, installed by CI): the same vocabulary order, negatives'
+    cumulative table and subsampling thresholds (to a few parts in 2^32) for the same corpus."""
+    gensim = pytest.importorskip("gensim")
+    sents = _corpus(seed=4, n=200) + [["rare"], ["g0w0", "rare", "once"]]
+    g = gensim.models.Word2Vec(vector_size=4, min_count=2, sample=1e-2, negative=5, workers=1)
+    g.build_vocab(sents)
+    words, counts, _ = build_vocab(sents, 2)
+    assert words == list(g.wv.index_to_key)
+    np.testing.assert_array_equal(cum_table(counts), g.cum_table)
+    theirs = np.array([g.wv.get_vecattr(w, "sample_int") for w in words], dtype=np.int64)
+    np.testing.assert_allclose(keep_thresholds(counts, 1e-2).astype(np.int64), theirs, rtol=0, atol=4)
