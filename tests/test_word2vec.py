@@ -194,6 +194,8 @@ def test_bad_input_is_named():
         Word2Vec([["a", "b"], ["a"]], min_count=5)
     with pytest.raises(ValueError, match="vector_size must be at least 1, got 0"):
         Word2Vec([["a"]], vector_size=0)
+    with pytest.raises(ValueError, match="negative must be at most 64, got 65"):
+        Word2Vec([["a"]], negative=65)
     with pytest.raises(KeyError, match="'zzz' is not in the vocabulary"):
         Word2Vec([["a", "b"]] * 3, min_count=1, vector_size=4).wv["zzz"]
 
