@@ -131,6 +131,8 @@ class KeyedVectors:
         return word in self.key_to_index
 
     def __getitem__(self, word):
+        """Args: word, a str, or a list of them.  Returns: its vector, (D,) float32 (a view of
+        `vectors`), or (len(word), D) for a list.  Raises KeyError naming an unknown word."""
         if isinstance(word, str):
             return self.vectors[self._index(word)]
         return np.stack([self[w] for w in word])
@@ -148,12 +150,16 @@ class KeyedVectors:
         return self._unit
 
     def similarity(self, a: str, b: str) -> float:
+        """Args: two words.  Returns: the cosine of their vectors."""
         u = self.unit_vectors()
         return float(u[self._index(a)] @ u[self._index(b)])
 
     def most_similar(self, positive=(), negative=(), topn: int = 10):
-        """The topn words nearest by cosine to mean(positive) - mean(negative) of the unit
-        vectors, the query words left out: [(word, cosine)]."""
+        """The words nearest by cosine to sum(positive) - sum(negative) of the unit vectors, the
+        query words left out (gensim's 3CosAdd for an analogy: positive=[b, c], negative=[a]).
+
+        Args: positive, negative: a word or a list of words; topn: how many.
+        Returns: [(word, cosine)], nearest first, topn long (fewer if the vocabulary is)."""
         positive = [positive] if isinstance(positive, str) else list(positive)
         negative = [negative] if isinstance(negative, str) else list(negative)
         if not positive and not negative:
@@ -201,10 +207,13 @@ class KeyedVectors:
         return (right / total if total else 0.0), sections
 
     def to_embedding(self, freeze: bool = True) -> torch.nn.Embedding:
-        """A torch.nn.Embedding holding the vectors (row i: index_to_key[i])."""
+        """Args: freeze: the weight left out of training (requires_grad False) or not.
+        Returns: a torch.nn.Embedding of weight (V, D), a copy of the vectors (row i:
+        index_to_key[i]); look words up with key_to_index."""
         return torch.nn.Embedding.from_pretrained(torch.from_numpy(self.vectors.copy()), freeze=freeze)
 
     def save(self, path: str):
+        """Write the words and vectors to path (.npz; load() reads it back)."""
         np.savez(path, vectors=self.vectors, words=np.array(self.index_to_key, dtype=object))
 
     @classmethod
@@ -217,7 +226,20 @@ class KeyedVectors:
 
 class Word2Vec:
     """Skip-gram (sg=1) or CBOW (sg=0) with negative sampling, trained on construction when a
-    corpus is given (gensim's arguments and defaults, workers defaulting to torch's threads)."""
+    corpus is given (gensim's arguments and defaults, workers defaulting to torch's threads).
+
+    Args:
+        sentences: an iterable of token lists; or corpus_file: a text file, one sentence a line,
+            tokens split on whitespace (not both).
+        vector_size (D), window, min_count, negative (<= 64), sample, alpha, min_alpha, epochs,
+            seed, cbow_mean: as gensim's.
+        workers: OpenMP threads (default torch.get_num_threads()).
+        progress: a progress bar over the epochs with words/s.
+    Attributes after training:
+        wv: KeyedVectors, vectors (V, D) float32 in wv.index_to_key's order, most frequent first;
+        syn1neg: (V, D) float32, the output vectors; words_per_second of the last train().
+    Raises ValueError naming the argument for bad sizes, an empty corpus, or a min_count that
+    removes every word."""
 
     def __init__(self, sentences: Optional[Iterable[Sequence[str]]] = None, corpus_file: Optional[str] = None,
                  vector_size: int = 100, window: int = 5, min_count: int = 5, sg: int = 0, negative: int = 5,
@@ -248,6 +270,9 @@ class Word2Vec:
             self.train(sentences)
 
     def build_vocab(self, sentences: Sequence[Sequence[str]]):
+        """Args: sentences, token lists.  Builds the vocabulary (min_count), the subsampling and
+        negatives' tables and fresh vectors: wv.vectors (V, D) uniform in [-0.5/D, 0.5/D),
+        syn1neg (V, D) zeros."""
         words, counts, total = build_vocab(sentences, self.min_count)
         if total == 0:
             raise ValueError("Word2Vec: the corpus is empty (no words in any sentence)")
@@ -266,8 +291,11 @@ class Word2Vec:
         self.syn1neg = np.zeros((len(words), D), dtype=np.float32)
 
     def train(self, sentences: Sequence[Sequence[str]]):
-        """Train epochs over the sentences (the vocabulary built); returns the words trained on
-        (after subsampling) per epoch."""
+        """Train `epochs` epochs over the sentences, updating wv.vectors and syn1neg in place
+        (build_vocab first; words outside the vocabulary are skipped).
+
+        Args: sentences: token lists.
+        Returns: the words trained on (kept by subsampling) in each epoch, a list of ints."""
         if self.wv is None:
             raise ValueError("Word2Vec.train: build_vocab first")
         ids, offs = _encode(sentences, self.wv.key_to_index)
@@ -294,6 +322,7 @@ class Word2Vec:
         return done
 
     def save(self, path: str):
+        """Write the model (vectors, output vectors, counts, settings) to path (.npz)."""
         np.savez(path, vectors=self.wv.vectors, syn1neg=self.syn1neg, counts=self.counts,
                  words=np.array(self.wv.index_to_key, dtype=object),
                  config=np.array([self.vector_size, self.window, self.min_count, self.sg, self.negative,

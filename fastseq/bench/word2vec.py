@@ -9,6 +9,7 @@ prints the analogy accuracy of both on gensim's questions-words file (the questi
 are all in the vocabulary; on a corpus this small most are not)."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -17,8 +18,9 @@ from .registry import Case, Setup, register
 SETTINGS = dict(vector_size=100, window=5, min_count=5, negative=5, sample=1e-3, epochs=5, seed=1)
 
 
+@functools.lru_cache(maxsize=1)
 def corpus():
-    """(sentences, name): gensim's Wikipedia sample (206 articles, 446 k words: its lines of wiki
+    """(sentences, name), read once for all the cases: gensim's Wikipedia sample (206 articles, 446 k words: its lines of wiki
     text, markup filtered), else its Lee background corpus, else Python's help texts."""
     try:
         from gensim.test.utils import datapath
